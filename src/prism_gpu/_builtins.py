@@ -1,0 +1,75 @@
+"""Kernels registered on every coordinator: ``noop``, ``spin`` and ``scale``."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Dict
+
+import numpy as np
+
+from ._config import LaunchConfig
+from ._kernels import Kernel
+
+__all__ = ["builtin_kernels", "SPIN_SOURCE", "SCALE_SOURCE", "NOOP_SOURCE"]
+
+NOOP_SOURCE = r"""
+extern "C" __global__ void noop() {}
+"""
+
+# Busy-wait on the device's global nanosecond timer: wall time, whatever the SM clock.
+SPIN_SOURCE = r"""
+extern "C" __global__ void spin(double us) {
+    unsigned long long ns = (unsigned long long)(us * 1000.0);
+    unsigned long long start, now;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(start));
+    do {
+        asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
+    } while (now - start < ns);
+}
+"""
+
+SCALE_SOURCE = r"""
+extern "C" __global__ void scale(float* x, size_t n, float factor) {
+    size_t stride = (size_t)blockDim.x * gridDim.x;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+        x[i] *= factor;
+    }
+}
+"""
+
+
+def _noop_cpu(*_args: Any) -> None:
+    return None
+
+
+def _spin_cpu(us: float) -> None:
+    # Sleeping releases the GIL, so a spinning stream models device time.
+    deadline = time.perf_counter() + float(us) * 1e-6
+    while True:
+        left = deadline - time.perf_counter()
+        if left <= 0:
+            return
+        time.sleep(left)
+
+
+def _scale_cpu(*args: Any) -> None:
+    *arrays, factor = args
+    for a in arrays:
+        np.multiply(a, a.dtype.type(factor), out=a)
+
+
+def builtin_kernels() -> Dict[str, Kernel]:
+    """Fresh built-in kernels.
+
+    ``spin`` takes microseconds (``extra=(us,)``) and ignores data; ``scale``
+    multiplies its float32 arrays in place by ``factor`` (default 2).
+    """
+    one = LaunchConfig(grid=1, block=1)
+    return {
+        "noop": Kernel("noop", source=NOOP_SOURCE, entry="noop", cpu=_noop_cpu,
+                       uses_arrays=False, config=one),
+        "spin": Kernel("spin", source=SPIN_SOURCE, entry="spin", cpu=_spin_cpu,
+                       uses_arrays=False, config=one, defaults=(0,)),
+        "scale": Kernel("scale", source=SCALE_SOURCE, entry="scale", cpu=_scale_cpu,
+                        defaults=(2.0,)),
+    }

@@ -1,0 +1,121 @@
+"""Kernels: CUDA C++ source (compiled by the CUDA backend) or Python callables."""
+
+from __future__ import annotations
+
+import inspect
+import re
+from typing import Any, Callable, Optional, Sequence, Tuple
+
+from ._config import LaunchConfig
+
+__all__ = ["Kernel"]
+
+_SIG = r"__global__\s+(?:__launch_bounds__\s*\([^)]*\)\s*)?void\s+{name}\s*\(([^)]*)\)"
+
+
+def _parse_params(source: str, entry: str) -> Optional[Tuple[str, ...]]:
+    """The C parameter types of ``entry`` in ``source`` (None if not found)."""
+    m = re.search(_SIG.format(name=re.escape(entry)), source)
+    if m is None:
+        return None
+    params = []
+    for raw in m.group(1).split(","):
+        raw = " ".join(raw.replace("__restrict__", "").replace("const ", "").split())
+        if not raw or raw == "void":
+            continue
+        # drop the parameter name; keep the type ("float*", "unsigned long long")
+        mm = re.match(r"(.*?)(\w+)\s*$", raw)
+        ctype = (mm.group(1) if mm else raw).replace(" *", "*").strip()
+        params.append(ctype)
+    return tuple(params)
+
+
+def _accepts_stream(fn: Callable[..., Any]) -> bool:
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return False
+    p = sig.parameters.get("stream")
+    return p is not None and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+
+
+class Kernel:
+    """A unit of device work.
+
+    Build one with :meth:`from_callable` (a Python function of the device
+    arrays) or :meth:`from_source` (CUDA C++ compiled with NVRTC, with an
+    optional ``cpu=`` version for the CPU backend).
+
+    Callables are called ``fn(*arrays, *extra)``; CUDA C++ kernels get each
+    array as a pointer followed by its element count (``size_t n``), then the
+    extra scalars.
+    """
+
+    __slots__ = ("name", "fn", "source", "entry", "config", "cpu", "uses_arrays",
+                 "defaults", "accepts_stream", "options", "params", "__weakref__")
+
+    def __init__(self, name: str, *, fn: Optional[Callable[..., Any]] = None,
+                 source: Optional[str] = None, entry: Optional[str] = None,
+                 config: Optional[LaunchConfig] = None,
+                 cpu: Optional[Callable[..., Any]] = None, uses_arrays: bool = True,
+                 defaults: Sequence[Any] = (), options: Sequence[str] = ()) -> None:
+        if (fn is None) == (source is None):
+            raise ValueError("a Kernel has exactly one of fn= or source=")
+        if config is not None and not isinstance(config, LaunchConfig):
+            raise TypeError(f"config must be a LaunchConfig, got {type(config).__name__}")
+        self.name = name
+        self.fn = fn
+        self.source = source
+        self.entry = entry
+        self.config = config
+        self.cpu = cpu
+        self.uses_arrays = uses_arrays
+        self.defaults = tuple(defaults)
+        self.options = tuple(options)
+        target = fn if fn is not None else cpu
+        self.accepts_stream = target is not None and _accepts_stream(target)
+        self.params = _parse_params(source, entry) if source is not None else None
+
+    @classmethod
+    def from_callable(cls, fn: Callable[..., Any], name: Optional[str] = None, *,
+                      config: Optional[LaunchConfig] = None,
+                      defaults: Sequence[Any] = ()) -> "Kernel":
+        """Wrap ``fn(*arrays, *extra)``. If ``fn`` takes a ``stream`` keyword it gets the
+        stream it runs on (on CUDA: an object implementing ``__cuda_stream__``)."""
+        if not callable(fn):
+            raise TypeError(f"Kernel.from_callable needs a callable, got {type(fn).__name__}")
+        return cls(name or getattr(fn, "__name__", "kernel"), fn=fn, config=config,
+                   defaults=defaults)
+
+    @classmethod
+    def from_source(cls, source: str, entry: str, *, config: Optional[LaunchConfig] = None,
+                    cpu: Optional[Callable[..., Any]] = None, name: Optional[str] = None,
+                    options: Sequence[str] = (), defaults: Sequence[Any] = ()) -> "Kernel":
+        """CUDA C++ ``source`` whose ``extern "C" __global__`` function ``entry`` is the
+        kernel. Compiled (and cached) by the CUDA backend on first use. ``cpu`` is the
+        version the CPU backend runs; without it the CPU backend refuses the kernel."""
+        if not isinstance(source, str) or not source.strip():
+            raise ValueError("Kernel.from_source needs CUDA C++ source text")
+        if not isinstance(entry, str) or not entry.isidentifier():
+            raise ValueError(f"entry must be the kernel's function name, got {entry!r}")
+        if cpu is not None and not callable(cpu):
+            raise TypeError("cpu= must be a callable")
+        return cls(name or entry, source=source, entry=entry, config=config, cpu=cpu,
+                   options=options, defaults=defaults)
+
+    def cpu_callable(self) -> Optional[Callable[..., Any]]:
+        """What the CPU backend runs: the callable, or the source kernel's ``cpu=``."""
+        return self.fn if self.fn is not None else self.cpu
+
+    def __repr__(self) -> str:
+        kind = "callable" if self.fn is not None else "source"
+        return f"Kernel({self.name!r}, {kind})"
+
+
+def as_kernel(obj: Any, name: Optional[str] = None) -> Kernel:
+    """A Kernel from a Kernel or a plain callable."""
+    if isinstance(obj, Kernel):
+        return obj
+    if callable(obj):
+        return Kernel.from_callable(obj, name)
+    raise TypeError(f"expected a prism_gpu.Kernel or a callable, got {type(obj).__name__}")

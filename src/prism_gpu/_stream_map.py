@@ -1,0 +1,296 @@
+"""stream_map: an iterable of host arrays in, an iterator of results out, in order."""
+
+from __future__ import annotations
+
+import collections
+import queue
+import threading
+from typing import Any, Callable, Deque, Iterable, Iterator, List, Optional, Tuple, Union
+
+import numpy as np
+
+from ._buffers import TripleBuffer
+from ._coordinator import AsyncCoordinator
+from ._errors import KernelError, PrismGpuError, TransferError
+from ._kernels import Kernel
+
+__all__ = ["stream_map", "pinned_empty"]
+
+OutputSpec = Union[Tuple[Any, Any], Callable[[np.ndarray], Tuple[Any, Any]], None]
+
+
+def pinned_empty(shape: Any, dtype: Any = np.float32, *, ctx: Any = None) -> np.ndarray:
+    """An uninitialised numpy array in page-locked memory of ``ctx``'s device.
+
+    Producers that write batches straight into such arrays skip the staging
+    copy of :func:`stream_map`. Without ``ctx``, the default device is used.
+    """
+    device = ctx.device if ctx is not None else _default_device()
+    dt = np.dtype(dtype)
+    count = int(np.prod(shape, dtype=np.int64))
+    raw = device.allocate_pinned(max(1, count) * dt.itemsize)
+    return raw[: count * dt.itemsize].view(dt).reshape(shape)
+
+
+_DEFAULT: List[Any] = []
+
+
+def _default_device() -> Any:
+    if not _DEFAULT:
+        from .backends import open_device
+
+        _DEFAULT.append(open_device("auto"))
+    return _DEFAULT[0]
+
+
+class _Stager:
+    """Pulls batches off the caller's iterable on a thread, copying pageable ones
+    into a ring of pinned buffers so the calling thread never does that copy."""
+
+    _END = object()
+
+    def __init__(self, batches: Iterable[Any], device: Any, depth: int) -> None:
+        self._it = iter(batches)
+        self._device = device
+        self._ready: "queue.Queue[Any]" = queue.Queue(maxsize=depth)
+        self._free: "queue.Queue[np.ndarray]" = queue.Queue()
+        self._tokens = threading.Semaphore(2 * depth + 1)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="prism-gpu-stager", daemon=True)
+        self._thread.start()
+
+    def _pinned(self, nbytes: int) -> np.ndarray:
+        while True:
+            try:
+                buf = self._free.get_nowait()
+            except queue.Empty:
+                return self._device.allocate_pinned(nbytes)
+            if buf.nbytes >= nbytes:
+                return buf  # smaller ones are dropped: the ring grows with the batches
+
+    def _put(self, item: Any) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._ready.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self) -> None:
+        try:
+            for batch in self._it:
+                if self._stop.is_set():
+                    return
+                if not isinstance(batch, np.ndarray):
+                    raise TransferError(
+                        f"stream_map batches must be numpy arrays, got {type(batch).__name__}")
+                if batch.size and (not batch.flags.c_contiguous
+                                   or not self._device.is_pinned(batch)):
+                    while not self._tokens.acquire(timeout=0.05):
+                        if self._stop.is_set():
+                            return
+                    raw = self._pinned(batch.nbytes)
+                    staged = raw[: batch.nbytes].view(batch.dtype).reshape(batch.shape)
+                    np.copyto(staged, batch)
+                    if not self._put((batch, staged, raw)):
+                        return
+                elif not self._put((batch, batch, None)):
+                    return
+            self._put(self._END)
+        except BaseException as exc:  # noqa: BLE001 - re-raised on the consumer's thread
+            self._put(exc)
+
+    def get(self) -> Any:
+        return self._ready.get()
+
+    def recycle(self, raw: Optional[np.ndarray]) -> None:
+        if raw is not None:
+            self._free.put(raw)
+            self._tokens.release()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+
+def _resolve_output(output: OutputSpec, batch: np.ndarray) -> Optional[Tuple[tuple, np.dtype]]:
+    if output is None:
+        return None
+    spec = output(batch) if callable(output) else output
+    try:
+        shape, dtype = spec
+        shape = (int(shape),) if isinstance(shape, (int, np.integer)) else tuple(shape)
+        return shape, np.dtype(dtype)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"output must be (shape, dtype) or a callable giving one, got "
+                        f"{spec!r}") from exc
+
+
+def stream_map(kernel: Any, batches: Iterable[np.ndarray], depth: int = 3, ctx: Any = None,
+               output: OutputSpec = None, progress: bool = False,
+               extra: Tuple[Any, ...] = ()) -> Iterator[np.ndarray]:
+    """Push every batch through ``kernel`` on the device; yield results in input order.
+
+    Parameters
+    ----------
+    kernel:
+        A :class:`Kernel`, a callable, or the name of a built-in kernel. It gets
+        the batch's device array (flat, ``batch.size`` elements), then the output
+        array if ``output`` is given, then ``extra``. Without ``output`` it works
+        in place and the result has the batch's shape and dtype.
+    batches:
+        Any iterable of numpy arrays; lengths may differ. Pageable arrays are
+        staged through pinned memory on a helper thread; arrays from
+        :func:`pinned_empty` go straight through (do not change them until their
+        result is yielded).
+    depth:
+        Batches in flight at most.
+    ctx:
+        A :class:`ManagedGpuContext`; default: a private one on ``backend="auto"``.
+    output:
+        ``(shape, dtype)`` of a second device array the kernel writes, or a callable
+        of the batch returning one.
+    progress:
+        Show a progress bar with batches/s (rich).
+
+    A failing batch raises :class:`KernelError` naming its index when its result
+    is due, after every earlier result was yielded. Everything is released when
+    the loop ends, breaks, raises or the iterator is garbage-collected.
+
+    >>> for out in stream_map(lambda x: np.sqrt(x, out=x), batches):   # doctest: +SKIP
+    ...     use(out)
+    """
+    if int(depth) < 1:
+        raise ValueError("depth must be >= 1")
+    if not isinstance(kernel, (Kernel, str)) and not callable(kernel):
+        raise TypeError(f"kernel must be a Kernel, a callable or a kernel name, got "
+                        f"{type(kernel).__name__}")
+    return _stream_map(kernel, batches, int(depth), ctx, output, progress, tuple(extra))
+
+
+def _stream_map(kernel: Any, batches: Iterable[np.ndarray], depth: int, ctx: Any,
+                output: OutputSpec, progress: bool, extra: Tuple[Any, ...]
+                ) -> Iterator[np.ndarray]:
+    own_ctx = ctx is None
+    if own_ctx:
+        from ._context import ManagedGpuContext
+
+        ctx = ManagedGpuContext(enable_streams=False)
+    device = ctx.device
+    coord = AsyncCoordinator(device, max_in_flight=8 * depth + 8)
+    stager: Optional[_Stager] = None
+    bar = _Progress(batches) if progress else None
+    rings: dict = {}
+    pending: Deque[Tuple[int, Any, np.ndarray, Optional[np.ndarray], int, int]] = \
+        collections.deque()
+    try:
+        coord._kernel(kernel)  # unknown names fail before any batch is pulled
+        stager = _Stager(batches, device, depth)
+        index = 0
+        while True:
+            item = stager.get()
+            if item is _Stager._END:
+                break
+            if isinstance(item, BaseException):
+                while pending:
+                    yield _finish(coord, pending.popleft(), stager, bar)
+                raise item
+            batch, staged, raw = item
+            while len(pending) >= depth:
+                yield _finish(coord, pending.popleft(), stager, bar)
+            pending.append(_submit(coord, rings, kernel, index, batch, staged, raw, output,
+                                   extra, depth))
+            index += 1
+        while pending:
+            yield _finish(coord, pending.popleft(), stager, bar)
+    finally:
+        if stager is not None:
+            stager.close()
+        coord.close()
+        for ring in rings.values():
+            ring.close()
+        if bar is not None:
+            bar.close()
+        if own_ctx:
+            ctx.close()
+
+
+def _ring(rings: dict, device: Any, key: str, dtype: np.dtype, n: int, depth: int
+          ) -> TripleBuffer:
+    ring = rings.get((key, dtype.str))
+    if ring is None or ring.size() < n:
+        size = n if ring is None else max(n, 2 * ring.size())
+        ring = rings[(key, dtype.str)] = TripleBuffer(device, size, dtype=dtype, depth=depth)
+    return ring
+
+
+def _submit(coord: AsyncCoordinator, rings: dict, kernel: Any, index: int, batch: np.ndarray,
+            staged: np.ndarray, raw: Optional[np.ndarray], output: OutputSpec,
+            extra: Tuple[Any, ...], depth: int) -> Tuple[int, Any, np.ndarray,
+                                                         Optional[np.ndarray], int, int]:
+    src = _ring(rings, coord.device, "in", batch.dtype, batch.size, depth)
+    up = coord.queue_upload(staged.reshape(-1), src)
+    out_spec = _resolve_output(output, batch)
+    if out_spec is None:
+        comp = coord.queue_compute(kernel, [up], extra=extra or None)
+        result = np.empty(batch.shape, batch.dtype)
+        down = coord.queue_download(src, result)
+        src.advance()
+    else:
+        shape, dtype = out_spec
+        n = int(np.prod(shape, dtype=np.int64))
+        dst = _ring(rings, coord.device, "out", dtype, n, depth)
+        comp = coord.queue_compute(kernel, [up], extra=extra or None, outputs=[(dst, n)])
+        src.get_download_buffer()  # the input slot is done once the compute is
+        src.advance()
+        result = np.empty(shape, dtype)
+        down = coord.queue_download(dst, result)
+        dst.advance()
+    return index, comp, result, raw, int(down), int(up)
+
+
+def _finish(coord: AsyncCoordinator, entry: Tuple[int, Any, np.ndarray, Optional[np.ndarray],
+                                                  int, int],
+            stager: Optional[_Stager], bar: Optional["_Progress"]) -> np.ndarray:
+    index, comp, result, raw, down, up = entry
+    try:
+        coord.wait(up)
+        if stager is not None:
+            stager.recycle(raw)
+        coord.wait(comp)
+        coord.wait(down)
+    except PrismGpuError as exc:
+        err = KernelError(f"stream_map: batch {index} failed: {exc}",
+                          op_id=getattr(exc, "op_id", None), kernel=getattr(exc, "kernel", None))
+        err.batch_index = index  # type: ignore[attr-defined]
+        raise err from exc
+    if bar is not None:
+        bar.advance()
+    return result
+
+
+class _Progress:
+    def __init__(self, batches: Any) -> None:
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                                   TimeElapsedColumn)
+
+        total = len(batches) if hasattr(batches, "__len__") else None
+        self._p = Progress(TextColumn("stream_map"), BarColumn(), MofNCompleteColumn(),
+                           TextColumn("{task.fields[rate]} batches/s"), TimeElapsedColumn())
+        self._p.start()
+        self._task = self._p.add_task("batches", total=total, rate="-")
+        self._n = 0
+        import time
+
+        self._clock = time.perf_counter
+        self._t0 = self._clock()
+
+    def advance(self) -> None:
+        self._n += 1
+        dt = self._clock() - self._t0
+        rate = f"{self._n / dt:.1f}" if dt > 0 else "-"
+        self._p.update(self._task, advance=1, rate=rate)
+
+    def close(self) -> None:
+        self._p.stop()

@@ -1,0 +1,69 @@
+"""Backend selection. The only place that knows which backends exist.
+
+``auto`` picks CUDA when ``cuda.core`` imports and a device is present, the CPU
+otherwise; ``PRISM_GPU_BACKEND`` overrides ``auto``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from .._errors import BackendUnavailableError
+
+__all__ = ["open_device", "cuda_unavailable_reason", "BACKENDS"]
+
+BACKENDS = ("auto", "cpu", "cuda")
+_log = logging.getLogger("prism_gpu")
+_logged_auto = False
+
+
+def cuda_unavailable_reason(ordinal: int = 0) -> "str | None":
+    """Why the CUDA backend cannot open device ``ordinal``, or None if it can."""
+    from .cuda import unavailable_reason
+
+    return unavailable_reason(ordinal)
+
+
+def open_device(backend: str = "auto", device: int = 0) -> Any:
+    """Open ``device`` on ``backend`` (``auto``, ``cpu`` or ``cuda``)."""
+    global _logged_auto
+    if isinstance(device, str) or not isinstance(device, int) or device < 0:
+        raise ValueError(f"device must be a non-negative int, got {device!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        env = os.environ.get("PRISM_GPU_BACKEND", "").strip().lower()
+        if env and env != "auto":
+            if env not in BACKENDS:
+                raise ValueError(
+                    f"PRISM_GPU_BACKEND must be one of {BACKENDS}, got {env!r}")
+            backend = env
+    if backend == "cpu":
+        from .cpu import CpuDevice
+
+        return CpuDevice(device)
+    if backend == "cuda":
+        reason = cuda_unavailable_reason(device)
+        if reason is not None:
+            raise BackendUnavailableError(reason)
+        from .cuda import CudaDevice
+
+        return CudaDevice(device)
+    reason = cuda_unavailable_reason(device)
+    if reason is None:
+        from .cuda import CudaDevice
+
+        dev = CudaDevice(device)
+    else:
+        from .cpu import CpuDevice
+
+        dev = CpuDevice(0)
+    if not _logged_auto:
+        _logged_auto = True
+        if reason is None:
+            _log.info("prism-gpu: backend auto -> cuda (%s)", dev.name)
+        else:
+            _log.info("prism-gpu: backend auto -> cpu (%s)", reason)
+    return dev

@@ -1,0 +1,5 @@
+"""Threaded CPU backend: one worker thread per stream, events with CUDA semantics."""
+
+from ._device import CpuDevice
+
+__all__ = ["CpuDevice"]

@@ -1,0 +1,111 @@
+"""The CPU device: numpy arrays as device and pinned memory, threads as streams."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import weakref
+from typing import Any, Callable, Dict, Tuple
+
+import numpy as np
+
+from ._event import CpuEvent
+from ._stream import CpuStream
+
+
+def _root(array: np.ndarray) -> np.ndarray:
+    base = array
+    while isinstance(base.base, np.ndarray):
+        base = base.base
+    return base
+
+
+class CpuDevice:
+    """A device whose memory is host memory and whose streams are threads."""
+
+    kind = "cpu"
+    # Page-locked memory is a property of the host, not of one device object.
+    _pinned: Dict[int, "weakref.ref[np.ndarray]"] = {}
+    _pinned_lock = threading.Lock()
+
+    def __init__(self, ordinal: int = 0) -> None:
+        if ordinal != 0:
+            from ..._errors import BackendUnavailableError
+
+            raise BackendUnavailableError(
+                f"the CPU backend has one device (0); device {ordinal} does not exist")
+        self.ordinal = 0
+        self.name = f"CPU ({os.cpu_count() or 1} cores, threaded streams)"
+        self._device_mem: Dict[int, "weakref.ref[np.ndarray]"] = {}
+        self._streams: "weakref.WeakSet[CpuStream]" = weakref.WeakSet()
+        self._lock = threading.Lock()
+        self._closed = False
+
+    @property
+    def properties(self) -> dict:
+        return {"backend": "cpu", "cores": os.cpu_count() or 1,
+                "total_memory": _total_memory()}
+
+    # memory -----------------------------------------------------------------
+    def _track(self, table: Dict[int, Any], array: np.ndarray) -> np.ndarray:
+        key = id(array)
+        with self._pinned_lock:
+            table[key] = weakref.ref(array, lambda _r, k=key, t=table: t.pop(k, None))
+        return array
+
+    def allocate(self, nbytes: int) -> np.ndarray:
+        return self._track(self._device_mem, np.empty(int(nbytes), dtype=np.uint8))
+
+    def allocate_pinned(self, nbytes: int) -> np.ndarray:
+        return self._track(self._pinned, np.empty(int(nbytes), dtype=np.uint8))
+
+    def is_pinned(self, array: np.ndarray) -> bool:
+        return id(_root(array)) in self._pinned
+
+    def is_device_array(self, obj: Any) -> bool:
+        return isinstance(obj, np.ndarray) and id(_root(obj)) in self._device_mem
+
+    # streams, events, kernels -------------------------------------------------
+    def create_stream(self, priority: int = 0) -> CpuStream:
+        stream = CpuStream(self, priority)
+        self._streams.add(stream)
+        return stream
+
+    def create_event(self, timing: bool = False) -> CpuEvent:
+        return CpuEvent(timing)
+
+    def prepare_kernel(self, kernel: Any) -> Tuple[Callable[..., Any], bool]:
+        fn = kernel.cpu_callable()
+        if fn is None:
+            from ..._errors import BackendUnavailableError
+
+            raise BackendUnavailableError(
+                f"kernel {kernel.name!r} is CUDA C++ source with no CPU version: pass "
+                "cpu=<a callable taking the same arrays> to Kernel.from_source, or use "
+                "the CUDA backend")
+        return fn, bool(kernel.accepts_stream)
+
+    def synchronize(self) -> None:
+        for stream in list(self._streams):
+            if not stream._closed:
+                stream.synchronize()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for stream in list(self._streams):
+            stream.close()
+
+    # measurement helpers used by `info` and `bench` ----------------------------
+    @staticmethod
+    def now() -> float:
+        return time.perf_counter()
+
+
+def _total_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0

@@ -1,0 +1,113 @@
+"""A CPU stream: one worker thread draining a FIFO of tasks.
+
+A task that raises puts the stream in a fault; work after it is skipped until
+the next record, which carries the fault to whoever waits on it. Waits with
+``propagate=True`` pass a fault that reached the awaited record on to this
+stream. That is how a failing kernel fails its dependents on the CPU backend.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from typing import Any, Callable, Optional, Sequence, Tuple
+
+import numpy as np
+
+from ._event import CpuEvent, _Record
+
+_WORK, _RECORD, _WAIT, _WAIT_QUIET, _MARK = 0, 1, 2, 3, 4
+
+
+class CpuStream:
+    def __init__(self, device: Any, priority: int = 0) -> None:
+        self._device = device
+        self.priority = priority
+        self._q: "queue.SimpleQueue[Optional[Tuple[int, Any, Any]]]" = queue.SimpleQueue()
+        self._fault: Optional[Tuple[BaseException, Any]] = None
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="prism-gpu-cpu-stream",
+                                        daemon=True)
+        self._thread.start()
+
+    # worker ---------------------------------------------------------------
+    def _run(self) -> None:
+        get = self._q.get
+        while True:
+            task = get()
+            if task is None:
+                return
+            kind, a, b = task
+            if kind == _WORK:
+                if self._fault is None:
+                    try:
+                        a()
+                    except BaseException as exc:  # noqa: BLE001 - carried to the waiter
+                        self._fault = (exc, b)
+            elif kind == _RECORD:
+                a.complete(self._fault)
+                self._fault = None
+            elif kind == _MARK:
+                a.complete(None)
+            else:
+                a.done.wait()
+                if kind == _WAIT and a.fault is not None and self._fault is None:
+                    self._fault = a.fault
+
+    def _put(self, kind: int, a: Any, b: Any = None) -> None:
+        if self._closed:
+            raise RuntimeError("stream is closed")
+        self._q.put((kind, a, b))
+
+    # protocol -------------------------------------------------------------
+    def submit(self, fn: Callable[[], Any], tag: Any = None) -> None:
+        """Run ``fn`` on the worker, in stream order."""
+        self._put(_WORK, fn, tag)
+
+    def copy_h2d(self, dst: np.ndarray, src: np.ndarray) -> None:
+        if not self._device.is_pinned(src):
+            # Pageable memory is snapshot now, as CUDA stages it: the caller may
+            # change ``src`` as soon as this returns.
+            src = src.copy()
+        self._put(_WORK, lambda: np.copyto(dst, src.reshape(dst.shape), casting="no"))
+
+    def copy_d2h(self, dst: np.ndarray, src: np.ndarray) -> None:
+        self._put(_WORK, lambda: np.copyto(dst, src.reshape(dst.shape), casting="no"))
+        return None
+
+    def copy_d2d(self, dst: np.ndarray, src: np.ndarray) -> None:
+        self._put(_WORK, lambda: np.copyto(dst, src.reshape(dst.shape), casting="no"))
+
+    def launch(self, kernel: Tuple[Callable[..., Any], bool], config: Any,
+               arrays: Sequence[Any], extra: Sequence[Any], tag: Any = None) -> None:
+        fn, wants_stream = kernel
+        args = (*arrays, *extra)
+        if wants_stream:
+            self._put(_WORK, lambda: fn(*args, stream=self), tag)
+        else:
+            self._put(_WORK, lambda: fn(*args), tag)
+
+    def record(self, event: CpuEvent) -> None:
+        rec = _Record()
+        event._rec = rec
+        self._put(_RECORD, rec)
+
+    def wait(self, event: CpuEvent, propagate: bool = True) -> None:
+        rec = event._rec
+        if rec is None or (rec.done.is_set() and (rec.fault is None or not propagate)):
+            return
+        self._put(_WAIT if propagate else _WAIT_QUIET, rec)
+
+    def synchronize(self) -> None:
+        rec = _Record()
+        self._put(_MARK, rec)
+        rec.done.wait()
+
+    def close(self) -> None:
+        """Drain what is queued, then stop the worker thread."""
+        if self._closed:
+            return
+        self._closed = True
+        self._q.put(None)
+        if threading.current_thread() is not self._thread:
+            self._thread.join()
