@@ -1,0 +1,47 @@
+"""The ``prism-gpu`` command: ``bench`` (the main job) and ``info``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Optional
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="prism-gpu",
+        description="Streaming GPU work from Python: measure what overlap buys on this machine.")
+    sub = p.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("bench", help="the guide's performance table on this machine")
+    b.add_argument("--backend", default="auto", choices=["auto", "cpu", "cuda"])
+    b.add_argument("--device", type=int, default=0)
+    b.add_argument("--workload", default="2,5,2", metavar="UP,COMPUTE,DOWN",
+                   help="milliseconds of upload, compute and download (default 2,5,2)")
+    b.add_argument("--iterations", type=int, default=50)
+    b.add_argument("--peers", action="store_true",
+                   help="also run the workload hand-written in CuPy and PyTorch (CUDA only)")
+    b.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    i = sub.add_parser("info", help="backend, device, memory and copy bandwidth")
+    i.add_argument("--backend", default="auto", choices=["auto", "cpu", "cuda"])
+    i.add_argument("--device", type=int, default=0)
+    i.add_argument("--json", action="store_true")
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    from .._errors import PrismGpuError
+
+    try:
+        if args.command == "bench":
+            from ._bench import bench
+
+            return bench(args)
+        from ._info import info
+
+        return info(args)
+    except (PrismGpuError, ValueError) as exc:
+        print(f"prism-gpu: error: {exc}", file=sys.stderr)
+        return 2

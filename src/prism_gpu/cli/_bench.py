@@ -1,0 +1,80 @@
+"""``prism-gpu bench``: the guide's performance table, measured here."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Dict, List
+
+from rich.console import Console
+from rich.table import Table
+
+from ..backends import open_device
+from .._measure import event_overhead_us
+from .._workload import Workload, run_workload
+
+
+def bench(args: Any) -> int:
+    work = Workload.parse(args.workload)
+    if args.iterations < 2:
+        raise ValueError("--iterations must be >= 2")
+    device = open_device(args.backend, args.device)
+    try:
+        result = run_workload(device, work, iterations=args.iterations)
+        events = event_overhead_us(device)
+        peers: List[Dict[str, Any]] = []
+        if args.peers:
+            from ._peers import run_peers
+
+            peers = run_peers(device, result, args.iterations)
+    finally:
+        device.close()
+    data = result.as_dict()
+    data["event_overhead_us"] = events
+    data["peers"] = peers
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    _render(data)
+    return 0
+
+
+def _render(d: Dict[str, Any]) -> None:
+    con = Console()
+    w = d["workload"]
+    title = (f"prism-gpu bench: {d['device']} ({d['backend']}), workload "
+             f"{w['up_ms']:g}/{w['compute_ms']:g}/{w['down_ms']:g} ms, "
+             f"{d['iterations']} iterations")
+    ops = Table(title=title)
+    ops.add_column("Operation")
+    ops.add_column("Asked (ms)", justify="right")
+    ops.add_column("Measured (ms)", justify="right")
+    ops.add_column("Size", justify="right")
+    ops.add_row("Upload", f"{w['up_ms']:g}", f"{d['op_ms']['upload']:.3f}",
+                f"{d['up_bytes'] / 2**20:.1f} MiB")
+    ops.add_row("Compute", f"{w['compute_ms']:g}", f"{d['op_ms']['compute']:.3f}", "spin")
+    ops.add_row("Download", f"{w['down_ms']:g}", f"{d['op_ms']['download']:.3f}",
+                f"{d['down_bytes'] / 2**20:.1f} MiB")
+    con.print(ops)
+
+    res = Table(title="Sequential vs triple-buffered")
+    res.add_column("Mode")
+    res.add_column("ms/iteration", justify="right")
+    res.add_column("iterations/s", justify="right")
+    res.add_row("Sequential", f"{d['sequential_ms']:.3f}", f"{d['sequential_its']:.1f}")
+    res.add_row("Triple-buffered", f"{d['triple_ms']:.3f}", f"{d['triple_its']:.1f}")
+    for p in d.get("peers", []):
+        res.add_row(p["name"], f"{p['ms']:.3f}", f"{1e3 / p['ms']:.1f}")
+    res.add_row("Floor", f"{d['floor_ms']:.3f}", f"{1e3 / d['floor_ms']:.1f}")
+    con.print(res)
+    bound = max(d["floor_terms"], key=d["floor_terms"].get)
+    con.print(f"Speedup {d['speedup']:.2f}x; overlap efficiency {d['efficiency'] * 100:.1f}% "
+              f"(floor / triple-buffered; the floor is set by {bound}: max of the stage "
+              f"times and both copies at {d['bandwidth']['bidirectional']:.1f} GB/s)")
+
+    ev = Table(title="Event overhead (host time per call)")
+    ev.add_column("Operation")
+    ev.add_column("us", justify="right")
+    for name, label in (("create", "Event creation"), ("record", "Event record"),
+                        ("query", "Event query"), ("wait", "Stream wait on event")):
+        ev.add_row(label, f"{d['event_overhead_us'][name]:.2f}")
+    con.print(ev)

@@ -1,0 +1,38 @@
+"""``prism-gpu info``: what this machine offers."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from ..backends import open_device
+from .._measure import measure_bandwidth
+
+
+def info(args: Any) -> int:
+    device = open_device(args.backend, args.device)
+    try:
+        bw = measure_bandwidth(device)
+        props = device.properties
+    finally:
+        device.close()
+    data = {"backend": device.kind, "device": device.name,
+            "total_memory_bytes": props.get("total_memory", 0), "properties": props,
+            "bandwidth_gbs": {"h2d": bw.h2d, "d2h": bw.d2h, "bidirectional": bw.bidirectional},
+            "bandwidth_bytes_per_copy": bw.nbytes}
+    if args.json:
+        print(json.dumps(data, indent=2, default=str))
+        return 0
+    t = Table(title="prism-gpu info", show_header=False)
+    t.add_row("backend", device.kind)
+    t.add_row("device", device.name)
+    t.add_row("memory", f"{data['total_memory_bytes'] / 2**30:.1f} GiB")
+    t.add_row("H2D (pinned)", f"{bw.h2d:.1f} GB/s")
+    t.add_row("D2H (pinned)", f"{bw.d2h:.1f} GB/s")
+    t.add_row("both directions", f"{bw.bidirectional:.1f} GB/s in total")
+    t.add_row("copy size", f"{bw.nbytes / 2**20:.0f} MiB")
+    Console().print(t)
+    return 0
