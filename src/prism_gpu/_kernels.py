@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 import re
-from typing import Any, Callable, Optional, Sequence, Tuple
+from typing import Any, Callable, Mapping, Optional, Sequence, Tuple
 
 from ._config import LaunchConfig
 
@@ -58,7 +58,8 @@ class Kernel:
                  source: Optional[str] = None, entry: Optional[str] = None,
                  config: Optional[LaunchConfig] = None,
                  cpu: Optional[Callable[..., Any]] = None, uses_arrays: bool = True,
-                 defaults: Sequence[Any] = (), options: Sequence[str] = ()) -> None:
+                 defaults: Sequence[Any] = (), options: Optional[Mapping[str, Any]] = None
+                 ) -> None:
         if (fn is None) == (source is None):
             raise ValueError("a Kernel has exactly one of fn= or source=")
         if config is not None and not isinstance(config, LaunchConfig):
@@ -71,7 +72,7 @@ class Kernel:
         self.cpu = cpu
         self.uses_arrays = uses_arrays
         self.defaults = tuple(defaults)
-        self.options = tuple(options)
+        self.options = dict(options or {})
         target = fn if fn is not None else cpu
         self.accepts_stream = target is not None and _accepts_stream(target)
         self.params = _parse_params(source, entry) if source is not None else None
@@ -90,10 +91,13 @@ class Kernel:
     @classmethod
     def from_source(cls, source: str, entry: str, *, config: Optional[LaunchConfig] = None,
                     cpu: Optional[Callable[..., Any]] = None, name: Optional[str] = None,
-                    options: Sequence[str] = (), defaults: Sequence[Any] = ()) -> "Kernel":
+                    options: Optional[Mapping[str, Any]] = None,
+                    defaults: Sequence[Any] = ()) -> "Kernel":
         """CUDA C++ ``source`` whose ``extern "C" __global__`` function ``entry`` is the
-        kernel. Compiled (and cached) by the CUDA backend on first use. ``cpu`` is the
-        version the CPU backend runs; without it the CPU backend refuses the kernel."""
+        kernel. Compiled with NVRTC (and cached in memory and on disk) by the CUDA
+        backend; ``options`` are extra ``cuda.core.ProgramOptions`` fields. ``cpu`` is
+        the version the CPU backend runs; without it the CPU backend refuses the kernel.
+        Scalars are converted to the exact C types the signature declares."""
         if not isinstance(source, str) or not source.strip():
             raise ValueError("Kernel.from_source needs CUDA C++ source text")
         if not isinstance(entry, str) or not entry.isidentifier():

@@ -1,0 +1,118 @@
+"""Host microseconds per queued op: prism-gpu vs the raw cuda.core calls underneath.
+
+Tiny (64 KiB) batches with a no-op kernel: the GPU is never the bottleneck, so
+the figures are what the host pays per op. Run on a CUDA machine:
+
+    python benchmarks/host_overhead.py [--iterations N] [--profile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import json
+import pstats
+import statistics
+import sys
+import time
+from typing import Any, Callable, Dict
+
+import numpy as np
+
+import prism_gpu as pg
+
+N = (64 << 10) // 4
+
+
+def _per_iter(fn: Callable[[int], None], sync: Callable[[], None], iters: int,
+              repeats: int = 5) -> float:
+    fn(0)
+    sync()
+    samples = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for i in range(iters):
+            fn(i)
+        samples.append((time.perf_counter() - t) / iters * 1e6)
+        sync()
+    return statistics.median(samples)
+
+
+def raw_cuda_core(iters: int) -> Dict[str, float]:
+    from cuda.core import Device, LaunchConfig, LegacyPinnedMemoryResource, Program, \
+        ProgramOptions, launch
+
+    dev = Device(0)
+    dev.set_current()
+    up, comp, down = (dev.create_stream() for _ in range(3))
+    prog = Program('extern "C" __global__ void noop() {}', "c++",
+                   ProgramOptions(arch=f"sm_{dev.arch}"))
+    k = prog.compile("cubin").get_kernel("noop")
+    cfg = LaunchConfig(grid=1, block=1)
+    mr = LegacyPinnedMemoryResource()
+    h_in, h_out = mr.allocate(N * 4), mr.allocate(N * 4)
+    d = [dev.allocate(N * 4, stream=up) for _ in range(3)]
+    up.sync()
+    ev = [[dev.create_event() for _ in range(3)] for _ in range(3)]
+
+    def step(i: int) -> None:
+        s = i % 3
+        e_up, e_c, e_dn = ev[s]
+        up.wait(e_dn)
+        d[s].copy_from(h_in, stream=up)
+        up.record(e_up)
+        comp.wait(e_up)
+        launch(comp, cfg, k)
+        comp.record(e_c)
+        down.wait(e_c)
+        d[s].copy_to(h_out, stream=down)
+        down.record(e_dn)
+
+    def sync() -> None:
+        for s in (up, comp, down):
+            s.sync()
+    return {"raw_cuda_core_us_per_iteration": _per_iter(step, sync, iters)}
+
+
+def prism(iters: int, profile: bool) -> Dict[str, float]:
+    dev = pg.open_device("cuda")
+    coord = pg.AsyncCoordinator(dev)
+    buf = pg.TripleBuffer(dev, N)
+    h_in = pg.pinned_empty(N, np.float32)
+    h_in[:] = np.random.default_rng(0).random(N, dtype=np.float32)
+    h_out = pg.pinned_empty(N, np.float32)
+
+    def step(i: int) -> None:
+        u = coord.queue_upload(h_in, buf)
+        coord.queue_compute("noop", [u])
+        coord.queue_download(buf, h_out)
+        buf.advance()
+
+    out = {"prism_us_per_iteration": _per_iter(step, coord.synchronize_all, iters)}
+    if profile:
+        prof = cProfile.Profile()
+        prof.enable()
+        for i in range(iters):
+            step(i)
+        prof.disable()
+        coord.synchronize_all()
+        pstats.Stats(prof, stream=sys.stderr).sort_stats("tottime").print_stats(25)
+    coord.close()
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--iterations", type=int, default=2000)
+    ap.add_argument("--profile", action="store_true")
+    args = ap.parse_args()
+    res: Dict[str, Any] = {}
+    res.update(raw_cuda_core(args.iterations))
+    res.update(prism(args.iterations, args.profile))
+    res["ratio"] = res["prism_us_per_iteration"] / res["raw_cuda_core_us_per_iteration"]
+    print(json.dumps(res, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

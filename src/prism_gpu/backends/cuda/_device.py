@@ -1,0 +1,142 @@
+"""The CUDA device: cuda.core Device, memory, streams, events and kernels."""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from typing import Any, Dict
+
+import numpy as np
+
+from ..._errors import BackendUnavailableError, KernelError
+from ._driver import check, driver, from_cuda_exception
+from ._kernels import prepare
+from ._memory import DeviceArray, PinnedAllocator, StagingPool, device_alloc
+from ._stream import CudaEvent, CudaStream
+
+
+class CudaDevice:
+    """One CUDA device through cuda.core."""
+
+    kind = "cuda"
+
+    def __init__(self, ordinal: int = 0) -> None:
+        from cuda.core import Device, EventOptions, StreamOptions
+
+        try:
+            self._dev = Device(ordinal)
+            self._dev.set_current()
+        except Exception as exc:  # noqa: BLE001
+            raise BackendUnavailableError(f"CUDA device {ordinal} could not be opened: {exc}"
+                                          ) from exc
+        self._EventOptions = EventOptions
+        self._StreamOptions = StreamOptions
+        self.ordinal = ordinal
+        self.name = self._dev.name
+        self.arch = self._dev.arch
+        self._local = threading.local()
+        self._local.current = True
+        self._alloc_stream = self._dev.create_stream()
+        self.pinned = PinnedAllocator()
+        self.staging = StagingPool(self.pinned, self.create_event)
+        self._streams: "weakref.WeakSet[CudaStream]" = weakref.WeakSet()
+        self._limits: Dict[str, int] = {}
+        self._closed = False
+
+    def _current(self) -> None:
+        if not getattr(self._local, "current", False):
+            self._dev.set_current()
+            self._local.current = True
+
+    @property
+    def properties(self) -> dict:
+        self._current()
+        p = self._dev.properties
+        total = check(driver.cuDeviceTotalMem(self._dev.device_id), "reading device memory")
+        return {"backend": "cuda", "name": self.name, "compute_capability": f"sm_{self.arch}",
+                "multiprocessors": p.multiprocessor_count, "total_memory": int(total),
+                "driver_version": check(driver.cuDriverGetVersion(), "driver version")}
+
+    def _limit(self, attr: str) -> int:
+        v = self._limits.get(attr)
+        if v is None:
+            v = self._limits[attr] = int(getattr(self._dev.properties, attr))
+        return v
+
+    def check_launch_config(self, config: Any, name: str) -> None:
+        """Reject a launch configuration the device cannot run, before launching."""
+        bx, by, bz = config.block
+        gx, gy, gz = config.grid
+        max_threads = self._limit("max_threads_per_block")
+        problems = []
+        if bx * by * bz > max_threads:
+            problems.append(f"block {config.block} has {bx * by * bz} threads, the device "
+                            f"allows {max_threads}")
+        if bx > self._limit("max_block_dim_x") or by > self._limit("max_block_dim_y") \
+                or bz > self._limit("max_block_dim_z"):
+            problems.append(f"block {config.block} exceeds the per-dimension limits")
+        if gx > self._limit("max_grid_dim_x") or gy > self._limit("max_grid_dim_y") \
+                or gz > self._limit("max_grid_dim_z"):
+            problems.append(f"grid {config.grid} exceeds the device's grid limits")
+        smem = self._limit("max_shared_memory_per_block")
+        if config.shared_mem_bytes > smem:
+            problems.append(f"{config.shared_mem_bytes} bytes of shared memory, the device "
+                            f"allows {smem} per block")
+        if problems:
+            raise KernelError(f"launch configuration of kernel {name!r} is out of range: "
+                              + "; ".join(problems), kernel=name)
+
+    # memory -----------------------------------------------------------------------
+    def allocate(self, nbytes: int) -> DeviceArray:
+        self._current()
+        try:
+            return device_alloc(self._dev, self._alloc_stream, nbytes, self.ordinal)
+        except Exception as exc:  # noqa: BLE001 - CUDAError (out of memory, ...)
+            raise from_cuda_exception(exc, f"allocating {nbytes} bytes of device memory"
+                                      ) from exc
+
+    def allocate_pinned(self, nbytes: int) -> np.ndarray:
+        self._current()
+        return self.pinned.allocate(nbytes)
+
+    def is_pinned(self, array: np.ndarray) -> bool:
+        return PinnedAllocator.is_pinned(array)
+
+    def is_device_array(self, obj: Any) -> bool:
+        return isinstance(obj, DeviceArray)
+
+    # streams, events, kernels --------------------------------------------------------
+    def create_stream(self, priority: int = 0) -> CudaStream:
+        self._current()
+        opts = self._StreamOptions(nonblocking=True, priority=priority) if priority else None
+        s = self._dev.create_stream(options=opts) if opts else self._dev.create_stream()
+        stream = CudaStream(self, s, priority)
+        self._streams.append(stream)
+        return stream
+
+    def create_event(self, timing: bool = False) -> CudaEvent:
+        self._current()
+        ev = self._dev.create_event(self._EventOptions(timing_enabled=bool(timing)))
+        return CudaEvent(ev, bool(timing))
+
+    def prepare_kernel(self, kernel: Any) -> Any:
+        self._current()
+        return prepare(self, kernel)
+
+    def synchronize(self) -> None:
+        self._current()
+        try:
+            self._dev.sync()
+        except Exception as exc:  # noqa: BLE001
+            raise from_cuda_exception(exc, "device synchronize") from exc
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for s in list(self._streams):
+            try:
+                s.close()
+            except Exception:  # noqa: BLE001 - closing after a sticky error
+                pass
+        self._streams.clear()

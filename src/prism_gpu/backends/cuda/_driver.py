@@ -1,0 +1,58 @@
+"""Thin, checked access to the CUDA driver API for the hot paths."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cuda.bindings import driver
+
+from ..._errors import KernelError, PrismGpuError, SynchronizationError
+
+CUresult = driver.CUresult
+SUCCESS = CUresult.CUDA_SUCCESS
+NOT_READY = CUresult.CUDA_ERROR_NOT_READY
+
+# Errors after which the context is unusable: every later call fails too.
+STICKY = {
+    "CUDA_ERROR_ILLEGAL_ADDRESS", "CUDA_ERROR_LAUNCH_FAILED", "CUDA_ERROR_ILLEGAL_INSTRUCTION",
+    "CUDA_ERROR_MISALIGNED_ADDRESS", "CUDA_ERROR_INVALID_ADDRESS_SPACE", "CUDA_ERROR_INVALID_PC",
+    "CUDA_ERROR_HARDWARE_STACK_ERROR", "CUDA_ERROR_ASSERT", "CUDA_ERROR_LAUNCH_TIMEOUT",
+    "CUDA_ERROR_ECC_UNCORRECTABLE", "CUDA_ERROR_CONTEXT_IS_DESTROYED",
+}
+
+
+def error(err: Any, what: str) -> PrismGpuError:
+    """A prism-gpu error for CUDA result ``err`` raised while doing ``what``."""
+    name = getattr(err, "name", str(err))
+    if name in STICKY:
+        exc: PrismGpuError = SynchronizationError(
+            f"{what} failed with {name}: a sticky CUDA error, the CUDA context is lost. "
+            "Every later CUDA call in this process fails; recreate the process (run with "
+            "PRISM_GPU_SYNC=1 or compute-sanitizer to find the faulting kernel)")
+        exc.sticky = True  # type: ignore[attr-defined]
+    else:
+        exc = KernelError(f"{what} failed with {name}")
+        exc.sticky = False  # type: ignore[attr-defined]
+    exc.cuda_error = name  # type: ignore[attr-defined]
+    return exc
+
+
+def check(result: Any, what: str) -> Any:
+    """Unpack a cuda.bindings result tuple, raising a prism-gpu error on failure."""
+    err = result[0]
+    if err != SUCCESS:
+        raise error(err, what)
+    return result[1] if len(result) == 2 else result[1:]
+
+
+def from_cuda_exception(exc: BaseException, what: str) -> PrismGpuError:
+    """Map a cuda.core exception (CUDAError, NVRTCError) to a prism-gpu error."""
+    text = str(exc)
+    for name in STICKY:
+        if name in text:
+            e = error(type("E", (), {"name": name})(), what)
+            e.__cause__ = exc
+            return e
+    e = KernelError(f"{what} failed: {text}")
+    e.__cause__ = exc
+    return e

@@ -1,0 +1,215 @@
+"""Kernels on CUDA: NVRTC compilation with caches, exact argument types, launches."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import threading
+from typing import Any, Callable, Dict, List, Sequence, Tuple
+
+import numpy as np
+
+from ..._errors import KernelError, PrismGpuError
+from ._driver import from_cuda_exception
+
+# C parameter types -> numpy scalar types (exactly what the kernel reads)
+_SCALARS: Dict[str, Any] = {
+    "float": np.float32, "double": np.float64, "__half": np.float16, "half": np.float16,
+    "int": np.int32, "signed": np.int32, "signed int": np.int32, "int32_t": np.int32,
+    "unsigned": np.uint32, "unsigned int": np.uint32, "uint32_t": np.uint32,
+    "long": np.int64, "long int": np.int64, "long long": np.int64, "long long int": np.int64,
+    "int64_t": np.int64, "ptrdiff_t": np.int64,
+    "unsigned long": np.uint64, "unsigned long int": np.uint64,
+    "unsigned long long": np.uint64, "unsigned long long int": np.uint64,
+    "uint64_t": np.uint64, "size_t": np.uint64,
+    "short": np.int16, "int16_t": np.int16, "unsigned short": np.uint16, "uint16_t": np.uint16,
+    "char": np.int8, "signed char": np.int8, "int8_t": np.int8,
+    "unsigned char": np.uint8, "uint8_t": np.uint8, "bool": np.bool_,
+}
+_POINTEES = {k: np.dtype(v) for k, v in _SCALARS.items()}
+
+
+def _converter(ctype: str, kernel: str, index: int) -> Callable[[Any], Any]:
+    if ctype.endswith("*"):
+        def ptr(value: Any) -> Any:
+            p = getattr(value, "ptr", None)
+            if p is not None:
+                return p
+            if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+                return int(value)
+            cai = getattr(value, "__cuda_array_interface__", None)
+            if cai is not None:
+                return cai["data"][0]
+            raise KernelError(f"kernel {kernel!r} parameter {index} ({ctype}) needs a device "
+                              f"array or a pointer, got {type(value).__name__}")
+        return ptr
+    np_type = _SCALARS.get(ctype)
+    if np_type is None:
+        def passthrough(value: Any) -> Any:
+            if isinstance(value, np.generic):
+                return value
+            raise KernelError(f"kernel {kernel!r} parameter {index} has type {ctype!r}, which "
+                              "prism-gpu cannot convert: pass a numpy scalar of that type")
+        return passthrough
+
+    def scalar(value: Any) -> Any:
+        if isinstance(value, np.ndarray) or hasattr(value, "ptr"):
+            raise KernelError(f"kernel {kernel!r} parameter {index} is {ctype}, got an array")
+        return np_type(value)
+    return scalar
+
+
+class _ProgramCaches:
+    memory: Dict[Tuple[Any, ...], Any] = {}
+    disk: Any = None
+    disk_tried = False
+    lock = threading.Lock()
+
+    @classmethod
+    def file_cache(cls) -> Any:
+        with cls.lock:
+            if not cls.disk_tried:
+                cls.disk_tried = True
+                try:
+                    from cuda.core.utils import FileStreamProgramCache
+
+                    root = os.environ.get("PRISM_GPU_CACHE_DIR") or os.path.join(
+                        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
+                        "prism-gpu", "kernels")
+                    os.makedirs(root, exist_ok=True)
+                    cls.disk = FileStreamProgramCache(root)
+                except Exception:  # noqa: BLE001 - no disk cache: compile every process
+                    cls.disk = None
+            return cls.disk
+
+
+def compile_source(device: Any, kernel: Any) -> Any:
+    """The cuda.core kernel for ``kernel``'s source, from a cache when possible."""
+    from cuda.core import Program, ProgramOptions
+
+    key = (kernel.source, kernel.entry, device.arch, tuple(sorted(kernel.options.items())))
+    cached = _ProgramCaches.memory.get(key)
+    if cached is not None:
+        return cached
+    try:
+        opts = ProgramOptions(arch=f"sm_{device.arch}", std="c++17", **kernel.options)
+        prog = Program(kernel.source, "c++", opts)
+    except TypeError as exc:
+        raise KernelError(f"bad compile options for kernel {kernel.name!r}: {exc}",
+                          kernel=kernel.name) from exc
+    disk = _ProgramCaches.file_cache()
+    try:
+        try:
+            obj = prog.compile("cubin", cache=disk) if disk is not None else prog.compile("cubin")
+        except TypeError:  # a cuda.core without cache=
+            obj = prog.compile("cubin")
+        cu_kernel = obj.get_kernel(kernel.entry)
+    except Exception as exc:  # noqa: BLE001 - NVRTCError carries the log
+        log = str(exc)
+        raise KernelError(f"kernel {kernel.name!r} failed to compile:\n{log}",
+                          kernel=kernel.name, log=log) from exc
+    _ProgramCaches.memory[key] = cu_kernel
+    return cu_kernel
+
+
+class SourceKernel:
+    """A compiled CUDA C++ kernel and the exact types of its parameters."""
+
+    def __init__(self, device: Any, kernel: Any) -> None:
+        self.name = kernel.name
+        self._device = device
+        self._k = compile_source(device, kernel)
+        params = kernel.params
+        self._params = params
+        self._conv = ([_converter(p, kernel.name, i) for i, p in enumerate(params)]
+                      if params is not None else None)
+        self._pointee = ([_POINTEES.get(p[:-1].strip()) if p.endswith("*") else None
+                          for p in params] if params is not None else None)
+        self._configs: Dict[Any, Any] = {}
+
+    def _config(self, config: Any) -> Any:
+        cfg = self._configs.get(config)
+        if cfg is None:
+            self._device.check_launch_config(config, self.name)
+            from cuda.core import LaunchConfig
+
+            cfg = LaunchConfig(grid=config.grid, block=config.block,
+                               shmem_size=config.shared_mem_bytes)
+            self._configs[config] = cfg
+        return cfg
+
+    def arguments(self, arrays: Sequence[Any], extra: Sequence[Any]) -> List[Any]:
+        raw: List[Any] = []
+        for a in arrays:
+            raw.append(a)
+            raw.append(np.uint64(a.size))
+        raw.extend(extra)
+        conv = self._conv
+        if conv is None:
+            out = []
+            for v in raw:
+                if hasattr(v, "ptr"):
+                    out.append(v.ptr)
+                elif isinstance(v, np.generic):
+                    out.append(v)
+                else:
+                    raise KernelError(
+                        f"kernel {self.name!r}: its signature could not be read, so pass scalars "
+                        f"as numpy scalars of the exact C type (got {type(v).__name__})")
+            return out
+        if len(raw) != len(conv):
+            raise KernelError(
+                f"kernel {self.name!r} takes {len(conv)} parameters ({', '.join(self._params)})"
+                f" but got {len(raw)}: {len(arrays)} array(s) as (pointer, size_t n) and "
+                f"{len(extra)} extra value(s)")
+        out = []
+        for i, (v, c) in enumerate(zip(raw, conv)):
+            want = self._pointee[i]
+            if want is not None and hasattr(v, "dtype") and hasattr(v, "ptr") \
+                    and v.dtype != want:
+                raise KernelError(f"kernel {self.name!r} parameter {i} is "
+                                  f"{self._params[i]}, got an array of {v.dtype}")
+            out.append(c(v))
+        return out
+
+    def launch(self, stream: Any, config: Any, arrays: Sequence[Any], extra: Sequence[Any]
+               ) -> None:
+        from cuda.core import launch
+
+        args = self.arguments(arrays, extra)
+        cfg = self._config(config)
+        try:
+            launch(stream._s, cfg, self._k, *args)
+        except PrismGpuError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - CUDAError from the driver
+            raise from_cuda_exception(exc, f"launching kernel {self.name!r}") from exc
+
+
+class CallableKernel:
+    """A Python callable run on the host at queue time, with its stream current."""
+
+    def __init__(self, kernel: Any) -> None:
+        self.name = kernel.name
+        self._fn = kernel.fn
+        self._stream_kw = kernel.accepts_stream
+
+    def launch(self, stream: Any, config: Any, arrays: Sequence[Any], extra: Sequence[Any]
+               ) -> None:
+        with contextlib.ExitStack() as stack:
+            for ctx in stream.interop_contexts(sys.modules):
+                stack.enter_context(ctx)
+            if self._stream_kw:
+                self._fn(*arrays, *extra, stream=stream)
+            else:
+                self._fn(*arrays, *extra)
+
+
+def prepare(device: Any, kernel: Any) -> Any:
+    if kernel.fn is not None:
+        return CallableKernel(kernel)
+    return SourceKernel(device, kernel)
+
+
+__all__ = ["prepare", "SourceKernel", "CallableKernel"]

@@ -1,0 +1,161 @@
+"""CUDA streams and events: cuda.core objects, driver calls on the hot paths."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Iterable, List, Optional, Sequence
+
+import numpy as np
+
+from ._driver import NOT_READY, SUCCESS, check, driver, error, from_cuda_exception
+from ._memory import DeviceArray, host_ptr
+
+_record = driver.cuEventRecord
+_wait = driver.cuStreamWaitEvent
+_query = driver.cuEventQuery
+_memcpy = driver.cuMemcpyAsync
+
+
+class CudaEvent:
+    __slots__ = ("timing", "_ev", "_h", "__weakref__")
+
+    def __init__(self, ev: Any, timing: bool) -> None:
+        self._ev = ev
+        self._h = int(ev.handle)
+        self.timing = timing
+
+    fault = None  # device-side failures are sticky CUDA errors, raised by query/sync
+
+    def query(self) -> bool:
+        (err,) = _query(self._h)
+        if err == SUCCESS:
+            return True
+        if err == NOT_READY:
+            return False
+        raise error(err, "querying an event")
+
+    def synchronize(self, timeout: Optional[float] = None) -> bool:
+        if timeout is None:
+            check(driver.cuEventSynchronize(self._h), "waiting for an event")
+            return True
+        deadline = time.perf_counter() + timeout
+        pause = 20e-6
+        while not self.query():
+            left = deadline - time.perf_counter()
+            if left <= 0:
+                return False
+            time.sleep(min(pause, left))
+            pause = min(pause * 2, 2e-3)
+        return True
+
+    def elapsed_ms(self, start: "CudaEvent") -> float:
+        return float(check(driver.cuEventElapsedTime(start._h, self._h), "event timing"))
+
+    def close(self) -> None:
+        if self._ev is not None:
+            self._ev.close()
+            self._ev = None
+
+
+class CudaStream:
+    """A non-blocking CUDA stream. Implements ``__cuda_stream__`` for CuPy, PyTorch, Numba."""
+
+    def __init__(self, device: Any, stream: Any, priority: int = 0) -> None:
+        self._device = device
+        self._s = stream
+        self._h = int(stream.handle)
+        self.priority = priority
+        self._interop: Optional[List[Callable[[], Any]]] = None
+        self._closed = False
+
+    @property
+    def handle(self) -> int:
+        return self._h
+
+    def __cuda_stream__(self) -> tuple:
+        return (0, self._h)
+
+    # copies ---------------------------------------------------------------------
+    def copy_h2d(self, dst: DeviceArray, src: np.ndarray) -> None:
+        nbytes = src.nbytes
+        dev = self._device
+        if dev.is_pinned(src):
+            (err,) = _memcpy(dst.ptr, host_ptr(src), nbytes, self._h)
+        else:
+            # Never hand pageable memory to an async copy: stage it, so the caller
+            # may change ``src`` as soon as this returns.
+            cls, stage = dev.staging.take(nbytes)
+            np.copyto(stage[:nbytes].view(src.dtype).reshape(src.shape), src)
+            (err,) = _memcpy(dst.ptr, host_ptr(stage), nbytes, self._h)
+            ev = dev.create_event(False)
+            self.record(ev)
+            dev.staging.give_back_after(cls, stage, ev)
+        if err != SUCCESS:
+            raise error(err, "host-to-device copy")
+
+    def copy_d2h(self, dst: np.ndarray, src: DeviceArray) -> Optional[Callable[[], None]]:
+        nbytes = dst.nbytes
+        dev = self._device
+        if dev.is_pinned(dst):
+            (err,) = _memcpy(host_ptr(dst), src.ptr, nbytes, self._h)
+            if err != SUCCESS:
+                raise error(err, "device-to-host copy")
+            return None
+        cls, stage = dev.staging.take(nbytes)
+        (err,) = _memcpy(host_ptr(stage), src.ptr, nbytes, self._h)
+        if err != SUCCESS:
+            dev.staging.give_back(cls, stage)
+            raise error(err, "device-to-host copy")
+
+        def finish() -> None:
+            np.copyto(dst, stage[:nbytes].view(dst.dtype).reshape(dst.shape))
+            dev.staging.give_back(cls, stage)
+        return finish
+
+    def copy_d2d(self, dst: DeviceArray, src: DeviceArray) -> None:
+        check(_memcpy(dst.ptr, src.ptr, src.nbytes, self._h), "device-to-device copy")
+
+    # launches -------------------------------------------------------------------
+    def launch(self, kernel: Any, config: Any, arrays: Sequence[Any], extra: Sequence[Any],
+               tag: Any = None) -> None:
+        kernel.launch(self, config, arrays, extra)
+
+    def interop_contexts(self, modules: dict) -> Iterable[Any]:
+        """Context managers making this stream current in CuPy / PyTorch, if imported."""
+        out = []
+        cupy = modules.get("cupy")
+        if cupy is not None:
+            out.append(cupy.cuda.ExternalStream(self._h))
+        torch = modules.get("torch")
+        if torch is not None and torch.cuda.is_available():
+            out.append(torch.cuda.stream(torch.cuda.ExternalStream(self._h)))
+        return out
+
+    def _interop_enter(self, modules: dict) -> Iterable[Any]:
+        return self.interop_contexts(modules)
+
+    # ordering -------------------------------------------------------------------
+    def record(self, event: CudaEvent) -> None:
+        (err,) = _record(event._h, self._h)
+        if err != SUCCESS:
+            raise error(err, "recording an event")
+
+    def wait(self, event: CudaEvent, propagate: bool = True) -> None:
+        (err,) = _wait(self._h, event._h, 0)
+        if err != SUCCESS:
+            raise error(err, "stream wait on an event")
+
+    def synchronize(self) -> None:
+        try:
+            self._s.sync()
+        except Exception as exc:  # noqa: BLE001 - CUDAError
+            raise from_cuda_exception(exc, "stream synchronize") from exc
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._s.sync()
+        finally:
+            self._s.close()

@@ -1,0 +1,191 @@
+"""GPU-only behaviour: numpy-reference checks, compile errors, interop, staging."""
+
+from __future__ import annotations
+
+import gc
+
+import numpy as np
+import pytest
+
+import prism_gpu as pg
+from prism_gpu.backends import cuda_unavailable_reason
+
+_REASON = cuda_unavailable_reason()
+pytestmark = [pytest.mark.cuda,
+              pytest.mark.skipif(_REASON is not None, reason=f"CUDA not usable: {_REASON}")]
+
+AXPY = r"""
+extern "C" __global__ void axpy(float* x, size_t n, float a, float b) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) x[i] = a * x[i] + b;
+}
+"""
+
+
+@pytest.fixture
+def cuda_coord():
+    dev = pg.open_device("cuda")
+    coord = pg.AsyncCoordinator(dev)
+    yield coord
+    coord.close()
+    dev.close()
+
+
+def _roundtrip(coord, kernel, x, extra=()):
+    buf = pg.TripleBuffer(coord.device, x.size, dtype=x.dtype)
+    out = np.full_like(x, np.nan)  # poisoned: every element must be written
+    up = coord.queue_upload(x, buf)
+    coord.queue_compute(kernel, [up], extra=extra)
+    down = coord.queue_download(buf, out)
+    buf.advance()
+    coord.wait(down)
+    return out
+
+
+@pytest.mark.parametrize("n", [1, 3, 1023, 1 << 16, 100_003])
+def test_source_kernel_matches_numpy(cuda_coord, n):
+    rng = np.random.default_rng(n)
+    x = rng.standard_normal(n).astype(np.float32)
+    k = pg.Kernel.from_source(AXPY, "axpy")
+    a, b = float(rng.uniform(0.5, 2)), float(rng.uniform(-1, 1))
+    out = _roundtrip(cuda_coord, k, x, extra=(a, b))  # Python floats: converted to float
+    np.testing.assert_allclose(out, np.float32(a) * x + np.float32(b), rtol=1e-6, atol=1e-6)
+
+
+def test_256_mib_batch(cuda_coord):
+    n = (256 << 20) // 4
+    x = np.random.default_rng(7).random(n, dtype=np.float32)
+    out = _roundtrip(cuda_coord, "scale", x, extra=(3.0,))
+    np.testing.assert_array_equal(out, x * np.float32(3.0))
+
+
+def test_pageable_input_changed_after_queue(cuda_coord):
+    """The device must see the values at queue time (pageable input is staged)."""
+    rng = np.random.default_rng(11)
+    n = 1 << 22
+    x = rng.random(n, dtype=np.float32)
+    expected = x * np.float32(2.0)
+    buf = pg.TripleBuffer(cuda_coord.device, n)
+    out = np.empty_like(x)
+    up = cuda_coord.queue_upload(x, buf)
+    cuda_coord.queue_compute("spin", [up], extra=(2000.0,))  # keep the GPU busy a while
+    x[:] = -1.0  # changed right after queueing
+    cuda_coord.queue_compute("scale", [up])
+    down = cuda_coord.queue_download(buf, out)
+    buf.advance()
+    cuda_coord.wait(down)
+    np.testing.assert_array_equal(out, expected)
+
+
+def test_pinned_download_destination(cuda_coord):
+    n = 4097
+    x = np.random.default_rng(3).random(n, dtype=np.float32)
+    buf = pg.TripleBuffer(cuda_coord.device, n)
+    out = pg.pinned_empty(n, np.float32)
+    out[:] = np.nan
+    up = cuda_coord.queue_upload(x, buf)
+    cuda_coord.queue_compute("scale", [up])
+    down = cuda_coord.queue_download(buf, out)
+    buf.advance()
+    cuda_coord.wait(down)
+    np.testing.assert_array_equal(out, x * 2)
+
+
+def test_compile_error_carries_log(cuda_coord):
+    k = pg.Kernel.from_source('extern "C" __global__ void bad(float* x, size_t n) { oops; }',
+                              "bad")
+    with pytest.raises(pg.KernelError) as info:
+        cuda_coord.register_kernel("bad", k)
+    assert "oops" in str(info.value)
+    assert info.value.log
+
+
+def test_out_of_range_launch_config_rejected_before_enqueue(cuda_coord):
+    buf = pg.TripleBuffer(cuda_coord.device, 16)
+    up = cuda_coord.queue_upload(np.ones(16, np.float32), buf)
+    k = pg.Kernel.from_source(AXPY, "axpy")
+    before = cuda_coord.statistics()["issued"]
+    with pytest.raises(pg.KernelError, match="out of range"):
+        cuda_coord.queue_compute(k, [up], extra=(1.0, 0.0),
+                                 config=pg.LaunchConfig(grid=1, block=2048))
+    assert cuda_coord.statistics()["issued"] == before
+    assert buf.get_states()[0] is pg.BufferState.UPLOADING
+
+
+def test_wrong_argument_count_rejected(cuda_coord):
+    buf = pg.TripleBuffer(cuda_coord.device, 16)
+    up = cuda_coord.queue_upload(np.ones(16, np.float32), buf)
+    with pytest.raises(pg.KernelError, match="takes 4 parameters"):
+        cuda_coord.queue_compute(pg.Kernel.from_source(AXPY, "axpy"), [up], extra=(1.0,))
+
+
+def test_pointer_dtype_checked(cuda_coord):
+    buf = pg.TripleBuffer(cuda_coord.device, 16, dtype=np.float64)
+    up = cuda_coord.queue_upload(np.ones(16, np.float64), buf)
+    with pytest.raises(pg.KernelError, match="float64"):
+        cuda_coord.queue_compute(pg.Kernel.from_source(AXPY, "axpy"), [up], extra=(1.0, 0.0))
+
+
+def test_cupy_callable_is_stream_ordered(cuda_coord):
+    cupy = pytest.importorskip("cupy")
+    n = 1 << 20
+    x = np.random.default_rng(5).random(n, dtype=np.float32)
+    seen = {}
+
+    def double(a, stream):
+        arr = cupy.asarray(a)  # through __cuda_array_interface__, no copy
+        seen["same_memory"] = arr.data.ptr == a.ptr
+        seen["current"] = cupy.cuda.get_current_stream().ptr == stream.handle
+        arr *= 2
+
+    out = _roundtrip(cuda_coord, pg.Kernel.from_callable(double), x)
+    assert seen == {"same_memory": True, "current": True}
+    np.testing.assert_array_equal(out, x * 2)
+
+
+def test_torch_callable_and_dlpack(cuda_coord):
+    torch = pytest.importorskip("torch")
+    n = 4099
+    x = np.random.default_rng(6).random(n, dtype=np.float32)
+    seen = {}
+
+    def add_one(a, stream):
+        t = torch.from_dlpack(a)
+        seen["ptr"] = t.data_ptr() == a.ptr
+        seen["current"] = torch.cuda.current_stream().cuda_stream == stream.handle
+        t.add_(1.0)
+
+    out = _roundtrip(cuda_coord, pg.Kernel.from_callable(add_one), x)
+    assert seen == {"ptr": True, "current": True}
+    np.testing.assert_array_equal(out, x + 1)
+
+
+def test_streams_wrap_into_cupy_and_torch(cuda_coord):
+    cupy = pytest.importorskip("cupy")
+    torch = pytest.importorskip("torch")
+    s = cuda_coord.compute_stream()
+    assert cupy.cuda.ExternalStream(s.__cuda_stream__()[1]).ptr == s.handle
+    assert torch.cuda.ExternalStream(s.handle).cuda_stream == s.handle
+    with pg.interop.use_stream(s):
+        assert cupy.cuda.get_current_stream().ptr == s.handle
+        assert torch.cuda.current_stream().cuda_stream == s.handle
+
+
+def test_dlpack_capsule_lifetime(cuda_coord):
+    cupy = pytest.importorskip("cupy")
+    dev = cuda_coord.device
+    arr = dev.allocate(64 * 4).view(np.float32)
+    c = cupy.from_dlpack(arr)
+    c[:] = cupy.arange(64, dtype=cupy.float32)
+    del arr
+    gc.collect()
+    np.testing.assert_array_equal(cupy.asnumpy(c), np.arange(64, dtype=np.float32))
+
+
+def test_stream_map_on_gpu_random_sizes():
+    rng = np.random.default_rng(9)
+    batches = [rng.random(int(n), dtype=np.float32) for n in rng.integers(1, 300_000, 12)]
+    with pg.ManagedGpuContext(backend="cuda") as ctx:
+        results = list(pg.stream_map("scale", batches, ctx=ctx, extra=(5.0,)))
+    for r, b in zip(results, batches):
+        np.testing.assert_array_equal(r, b * np.float32(5.0))
