@@ -27,12 +27,11 @@ class BufferState(str, Enum):
         return self.value
 
 
-_NEXT = {
-    BufferState.FREE: BufferState.UPLOADING,
-    BufferState.UPLOADING: BufferState.PROCESSING,
-    BufferState.PROCESSING: BufferState.DOWNLOADING,
-    BufferState.DOWNLOADING: BufferState.FREE,
-}
+# States in cycle order; transitions and cursors are indexed by position (enum
+# hashing is slow, and these are on every queued op's path).
+_CYCLE = (BufferState.FREE, BufferState.UPLOADING, BufferState.PROCESSING,
+          BufferState.DOWNLOADING)
+FREE_I, UPLOADING_I, PROCESSING_I, DOWNLOADING_I = range(4)
 
 
 class Slot:
@@ -42,26 +41,23 @@ class Slot:
     them until an upload sets a shorter length); ``capacity`` is the full size.
     """
 
-    __slots__ = ("buffer", "index", "state", "full", "valid", "event", "op", "ops",
-                 "__weakref__")
+    __slots__ = ("buffer", "index", "state", "full", "valid", "capacity", "event", "op", "ops",
+                 "failed", "__weakref__")
 
     def __init__(self, buffer: "TripleBuffer", index: int, full: Any) -> None:
         self.buffer = buffer
         self.index = index
         self.state = BufferState.FREE
         self.full = full
-        self.valid = len(full)
+        self.valid = self.capacity = len(full)
         self.event: Any = None       # event of the last op that touched the slot
         self.op: int = -1            # id of that op
         self.ops: List[int] = []     # ops that touched the slot since its last upload
+        self.failed: Optional[int] = None  # root op of a failure known on the host
 
     @property
     def array(self) -> Any:
-        return self.full if self.valid == len(self.full) else self.full[: self.valid]
-
-    @property
-    def capacity(self) -> int:
-        return len(self.full)
+        return self.full if self.valid == self.capacity else self.full[: self.valid]
 
     def __repr__(self) -> str:
         return f"Slot(index={self.index}, state={self.state.name}, valid={self.valid})"
@@ -95,7 +91,7 @@ class TripleBuffer:
                        for i in range(self.depth)]
         self._lock = threading.Lock()
         # next slot index for each transition, indexed by the state it leaves
-        self._cursor = {state: 0 for state in BufferState}
+        self._cursor = [0, 0, 0, 0]
         self._closed = False
 
     # the guide's API ---------------------------------------------------------
@@ -109,31 +105,33 @@ class TripleBuffer:
 
     def get_upload_buffer(self) -> Optional[Slot]:
         """Oldest FREE slot -> UPLOADING, or None if no slot is FREE."""
-        return self._take(BufferState.FREE)
+        return self._take(FREE_I)
 
     def get_process_buffer(self) -> Optional[Slot]:
         """Oldest UPLOADING slot -> PROCESSING, or None."""
-        return self._take(BufferState.UPLOADING)
+        return self._take(UPLOADING_I)
 
     def get_download_buffer(self) -> Optional[Slot]:
         """Oldest PROCESSING slot -> DOWNLOADING, or None."""
-        return self._take(BufferState.PROCESSING)
+        return self._take(PROCESSING_I)
 
     def advance(self) -> bool:
         """Oldest DOWNLOADING slot -> FREE. True if a slot was freed."""
-        return self._take(BufferState.DOWNLOADING) is not None
+        return self._take(DOWNLOADING_I) is not None
 
     # internals ---------------------------------------------------------------
-    def _take(self, state: BufferState) -> Optional[Slot]:
+    def _take(self, which: int) -> Optional[Slot]:
+        """Move the slot at cursor ``which`` (a state's position in the cycle) on."""
         with self._lock:
             if self._closed:
                 raise InvalidOperationError("this TripleBuffer is closed")
-            i = self._cursor[state]
+            cursor = self._cursor
+            i = cursor[which]
             slot = self._slots[i]
-            if slot.state is not state:
+            if slot.state is not _CYCLE[which]:
                 return None
-            slot.state = _NEXT[state]
-            self._cursor[state] = (i + 1) % self.depth
+            slot.state = _CYCLE[(which + 1) & 3]
+            cursor[which] = (i + 1) % self.depth
             return slot
 
     def _produce(self) -> Optional[Slot]:
@@ -141,29 +139,27 @@ class TripleBuffer:
         with self._lock:
             if self._closed:
                 raise InvalidOperationError("this TripleBuffer is closed")
-            i = self._cursor[BufferState.FREE]
+            i = self._cursor[FREE_I]
             slot = self._slots[i]
             if slot.state is not BufferState.FREE:
                 return None
-            if self._cursor[BufferState.UPLOADING] != i:
+            if self._cursor[UPLOADING_I] != i:
                 raise InvalidOperationError(
                     "a compute output buffer must not have uploads waiting for a compute")
             slot.state = BufferState.PROCESSING
-            self._cursor[BufferState.FREE] = self._cursor[BufferState.UPLOADING] = \
-                (i + 1) % self.depth
+            self._cursor[FREE_I] = self._cursor[UPLOADING_I] = (i + 1) % self.depth
             return slot
 
-    def _peek(self, state: BufferState, ahead: int = 0) -> Optional[Slot]:
-        """The slot the next ``ahead``-th take from ``state`` would return, without taking."""
-        with self._lock:
-            slot = self._slots[(self._cursor[state] + ahead) % self.depth]
-            return slot if slot.state is state else None
+    def _peek(self, which: int, ahead: int = 0) -> Optional[Slot]:
+        """The slot the ``ahead``-th next take at cursor ``which`` would return, or None."""
+        slot = self._slots[(self._cursor[which] + ahead) % self.depth]
+        return slot if slot.state is _CYCLE[which] else None
 
-    def _untake(self, slot: Slot, state: BufferState) -> None:
-        """Undo the last take from ``state`` (a rejected call changes no state)."""
+    def _untake(self, slot: Slot, which: int) -> None:
+        """Undo the last take at cursor ``which`` (a rejected call changes no state)."""
         with self._lock:
-            slot.state = state
-            self._cursor[state] = (self._cursor[state] - 1) % self.depth
+            slot.state = _CYCLE[which]
+            self._cursor[which] = (self._cursor[which] - 1) % self.depth
 
     @property
     def slots(self) -> List[Slot]:

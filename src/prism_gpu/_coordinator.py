@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import collections
 import threading
+from threading import get_ident
 from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Sequence, Tuple
 
-from ._buffers import BufferState, Slot, TripleBuffer
+from ._buffers import FREE_I, PROCESSING_I, UPLOADING_I, BufferState, Slot, TripleBuffer
 from ._builtins import builtin_kernels
 from ._config import LaunchConfig
 from ._errors import (BufferUnavailableError, DependencyFailedError, InvalidDependencyError,
@@ -24,6 +25,7 @@ from ._validate import download_destination, upload_source
 __all__ = ["AsyncCoordinator"]
 
 _UPLOADING = BufferState.UPLOADING
+_PROCESSING = BufferState.PROCESSING
 
 
 class _Op:
@@ -154,9 +156,13 @@ class AsyncCoordinator:
 
     # the op machinery ---------------------------------------------------------
     def _check(self) -> None:
+        if self._closed or get_ident() != self._owner:
+            self._check_slow()
+
+    def _check_slow(self) -> None:
         if self._closed:
             raise InvalidOperationError("this AsyncCoordinator is closed")
-        if threading.get_ident() != self._owner:
+        if get_ident() != self._owner:
             raise InvalidOperationError(
                 "AsyncCoordinator is not thread-safe and was called from a thread other than "
                 "the one that created it; give each thread its own coordinator")
@@ -168,15 +174,19 @@ class AsyncCoordinator:
     def _begin(self, op_type: OpType, stream: Any, kernel: Optional[str] = None,
                timing: Optional[bool] = None) -> _Op:
         if len(self._inflight) >= self._max:
-            self._harvest()
-            while len(self._inflight) >= self._max:
-                oldest = next(iter(self._inflight.values()))
-                oldest.event.synchronize()
-                self._harvest_lane(oldest.lane, oldest)
+            self._throttle()
         op = _Op(self._next, op_type, self._lane_of[id(stream)], kernel)
         if self.timing if timing is None else timing:
             op.start = self._event(True)
         return op
+
+    def _throttle(self) -> None:
+        """Bring ops in flight under ``max_in_flight``, blocking on the oldest if need be."""
+        self._harvest()
+        while len(self._inflight) >= self._max:
+            oldest = next(iter(self._inflight.values()))
+            oldest.event.synchronize()
+            self._harvest_lane(oldest.lane, oldest)
 
     def _commit(self, op: _Op, stream: Any) -> OpId:
         ev = self._event(op.start is not None)
@@ -192,6 +202,9 @@ class AsyncCoordinator:
             self._tpool.append(op.start)
 
     def _resolve(self, op_id: Any, error: type) -> int:
+        t = type(op_id)
+        if (t is self._OpId or t is int) and 0 <= op_id < self._next:
+            return op_id
         if not isinstance(op_id, int) or isinstance(op_id, bool):
             raise error(f"op ids are ints, got {type(op_id).__name__}")
         if isinstance(op_id, OpId) and type(op_id) is not self._OpId:
@@ -234,7 +247,7 @@ class AsyncCoordinator:
         n = upload_source(data, buffer.dtype, buffer.size())
         if buffer.device is not self._device:
             raise TransferError("the buffer lives on another device than this coordinator")
-        slot = buffer._take(BufferState.FREE)
+        slot = buffer._take(FREE_I)
         if slot is None:
             raise BufferUnavailableError(
                 f"no FREE slot to upload into (states: {buffer.get_states()}); download and "
@@ -242,16 +255,17 @@ class AsyncCoordinator:
         stream = self._up
         try:
             op = self._begin(OpType.UPLOAD, stream)
-            for oid in slot.ops:
-                prior = self._inflight.get(oid)
-                if prior is not None:
-                    stream.wait(prior.event, False)
+            # Every op on a slot is ordered after the slot's previous one, so waiting
+            # for the last covers every earlier reader (write-after-read).
+            prior = self._inflight.get(slot.op)
+            if prior is not None:
+                stream.wait(prior.event, False)
             if op.start is not None:
                 stream.record(op.start)
-            dst = slot.full if n == len(slot.full) else slot.full[:n]
-            stream.copy_h2d(dst, data.reshape(-1))
+            dst = slot.full if n == slot.capacity else slot.full[:n]
+            stream.copy_h2d(dst, data if data.ndim == 1 else data.reshape(-1))
         except BaseException:
-            buffer._untake(slot, BufferState.FREE)
+            buffer._untake(slot, FREE_I)
             raise
         op.keep = slot.full
         op.on_done = on_done
@@ -259,7 +273,7 @@ class AsyncCoordinator:
         for old in slot.ops:
             self._op_slots.pop(old, None)
         slot.ops = [op.id]
-        slot.valid, slot.event, slot.op = n, op.event, op.id
+        slot.valid, slot.event, slot.op, slot.failed = n, op.event, op.id, None
         self._op_slots[op.id] = (slot,)
         return oid
 
@@ -285,9 +299,10 @@ class AsyncCoordinator:
             deps = (deps,)
         dep_ids = [self._resolve(d, InvalidDependencyError) for d in deps]
         slots: List[Slot] = []
+        op_slots = self._op_slots
         for d in dep_ids:
-            for s in self._op_slots.get(d, ()):
-                if s not in slots:
+            for s in op_slots.get(d, ()):
+                if s not in slots and (s.state is _UPLOADING or s.state is _PROCESSING):
                     slots.append(s)
         pending = self._pending_uploads(slots)
         outs = self._output_slots(outputs)
@@ -307,10 +322,12 @@ class AsyncCoordinator:
             config = kernel.config or (LaunchConfig.for_elements(len(arrays[0])) if arrays
                                        else LaunchConfig())
         hazards = [o for s, _ in outs for o in s.ops]
-        op = self._launch_op(self._compute, kernel, prepared, dep_ids, hazards, arrays, ext,
-                             config, root)
+        # keep every slot's ops chained: also wait for a slot's last op if no dep is it
+        chain = [s.op for s in slots if s.op not in dep_ids]
+        op = self._launch_op(self._compute, kernel, prepared, dep_ids + chain if chain
+                             else dep_ids, hazards, arrays, ext, config, root)
         for s in pending:
-            s.buffer._take(_UPLOADING)
+            s.buffer._take(UPLOADING_I)
         for s, n in outs:
             if s.buffer._produce() is not s:  # checked free above; single-threaded use
                 raise InvalidOperationError("output buffer changed while queueing")
@@ -322,9 +339,12 @@ class AsyncCoordinator:
         op.keep = (arrays, ext)
         op.on_done = on_done
         oid = self._commit(op, self._compute)
+        failed = root if root is not None else (op.id if op.error is not None else None)
         for s in slots:
             s.event, s.op = op.event, op.id
             s.ops.append(op.id)
+            if failed is not None and s.failed is None:
+                s.failed = failed
         if slots:
             self._op_slots[op.id] = tuple(slots)
         return oid
@@ -376,12 +396,12 @@ class AsyncCoordinator:
             n = buf.size() if n is None else int(n)
             if not 1 <= n <= buf.size():
                 raise TransferError(f"output length {n} does not fit a slot of {buf.size()}")
-            slot = buf._peek(BufferState.FREE)
+            slot = buf._peek(FREE_I)
             if slot is None or any(s is slot for s, _ in outs):
                 raise BufferUnavailableError(
                     f"output buffer has no FREE slot (states: {buf.get_states()}); download "
                     "and advance() first")
-            if buf._peek(_UPLOADING) is not None:
+            if buf._peek(UPLOADING_I) is not None:
                 raise InvalidOperationError(
                     "an output buffer must not hold uploads waiting for a compute")
             outs.append((slot, n))
@@ -395,8 +415,8 @@ class AsyncCoordinator:
             if s.state is not _UPLOADING:
                 continue
             k = ahead.get(id(s.buffer), 0)
-            if s.buffer._peek(_UPLOADING, k) is not s:
-                older = s.buffer._peek(_UPLOADING, 0)
+            if s.buffer._peek(UPLOADING_I, k) is not s:
+                older = s.buffer._peek(UPLOADING_I, 0)
                 raise InvalidDependencyError(
                     f"slot {s.index} is computed on before the older upload in slot "
                     f"{older.index if older else '?'} of the same buffer; computes consume "
@@ -414,24 +434,20 @@ class AsyncCoordinator:
         once :meth:`wait` or :meth:`poll` reports the op complete.
         """
         self._check()
-        slot = buffer._peek(BufferState.PROCESSING)
+        slot = buffer._peek(PROCESSING_I)
         if slot is None:
             raise BufferUnavailableError(
                 f"no PROCESSING slot to download (states: {buffer.get_states()}); queue a "
                 "compute on an upload first")
         view = download_destination(dst, buffer.dtype, slot.valid)
-        root = None
-        for prior in slot.ops:
-            root = self._root_of(prior)
-            if root is not None:
-                break
+        root = slot.failed
+        if root is None:
+            root = self._root_of(slot.op)
         stream = self._down
         op = self._begin(OpType.DOWNLOAD, stream)
-        inflight = self._inflight
-        for prior in slot.ops:
-            p = inflight.get(prior)
-            if p is not None:
-                stream.wait(p.event)
+        prior = self._inflight.get(slot.op)
+        if prior is not None:
+            stream.wait(prior.event)
         if op.start is not None:
             stream.record(op.start)
         if root is None:
@@ -442,7 +458,7 @@ class AsyncCoordinator:
                 raise
         else:
             op.error = self._dependency_error(op, root)
-        buffer._take(BufferState.PROCESSING)
+        buffer._take(PROCESSING_I)
         op.keep = (slot.full, dst)
         op.on_done = on_done
         oid = self._commit(op, stream)
@@ -457,7 +473,10 @@ class AsyncCoordinator:
         ev = op.event
         if op.error is None:
             fault = ev.fault
-            if fault is not None:
+            if fault is None:
+                if op.finish is not None:
+                    self._finish(op)
+            else:
                 exc, root = fault
                 if root == op.id:
                     op.error = KernelError(
@@ -466,38 +485,61 @@ class AsyncCoordinator:
                     op.error.__cause__ = exc
                 else:
                     op.error = self._dependency_error(op, root, exc)
-            elif op.finish is not None:
-                try:
-                    op.finish()
-                except Exception as exc:  # noqa: BLE001 - reported as the op's error
-                    op.error = TransferError(f"finishing download op {op.id} failed: {exc}")
-        duration = None
-        if op.start is not None:
-            duration = ev.elapsed_ms(op.start)
+        start = op.start
+        if start is None:
+            duration = None
+            self._pool.append(ev)
+        else:
+            duration = ev.elapsed_ms(start)
+            self._tpool.append(start)
+            self._tpool.append(ev)
         if op.on_done is not None:
             op.on_done(op, duration)
         if op.error is not None:
             self._failed[op.id] = op.error
-        if len(self._reports) == self._reports.maxlen:
+        reports = self._reports
+        if len(reports) == reports.maxlen:
             self.dropped_reports += 1
-        self._reports.append(CompletedOp(self._OpId(op.id), op.type, duration, op.error))
-        if op.start is not None:
-            self._tpool.append(op.start)
-            self._tpool.append(ev)
-        else:
-            self._pool.append(ev)
-        op.keep = op.finish = op.event = op.start = None
+        reports.append(CompletedOp(self._OpId(op.id), op.type, duration, op.error))
+        op.keep = op.event = op.start = None
+
+    def _finish(self, op: _Op) -> None:
+        try:
+            op.finish()
+        except Exception as exc:  # noqa: BLE001 - reported as the op's error
+            op.error = TransferError(f"finishing download op {op.id} failed: {exc}")
+        op.finish = None
 
     def _harvest_lane(self, lane: Deque[_Op], upto: Optional[_Op] = None) -> None:
-        """Complete ops at the head of ``lane`` that are done (through ``upto``, known done)."""
-        while lane:
-            head = lane[0]
-            if upto is None and not head.event.query():
-                return
-            lane.popleft()
-            self._complete(head)
-            if head is upto:
-                return
+        """Complete the done ops at the head of ``lane`` (through ``upto``, known done).
+
+        A lane is one stream, so its ops complete in order: when the newest is done
+        all are, and otherwise the boundary is found by bisection, a few queries
+        however many ops are in flight.
+        """
+        complete = self._complete
+        if upto is not None:
+            while lane:
+                head = lane.popleft()
+                complete(head)
+                if head is upto:
+                    return
+            return
+        if not lane or not lane[0].event.query():
+            return
+        if lane[-1].event.query():
+            count = len(lane)
+        else:
+            lo, hi = 0, len(lane) - 1  # lane[lo] done, lane[hi] not
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                if lane[mid].event.query():
+                    lo = mid
+                else:
+                    hi = mid
+            count = hi
+        for _ in range(count):
+            complete(lane.popleft())
 
     def _harvest(self) -> None:
         for lane in self._lanes:

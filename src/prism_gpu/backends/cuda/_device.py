@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import threading
 import weakref
-from typing import Any, Dict
+from typing import Any, Dict, Tuple
 
 import numpy as np
 
 from ..._errors import BackendUnavailableError, KernelError
 from ._driver import check, driver, from_cuda_exception
 from ._kernels import prepare
-from ._memory import DeviceArray, PinnedAllocator, StagingPool, device_alloc
+from ._memory import DeviceArray, PinnedAllocator, StagingPool, device_alloc, host_ptr
 from ._stream import CudaEvent, CudaStream
 
 
@@ -41,6 +41,7 @@ class CudaDevice:
         self.staging = StagingPool(self.pinned, self.create_event)
         self._streams: "weakref.WeakSet[CudaStream]" = weakref.WeakSet()
         self._limits: Dict[str, int] = {}
+        self._host_cache: Dict[int, Tuple[Any, int, bool]] = {}
         self._closed = False
 
     def _current(self) -> None:
@@ -102,6 +103,19 @@ class CudaDevice:
     def is_pinned(self, array: np.ndarray) -> bool:
         return PinnedAllocator.is_pinned(array)
 
+    def host_info(self, array: np.ndarray) -> Tuple[int, bool]:
+        """(address, pinned?) of a host array; cached, since loops reuse their arrays."""
+        key = id(array)
+        hit = self._host_cache.get(key)
+        if hit is not None and hit[0]() is array:
+            return hit[1], hit[2]
+        info = (host_ptr(array), PinnedAllocator.is_pinned(array))
+        cache = self._host_cache
+        if len(cache) > 4096:
+            cache.clear()
+        cache[key] = (weakref.ref(array), *info)
+        return info
+
     def is_device_array(self, obj: Any) -> bool:
         return isinstance(obj, DeviceArray)
 
@@ -111,7 +125,7 @@ class CudaDevice:
         opts = self._StreamOptions(nonblocking=True, priority=priority) if priority else None
         s = self._dev.create_stream(options=opts) if opts else self._dev.create_stream()
         stream = CudaStream(self, s, priority)
-        self._streams.append(stream)
+        self._streams.add(stream)
         return stream
 
     def create_event(self, timing: bool = False) -> CudaEvent:

@@ -39,9 +39,12 @@ _api = ctypes.pythonapi
 _api.PyCapsule_New.restype = ctypes.py_object
 _api.PyCapsule_New.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p]
 _api.PyCapsule_IsValid.restype = ctypes.c_int
-_api.PyCapsule_IsValid.argtypes = [ctypes.py_object, ctypes.c_char_p]
-_api.PyCapsule_GetPointer.restype = ctypes.c_void_p
-_api.PyCapsule_GetPointer.argtypes = [ctypes.py_object, ctypes.c_char_p]
+# The destructor runs while the capsule is being freed: it must see a raw pointer,
+# never a py_object (that would take a new reference to a dying object).
+_IsValid = ctypes.PYFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_char_p)(
+    ("PyCapsule_IsValid", _api))
+_GetPointer = ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p, ctypes.c_char_p)(
+    ("PyCapsule_GetPointer", _api))
 
 
 @_DELETER
@@ -50,14 +53,14 @@ def _deleter(managed: Any) -> None:
         _live.pop(ctypes.addressof(managed.contents), None)
 
 
-_CAPSULE_DESTRUCTOR = ctypes.CFUNCTYPE(None, ctypes.py_object)
+_CAPSULE_DESTRUCTOR = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
 
 
 @_CAPSULE_DESTRUCTOR
 def _capsule_destructor(capsule: Any) -> None:
     # Unconsumed capsules still own the tensor; consumed ones were renamed.
-    if _api.PyCapsule_IsValid(capsule, b"dltensor"):
-        ptr = _api.PyCapsule_GetPointer(capsule, b"dltensor")
+    if _IsValid(capsule, b"dltensor"):
+        ptr = _GetPointer(capsule, b"dltensor")
         with _lock:
             _live.pop(ptr, None)
 

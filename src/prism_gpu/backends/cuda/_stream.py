@@ -17,12 +17,13 @@ _memcpy = driver.cuMemcpyAsync
 
 
 class CudaEvent:
-    __slots__ = ("timing", "_ev", "_h", "__weakref__")
+    __slots__ = ("timing", "_ev", "_h", "_last", "__weakref__")
 
     def __init__(self, ev: Any, timing: bool) -> None:
         self._ev = ev
         self._h = int(ev.handle)
         self.timing = timing
+        self._last: Any = None  # the stream of the most recent record
 
     fault = None  # device-side failures are sticky CUDA errors, raised by query/sync
 
@@ -79,8 +80,9 @@ class CudaStream:
     def copy_h2d(self, dst: DeviceArray, src: np.ndarray) -> None:
         nbytes = src.nbytes
         dev = self._device
-        if dev.is_pinned(src):
-            (err,) = _memcpy(dst.ptr, host_ptr(src), nbytes, self._h)
+        ptr, pinned = dev.host_info(src)
+        if pinned:
+            (err,) = _memcpy(dst.ptr, ptr, nbytes, self._h)
         else:
             # Never hand pageable memory to an async copy: stage it, so the caller
             # may change ``src`` as soon as this returns.
@@ -96,8 +98,9 @@ class CudaStream:
     def copy_d2h(self, dst: np.ndarray, src: DeviceArray) -> Optional[Callable[[], None]]:
         nbytes = dst.nbytes
         dev = self._device
-        if dev.is_pinned(dst):
-            (err,) = _memcpy(host_ptr(dst), src.ptr, nbytes, self._h)
+        ptr, pinned = dev.host_info(dst)
+        if pinned:
+            (err,) = _memcpy(ptr, src.ptr, nbytes, self._h)
             if err != SUCCESS:
                 raise error(err, "device-to-host copy")
             return None
@@ -139,8 +142,11 @@ class CudaStream:
         (err,) = _record(event._h, self._h)
         if err != SUCCESS:
             raise error(err, "recording an event")
+        event._last = self
 
     def wait(self, event: CudaEvent, propagate: bool = True) -> None:
+        if event._last is self:
+            return  # stream order already puts this after that record
         (err,) = _wait(self._h, event._h, 0)
         if err != SUCCESS:
             raise error(err, "stream wait on an event")
