@@ -7,12 +7,9 @@ from typing import Any, Callable, Iterable, List, Optional, Sequence
 
 import numpy as np
 
-from ._driver import NOT_READY, SUCCESS, check, driver, error, from_cuda_exception
+from ._driver import SUCCESS, check, driver, error, from_cuda_exception
 from ._memory import DeviceArray, host_ptr
 
-_record = driver.cuEventRecord
-_wait = driver.cuStreamWaitEvent
-_query = driver.cuEventQuery
 _memcpy = driver.cuMemcpyAsync
 
 
@@ -28,12 +25,11 @@ class CudaEvent:
     fault = None  # device-side failures are sticky CUDA errors, raised by query/sync
 
     def query(self) -> bool:
-        (err,) = _query(self._h)
-        if err == SUCCESS:
-            return True
-        if err == NOT_READY:
-            return False
-        raise error(err, "querying an event")
+        # cuda.core's checks run in C: about twice as fast as a cuda.bindings call
+        try:
+            return self._ev.is_done
+        except Exception as exc:  # noqa: BLE001 - CUDAError: a sticky error
+            raise from_cuda_exception(exc, "querying an event") from exc
 
     def synchronize(self, timeout: Optional[float] = None) -> bool:
         if timeout is None:
@@ -139,17 +135,19 @@ class CudaStream:
 
     # ordering -------------------------------------------------------------------
     def record(self, event: CudaEvent) -> None:
-        (err,) = _record(event._h, self._h)
-        if err != SUCCESS:
-            raise error(err, "recording an event")
+        try:
+            self._s.record(event._ev)
+        except Exception as exc:  # noqa: BLE001 - CUDAError
+            raise from_cuda_exception(exc, "recording an event") from exc
         event._last = self
 
     def wait(self, event: CudaEvent, propagate: bool = True) -> None:
         if event._last is self:
             return  # stream order already puts this after that record
-        (err,) = _wait(self._h, event._h, 0)
-        if err != SUCCESS:
-            raise error(err, "stream wait on an event")
+        try:
+            self._s.wait(event._ev)
+        except Exception as exc:  # noqa: BLE001 - CUDAError
+            raise from_cuda_exception(exc, "stream wait on an event") from exc
 
     def synchronize(self) -> None:
         try:
