@@ -7,6 +7,7 @@ slot's last event (set by the coordinator), so state changes never block.
 from __future__ import annotations
 
 import threading
+import weakref
 from enum import Enum
 from typing import Any, List, Optional
 
@@ -42,7 +43,7 @@ class Slot:
     """
 
     __slots__ = ("buffer", "index", "state", "full", "valid", "capacity", "event", "op", "ops",
-                 "failed", "__weakref__")
+                 "failed", "ref", "__weakref__")
 
     def __init__(self, buffer: "TripleBuffer", index: int, full: Any) -> None:
         self.buffer = buffer
@@ -54,6 +55,7 @@ class Slot:
         self.op: int = -1            # id of that op
         self.ops: List[int] = []     # ops that touched the slot since its last upload
         self.failed: Optional[int] = None  # root op of a failure known on the host
+        self.ref = weakref.ref(self)
 
     @property
     def array(self) -> Any:

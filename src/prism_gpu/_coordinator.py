@@ -89,12 +89,17 @@ class AsyncCoordinator:
         self._next = 0
         self._inflight: Dict[int, _Op] = {}
         self._failed: Dict[int, BaseException] = {}
-        self._op_slots: Dict[int, Tuple[Slot, ...]] = {}
+        # op id -> weak references to the slots it touched (in the slot's current
+        # generation): data flows along dependencies, dropped buffers are not kept alive
+        self._op_slots: Dict[int, Tuple[Any, ...]] = {}
+        self._sweep_at = 4096
         self._reports: Deque[CompletedOp] = collections.deque(maxlen=int(report_backlog))
         self.dropped_reports = 0
         self._pool: List[Any] = []
         self._tpool: List[Any] = []
         self._kernels: Dict[str, Tuple[Kernel, Any]] = {}
+        self._configs: Dict[int, LaunchConfig] = {}
+        self._any_failed = False
         self._by_obj: Dict[int, Tuple[Any, Kernel, Any]] = {}
         self._builtins = builtin_kernels()
         self._lanes: List[Deque[_Op]] = []
@@ -215,6 +220,36 @@ class AsyncCoordinator:
                         f"(ids issued so far: 0..{self._next - 1})")
         return oid
 
+    def _failed_root(self, ids: Iterable[int]) -> Optional[int]:
+        """The root of the first known failure among ops ``ids`` (None while nothing failed)."""
+        if self._any_failed:
+            for d in ids:
+                root = self._root_of(d)
+                if root is not None:
+                    return root
+        return None
+
+    @staticmethod
+    def _error_root(op: _Op) -> Optional[int]:
+        err = op.error
+        if err is None:
+            return None
+        return err.root_op if isinstance(err, DependencyFailedError) else op.id
+
+    def _slots_of(self, oid: int) -> Tuple[Slot, ...]:
+        refs = self._op_slots.get(oid)
+        if refs is None:
+            return ()
+        return tuple(s for s in (r() for r in refs) if s is not None)
+
+    def _map_slots(self, oid: int, slots: Sequence[Slot]) -> None:
+        op_slots = self._op_slots
+        op_slots[oid] = tuple(s.ref for s in slots)
+        if len(op_slots) > self._sweep_at:  # entries of dropped buffers
+            for k in [k for k, refs in op_slots.items() if all(r() is None for r in refs)]:
+                del op_slots[k]
+            self._sweep_at = 2 * len(op_slots) + 4096
+
     def _root_of(self, oid: int) -> Optional[int]:
         """The failed op at the root of ``oid``'s failure, if it is known to have failed."""
         op = self._inflight.get(oid)
@@ -261,7 +296,7 @@ class AsyncCoordinator:
             if prior is not None:
                 stream.wait(prior.event, False)
             if op.start is not None:
-                stream.record(op.start)
+                stream.record(op.start, False)
             dst = slot.full if n == slot.capacity else slot.full[:n]
             stream.copy_h2d(dst, data if data.ndim == 1 else data.reshape(-1))
         except BaseException:
@@ -270,11 +305,12 @@ class AsyncCoordinator:
         op.keep = slot.full
         op.on_done = on_done
         oid = self._commit(op, stream)
+        op_slots = self._op_slots
         for old in slot.ops:
-            self._op_slots.pop(old, None)
+            op_slots.pop(old, None)
         slot.ops = [op.id]
         slot.valid, slot.event, slot.op, slot.failed = n, op.event, op.id, None
-        self._op_slots[op.id] = (slot,)
+        self._map_slots(op.id, (slot,))
         return oid
 
     def queue_compute(self, name: Any, deps: Iterable[int] = (), *, args: Optional[Sequence[Any]]
@@ -301,16 +337,13 @@ class AsyncCoordinator:
         slots: List[Slot] = []
         op_slots = self._op_slots
         for d in dep_ids:
-            for s in op_slots.get(d, ()):
-                if s not in slots and (s.state is _UPLOADING or s.state is _PROCESSING):
+            for r in op_slots.get(d, ()):
+                s = r()
+                if s is not None and s not in slots and (s.state is _UPLOADING
+                                                         or s.state is _PROCESSING):
                     slots.append(s)
-        pending = self._pending_uploads(slots)
-        outs = self._output_slots(outputs)
-        root = None
-        for d in dep_ids:
-            root = self._root_of(d)
-            if root is not None:
-                break
+        pending = self._pending_uploads(slots) if slots else slots
+        outs = self._output_slots(outputs) if outputs else ()
         if args is not None:
             arrays: Sequence[Any] = ()
             ext = tuple(args)
@@ -319,46 +352,55 @@ class AsyncCoordinator:
                       if kernel.uses_arrays else ())
             ext = tuple(extra) if extra is not None else kernel.defaults
         if config is None:
-            config = kernel.config or (LaunchConfig.for_elements(len(arrays[0])) if arrays
-                                       else LaunchConfig())
-        hazards = [o for s, _ in outs for o in s.ops]
+            config = kernel.config or self._default_config(len(arrays[0]) if arrays else 1)
+        hazards = [o for s, _ in outs for o in s.ops] if outs else ()
         # keep every slot's ops chained: also wait for a slot's last op if no dep is it
         chain = [s.op for s in slots if s.op not in dep_ids]
         op = self._launch_op(self._compute, kernel, prepared, dep_ids + chain if chain
-                             else dep_ids, hazards, arrays, ext, config, root)
+                             else dep_ids, hazards, arrays, ext, config)
         for s in pending:
             s.buffer._take(UPLOADING_I)
         for s, n in outs:
             if s.buffer._produce() is not s:  # checked free above; single-threaded use
                 raise InvalidOperationError("output buffer changed while queueing")
             for old in s.ops:
-                self._op_slots.pop(old, None)
+                op_slots.pop(old, None)
             s.ops = []
             s.valid = n
             slots.append(s)
         op.keep = (arrays, ext)
         op.on_done = on_done
         oid = self._commit(op, self._compute)
-        failed = root if root is not None else (op.id if op.error is not None else None)
+        failed = self._error_root(op)
         for s in slots:
             s.event, s.op = op.event, op.id
             s.ops.append(op.id)
             if failed is not None and s.failed is None:
                 s.failed = failed
         if slots:
-            self._op_slots[op.id] = tuple(slots)
+            self._map_slots(op.id, slots)
         return oid
+
+    def _default_config(self, n: int) -> LaunchConfig:
+        cfg = self._configs.get(n)
+        if cfg is None:
+            if len(self._configs) > 256:
+                self._configs.clear()
+            cfg = self._configs[n] = LaunchConfig.for_elements(n)
+        return cfg
 
     def _launch_op(self, stream: Any, kernel: Kernel, prepared: Any, waits: Iterable[int],
                    quiet_waits: Iterable[int], arrays: Sequence[Any], ext: Tuple[Any, ...],
-                   config: LaunchConfig, root: Optional[int],
-                   timing: Optional[bool] = None) -> _Op:
+                   config: LaunchConfig, timing: Optional[bool] = None) -> _Op:
         """Begin a compute op on ``stream``: waits, start record, launch. Not yet committed.
 
         ``waits`` (op ids) pass failures on (data dependencies); ``quiet_waits`` only
-        order (write-after-read hazards). With a known failed ``root`` nothing is launched.
+        order (write-after-read hazards). If a dependency is known to have failed,
+        nothing is launched and the op fails with DependencyFailedError.
         """
         op = self._begin(OpType.COMPUTE, stream, kernel.name, timing)
+        # after _begin, which may have retired (and so revealed) a failed dependency
+        root = self._failed_root(waits)
         inflight = self._inflight  # looked up after _begin, which may retire ops
         for d in waits:
             dep = inflight.get(d)
@@ -369,7 +411,7 @@ class AsyncCoordinator:
             if dep is not None:
                 stream.wait(dep.event, False)
         if op.start is not None:
-            stream.record(op.start)
+            stream.record(op.start, False)
         if root is not None:
             op.error = self._dependency_error(op, root)
             return op
@@ -379,6 +421,7 @@ class AsyncCoordinator:
             self._abandon(op)
             raise
         except Exception as exc:  # a callable run on the host at queue time (CUDA)
+            self._any_failed = True
             op.error = KernelError(
                 f"kernel {kernel.name!r} (op {op.id}) raised {type(exc).__name__}: {exc}",
                 op_id=op.id, kernel=kernel.name)
@@ -440,16 +483,16 @@ class AsyncCoordinator:
                 f"no PROCESSING slot to download (states: {buffer.get_states()}); queue a "
                 "compute on an upload first")
         view = download_destination(dst, buffer.dtype, slot.valid)
-        root = slot.failed
-        if root is None:
-            root = self._root_of(slot.op)
         stream = self._down
         op = self._begin(OpType.DOWNLOAD, stream)
+        root = slot.failed
+        if root is None and self._any_failed:
+            root = self._root_of(slot.op)
         prior = self._inflight.get(slot.op)
         if prior is not None:
             stream.wait(prior.event)
         if op.start is not None:
-            stream.record(op.start)
+            stream.record(op.start, False)
         if root is None:
             try:
                 op.finish = stream.copy_d2h(view, slot.array)
@@ -464,7 +507,7 @@ class AsyncCoordinator:
         oid = self._commit(op, stream)
         slot.event, slot.op = op.event, op.id
         slot.ops.append(op.id)
-        self._op_slots[op.id] = (slot,)
+        self._map_slots(op.id, (slot,))
         return oid
 
     # completion ---------------------------------------------------------------
@@ -497,6 +540,11 @@ class AsyncCoordinator:
             op.on_done(op, duration)
         if op.error is not None:
             self._failed[op.id] = op.error
+            self._any_failed = True
+            root = self._error_root(op)
+            for s in self._slots_of(op.id):
+                if s.failed is None and op.id in s.ops:
+                    s.failed = root
         reports = self._reports
         if len(reports) == reports.maxlen:
             self.dropped_reports += 1

@@ -178,7 +178,7 @@ class PipelineStageManager:
         it = self._iter
         if self._win.ref is None:
             self._win.ref = coord._event(True)
-            self._plan[0][3].record(self._win.ref)
+            self._plan[0][3].record(self._win.ref, False)
             self._win.first_iter = it
         last = len(self._plan) - 1
         for pos, (st, kernel, prepared, stream) in enumerate(self._plan):
@@ -186,18 +186,13 @@ class PipelineStageManager:
             waits = [self._writer[b][k] for b in st.input_buffers]
             hazards = [op for b in st.output_buffers
                        for op in (self._writer[b][k], *self._readers[b][k])]
-            root = None
-            for d in waits:
-                root = coord._root_of(d) if d >= 0 else None
-                if root is not None:
-                    break
             arrays = [self._buffers[b]._slots[k].full
                       for b in (*st.input_buffers, *st.output_buffers)]
             config = st.config or kernel.config or (
                 LaunchConfig.for_elements(len(arrays[0])) if arrays else LaunchConfig())
             op = coord._launch_op(stream, kernel, prepared, waits, hazards,
                                   arrays if kernel.uses_arrays else (),
-                                  st.extra or kernel.defaults, config, root, timing=True)
+                                  st.extra or kernel.defaults, config, timing=True)
             op.keep = arrays
             op.on_done = self._timer(st.name, it, pos == last)
             oid = int(coord._commit(op, stream))

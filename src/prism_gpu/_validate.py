@@ -45,4 +45,5 @@ def download_destination(dst: Any, dtype: np.dtype, valid: int) -> np.ndarray:
         raise TransferError(
             f"download destination holds {dst.size} elements, the slot has {valid} valid "
             "elements to copy; pass a destination of at least that size")
-    return dst.reshape(-1) if dst.size == valid else dst.reshape(-1)[:valid]
+    flat = dst if dst.ndim == 1 else dst.reshape(-1)
+    return flat if dst.size == valid else flat[:valid]

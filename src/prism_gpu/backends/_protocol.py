@@ -46,7 +46,9 @@ class Stream(Protocol):
     def launch(self, kernel: Any, config: Any, arrays: Sequence[Any], extra: Sequence[Any],
                tag: Any = None) -> None: ...
 
-    def record(self, event: Event) -> None: ...
+    def record(self, event: Event, closes_op: bool = True) -> None:
+        """Record ``event`` here. ``closes_op=False`` marks a start-of-op timestamp, which
+        must not take over a failure reported by the op's closing record."""
 
     def wait(self, event: Event, propagate: bool = True) -> None:
         """Later work waits for ``event``'s most recent record. With ``propagate``, a

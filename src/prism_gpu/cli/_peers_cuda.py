@@ -82,7 +82,8 @@ def torch_loop(n_up: int, n_down: int, spin_us: float, iterations: int) -> float
     ev_c = [torch.cuda.Event() for _ in range(DEPTH)]
     ev_dn = [torch.cuda.Event() for _ in range(DEPTH)]
     us = np.float64(spin_us)
-    comp_cp = cp.cuda.ExternalStream(comp.cuda_stream)
+    comp_cp = (cp.cuda.Stream.from_external(comp) if hasattr(cp.cuda.Stream, "from_external")
+               else cp.cuda.ExternalStream(comp.cuda_stream))
 
     def step(i: int) -> None:
         k = i % DEPTH

@@ -16,7 +16,7 @@ import numpy as np
 
 from ._event import CpuEvent, _Record
 
-_WORK, _RECORD, _WAIT, _WAIT_QUIET, _MARK = 0, 1, 2, 3, 4
+_WORK, _RECORD, _WAIT, _WAIT_QUIET, _MARK, _STAMP = 0, 1, 2, 3, 4, 5
 
 
 class CpuStream:
@@ -49,6 +49,8 @@ class CpuStream:
                 self._fault = None
             elif kind == _MARK:
                 a.complete(None)
+            elif kind == _STAMP:
+                a.complete(self._fault)
             else:
                 a.done.wait()
                 if kind == _WAIT and a.fault is not None and self._fault is None:
@@ -87,10 +89,12 @@ class CpuStream:
         else:
             self._put(_WORK, lambda: fn(*args), tag)
 
-    def record(self, event: CpuEvent) -> None:
+    def record(self, event: CpuEvent, closes_op: bool = True) -> None:
+        """Record ``event``. A record that closes an op carries the stream's fault to
+        whoever waits on it and clears it; a start-of-op record only timestamps."""
         rec = _Record()
         event._rec = rec
-        self._put(_RECORD, rec)
+        self._put(_RECORD if closes_op else _STAMP, rec)
 
     def wait(self, event: CpuEvent, propagate: bool = True) -> None:
         rec = event._rec

@@ -10,6 +10,9 @@ from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 import numpy as np
 
+from cuda.core import LaunchConfig as _CoreLaunchConfig
+from cuda.core import launch as _launch
+
 from ..._errors import KernelError, PrismGpuError
 from ._driver import from_cuda_exception
 
@@ -126,17 +129,19 @@ class SourceKernel:
                       if params is not None else None)
         self._pointee = ([_POINTEES.get(p[:-1].strip()) if p.endswith("*") else None
                           for p in params] if params is not None else None)
-        self._configs: Dict[Any, Any] = {}
+        self._configs: Dict[int, Tuple[Any, Any]] = {}
 
     def _config(self, config: Any) -> Any:
-        cfg = self._configs.get(config)
-        if cfg is None:
-            self._device.check_launch_config(config, self.name)
-            from cuda.core import LaunchConfig
-
-            cfg = LaunchConfig(grid=config.grid, block=config.block,
-                               shmem_size=config.shared_mem_bytes)
-            self._configs[config] = cfg
+        # keyed by identity: hashing a dataclass costs more than the lookup saves
+        hit = self._configs.get(id(config))
+        if hit is not None and hit[0] is config:
+            return hit[1]
+        self._device.check_launch_config(config, self.name)
+        cfg = _CoreLaunchConfig(grid=config.grid, block=config.block,
+                                shmem_size=config.shared_mem_bytes)
+        if len(self._configs) > 256:
+            self._configs.clear()
+        self._configs[id(config)] = (config, cfg)
         return cfg
 
     def arguments(self, arrays: Sequence[Any], extra: Sequence[Any]) -> List[Any]:
@@ -175,12 +180,10 @@ class SourceKernel:
 
     def launch(self, stream: Any, config: Any, arrays: Sequence[Any], extra: Sequence[Any]
                ) -> None:
-        from cuda.core import launch
-
-        args = self.arguments(arrays, extra)
+        args = self.arguments(arrays, extra) if (arrays or extra) else ()
         cfg = self._config(config)
         try:
-            launch(stream._s, cfg, self._k, *args)
+            _launch(stream._s, cfg, self._k, *args)
         except PrismGpuError:
             raise
         except Exception as exc:  # noqa: BLE001 - CUDAError from the driver

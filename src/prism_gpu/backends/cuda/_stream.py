@@ -124,7 +124,9 @@ class CudaStream:
         out = []
         cupy = modules.get("cupy")
         if cupy is not None:
-            out.append(cupy.cuda.ExternalStream(self._h))
+            from_external = getattr(cupy.cuda.Stream, "from_external", None)
+            out.append(from_external(self) if from_external is not None
+                       else cupy.cuda.ExternalStream(self._h))
         torch = modules.get("torch")
         if torch is not None and torch.cuda.is_available():
             out.append(torch.cuda.stream(torch.cuda.ExternalStream(self._h)))
@@ -134,7 +136,7 @@ class CudaStream:
         return self.interop_contexts(modules)
 
     # ordering -------------------------------------------------------------------
-    def record(self, event: CudaEvent) -> None:
+    def record(self, event: CudaEvent, closes_op: bool = True) -> None:
         try:
             self._s.record(event._ev)
         except Exception as exc:  # noqa: BLE001 - CUDAError
