@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import collections
+import os
 import queue
+import sys
 import threading
+import weakref
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Deque, Iterable, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
@@ -48,25 +52,19 @@ class _Stager:
     into a ring of pinned buffers so the calling thread never does that copy."""
 
     _END = object()
+    PARALLEL_COPY_BYTES = 8 << 20  # large batches are copied by several threads at once
 
-    def __init__(self, batches: Iterable[Any], device: Any, depth: int) -> None:
+    def __init__(self, batches: Iterable[Any], device: Any, depth: int,
+                 cache: "_PinnedCache") -> None:
         self._it = iter(batches)
         self._device = device
+        self._cache = cache
         self._ready: "queue.Queue[Any]" = queue.Queue(maxsize=depth)
-        self._free: "queue.Queue[np.ndarray]" = queue.Queue()
         self._tokens = threading.Semaphore(2 * depth + 1)
         self._stop = threading.Event()
+        self._copiers: Optional[ThreadPoolExecutor] = None
         self._thread = threading.Thread(target=self._run, name="prism-gpu-stager", daemon=True)
         self._thread.start()
-
-    def _pinned(self, nbytes: int) -> np.ndarray:
-        while True:
-            try:
-                buf = self._free.get_nowait()
-            except queue.Empty:
-                return self._device.allocate_pinned(nbytes)
-            if buf.nbytes >= nbytes:
-                return buf  # smaller ones are dropped: the ring grows with the batches
 
     def _put(self, item: Any) -> bool:
         while not self._stop.is_set():
@@ -90,9 +88,9 @@ class _Stager:
                     while not self._tokens.acquire(timeout=0.05):
                         if self._stop.is_set():
                             return
-                    raw = self._pinned(batch.nbytes)
+                    raw = self._cache.take(self._device, batch.nbytes)
                     staged = raw[: batch.nbytes].view(batch.dtype).reshape(batch.shape)
-                    np.copyto(staged, batch)
+                    self._copy(staged, batch)
                     if not self._put((batch, staged, raw)):
                         return
                 elif not self._put((batch, batch, None)):
@@ -101,17 +99,111 @@ class _Stager:
         except BaseException as exc:  # noqa: BLE001 - re-raised on the consumer's thread
             self._put(exc)
 
+    def _copy(self, dst: np.ndarray, src: np.ndarray) -> None:
+        """Copy into pinned memory; big batches in chunks on a few threads (numpy
+        releases the GIL while copying, so the chunks run in parallel)."""
+        workers = min(4, os.cpu_count() or 1)
+        if src.nbytes < self.PARALLEL_COPY_BYTES or workers < 2 or not src.flags.c_contiguous:
+            np.copyto(dst, src)
+            return
+        if self._copiers is None:
+            self._copiers = ThreadPoolExecutor(workers, thread_name_prefix="prism-gpu-copy")
+        d, s = dst.reshape(-1), src.reshape(-1)
+        step = -(-len(s) // workers)
+        futures = [self._copiers.submit(np.copyto, d[i:i + step], s[i:i + step])
+                   for i in range(0, len(s), step)]
+        for f in futures:
+            f.result()
+
     def get(self) -> Any:
         return self._ready.get()
 
     def recycle(self, raw: Optional[np.ndarray]) -> None:
         if raw is not None:
-            self._free.put(raw)
+            self._cache.give(raw)
             self._tokens.release()
 
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=10)
+        if self._copiers is not None:
+            self._copiers.shutdown(wait=True)
+
+
+def _root(array: np.ndarray) -> np.ndarray:
+    while isinstance(array.base, np.ndarray):
+        array = array.base
+    return array
+
+
+def _refcount_when_idle() -> int:
+    probe = [np.empty(1)]
+    for root in probe:
+        return sys.getrefcount(root)
+    return 0
+
+
+class _PinnedCache:
+    """Pinned staging buffers of one device, kept across stream_map calls (pinning
+    memory is slow; a loop that calls stream_map per epoch should pay it once)."""
+
+    KEEP = 16  # buffers kept per size class
+
+    def __init__(self) -> None:
+        # no reference to the device: this is the value of a weak-keyed table
+        self._free: dict = {}
+        self._lock = threading.Lock()
+        self.results = _ResultPool()
+
+    def take(self, device: Any, nbytes: int) -> np.ndarray:
+        size = max(4096, 1 << (max(1, nbytes) - 1).bit_length())
+        with self._lock:
+            free = self._free.get(size)
+            if free:
+                return free.pop()
+        return device.allocate_pinned(size)
+
+    def give(self, raw: np.ndarray) -> None:
+        with self._lock:
+            free = self._free.setdefault(raw.nbytes, [])
+            if len(free) < self.KEEP:
+                free.append(raw)
+
+
+_CACHES: "weakref.WeakKeyDictionary[Any, _PinnedCache]" = weakref.WeakKeyDictionary()
+
+
+def _cache_of(device: Any) -> _PinnedCache:
+    cache = _CACHES.get(device)
+    if cache is None:
+        cache = _CACHES[device] = _PinnedCache()
+    return cache
+
+
+class _ResultPool:
+    """Pinned memory for results, so downloads go straight into what is yielded.
+
+    A buffer is reused only once nothing but the pool refers to it: every view
+    of a yielded result keeps its buffer's reference count up, so results the
+    consumer keeps are never overwritten.
+    """
+
+    _IDLE = _refcount_when_idle()
+
+    def __init__(self) -> None:
+        self._pool: dict = {}
+
+    def empty(self, device: Any, shape: Tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        size = max(4096, 1 << (max(1, nbytes) - 1).bit_length())
+        roots = self._pool.setdefault(size, [])
+        for root in roots:
+            if sys.getrefcount(root) == self._IDLE:
+                break
+        else:
+            root = _root(device.allocate_pinned(size))
+            roots.append(root)
+        return root[:nbytes].view(dtype).reshape(shape)
 
 
 def _resolve_output(output: OutputSpec, batch: np.ndarray) -> Optional[Tuple[tuple, np.dtype]]:
@@ -182,11 +274,13 @@ def _stream_map(kernel: Any, batches: Iterable[np.ndarray], depth: int, ctx: Any
     stager: Optional[_Stager] = None
     bar = _Progress(batches) if progress else None
     rings: dict = {}
+    cache = _cache_of(device)
+    results = cache.results
     pending: Deque[Tuple[int, Any, np.ndarray, Optional[np.ndarray], int, int]] = \
         collections.deque()
     try:
         coord._kernel(kernel)  # unknown names fail before any batch is pulled
-        stager = _Stager(batches, device, depth)
+        stager = _Stager(batches, device, depth, cache)
         index = 0
         while True:
             item = stager.get()
@@ -199,8 +293,8 @@ def _stream_map(kernel: Any, batches: Iterable[np.ndarray], depth: int, ctx: Any
             batch, staged, raw = item
             while len(pending) >= depth:
                 yield _finish(coord, pending.popleft(), stager, bar)
-            pending.append(_submit(coord, rings, kernel, index, batch, staged, raw, output,
-                                   extra, depth))
+            pending.append(_submit(coord, rings, results, kernel, index, batch, staged, raw,
+                                   output, extra, depth))
             index += 1
         while pending:
             yield _finish(coord, pending.popleft(), stager, bar)
@@ -225,7 +319,8 @@ def _ring(rings: dict, device: Any, key: str, dtype: np.dtype, n: int, depth: in
     return ring
 
 
-def _submit(coord: AsyncCoordinator, rings: dict, kernel: Any, index: int, batch: np.ndarray,
+def _submit(coord: AsyncCoordinator, rings: dict, results: _ResultPool, kernel: Any,
+            index: int, batch: np.ndarray,
             staged: np.ndarray, raw: Optional[np.ndarray], output: OutputSpec,
             extra: Tuple[Any, ...], depth: int) -> Tuple[int, Any, np.ndarray,
                                                          Optional[np.ndarray], int, int]:
@@ -234,7 +329,7 @@ def _submit(coord: AsyncCoordinator, rings: dict, kernel: Any, index: int, batch
     out_spec = _resolve_output(output, batch)
     if out_spec is None:
         comp = coord.queue_compute(kernel, [up], extra=extra or None)
-        result = np.empty(batch.shape, batch.dtype)
+        result = results.empty(coord.device, batch.shape, batch.dtype)
         down = coord.queue_download(src, result)
         src.advance()
     else:
@@ -244,7 +339,7 @@ def _submit(coord: AsyncCoordinator, rings: dict, kernel: Any, index: int, batch
         comp = coord.queue_compute(kernel, [up], extra=extra or None, outputs=[(dst, n)])
         src.get_download_buffer()  # the input slot is done once the compute is
         src.advance()
-        result = np.empty(shape, dtype)
+        result = results.empty(coord.device, shape, dtype)
         down = coord.queue_download(dst, result)
         dst.advance()
     return index, comp, result, raw, int(down), int(up)

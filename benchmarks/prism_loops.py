@@ -1,0 +1,174 @@
+"""The benchmark workload through each prism-gpu API.
+
+Every loop runs ``spin_scale`` in place on each batch (doubles it while the
+device spins for the asked compute time) and keeps its last outputs, which the
+runner checks against numpy.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, List
+
+import numpy as np
+
+import prism_gpu as pg
+from prism_gpu.cli._peers_cuda import DEPTH, SPIN_SCALE_SOURCE, Work, spin_scale_grid
+
+
+def kernel(n: int) -> pg.Kernel:
+    return pg.Kernel.from_source(SPIN_SCALE_SOURCE, "spin_scale",
+                                 config=pg.LaunchConfig(grid=spin_scale_grid(n), block=256),
+                                 cpu=_spin_scale_cpu)
+
+
+SPIN_SCALE2_SOURCE = r"""
+extern "C" __global__ void spin_scale2(const float* x, size_t n, float* y, size_t m, double us) {
+    unsigned long long start, now;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(start));
+    size_t stride = (size_t)blockDim.x * gridDim.x;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride)
+        y[i] = 2.0f * x[i];
+    if (blockIdx.x == 0 && threadIdx.x == 0) {
+        unsigned long long ns = (unsigned long long)(us * 1000.0);
+        do { asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now)); } while (now - start < ns);
+    }
+}
+"""
+
+
+def _spin_scale2_cpu(x: np.ndarray, y: np.ndarray, us: float) -> None:
+    np.multiply(x, np.float32(2), out=y)
+    time.sleep(us * 1e-6)
+
+
+def _spin_scale_cpu(x: np.ndarray, us: float) -> None:
+    x *= np.float32(2)
+    time.sleep(us * 1e-6)
+
+
+def _timed(step: Callable[[int], None], sync: Callable[[], None], iterations: int) -> float:
+    for i in range(2 * DEPTH):
+        step(i)
+    sync()
+    t = time.perf_counter()
+    for i in range(2 * DEPTH, 2 * DEPTH + iterations):
+        step(i)
+    sync()
+    return (time.perf_counter() - t) * 1e3 / iterations
+
+
+def _pinned_inputs(work: Work, ctx: Any) -> List[np.ndarray]:
+    out = []
+    for x in work.inputs:
+        h = pg.pinned_empty(work.n_up, np.float32, ctx=ctx)
+        h[:] = x
+        out.append(h)
+    return out
+
+
+def coordinator_loop(ctx: Any, work: Work, iterations: int) -> float:
+    """Pattern 1: queue_upload / queue_compute / queue_download / advance."""
+    coord = pg.AsyncCoordinator(ctx.device)
+    try:
+        coord.register_kernel("spin_scale", kernel(work.n_up))
+        buf = pg.TripleBuffer(ctx.device, work.n_up)
+        h_in = _pinned_inputs(work, ctx)
+        h_out = [pg.pinned_empty(work.n_up, np.float32, ctx=ctx) for _ in range(DEPTH)]
+        us = (work.spin_us,)
+
+        def step(i: int) -> None:
+            up = coord.queue_upload(h_in[i % len(h_in)], buf)
+            coord.queue_compute("spin_scale", [up], extra=us)
+            coord.queue_download(buf, h_out[i % DEPTH])
+            buf.advance()
+
+        ms = _timed(step, coord.synchronize_all, iterations)
+        last = 2 * DEPTH + iterations
+        work.outputs = [h_out[i % DEPTH].copy() for i in range(last - DEPTH, last)]
+        return ms
+    finally:
+        coord.close()
+
+
+def triple_buffered_step_loop(ctx: Any, work: Work, iterations: int) -> float:
+    """ManagedGpuContext.triple_buffered_step, one call per batch."""
+    coord = ctx.async_coordinator()
+    k = kernel(work.n_up)
+    coord.register_kernel("spin_scale_step", k)
+    h_in = _pinned_inputs(work, ctx)
+    h_out = [pg.pinned_empty(work.n_up, np.float32, ctx=ctx) for _ in range(DEPTH)]
+    us = (work.spin_us,)
+
+    def step(i: int) -> None:
+        ctx.triple_buffered_step(pg.StepConfig(kernel="spin_scale_step", input=h_in[i % len(h_in)],
+                                               output=h_out[i % DEPTH], extra=us))
+
+    ms = _timed(step, coord.synchronize_all, iterations)
+    coord.poll()
+    last = 2 * DEPTH + iterations
+    work.outputs = [h_out[i % DEPTH].copy() for i in range(last - DEPTH, last)]
+    return ms
+
+
+def pipeline_loop(ctx: Any, work: Work, iterations: int) -> float:
+    """PipelineStageManager: H2D, compute and D2H stages on their own streams."""
+    pipe = ctx.create_pipeline_manager()
+    coord = pipe.coordinator()
+    h_in = _pinned_inputs(work, ctx)
+    h_out = [pg.pinned_empty(work.n_up, np.float32, ctx=ctx) for _ in range(DEPTH)]
+    counters = {"h2d": 0, "d2h": 0}
+
+    def h2d(slot: Any, stream: Any) -> None:
+        i = counters["h2d"]
+        counters["h2d"] += 1
+        stream.copy_h2d(slot, h_in[i % len(h_in)])
+
+    def d2h(slot: Any, stream: Any) -> None:
+        i = counters["d2h"]
+        counters["d2h"] += 1
+        stream.copy_d2h(h_out[i % DEPTH], slot)
+
+    coord.register_kernel("h2d", pg.Kernel.from_callable(h2d))
+    coord.register_kernel("spin_scale2", pg.Kernel.from_source(
+        SPIN_SCALE2_SOURCE, "spin_scale2", cpu=_spin_scale2_cpu,
+        config=pg.LaunchConfig(grid=spin_scale_grid(work.n_up), block=256)))
+    coord.register_kernel("d2h", pg.Kernel.from_callable(d2h))
+    b0 = pipe.add_buffer(work.n_up)
+    b1 = pipe.add_buffer(work.n_up)
+    s0 = pipe.add_stage(pg.GpuPipelineStage("h2d", [], [b0]))
+    s1 = pipe.add_stage(pg.GpuPipelineStage("compute", [b0], [b1], kernel="spin_scale2",
+                                            extra=(work.spin_us,)))
+    s2 = pipe.add_stage(pg.GpuPipelineStage("d2h", [b1], []))
+    pipe.set_order([s0, s1, s2])
+
+    def sync() -> None:
+        pipe.get_stats()
+
+    ms = _timed(lambda i: pipe.execute_iteration(), sync, iterations)
+    last = counters["d2h"]
+    work.outputs = [h_out[i % DEPTH].copy() for i in range(last - DEPTH, last)]
+    return ms
+
+
+def stream_map_loop(ctx: Any, work: Work, iterations: int) -> float:
+    """stream_map over pinned batches (pinned_empty), results from its pinned pool."""
+    h_in = _pinned_inputs(work, ctx)
+    k = kernel(work.n_up)
+    total = 2 * DEPTH + iterations
+    kept: List[np.ndarray] = []
+    marks: List[float] = []
+
+    def batches() -> Any:
+        for i in range(total):
+            if i == 2 * DEPTH:
+                marks.append(time.perf_counter())
+            yield h_in[i % len(h_in)]
+
+    for i, out in enumerate(pg.stream_map(k, batches(), depth=DEPTH, ctx=ctx,
+                                          extra=(work.spin_us,))):
+        if i >= total - DEPTH:
+            kept.append(out.copy())
+    end = time.perf_counter()
+    work.outputs = kept
+    return (end - marks[0]) * 1e3 / iterations

@@ -1,0 +1,174 @@
+"""Kernels and helpers shared by the test modules.
+
+Data-touching test kernels are CUDA C++ source with a numpy ``cpu=`` version,
+so the same tests run on both backends. Callables that inspect what they were
+given copy it to the host with :func:`host_copy`.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Callable, List, Tuple
+
+import numpy as np
+import pytest
+
+import prism_gpu as pg
+
+F32 = np.float32
+LATCH_TIMEOUT_S = 30.0
+
+_LOOP = """
+    size_t stride = (size_t)blockDim.x * gridDim.x;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride)
+"""
+
+ADD1_SRC = 'extern "C" __global__ void add1(float* a, size_t n) {' + _LOOP + "a[i] += 1.0f; }"
+MUL3_SRC = 'extern "C" __global__ void mul3(float* a, size_t n) {' + _LOOP + "a[i] *= 3.0f; }"
+JOIN_SRC = ('extern "C" __global__ void join(float* a, size_t na, const float* b, size_t nb) {'
+            "size_t n = na < nb ? na : nb;" + _LOOP + "a[i] += b[i]; }")
+SQUARE2_SRC = ('extern "C" __global__ void square2(const float* x, size_t n, float* out, '
+               "size_t m) {" + _LOOP + "{ out[i] = x[i]; out[n + i] = x[i] * x[i]; } }")
+PAIRSUM_SRC = ('extern "C" __global__ void pairsum(const float* x, size_t nx, float* out, '
+               "size_t n) {" + _LOOP + "out[i] = x[2 * i] + x[2 * i + 1]; }")
+
+
+def _add1(a: np.ndarray) -> None:
+    a += F32(1)
+
+
+def _mul3(a: np.ndarray) -> None:
+    a *= F32(3)
+
+
+def _join(a: np.ndarray, b: np.ndarray) -> None:
+    n = min(len(a), len(b))
+    a[:n] += b[:n]
+
+
+def _square2(x: np.ndarray, out: np.ndarray) -> None:
+    n = len(x)
+    out[:n] = x
+    np.multiply(x, x, out=out[n:2 * n])
+
+
+def _pairsum(x: np.ndarray, out: np.ndarray) -> None:
+    m = len(out)
+    np.add(x[0:2 * m:2], x[1:2 * m:2], out=out)
+
+
+def add1() -> pg.Kernel:
+    """``a += 1`` on one float32 array."""
+    return pg.Kernel.from_source(ADD1_SRC, "add1", cpu=_add1)
+
+
+def mul3() -> pg.Kernel:
+    """``a *= 3`` on one float32 array."""
+    return pg.Kernel.from_source(MUL3_SRC, "mul3", cpu=_mul3)
+
+
+def join() -> pg.Kernel:
+    """``a[:n] += b[:n]`` (n the shorter length) on two float32 arrays."""
+    return pg.Kernel.from_source(JOIN_SRC, "join", cpu=_join)
+
+
+def square2() -> pg.Kernel:
+    """``out`` (2n elements) = ``x`` then ``x * x``."""
+    return pg.Kernel.from_source(SQUARE2_SRC, "square2", cpu=_square2)
+
+
+def pairsum() -> pg.Kernel:
+    """``out[i] = x[2i] + x[2i+1]``."""
+    return pg.Kernel.from_source(PAIRSUM_SRC, "pairsum", cpu=_pairsum)
+
+
+def host_copy(a: Any) -> np.ndarray:
+    """A host copy of a device array (numpy on CPU; CUDA device arrays through CuPy)."""
+    if isinstance(a, np.ndarray):
+        return a.copy()
+    import cupy  # the CUDA backend's callables get device arrays
+
+    return cupy.asnumpy(cupy.asarray(a))
+
+
+def recorder(log: List[Tuple[str, List[np.ndarray]]], name: str,
+             then: Callable[..., None] = lambda *a: None) -> pg.Kernel:
+    """A callable kernel appending ``(name, [host copies of its arrays])`` to ``log``."""
+    def kernel(*arrays: Any) -> None:
+        log.append((name, [host_copy(a) for a in arrays]))
+        then(*arrays)
+    return pg.Kernel.from_callable(kernel, name)
+
+
+def rand(rng: np.random.Generator, n: int) -> np.ndarray:
+    """Fresh float32 data, never all zeros."""
+    return rng.standard_normal(n).astype(F32) + F32(0.5)
+
+
+def ring_ordered(states: List[pg.BufferState]) -> bool:
+    """True if some rotation of ``states`` reads DOWNLOADING* PROCESSING* UPLOADING* FREE*."""
+    rank = {pg.BufferState.DOWNLOADING: 3, pg.BufferState.PROCESSING: 2,
+            pg.BufferState.UPLOADING: 1, pg.BufferState.FREE: 0}
+    r = [rank[s] for s in states]
+    return any(all(a >= b for a, b in zip(rot, rot[1:]))
+               for rot in (r[i:] + r[:i] for i in range(len(r))))
+
+
+def snapshot(coord: pg.AsyncCoordinator, *buffers: pg.TripleBuffer) -> Tuple[Any, ...]:
+    """What a rejected call must leave unchanged: the next op id and every slot state."""
+    return coord.statistics()["issued"], [b.get_states() for b in buffers]
+
+
+class Latch:
+    """A kernel that holds the stream it runs on until :meth:`release`.
+
+    CPU backend: a callable waiting on a ``threading.Event``. It gives up after
+    ``timeout`` seconds (raising, so the op fails) so a broken test cannot hang.
+    """
+
+    def __init__(self, timeout: float = LATCH_TIMEOUT_S) -> None:
+        self.timeout = timeout
+        self._release = threading.Event()
+        self._entered = threading.Event()
+        self._finished = threading.Event()
+        self.kernel = pg.Kernel.from_callable(self._run, "latch")
+
+    def _run(self, *_arrays: Any) -> None:
+        self._entered.set()
+        try:
+            if not self._release.wait(self.timeout):
+                raise TimeoutError(f"latch not released within {self.timeout} s")
+        finally:
+            self._finished.set()
+
+    def release(self) -> None:
+        self._release.set()
+
+    @property
+    def released(self) -> bool:
+        return self._release.is_set()
+
+    @property
+    def entered(self) -> bool:
+        """The kernel has started (its stream is held)."""
+        return self._entered.is_set()
+
+    @property
+    def finished(self) -> bool:
+        """The kernel has returned (its stream moved on)."""
+        return self._finished.is_set()
+
+    @property
+    def held(self) -> bool:
+        """Not released and not finished: nothing after it on its stream has run."""
+        return not self._release.is_set() and not self._finished.is_set()
+
+    def wait_entered(self, timeout: float = LATCH_TIMEOUT_S) -> bool:
+        return self._entered.wait(timeout)
+
+
+def make_latch(backend: str) -> Latch:
+    """A latch for ``backend``. Release it before closing what runs it."""
+    if backend == "cuda":
+        pytest.skip("latch on CUDA not implemented yet")
+    return Latch()

@@ -1,0 +1,156 @@
+"""PipelineStageManager: overlapped stages keep each iteration's data; stats are sane."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List
+
+import numpy as np
+import pytest
+
+import prism_gpu as pg
+from _support import F32, host_copy, rand
+
+N = 256
+
+
+class ThreeStages:
+    """Preprocess writes iteration i's data, MainCompute maps it, Postprocess checks it."""
+
+    def __init__(self, rng: np.random.Generator, iterations: int) -> None:
+        self.data = [rand(rng, N) for _ in range(iterations)]
+        self.calls: Dict[str, int] = {"pre": 0, "post": 0}
+        self.mismatches: List[int] = []
+
+    def pre(self, out: Any) -> None:
+        i = self.calls["pre"]
+        self.calls["pre"] += 1
+        out[:] = self.data[i]
+
+    @staticmethod
+    def main(inp: Any, out: Any) -> None:
+        np.multiply(inp, F32(2), out=out)
+        out += F32(1)
+
+    def post(self, inp: Any) -> None:
+        i = self.calls["post"]
+        self.calls["post"] += 1
+        if not np.array_equal(host_copy(inp), self.data[i] * F32(2) + F32(1)):
+            self.mismatches.append(i)
+
+    def build(self, pipe: pg.PipelineStageManager) -> List[int]:
+        coord = pipe.coordinator()
+        for name in ("pre", "main", "post"):
+            coord.register_kernel(name, getattr(self, name))
+        b0 = pipe.add_buffer(N, dtype=np.float32)
+        b1 = pipe.add_buffer(N, dtype=np.float32)
+        stages = [
+            pg.GpuPipelineStage(name="Preprocess", input_buffers=[], output_buffers=[b0],
+                                kernel="pre"),
+            pg.GpuPipelineStage(name="MainCompute", input_buffers=[b0], output_buffers=[b1],
+                                kernel="main", config=pg.LaunchConfig(grid=1, block=N)),
+            pg.GpuPipelineStage(name="Postprocess", input_buffers=[b1], output_buffers=[],
+                                kernel="post"),
+        ]
+        order = [pipe.add_stage(s) for s in stages]
+        pipe.set_order(order)
+        return order
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(31337)
+
+
+def _skip_numpy_kernels_off_cpu(backend: str) -> None:
+    if backend != "cpu":
+        pytest.skip("these stage kernels are numpy callables")
+
+
+def test_three_stages_keep_every_iteration_intact(backend: str, coord: pg.AsyncCoordinator,
+                                                  rng: np.random.Generator) -> None:
+    _skip_numpy_kernels_off_cpu(backend)
+    iterations = 200
+    stages = ThreeStages(rng, iterations)
+    pipe = pg.PipelineStageManager(coord)
+    stages.build(pipe)
+    numbers = [pipe.execute_iteration() for _ in range(iterations)]
+    stats = pipe.get_stats()
+    assert numbers == list(range(iterations))
+    assert stages.calls == {"pre": iterations, "post": iterations}
+    assert stages.mismatches == []
+
+    assert isinstance(stats, pg.PipelineStats)
+    assert stats.iterations == iterations
+    assert stats.avg_iteration_ms > 0
+    assert 0 < stats.gpu_utilization <= 1
+    assert stats.throughput > 0
+    assert set(stats.stage_ms) == {"Preprocess", "MainCompute", "Postprocess"}
+    assert all(ms >= 0 for ms in stats.stage_ms.values())
+    assert pipe.coordinator() is coord
+    pipe.close()
+
+
+def test_reset_stats_starts_a_new_window(backend: str, coord: pg.AsyncCoordinator,
+                                         rng: np.random.Generator) -> None:
+    _skip_numpy_kernels_off_cpu(backend)
+    stages = ThreeStages(rng, 70)
+    pipe = pg.PipelineStageManager(coord)
+    stages.build(pipe)
+    for _ in range(40):
+        pipe.execute_iteration()
+    pipe.reset_stats()                       # iterations of the old window may be in flight
+    for _ in range(30):
+        pipe.execute_iteration()
+    assert pipe.get_stats().iterations == 30
+    assert pipe.get_stats().iterations == 30
+    pipe.reset_stats()
+    assert pipe.get_stats().iterations == 0
+    assert stages.mismatches == []
+    pipe.close()
+
+
+def test_builtin_kernel_stage(coord: pg.AsyncCoordinator) -> None:
+    """A stage named after a built-in kernel needs no registration."""
+    pipe = pg.PipelineStageManager(coord)
+    b0 = pipe.add_buffer(64, dtype=np.float32)
+    pipe.set_order([pipe.add_stage(pg.GpuPipelineStage(name="scale", output_buffers=[b0]))])
+    for _ in range(10):
+        pipe.execute_iteration()
+    assert pipe.get_stats().iterations == 10
+    pipe.close()
+
+
+def test_stage_naming_a_missing_buffer(coord: pg.AsyncCoordinator) -> None:
+    pipe = pg.PipelineStageManager(coord)
+    b0 = pipe.add_buffer(16)
+    i = pipe.add_stage(pg.GpuPipelineStage(name="scale", input_buffers=[b0],
+                                           output_buffers=[b0 + 1]))
+    with pytest.raises(pg.PrismGpuError, match="add_buffer"):
+        pipe.set_order([i])
+    pipe.close()
+
+
+@pytest.mark.parametrize("order", [[1], [0, 5], [-1]])
+def test_set_order_with_an_unknown_stage(coord: pg.AsyncCoordinator, order: List[int]) -> None:
+    pipe = pg.PipelineStageManager(coord)
+    b0 = pipe.add_buffer(16)
+    pipe.add_stage(pg.GpuPipelineStage(name="scale", output_buffers=[b0]))
+    with pytest.raises(pg.PrismGpuError, match="stage"):
+        pipe.set_order(order)
+    with pytest.raises(pg.PrismGpuError):
+        pipe.execute_iteration()            # no order was set
+    pipe.close()
+
+
+def test_context_creates_pipeline_managers(backend: str, ctx: pg.ManagedGpuContext,
+                                           rng: np.random.Generator) -> None:
+    _skip_numpy_kernels_off_cpu(backend)
+    pipe = ctx.create_pipeline_manager()
+    assert isinstance(pipe, pg.PipelineStageManager)
+    assert isinstance(pipe.coordinator(), pg.AsyncCoordinator)
+    stages = ThreeStages(rng, 20)
+    stages.build(pipe)
+    for _ in range(20):
+        pipe.execute_iteration()
+    assert pipe.get_stats().iterations == 20
+    assert stages.mismatches == [] and stages.calls["post"] == 20
