@@ -1,19 +1,27 @@
 """Kernels and helpers shared by the test modules.
 
 Data-touching test kernels are CUDA C++ source with a numpy ``cpu=`` version,
-so the same tests run on both backends. Callables that inspect what they were
-given copy it to the host with :func:`host_copy`.
+so the same tests run on both backends. Python callables get numpy arrays on the
+CPU backend and device arrays on CUDA (run on the host at queue time, with their
+stream current in CuPy): they work through :func:`device_view` (numpy ufuncs
+dispatch to CuPy) and read data back with :func:`host_copy`.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any, Callable, List, Tuple
 
 import numpy as np
 import pytest
 
 import prism_gpu as pg
+
+try:  # imported up front so the CUDA backend makes each op's stream current in CuPy
+    import cupy
+except ImportError:  # the CPU backend needs no CuPy
+    cupy = None
 
 F32 = np.float32
 LATCH_TIMEOUT_S = 30.0
@@ -82,21 +90,31 @@ def pairsum() -> pg.Kernel:
     return pg.Kernel.from_source(PAIRSUM_SRC, "pairsum", cpu=_pairsum)
 
 
-def host_copy(a: Any) -> np.ndarray:
-    """A host copy of a device array (numpy on CPU; CUDA device arrays through CuPy)."""
-    if isinstance(a, np.ndarray):
-        return a.copy()
-    import cupy  # the CUDA backend's callables get device arrays
+def device_view(a: Any) -> Any:
+    """An array numpy ufuncs can write in place: ``a`` itself on CPU, a CuPy view on CUDA."""
+    return a if isinstance(a, np.ndarray) else cupy.asarray(a)
 
-    return cupy.asnumpy(cupy.asarray(a))
+
+def host_copy(a: Any) -> np.ndarray:
+    """A host copy of what a callable kernel was given (ordered on its stream on CUDA)."""
+    return a.copy() if isinstance(a, np.ndarray) else cupy.asnumpy(cupy.asarray(a))
+
+
+def write(a: Any, values: np.ndarray) -> None:
+    """Fill the array a callable kernel was given with host ``values``."""
+    if isinstance(a, np.ndarray):
+        a[...] = values
+    else:
+        cupy.asarray(a).set(values)
 
 
 def recorder(log: List[Tuple[str, List[np.ndarray]]], name: str,
-             then: Callable[..., None] = lambda *a: None) -> pg.Kernel:
-    """A callable kernel appending ``(name, [host copies of its arrays])`` to ``log``."""
+             then: Callable[..., Any] = lambda *a: None) -> pg.Kernel:
+    """A callable kernel appending ``(name, [host copies of its arrays])`` to ``log``,
+    then calling ``then`` on :func:`device_view` s of them."""
     def kernel(*arrays: Any) -> None:
         log.append((name, [host_copy(a) for a in arrays]))
-        then(*arrays)
+        then(*(device_view(a) for a in arrays))
     return pg.Kernel.from_callable(kernel, name)
 
 
@@ -167,8 +185,72 @@ class Latch:
         return self._entered.wait(timeout)
 
 
-def make_latch(backend: str) -> Latch:
+CUDA_LATCH_SRC = r"""
+extern "C" __global__ void latch(volatile int* flag, double timeout_s) {
+    // flag[0]: released by the host; [1]: entered; [2]: finished; [3]: timed out
+    flag[1] = 1;
+    __threadfence_system();
+    unsigned long long start, now;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(start));
+    unsigned long long limit = (unsigned long long)(timeout_s * 1e9);
+    while (flag[0] == 0) {
+        asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
+        if (now - start > limit) { flag[3] = 1; break; }
+        __nanosleep(1000);
+    }
+    flag[2] = 1;
+    __threadfence_system();
+}
+"""
+
+
+class CudaLatch:
+    """The CUDA latch: a one-thread kernel spinning on a flag in pinned host memory.
+
+    The host writes ``flag[0]`` to release it; the kernel reports entry and exit
+    through the other flags. It gives up after ``timeout`` seconds so a broken
+    test cannot hold the GPU.
+    """
+
+    def __init__(self, timeout: float = LATCH_TIMEOUT_S) -> None:
+        self.timeout = timeout
+        self._flag = pg.pinned_empty(4, np.int32)
+        self._flag[:] = 0
+        ptr = self._flag.__array_interface__["data"][0]
+        self.kernel = pg.Kernel("latch", source=CUDA_LATCH_SRC, entry="latch",
+                                uses_arrays=False, defaults=(ptr, float(timeout)),
+                                config=pg.LaunchConfig(grid=1, block=1))
+
+    def release(self) -> None:
+        self._flag[0] = 1
+
+    @property
+    def released(self) -> bool:
+        return bool(self._flag[0])
+
+    @property
+    def entered(self) -> bool:
+        return bool(self._flag[1])
+
+    @property
+    def finished(self) -> bool:
+        return bool(self._flag[2])
+
+    @property
+    def held(self) -> bool:
+        return not self._flag[0] and not self._flag[2]
+
+    def wait_entered(self, timeout: float = LATCH_TIMEOUT_S) -> bool:
+        deadline = time.monotonic() + timeout
+        while not self._flag[1]:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(1e-4)
+        return True
+
+
+def make_latch(backend: str) -> Any:
     """A latch for ``backend``. Release it before closing what runs it."""
     if backend == "cuda":
-        pytest.skip("latch on CUDA not implemented yet")
+        return CudaLatch()
     return Latch()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable, List, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 import numpy as np
 import pytest
@@ -155,6 +155,16 @@ def test_explicit_args_replace_the_arrays(coord: pg.AsyncCoordinator, device: An
     assert seen == [(5, "x")]
 
 
+def test_callable_with_a_stream_keyword_gets_its_stream(coord: pg.AsyncCoordinator,
+                                                        device: Any,
+                                                        rng: np.random.Generator) -> None:
+    streams: List[Any] = []
+    coord.register_kernel("s", lambda a, *, stream: streams.append(stream))
+    buf = pg.TripleBuffer(device, 8, dtype=F32)
+    coord.wait(coord.queue_compute("s", [coord.queue_upload(rand(rng, 8), buf)]))
+    assert len(streams) == 1 and streams[0] is coord.compute_stream()
+
+
 # --- op ids and completion ---------------------------------------------------------------
 
 def _round(coord: pg.AsyncCoordinator, buf: pg.TripleBuffer, x: np.ndarray,
@@ -224,7 +234,7 @@ def test_wait_on_finished_op(coord: pg.AsyncCoordinator, device: Any,
 # --- rejected calls change nothing -------------------------------------------------------
 
 def _rejects(coord: pg.AsyncCoordinator, bufs: List[pg.TripleBuffer], exc: type,
-             call: Callable[[], Any], match: str = None) -> pytest.ExceptionInfo:
+             call: Callable[[], Any], match: Optional[str] = None) -> pytest.ExceptionInfo:
     before = snapshot(coord, *bufs)
     with pytest.raises(exc, match=match) as info:
         call()

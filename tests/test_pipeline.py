@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import prism_gpu as pg
-from _support import F32, host_copy, rand
+from _support import F32, device_view, host_copy, rand, write
 
 N = 256
 
@@ -24,12 +24,13 @@ class ThreeStages:
     def pre(self, out: Any) -> None:
         i = self.calls["pre"]
         self.calls["pre"] += 1
-        out[:] = self.data[i]
+        write(out, self.data[i])
 
     @staticmethod
     def main(inp: Any, out: Any) -> None:
-        np.multiply(inp, F32(2), out=out)
-        out += F32(1)
+        out = device_view(out)
+        np.multiply(device_view(inp), F32(2), out=out)
+        np.add(out, F32(1), out=out)
 
     def post(self, inp: Any) -> None:
         i = self.calls["post"]
@@ -61,14 +62,8 @@ def rng() -> np.random.Generator:
     return np.random.default_rng(31337)
 
 
-def _skip_numpy_kernels_off_cpu(backend: str) -> None:
-    if backend != "cpu":
-        pytest.skip("these stage kernels are numpy callables")
-
-
-def test_three_stages_keep_every_iteration_intact(backend: str, coord: pg.AsyncCoordinator,
+def test_three_stages_keep_every_iteration_intact(coord: pg.AsyncCoordinator,
                                                   rng: np.random.Generator) -> None:
-    _skip_numpy_kernels_off_cpu(backend)
     iterations = 200
     stages = ThreeStages(rng, iterations)
     pipe = pg.PipelineStageManager(coord)
@@ -90,9 +85,8 @@ def test_three_stages_keep_every_iteration_intact(backend: str, coord: pg.AsyncC
     pipe.close()
 
 
-def test_reset_stats_starts_a_new_window(backend: str, coord: pg.AsyncCoordinator,
+def test_reset_stats_starts_a_new_window(coord: pg.AsyncCoordinator,
                                          rng: np.random.Generator) -> None:
-    _skip_numpy_kernels_off_cpu(backend)
     stages = ThreeStages(rng, 70)
     pipe = pg.PipelineStageManager(coord)
     stages.build(pipe)
@@ -142,9 +136,8 @@ def test_set_order_with_an_unknown_stage(coord: pg.AsyncCoordinator, order: List
     pipe.close()
 
 
-def test_context_creates_pipeline_managers(backend: str, ctx: pg.ManagedGpuContext,
+def test_context_creates_pipeline_managers(ctx: pg.ManagedGpuContext,
                                            rng: np.random.Generator) -> None:
-    _skip_numpy_kernels_off_cpu(backend)
     pipe = ctx.create_pipeline_manager()
     assert isinstance(pipe, pg.PipelineStageManager)
     assert isinstance(pipe.coordinator(), pg.AsyncCoordinator)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import gc
+import subprocess
+import sys
 import threading
 import weakref
 from typing import Any, List
@@ -134,7 +136,9 @@ def test_close_waits_for_ops_in_flight(backend: str, device: Any, rng: np.random
     finally:
         latch.release()
         coord.close()
-        timer.join()
+        timer.cancel()
+        if timer.is_alive():
+            timer.join()
 
 
 def _slot_arrays_of_rounds(coord: pg.AsyncCoordinator, buf: pg.TripleBuffer,
@@ -204,3 +208,27 @@ def test_100k_ops_on_a_bounded_event_pool(device: Any, rng: np.random.Generator)
     assert worst_pooled <= max_in_flight + 4
     assert final["events_pooled"] <= max_in_flight + 4
     np.testing.assert_array_equal(out, x)
+
+
+_LEFT_OPEN = r"""
+import faulthandler, sys
+faulthandler.dump_traceback_later(15, exit=True)   # a hang at exit dumps its stack and ends
+import numpy as np, prism_gpu as pg
+backend = sys.argv[1]
+dev = pg.open_device(backend)
+coord = pg.AsyncCoordinator(dev)
+buf = pg.TripleBuffer(dev, 8)
+coord.queue_compute("scale", [coord.queue_upload(np.ones(8, np.float32), buf)])
+ctx = pg.ManagedGpuContext(backend=backend)
+results = pg.stream_map("scale", [np.ones(4, np.float32)] * 5, ctx=ctx)
+next(results)
+print("left open")
+"""
+
+
+def test_interpreter_exits_with_objects_left_open(backend: str) -> None:
+    """close() is the mechanism, __del__ only a safety net: it must not hang the exit."""
+    proc = subprocess.run([sys.executable, "-c", _LEFT_OPEN, backend], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.stdout.strip() == "left open", proc.stderr
+    assert proc.returncode == 0, f"exit failed or hung (rc {proc.returncode}):\n{proc.stderr}"

@@ -7,8 +7,11 @@ their op is known complete, so depending on op N always waits for op N.
 
 from __future__ import annotations
 
+import atexit
 import collections
+import sys
 import threading
+import weakref
 from threading import get_ident
 from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -29,8 +32,8 @@ _PROCESSING = BufferState.PROCESSING
 
 
 class _Op:
-    __slots__ = ("id", "type", "lane", "event", "start", "kernel", "error", "finish", "keep",
-                 "on_done")
+    __slots__ = ("id", "type", "lane", "event", "start", "end", "kernel", "error", "finish",
+                 "keep", "on_done")
 
     def __init__(self, op_id: int, op_type: OpType, lane: Deque["_Op"], kernel: Optional[str]):
         self.id = op_id
@@ -38,7 +41,8 @@ class _Op:
         self.lane = lane
         self.kernel = kernel
         self.event: Any = None
-        self.start: Any = None
+        self.start: Any = None   # timing events, when the op is timed
+        self.end: Any = None
         self.error: Optional[BaseException] = None
         self.finish: Optional[Callable[[], None]] = None
         self.keep: Any = None
@@ -109,6 +113,7 @@ class AsyncCoordinator:
         self._up = self._new_stream()
         self._compute = self._new_stream()
         self._down = self._new_stream()
+        _LIVE.add(self)
 
     # streams and kernels ------------------------------------------------------
     @property
@@ -194,7 +199,12 @@ class AsyncCoordinator:
             self._harvest_lane(oldest.lane, oldest)
 
     def _commit(self, op: _Op, stream: Any) -> OpId:
-        ev = self._event(op.start is not None)
+        if op.start is not None:
+            # Timing lives in events of its own: streams waiting on a timing event are
+            # slower, so the event others wait on never records time.
+            op.end = self._event(True)
+            stream.record(op.end, False)
+        ev = self._event(False)
         stream.record(ev)
         op.event = ev
         op.lane.append(op)
@@ -528,14 +538,14 @@ class AsyncCoordinator:
                     op.error.__cause__ = exc
                 else:
                     op.error = self._dependency_error(op, root, exc)
+        self._pool.append(ev)
         start = op.start
         if start is None:
             duration = None
-            self._pool.append(ev)
         else:
-            duration = ev.elapsed_ms(start)
+            duration = op.end.elapsed_ms(start)
             self._tpool.append(start)
-            self._tpool.append(ev)
+            self._tpool.append(op.end)
         if op.on_done is not None:
             op.on_done(op, duration)
         if op.error is not None:
@@ -549,7 +559,7 @@ class AsyncCoordinator:
         if len(reports) == reports.maxlen:
             self.dropped_reports += 1
         reports.append(CompletedOp(self._OpId(op.id), op.type, duration, op.error))
-        op.keep = op.event = op.start = None
+        op.keep = op.event = op.start = op.end = None
 
     def _finish(self, op: _Op) -> None:
         try:
@@ -691,7 +701,20 @@ class AsyncCoordinator:
 
     def __del__(self) -> None:  # a safety net; close() is the mechanism
         try:
-            if not self._closed:
+            if not self._closed and not sys.is_finalizing():
                 self.close()
         except Exception:  # noqa: BLE001
+            pass
+
+
+_LIVE: "weakref.WeakSet[AsyncCoordinator]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live_coordinators() -> None:
+    """Finish what coordinators left open still have queued, while their threads run."""
+    for coord in list(_LIVE):
+        try:
+            coord.close()
+        except Exception:  # noqa: BLE001 - exiting anyway
             pass

@@ -220,7 +220,7 @@ class PipelineStageManager:
         def done(op: Any, _ms: Optional[float]) -> None:
             if win is not self._win or it < win.first_iter or op.start is None:
                 return
-            win.add(stage, op.start.elapsed_ms(win.ref), op.event.elapsed_ms(win.ref), last)
+            win.add(stage, op.start.elapsed_ms(win.ref), op.end.elapsed_ms(win.ref), last)
         return done
 
     def get_stats(self) -> PipelineStats:

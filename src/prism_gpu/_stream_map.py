@@ -15,7 +15,7 @@ import numpy as np
 
 from ._buffers import TripleBuffer
 from ._coordinator import AsyncCoordinator
-from ._errors import KernelError, PrismGpuError, TransferError
+from ._errors import DependencyFailedError, KernelError, PrismGpuError, TransferError
 from ._kernels import Kernel
 
 __all__ = ["stream_map", "pinned_empty"]
@@ -136,11 +136,37 @@ def _root(array: np.ndarray) -> np.ndarray:
     return array
 
 
-def _refcount_when_idle() -> int:
-    probe = [np.empty(1)]
-    for root in probe:
-        return sys.getrefcount(root)
-    return 0
+class _ResultPool:
+    """Pinned memory for results, so downloads go straight into what is yielded.
+
+    A buffer is reused only once nothing but the pool refers to it: every view
+    of a yielded result keeps its buffer's reference count up, so results the
+    consumer keeps are never overwritten. The idle count of each buffer is taken
+    right after it is made, in the same way it is checked later, so references
+    held inside the array machinery (DLPack owners) are counted in.
+    """
+
+    KEEP = 16  # idle buffers kept per size class
+
+    def __init__(self) -> None:
+        self._pool: dict = {}
+        self._lock = threading.Lock()
+        self.allocations = 0
+
+    def empty(self, device: Any, shape: Tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        size = max(4096, 1 << (max(1, nbytes) - 1).bit_length())
+        with self._lock:
+            entries = self._pool.setdefault(size, [])
+            for entry in entries:
+                if sys.getrefcount(entry[0]) == entry[1]:
+                    return entry[0][:nbytes].view(dtype).reshape(shape)
+            entry = [_root(device.allocate_pinned(size)), 0]
+            entry[1] = sys.getrefcount(entry[0])
+            self.allocations += 1
+            if len(entries) < self.KEEP:
+                entries.append(entry)
+            return entry[0][:nbytes].view(dtype).reshape(shape)
 
 
 class _PinnedCache:
@@ -178,32 +204,6 @@ def _cache_of(device: Any) -> _PinnedCache:
     if cache is None:
         cache = _CACHES[device] = _PinnedCache()
     return cache
-
-
-class _ResultPool:
-    """Pinned memory for results, so downloads go straight into what is yielded.
-
-    A buffer is reused only once nothing but the pool refers to it: every view
-    of a yielded result keeps its buffer's reference count up, so results the
-    consumer keeps are never overwritten.
-    """
-
-    _IDLE = _refcount_when_idle()
-
-    def __init__(self) -> None:
-        self._pool: dict = {}
-
-    def empty(self, device: Any, shape: Tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-        size = max(4096, 1 << (max(1, nbytes) - 1).bit_length())
-        roots = self._pool.setdefault(size, [])
-        for root in roots:
-            if sys.getrefcount(root) == self._IDLE:
-                break
-        else:
-            root = _root(device.allocate_pinned(size))
-            roots.append(root)
-        return root[:nbytes].view(dtype).reshape(shape)
 
 
 def _resolve_output(output: OutputSpec, batch: np.ndarray) -> Optional[Tuple[tuple, np.dtype]]:
@@ -293,8 +293,14 @@ def _stream_map(kernel: Any, batches: Iterable[np.ndarray], depth: int, ctx: Any
             batch, staged, raw = item
             while len(pending) >= depth:
                 yield _finish(coord, pending.popleft(), stager, bar)
-            pending.append(_submit(coord, rings, results, kernel, index, batch, staged, raw,
-                                   output, extra, depth))
+            try:
+                entry = _submit(coord, rings, results, kernel, index, batch, staged, raw,
+                                output, extra, depth)
+            except PrismGpuError as exc:  # rejected batch: earlier results come first
+                while pending:
+                    yield _finish(coord, pending.popleft(), stager, bar)
+                raise _batch_error(exc, index) from exc
+            pending.append(entry)
             index += 1
         while pending:
             yield _finish(coord, pending.popleft(), stager, bar)
@@ -356,13 +362,23 @@ def _finish(coord: AsyncCoordinator, entry: Tuple[int, Any, np.ndarray, Optional
         coord.wait(comp)
         coord.wait(down)
     except PrismGpuError as exc:
-        err = KernelError(f"stream_map: batch {index} failed: {exc}",
-                          op_id=getattr(exc, "op_id", None), kernel=getattr(exc, "kernel", None))
-        err.batch_index = index  # type: ignore[attr-defined]
-        raise err from exc
+        raise _batch_error(exc, index) from exc
     if bar is not None:
         bar.advance()
     return result
+
+
+def _batch_error(exc: PrismGpuError, index: int) -> PrismGpuError:
+    """``exc`` restated for batch ``index``: a KernelError for failed kernels (with the
+    op id and kernel name), the same error class otherwise. Carries ``batch_index``."""
+    msg = f"stream_map: batch {index} failed: {exc}"
+    if isinstance(exc, (KernelError, DependencyFailedError)):
+        err: PrismGpuError = KernelError(msg, op_id=getattr(exc, "op_id", None),
+                                         kernel=getattr(exc, "kernel", None))
+    else:
+        err = type(exc)(msg)
+    err.batch_index = index  # type: ignore[attr-defined]
+    return err
 
 
 class _Progress:

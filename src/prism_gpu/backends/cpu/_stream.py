@@ -9,6 +9,7 @@ stream. That is how a failing kernel fails its dependents on the CPU backend.
 from __future__ import annotations
 
 import queue
+import sys
 import threading
 from typing import Any, Callable, Optional, Sequence, Tuple
 
@@ -103,6 +104,8 @@ class CpuStream:
         self._put(_WAIT if propagate else _WAIT_QUIET, rec)
 
     def synchronize(self) -> None:
+        if sys.is_finalizing():
+            return  # worker threads no longer run: waiting would never end
         rec = _Record()
         self._put(_MARK, rec)
         rec.done.wait()
@@ -113,5 +116,5 @@ class CpuStream:
             return
         self._closed = True
         self._q.put(None)
-        if threading.current_thread() is not self._thread:
+        if threading.current_thread() is not self._thread and not sys.is_finalizing():
             self._thread.join()
