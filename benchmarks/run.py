@@ -203,6 +203,8 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     ap.add_argument("--only", default="", help="comma-separated workload labels to run")
+    ap.add_argument("--merge", action="store_true",
+                    help="update today's result file for this card instead of replacing it")
     args = ap.parse_args()
     only = {x for x in args.only.split(",") if x}
     scale = 0.2 if args.quick else 1.0
@@ -238,6 +240,15 @@ def main() -> int:
         ctx.close()
     stem = os.path.join(args.out, f"{_slug(info.get('card', 'gpu'))}-{results['date']}")
     os.makedirs(args.out, exist_ok=True)
+    if args.merge and os.path.exists(stem + ".json"):
+        with open(stem + ".json") as f:
+            old = json.load(f)
+        done = {w["workload"] for w in results["workloads"]}
+        results["workloads"] = [w for w in old["workloads"] if w["workload"] not in done] \
+            + results["workloads"]
+        order = ["2/5/2", "3/3/3", "0.2/0.2/0.2", "tiny", "pageable"]
+        results["workloads"].sort(key=lambda w: next(
+            (i for i, k in enumerate(order) if w["workload"].startswith(k)), 99))
     with open(stem + ".json", "w") as f:
         json.dump(results, f, indent=2)
     md = markdown(results)

@@ -164,7 +164,7 @@ def test_streams_wrap_into_cupy_and_torch(cuda_coord):
     cupy = pytest.importorskip("cupy")
     torch = pytest.importorskip("torch")
     s = cuda_coord.compute_stream()
-    assert cupy.cuda.ExternalStream(s.__cuda_stream__()[1]).ptr == s.handle
+    assert cupy.cuda.Stream.from_external(s).ptr == s.handle
     assert torch.cuda.ExternalStream(s.handle).cuda_stream == s.handle
     with pg.interop.use_stream(s):
         assert cupy.cuda.get_current_stream().ptr == s.handle
