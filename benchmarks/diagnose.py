@@ -22,8 +22,39 @@ def work(n: int, us: float) -> Work:
     return Work(n, n, us, scale=True, inputs=[rng.random(n, dtype=np.float32) for _ in range(3)])
 
 
+def gil_check(ctx: pg.ManagedGpuContext) -> None:
+    """Does a host wait on an event let other Python threads run?"""
+    import threading
+    import time
+
+    from cuda.bindings import driver
+
+    coord = pg.AsyncCoordinator(ctx.device)
+    for label, wait in (("cuda.core Event.sync", lambda ev: ev._ev.sync()),
+                        ("driver cuEventSynchronize", lambda ev: driver.cuEventSynchronize(ev._h))):
+        op = coord.queue_compute("spin", extra=(200_000.0,))
+        ev = coord._inflight[int(op)].event
+        count, stop = [0], threading.Event()
+
+        def spin() -> None:
+            while not stop.is_set():
+                count[0] += 1
+
+        t = threading.Thread(target=spin)
+        t.start()
+        time.sleep(0.01)
+        c0 = count[0]
+        wait(ev)
+        c1 = count[0]
+        stop.set()
+        t.join()
+        print(f"{label}: other thread ran {c1 - c0} loops during a 200 ms wait", flush=True)
+    coord.close()
+
+
 def main() -> None:
     ctx = pg.ManagedGpuContext(backend="cuda")
+    gil_check(ctx)
     n = int(3e-3 * 53e9) // 4
     for label, fn in (("coordinator", prism_loops.coordinator_loop),
                       ("stream_map", prism_loops.stream_map_loop)):

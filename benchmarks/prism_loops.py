@@ -145,7 +145,10 @@ def pipeline_loop(ctx: Any, work: Work, iterations: int) -> float:
     def sync() -> None:
         pipe.get_stats()
 
-    ms = _timed(lambda i: pipe.execute_iteration(), sync, iterations)
+    try:
+        ms = _timed(lambda i: pipe.execute_iteration(), sync, iterations)
+    finally:
+        pipe.close()
     last = counters["d2h"]
     work.outputs = [h_out[i % DEPTH].copy() for i in range(last - DEPTH, last)]
     return ms

@@ -33,7 +33,10 @@ class CudaEvent:
 
     def synchronize(self, timeout: Optional[float] = None) -> bool:
         if timeout is None:
-            check(driver.cuEventSynchronize(self._h), "waiting for an event")
+            try:
+                self._ev.sync()  # releases the GIL while it waits (checked on the GPU)
+            except Exception as exc:  # noqa: BLE001 - CUDAError
+                raise from_cuda_exception(exc, "waiting for an event") from exc
             return True
         deadline = time.perf_counter() + timeout
         pause = 20e-6
