@@ -52,9 +52,26 @@ def gil_check(ctx: pg.ManagedGpuContext) -> None:
     coord.close()
 
 
+def pool_check(ctx: pg.ManagedGpuContext) -> None:
+    import gc
+
+    from prism_gpu import _stream_map as sm
+
+    w = work(16384, 10.0)
+    prism_loops.stream_map_loop(ctx, w, 99)
+    pool = sm._cache_of(ctx.device).results
+    print("result buffers allocated for 105 batches:", pool.allocations, flush=True)
+    entries = next(iter(pool._pool.values()))
+    root = entries[0][0]
+    print("idle count", entries[0][1], "now", sys.getrefcount(root) - 1, flush=True)
+    for r in gc.get_referrers(root):
+        if r is not entries[0]:
+            print("  referrer:", type(r).__name__, repr(r)[:160], flush=True)
+
+
 def main() -> None:
     ctx = pg.ManagedGpuContext(backend="cuda")
-    gil_check(ctx)
+    pool_check(ctx)
     n = int(3e-3 * 53e9) // 4
     for label, fn in (("coordinator", prism_loops.coordinator_loop),
                       ("stream_map", prism_loops.stream_map_loop)):

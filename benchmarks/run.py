@@ -219,7 +219,7 @@ def main() -> int:
                             "event_overhead_us": event_overhead_us(ctx.device),
                             "launch_us": extra_workloads.launch_cost_us()}
         print("floor", json.dumps(results["floor"]), flush=True)
-        for label, up, comp, down, iters in (("2/5/2", 2, 5, 2, 150), ("3/3/3", 3, 3, 3, 150),
+        for label, up, comp, down, iters in (("2/5/2", 2, 5, 2, 90), ("3/3/3", 3, 3, 3, 90),
                                              ("0.2/0.2/0.2", 0.2, 0.2, 0.2, 600)):
             if only and label not in only:
                 continue
@@ -230,12 +230,12 @@ def main() -> int:
         if not only or "tiny" in only:
             print("workload tiny", flush=True)
             results["workloads"].append(extra_workloads.tiny(
-                ctx, int(3000 * scale) // DEPTH * DEPTH, args.repeats, _run_variants, _ratios,
+                ctx, int(1500 * scale) // DEPTH * DEPTH, args.repeats, _run_variants, _ratios,
                 _inputs, host_overhead))
         if not only or "pageable" in only:
             print("workload pageable", flush=True)
             results["workloads"].append(extra_workloads.pageable(
-                ctx, max(6, int(60 * scale)), args.repeats))
+                ctx, max(6, int(45 * scale)), args.repeats))
     finally:
         ctx.close()
     stem = os.path.join(args.out, f"{_slug(info.get('card', 'gpu'))}-{results['date']}")

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import collections
 import os
-import queue
 import sys
 import threading
 import weakref
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Deque, Iterable, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
@@ -48,86 +47,46 @@ def _default_device() -> Any:
 
 
 class _Stager:
-    """Pulls batches off the caller's iterable on a thread, copying pageable ones
-    into a ring of pinned buffers so the calling thread never does that copy."""
+    """Copies pageable batches into pinned memory on worker threads.
 
-    _END = object()
-    PARALLEL_COPY_BYTES = 8 << 20  # large batches are copied by several threads at once
+    The caller's iterable is read on the calling thread (a Python iterator is
+    not moved to another thread); only the copies run elsewhere, in chunks on a
+    few threads for big batches (numpy releases the GIL while copying), so they
+    overlap the device work of earlier batches.
+    """
 
-    def __init__(self, batches: Iterable[Any], device: Any, depth: int,
-                 cache: "_PinnedCache") -> None:
-        self._it = iter(batches)
+    CHUNK_BYTES = 8 << 20
+
+    def __init__(self, device: Any, cache: "_PinnedCache") -> None:
         self._device = device
         self._cache = cache
-        self._ready: "queue.Queue[Any]" = queue.Queue(maxsize=depth)
-        self._tokens = threading.Semaphore(2 * depth + 1)
-        self._stop = threading.Event()
-        self._copiers: Optional[ThreadPoolExecutor] = None
-        self._thread = threading.Thread(target=self._run, name="prism-gpu-stager", daemon=True)
-        self._thread.start()
+        self._workers = max(1, min(4, os.cpu_count() or 1))
+        self._pool: Optional[ThreadPoolExecutor] = None
 
-    def _put(self, item: Any) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._ready.put(item, timeout=0.05)
-                return True
-            except queue.Full:
-                continue
-        return False
+    def needs_staging(self, batch: np.ndarray) -> bool:
+        return bool(batch.size) and (not batch.flags.c_contiguous
+                                     or not self._device.is_pinned(batch))
 
-    def _run(self) -> None:
-        try:
-            for batch in self._it:
-                if self._stop.is_set():
-                    return
-                if not isinstance(batch, np.ndarray):
-                    raise TransferError(
-                        f"stream_map batches must be numpy arrays, got {type(batch).__name__}")
-                if batch.size and (not batch.flags.c_contiguous
-                                   or not self._device.is_pinned(batch)):
-                    while not self._tokens.acquire(timeout=0.05):
-                        if self._stop.is_set():
-                            return
-                    raw = self._cache.take(self._device, batch.nbytes)
-                    staged = raw[: batch.nbytes].view(batch.dtype).reshape(batch.shape)
-                    self._copy(staged, batch)
-                    if not self._put((batch, staged, raw)):
-                        return
-                elif not self._put((batch, batch, None)):
-                    return
-            self._put(self._END)
-        except BaseException as exc:  # noqa: BLE001 - re-raised on the consumer's thread
-            self._put(exc)
-
-    def _copy(self, dst: np.ndarray, src: np.ndarray) -> None:
-        """Copy into pinned memory; big batches in chunks on a few threads (numpy
-        releases the GIL while copying, so the chunks run in parallel)."""
-        workers = min(4, os.cpu_count() or 1)
-        if src.nbytes < self.PARALLEL_COPY_BYTES or workers < 2 or not src.flags.c_contiguous:
-            np.copyto(dst, src)
-            return
-        if self._copiers is None:
-            self._copiers = ThreadPoolExecutor(workers, thread_name_prefix="prism-gpu-copy")
-        d, s = dst.reshape(-1), src.reshape(-1)
-        step = -(-len(s) // workers)
-        futures = [self._copiers.submit(np.copyto, d[i:i + step], s[i:i + step])
-                   for i in range(0, len(s), step)]
-        for f in futures:
-            f.result()
-
-    def get(self) -> Any:
-        return self._ready.get()
+    def start(self, batch: np.ndarray) -> Tuple[np.ndarray, np.ndarray, List[Future]]:
+        """Begin copying ``batch`` into pinned memory: (staged view, raw buffer, futures)."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="prism-gpu-copy")
+        raw = self._cache.take(self._device, batch.nbytes)
+        staged = raw[: batch.nbytes].view(batch.dtype).reshape(batch.shape)
+        if not batch.flags.c_contiguous or batch.nbytes < 2 * self.CHUNK_BYTES:
+            return staged, raw, [self._pool.submit(np.copyto, staged, batch)]
+        d, s = staged.reshape(-1), batch.reshape(-1)
+        step = -(-len(s) // self._workers)
+        return staged, raw, [self._pool.submit(np.copyto, d[i:i + step], s[i:i + step])
+                             for i in range(0, len(s), step)]
 
     def recycle(self, raw: Optional[np.ndarray]) -> None:
         if raw is not None:
             self._cache.give(raw)
-            self._tokens.release()
 
     def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
-        if self._copiers is not None:
-            self._copiers.shutdown(wait=True)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
 
 
 def _root(array: np.ndarray) -> np.ndarray:
@@ -271,42 +230,68 @@ def _stream_map(kernel: Any, batches: Iterable[np.ndarray], depth: int, ctx: Any
         ctx = ManagedGpuContext(enable_streams=False)
     device = ctx.device
     coord = AsyncCoordinator(device, max_in_flight=8 * depth + 8)
-    stager: Optional[_Stager] = None
     bar = _Progress(batches) if progress else None
     rings: dict = {}
     cache = _cache_of(device)
     results = cache.results
+    stager = _Stager(device, cache)
+    # batches pulled and (if pageable) being copied, not yet queued on the device
+    ahead: Deque[Tuple[int, np.ndarray, np.ndarray, Optional[np.ndarray], List[Future]]] = \
+        collections.deque()
     pending: Deque[Tuple[int, Any, np.ndarray, Optional[np.ndarray], int, int]] = \
         collections.deque()
+    deferred: Optional[BaseException] = None
     try:
         coord._kernel(kernel)  # unknown names fail before any batch is pulled
-        stager = _Stager(batches, device, depth, cache)
+        it = iter(batches)
         index = 0
+        exhausted = False
         while True:
-            item = stager.get()
-            if item is _Stager._END:
+            while not exhausted and len(ahead) < depth:
+                try:
+                    batch = next(it)
+                except StopIteration:
+                    exhausted = True
+                    break
+                except Exception as exc:  # noqa: BLE001 - raised after earlier results
+                    deferred, exhausted = exc, True
+                    break
+                if not isinstance(batch, np.ndarray):
+                    deferred = TransferError(
+                        f"stream_map: batch {index + len(ahead)} is a "
+                        f"{type(batch).__name__}; batches must be numpy arrays")
+                    deferred.batch_index = index + len(ahead)  # type: ignore[attr-defined]
+                    exhausted = True
+                    break
+                if stager.needs_staging(batch):
+                    ahead.append((index + len(ahead), batch, *stager.start(batch)))
+                else:
+                    ahead.append((index + len(ahead), batch, batch, None, []))
+            if ahead and len(pending) < depth:
+                idx, batch, staged, raw, copies = ahead.popleft()
+                for f in copies:
+                    f.result()
+                try:
+                    entry = _submit(coord, rings, results, kernel, idx, batch, staged, raw,
+                                    output, extra, depth)
+                except PrismGpuError as exc:  # rejected batch: earlier results come first
+                    stager.recycle(raw)
+                    while pending:
+                        yield _finish(coord, pending.popleft(), stager, bar)
+                    raise _batch_error(exc, idx) from exc
+                pending.append(entry)
+                index = idx + 1
+                continue
+            if not pending:
                 break
-            if isinstance(item, BaseException):
-                while pending:
-                    yield _finish(coord, pending.popleft(), stager, bar)
-                raise item
-            batch, staged, raw = item
-            while len(pending) >= depth:
-                yield _finish(coord, pending.popleft(), stager, bar)
-            try:
-                entry = _submit(coord, rings, results, kernel, index, batch, staged, raw,
-                                output, extra, depth)
-            except PrismGpuError as exc:  # rejected batch: earlier results come first
-                while pending:
-                    yield _finish(coord, pending.popleft(), stager, bar)
-                raise _batch_error(exc, index) from exc
-            pending.append(entry)
-            index += 1
-        while pending:
             yield _finish(coord, pending.popleft(), stager, bar)
+        if deferred is not None:
+            raise deferred
     finally:
-        if stager is not None:
-            stager.close()
+        for _, _, _, raw, copies in ahead:
+            for f in copies:
+                f.cancel()
+        stager.close()
         coord.close()
         for ring in rings.values():
             ring.close()
