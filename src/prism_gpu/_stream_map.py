@@ -196,7 +196,8 @@ def stream_map(kernel: Any, batches: Iterable[np.ndarray], depth: int = 3, ctx: 
         :func:`pinned_empty` go straight through (do not change them until their
         result is yielded).
     depth:
-        Batches in flight at most.
+        Device slots in the ring: ``depth`` batches are processed at once, and one
+        more is queued behind them (it starts when the oldest slot is free).
     ctx:
         A :class:`ManagedGpuContext`; default: a private one on ``backend="auto"``.
     output:
@@ -267,7 +268,10 @@ def _stream_map(kernel: Any, batches: Iterable[np.ndarray], depth: int, ctx: Any
                     ahead.append((index + len(ahead), batch, *stager.start(batch)))
                 else:
                     ahead.append((index + len(ahead), batch, batch, None, []))
-            if ahead and len(pending) < depth:
+            # One batch more than the ring is queued before the oldest result is waited
+            # for: the device orders its upload after that slot's download, and never
+            # idles while the host wakes up.
+            if ahead and len(pending) <= depth:
                 idx, batch, staged, raw, copies = ahead.popleft()
                 for f in copies:
                     f.result()
