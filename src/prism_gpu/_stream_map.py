@@ -60,7 +60,7 @@ class _Stager:
     def __init__(self, device: Any, cache: "_PinnedCache") -> None:
         self._device = device
         self._cache = cache
-        self._workers = max(1, min(4, os.cpu_count() or 1))
+        self._workers = max(1, min(8, os.cpu_count() or 1))
         self._pool: Optional[ThreadPoolExecutor] = None
 
     def needs_staging(self, batch: np.ndarray) -> bool:

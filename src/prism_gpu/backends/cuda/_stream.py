@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Iterable, List, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
@@ -65,7 +65,7 @@ class CudaStream:
         self._s = stream
         self._h = int(stream.handle)
         self.priority = priority
-        self._interop: Optional[List[Callable[[], Any]]] = None
+        self._interop: Optional[tuple] = None
         self._closed = False
 
     @property
@@ -123,16 +123,28 @@ class CudaStream:
         kernel.launch(self, config, arrays, extra)
 
     def interop_contexts(self, modules: dict) -> Iterable[Any]:
-        """Context managers making this stream current in CuPy / PyTorch, if imported."""
+        """Context managers making this stream current in CuPy / PyTorch, if imported.
+
+        The foreign stream objects are made once per stream (and again only when
+        CuPy or PyTorch is imported later): a callable kernel pays this on every launch.
+        """
+        cupy, torch = modules.get("cupy"), modules.get("torch")
+        key = (cupy is not None, torch is not None)
+        cached = self._interop
+        if cached is None or cached[0] != key:
+            cp_stream = th_stream = None
+            if cupy is not None:
+                from_external = getattr(cupy.cuda.Stream, "from_external", None)
+                cp_stream = (from_external(self) if from_external is not None
+                             else cupy.cuda.ExternalStream(self._h))
+            if torch is not None and torch.cuda.is_available():
+                th_stream = torch.cuda.ExternalStream(self._h)
+            cached = self._interop = (key, cp_stream, th_stream)
         out = []
-        cupy = modules.get("cupy")
-        if cupy is not None:
-            from_external = getattr(cupy.cuda.Stream, "from_external", None)
-            out.append(from_external(self) if from_external is not None
-                       else cupy.cuda.ExternalStream(self._h))
-        torch = modules.get("torch")
-        if torch is not None and torch.cuda.is_available():
-            out.append(torch.cuda.stream(torch.cuda.ExternalStream(self._h)))
+        if cached[1] is not None:
+            out.append(cached[1])  # a CuPy stream is its own (re-entrant) context manager
+        if cached[2] is not None:
+            out.append(torch.cuda.stream(cached[2]))
         return out
 
     def _interop_enter(self, modules: dict) -> Iterable[Any]:
