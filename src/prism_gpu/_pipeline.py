@@ -63,6 +63,7 @@ class _Window:
         self.ref: Any = None
         self.first_iter = 0
         self.busy: List[Tuple[float, float]] = []
+        self.merge_at = 4096
         self.stage_sum: Dict[str, float] = {}
         self.stage_n: Dict[str, int] = {}
         self.ends: List[float] = []     # completion time of each iteration (last stage)
@@ -70,8 +71,11 @@ class _Window:
 
     def add(self, stage: str, start: float, end: float, last: bool) -> None:
         self.busy.append((start, end))
-        if len(self.busy) > 4096:
+        if len(self.busy) > self.merge_at:
+            # merging is exact (a union of intervals); the threshold doubles past the
+            # merged size so a run with idle gaps stays amortised O(1) per op
             self.busy = _merge(self.busy)
+            self.merge_at = max(4096, 2 * len(self.busy))
         self.stage_sum[stage] = self.stage_sum.get(stage, 0.0) + (end - start)
         self.stage_n[stage] = self.stage_n.get(stage, 0) + 1
         self.t0 = min(self.t0, start)
