@@ -39,11 +39,7 @@ def tiny(ctx: Any, iterations: int, repeats: int, run_variants: Callable[..., An
     variants = {
         "CuPy (hand-written)": cupy_loop,
         "PyTorch (hand-written)": torch_loop,
-        "prism AsyncCoordinator": lambda w, it: prism_loops.coordinator_loop(ctx, w, it),
-        "prism PipelineStageManager": lambda w, it: prism_loops.pipeline_loop(ctx, w, it),
-        "prism stream_map": lambda w, it: prism_loops.stream_map_loop(ctx, w, it),
-        "prism triple_buffered_step": lambda w, it:
-            prism_loops.triple_buffered_step_loop(ctx, w, it),
+        **prism_loops.variants(ctx),
     }
     rows = run_variants(variants, lambda seed: Work(n, n, us, scale=True,
                                                     inputs=inputs(n, seed)), iterations, repeats)

@@ -8,12 +8,22 @@ runner checks against numpy.
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, List
+from typing import Any, Callable, Dict, List
 
 import numpy as np
 
 import prism_gpu as pg
 from prism_gpu.cli._peers_cuda import DEPTH, SPIN_SCALE_SOURCE, Work, spin_scale_grid
+
+
+def variants(ctx: Any) -> Dict[str, Callable[[Work, int], float]]:
+    """Every prism-gpu API as a benchmark variant on ``ctx``."""
+    return {
+        "prism AsyncCoordinator": lambda w, it: coordinator_loop(ctx, w, it),
+        "prism PipelineStageManager": lambda w, it: pipeline_loop(ctx, w, it),
+        "prism stream_map": lambda w, it: stream_map_loop(ctx, w, it),
+        "prism triple_buffered_step": lambda w, it: triple_buffered_step_loop(ctx, w, it),
+    }
 
 
 def kernel(n: int) -> pg.Kernel:

@@ -121,11 +121,7 @@ def transfer_workload(ctx: Any, label: str, up_ms: float, comp_ms: float, down_m
         "naive sequential (CuPy)": naive_loop,
         "CuPy (hand-written)": cupy_loop,
         "PyTorch (hand-written)": torch_loop,
-        "prism AsyncCoordinator": lambda w, it: prism_loops.coordinator_loop(ctx, w, it),
-        "prism PipelineStageManager": lambda w, it: prism_loops.pipeline_loop(ctx, w, it),
-        "prism stream_map": lambda w, it: prism_loops.stream_map_loop(ctx, w, it),
-        "prism triple_buffered_step": lambda w, it:
-            prism_loops.triple_buffered_step_loop(ctx, w, it),
+        **prism_loops.variants(ctx),
     }
     rows = _run_variants(variants, lambda seed: Work(n, n, comp_ms * 1e3, scale=True,
                                                      inputs=_inputs(n, seed)),

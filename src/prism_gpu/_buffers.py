@@ -42,7 +42,7 @@ class Slot:
     them until an upload sets a shorter length); ``capacity`` is the full size.
     """
 
-    __slots__ = ("buffer", "index", "state", "full", "valid", "capacity", "event", "op", "ops",
+    __slots__ = ("buffer", "index", "state", "full", "valid", "capacity", "op", "ops",
                  "failed", "ref", "__weakref__")
 
     def __init__(self, buffer: "TripleBuffer", index: int, full: Any) -> None:
@@ -51,8 +51,7 @@ class Slot:
         self.state = BufferState.FREE
         self.full = full
         self.valid = self.capacity = len(full)
-        self.event: Any = None       # event of the last op that touched the slot
-        self.op: int = -1            # id of that op
+        self.op: int = -1            # id of the last op that touched the slot
         self.ops: List[int] = []     # ops that touched the slot since its last upload
         self.failed: Optional[int] = None  # root op of a failure known on the host
         self.ref = weakref.ref(self)
@@ -177,7 +176,6 @@ class TripleBuffer:
             self._closed = True
             for s in self._slots:
                 s.full = None
-                s.event = None
 
     def __enter__(self) -> "TripleBuffer":
         return self

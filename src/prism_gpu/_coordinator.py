@@ -319,7 +319,7 @@ class AsyncCoordinator:
         for old in slot.ops:
             op_slots.pop(old, None)
         slot.ops = [op.id]
-        slot.valid, slot.event, slot.op, slot.failed = n, op.event, op.id, None
+        slot.valid, slot.op, slot.failed = n, op.id, None
         self._map_slots(op.id, (slot,))
         return oid
 
@@ -383,7 +383,7 @@ class AsyncCoordinator:
         oid = self._commit(op, self._compute)
         failed = self._error_root(op)
         for s in slots:
-            s.event, s.op = op.event, op.id
+            s.op = op.id
             s.ops.append(op.id)
             if failed is not None and s.failed is None:
                 s.failed = failed
@@ -515,7 +515,7 @@ class AsyncCoordinator:
         op.keep = (slot.full, dst)
         op.on_done = on_done
         oid = self._commit(op, stream)
-        slot.event, slot.op = op.event, op.id
+        slot.op = op.id
         slot.ops.append(op.id)
         self._map_slots(op.id, (slot,))
         return oid

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 import weakref
 from typing import Any, Callable, Dict, Tuple
 
@@ -97,11 +96,6 @@ class CpuDevice:
         self._closed = True
         for stream in list(self._streams):
             stream.close()
-
-    # measurement helpers used by `info` and `bench` ----------------------------
-    @staticmethod
-    def now() -> float:
-        return time.perf_counter()
 
 
 def _total_memory() -> int:

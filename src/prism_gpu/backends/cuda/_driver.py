@@ -10,7 +10,6 @@ from ..._errors import KernelError, PrismGpuError, SynchronizationError
 
 CUresult = driver.CUresult
 SUCCESS = CUresult.CUDA_SUCCESS
-NOT_READY = CUresult.CUDA_ERROR_NOT_READY
 
 # Errors after which the context is unusable: every later call fails too.
 STICKY = {

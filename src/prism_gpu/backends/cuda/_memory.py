@@ -8,7 +8,6 @@ from typing import Any, Dict, List, Tuple
 
 import numpy as np
 
-from ._driver import check, driver
 
 
 class DeviceArray:
@@ -197,9 +196,4 @@ def device_alloc(dev: Any, stream: Any, nbytes: int, device_id: int) -> DeviceAr
     return DeviceArray(int(buf.handle), (int(nbytes),), np.dtype(np.uint8), buf, device_id)
 
 
-def memcpy_async(dst: int, src: int, nbytes: int, stream: int, what: str) -> None:
-    check(driver.cuMemcpyAsync(dst, src, nbytes, stream), what)
-
-
-__all__ = ["DeviceArray", "PinnedAllocator", "StagingPool", "device_alloc", "host_ptr",
-           "memcpy_async"]
+__all__ = ["DeviceArray", "PinnedAllocator", "StagingPool", "device_alloc", "host_ptr"]
