@@ -14,7 +14,6 @@ import time
 from typing import Any, Callable, List, Tuple
 
 import numpy as np
-import pytest
 
 import prism_gpu as pg
 
