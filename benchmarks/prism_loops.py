@@ -20,6 +20,8 @@ def variants(ctx: Any) -> Dict[str, Callable[[Work, int], float]]:
     """Every prism-gpu API as a benchmark variant on ``ctx``."""
     return {
         "prism AsyncCoordinator": lambda w, it: coordinator_loop(ctx, w, it),
+        "prism AsyncCoordinator, CuPy callable": lambda w, it: coordinator_loop(
+            ctx, w, it, cupy_callable=True),
         "prism PipelineStageManager": lambda w, it: pipeline_loop(ctx, w, it),
         "prism stream_map": lambda w, it: stream_map_loop(ctx, w, it),
         "prism triple_buffered_step": lambda w, it: triple_buffered_step_loop(ctx, w, it),
@@ -77,11 +79,27 @@ def _pinned_inputs(work: Work, ctx: Any) -> List[np.ndarray]:
     return out
 
 
-def coordinator_loop(ctx: Any, work: Work, iterations: int) -> float:
+def cupy_callable(n: int) -> pg.Kernel:
+    """spin_scale as a Python callable written with CuPy: it runs on the host at queue
+    time with the compute stream current, so it must overlap like the C++ kernel."""
+    import cupy as cp
+
+    raw = cp.RawKernel(SPIN_SCALE_SOURCE, "spin_scale")
+    grid = spin_scale_grid(n)
+
+    def spin_scale(x: Any, us: float) -> None:
+        a = cp.asarray(x)  # __cuda_array_interface__: no copy, no synchronization
+        raw((grid,), (256,), (a, np.uint64(a.size), np.float64(us)))  # current stream
+    return pg.Kernel.from_callable(spin_scale)
+
+
+def coordinator_loop(ctx: Any, work: Work, iterations: int, cupy_callable: bool = False
+                     ) -> float:
     """Pattern 1: queue_upload / queue_compute / queue_download / advance."""
     coord = pg.AsyncCoordinator(ctx.device)
     try:
-        coord.register_kernel("spin_scale", kernel(work.n_up))
+        coord.register_kernel("spin_scale", globals()["cupy_callable"](work.n_up)
+                              if cupy_callable else kernel(work.n_up))
         buf = pg.TripleBuffer(ctx.device, work.n_up)
         h_in = _pinned_inputs(work, ctx)
         h_out = [pg.pinned_empty(work.n_up, np.float32, ctx=ctx) for _ in range(DEPTH)]
