@@ -21,7 +21,7 @@ def variants(ctx: Any) -> Dict[str, Callable[[Work, int], float]]:
     return {
         "prism AsyncCoordinator": lambda w, it: coordinator_loop(ctx, w, it),
         "prism AsyncCoordinator, CuPy callable": lambda w, it: coordinator_loop(
-            ctx, w, it, cupy_callable=True),
+            ctx, w, it, with_cupy=True),
         "prism PipelineStageManager": lambda w, it: pipeline_loop(ctx, w, it),
         "prism stream_map": lambda w, it: stream_map_loop(ctx, w, it),
         "prism triple_buffered_step": lambda w, it: triple_buffered_step_loop(ctx, w, it),
@@ -93,13 +93,13 @@ def cupy_callable(n: int) -> pg.Kernel:
     return pg.Kernel.from_callable(spin_scale)
 
 
-def coordinator_loop(ctx: Any, work: Work, iterations: int, cupy_callable: bool = False
+def coordinator_loop(ctx: Any, work: Work, iterations: int, with_cupy: bool = False
                      ) -> float:
     """Pattern 1: queue_upload / queue_compute / queue_download / advance."""
     coord = pg.AsyncCoordinator(ctx.device)
     try:
-        coord.register_kernel("spin_scale", globals()["cupy_callable"](work.n_up)
-                              if cupy_callable else kernel(work.n_up))
+        coord.register_kernel("spin_scale",
+                              cupy_callable(work.n_up) if with_cupy else kernel(work.n_up))
         buf = pg.TripleBuffer(ctx.device, work.n_up)
         h_in = _pinned_inputs(work, ctx)
         h_out = [pg.pinned_empty(work.n_up, np.float32, ctx=ctx) for _ in range(DEPTH)]
