@@ -192,7 +192,7 @@ def stream_map(kernel: Any, batches: Iterable[np.ndarray], depth: int = 3, ctx: 
         in place and the result has the batch's shape and dtype.
     batches:
         Any iterable of numpy arrays; lengths may differ. Pageable arrays are
-        staged through pinned memory on a helper thread; arrays from
+        staged through pinned memory by worker threads; arrays from
         :func:`pinned_empty` go straight through (do not change them until their
         result is yielded).
     depth:
