@@ -9,9 +9,10 @@ dispatch to CuPy) and read data back with :func:`host_copy`.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
-from typing import Any, Callable, List, Tuple
+from typing import Any, Callable, Iterator, List, Tuple
 
 import numpy as np
 
@@ -246,6 +247,20 @@ class CudaLatch:
                 return False
             time.sleep(1e-4)
         return True
+
+
+@contextlib.contextmanager
+def release_timer(latch: Any, delay: float = 0.1) -> Iterator[threading.Timer]:
+    """A timer that releases ``latch`` after ``delay`` seconds once started; on exit the
+    latch is released and the timer stopped, whatever happened."""
+    timer = threading.Timer(delay, latch.release)
+    try:
+        yield timer
+    finally:
+        latch.release()
+        timer.cancel()
+        if timer.is_alive():
+            timer.join()
 
 
 def make_latch(backend: str) -> Any:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import threading
 from typing import Any, List
 
 import numpy as np
 import pytest
 
 import prism_gpu as pg
-from _support import F32, device_view, make_latch, rand
+from _support import F32, device_view, make_latch, rand, release_timer
 from prism_gpu.backends import cuda_unavailable_reason
 
 
@@ -99,24 +98,21 @@ def test_step_rejects_bad_input_before_queueing(ctx: pg.ManagedGpuContext,
 def test_close_waits_for_work_in_flight(backend: str, rng: np.random.Generator,
                                         no_thread_leaks: None) -> None:
     latch = make_latch(backend)
-    timer = threading.Timer(0.1, latch.release)
     ctx = pg.ManagedGpuContext(backend=backend)
-    try:
-        ctx.async_coordinator().register_kernel("latch", latch.kernel)
-        ctx.async_coordinator().queue_compute("latch")
-        x, y = rand(rng, 256), np.full(256, np.nan, dtype=F32)
-        ctx.triple_buffered_step(pg.StepConfig(kernel="scale", input=x, output=y))
-        assert latch.held
-        timer.start()
-        ctx.close()
-        assert latch.finished
-        np.testing.assert_array_equal(y, x * F32(2))
-    finally:
-        latch.release()
-        ctx.close()
-        timer.cancel()
-        if timer.is_alive():
-            timer.join()
+    with release_timer(latch) as timer:
+        try:
+            ctx.async_coordinator().register_kernel("latch", latch.kernel)
+            ctx.async_coordinator().queue_compute("latch")
+            x, y = rand(rng, 256), np.full(256, np.nan, dtype=F32)
+            ctx.triple_buffered_step(pg.StepConfig(kernel="scale", input=x, output=y))
+            assert latch.held
+            timer.start()
+            ctx.close()
+            assert latch.finished
+            np.testing.assert_array_equal(y, x * F32(2))
+        finally:
+            latch.release()
+            ctx.close()
 
 
 def test_close_is_idempotent_and_final(backend: str, no_thread_leaks: None) -> None:

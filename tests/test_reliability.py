@@ -5,7 +5,6 @@ from __future__ import annotations
 import gc
 import subprocess
 import sys
-import threading
 import weakref
 from typing import Any, List
 
@@ -13,7 +12,7 @@ import numpy as np
 import pytest
 
 import prism_gpu as pg
-from _support import F32, make_latch, rand
+from _support import F32, make_latch, rand, release_timer
 
 
 class Boom(Exception):
@@ -117,28 +116,25 @@ def test_dependents_fail_under_backpressure(device: Any, rng: np.random.Generato
 def test_close_waits_for_ops_in_flight(backend: str, device: Any, rng: np.random.Generator,
                                        no_thread_leaks: None) -> None:
     latch = make_latch(backend)
-    timer = threading.Timer(0.1, latch.release)
     coord = pg.AsyncCoordinator(device)
-    try:
-        coord.register_kernel("latch", latch.kernel)
-        buf = pg.TripleBuffer(device, 64, dtype=F32)
-        x, out = rand(rng, 64), np.full(64, np.nan, dtype=F32)
-        coord.queue_compute("latch")
-        up = coord.queue_upload(x, buf)
-        coord.queue_compute("scale", [up])
-        coord.queue_download(buf, out)
-        assert latch.held
-        timer.start()
-        coord.close()
-        assert latch.finished
-        assert coord.closed
-        np.testing.assert_array_equal(out, x * F32(2))
-    finally:
-        latch.release()
-        coord.close()
-        timer.cancel()
-        if timer.is_alive():
-            timer.join()
+    with release_timer(latch) as timer:
+        try:
+            coord.register_kernel("latch", latch.kernel)
+            buf = pg.TripleBuffer(device, 64, dtype=F32)
+            x, out = rand(rng, 64), np.full(64, np.nan, dtype=F32)
+            coord.queue_compute("latch")
+            up = coord.queue_upload(x, buf)
+            coord.queue_compute("scale", [up])
+            coord.queue_download(buf, out)
+            assert latch.held
+            timer.start()
+            coord.close()
+            assert latch.finished
+            assert coord.closed
+            np.testing.assert_array_equal(out, x * F32(2))
+        finally:
+            latch.release()
+            coord.close()
 
 
 def _slot_arrays_of_rounds(coord: pg.AsyncCoordinator, buf: pg.TripleBuffer,
