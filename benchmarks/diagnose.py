@@ -12,7 +12,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import prism_gpu as pg  # noqa: E402
-from prism_gpu.cli._peers_cuda import Work  # noqa: E402
+from prism_gpu.bench._peers_cuda import Work  # noqa: E402
 
 import prism_loops  # noqa: E402
 
@@ -23,55 +23,38 @@ def work(n: int, us: float) -> Work:
 
 
 def gil_check(ctx: pg.ManagedGpuContext) -> None:
-    """Does a host wait on an event let other Python threads run?"""
+    """Does a host wait on an op let other Python threads run?"""
     import threading
     import time
 
-    from cuda.bindings import driver
-
     coord = pg.AsyncCoordinator(ctx.device)
-    for label, wait in (("cuda.core Event.sync", lambda ev: ev._ev.sync()),
-                        ("driver cuEventSynchronize", lambda ev: driver.cuEventSynchronize(ev._h))):
-        op = coord.queue_compute("spin", extra=(200_000.0,))
-        ev = coord._inflight[int(op)].event
-        count, stop = [0], threading.Event()
+    try:
+        for label, wait in (("AsyncCoordinator.wait", coord.wait),
+                            ("AsyncCoordinator.synchronize_all",
+                             lambda _op: coord.synchronize_all())):
+            op = coord.queue_compute("spin", extra=(200_000.0,))
+            count, stop = [0], threading.Event()
 
-        def spin() -> None:
-            while not stop.is_set():
-                count[0] += 1
+            def spin() -> None:
+                while not stop.is_set():
+                    count[0] += 1
 
-        t = threading.Thread(target=spin)
-        t.start()
-        time.sleep(0.01)
-        c0 = count[0]
-        wait(ev)
-        c1 = count[0]
-        stop.set()
-        t.join()
-        print(f"{label}: other thread ran {c1 - c0} loops during a 200 ms wait", flush=True)
-    coord.close()
-
-
-def pool_check(ctx: pg.ManagedGpuContext) -> None:
-    import gc
-
-    from prism_gpu import _stream_map as sm
-
-    w = work(16384, 10.0)
-    prism_loops.stream_map_loop(ctx, w, 99)
-    pool = sm._cache_of(ctx.device).results
-    print("result buffers allocated for 105 batches:", pool.allocations, flush=True)
-    entries = next(iter(pool._pool.values()))
-    root = entries[0][0]
-    print("idle count", entries[0][1], "now", sys.getrefcount(root) - 1, flush=True)
-    for r in gc.get_referrers(root):
-        if r is not entries[0]:
-            print("  referrer:", type(r).__name__, repr(r)[:160], flush=True)
+            t = threading.Thread(target=spin)
+            t.start()
+            time.sleep(0.01)
+            c0 = count[0]
+            wait(op)
+            c1 = count[0]
+            stop.set()
+            t.join()
+            print(f"{label}: other thread ran {c1 - c0} loops during a 200 ms wait", flush=True)
+    finally:
+        coord.close()
 
 
 def main() -> None:
     ctx = pg.ManagedGpuContext(backend="cuda")
-    pool_check(ctx)
+    gil_check(ctx)
     n = int(3e-3 * 53e9) // 4
     for label, fn in (("coordinator", prism_loops.coordinator_loop),
                       ("stream_map", prism_loops.stream_map_loop)):

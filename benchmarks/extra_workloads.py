@@ -10,7 +10,7 @@ from typing import Any, Callable, Dict, List
 import numpy as np
 
 import prism_gpu as pg
-from prism_gpu.cli._peers_cuda import DEPTH, SPIN_SCALE_SOURCE, Work, cupy_loop, torch_loop
+from prism_gpu.bench._peers_cuda import DEPTH, SPIN_SCALE_SOURCE, Work, cupy_loop, torch_loop
 
 import prism_loops
 

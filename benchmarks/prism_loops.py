@@ -13,7 +13,7 @@ from typing import Any, Callable, Dict, List
 import numpy as np
 
 import prism_gpu as pg
-from prism_gpu.cli._peers_cuda import DEPTH, SPIN_SCALE_SOURCE, Work, spin_scale_grid
+from prism_gpu.bench._peers_cuda import DEPTH, SPIN_SCALE_SOURCE, Work, spin_scale_grid
 
 
 def variants(ctx: Any) -> Dict[str, Callable[[Work, int], float]]:

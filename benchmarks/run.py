@@ -28,8 +28,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import prism_gpu as pg  # noqa: E402
-from prism_gpu._measure import event_overhead_us, measure_bandwidth  # noqa: E402
-from prism_gpu.cli._peers_cuda import DEPTH, Work, cupy_loop, torch_loop  # noqa: E402
+from prism_gpu.bench._measure import event_overhead_us, measure_bandwidth  # noqa: E402
+from prism_gpu.bench._peers_cuda import DEPTH, Work, cupy_loop, torch_loop  # noqa: E402
 
 import prism_loops  # noqa: E402
 import extra_workloads  # noqa: E402
@@ -60,7 +60,7 @@ def naive_loop(work: Work, iterations: int) -> float:
     import cupy as cp
     import cupyx
 
-    from prism_gpu.cli._peers_cuda import SPIN_SCALE_SOURCE, spin_scale_grid
+    from prism_gpu.bench._peers_cuda import SPIN_SCALE_SOURCE, spin_scale_grid
 
     k = cp.RawKernel(SPIN_SCALE_SOURCE, "spin_scale")
     s = cp.cuda.Stream(non_blocking=True)
@@ -102,8 +102,7 @@ def kernel_ms(ctx: Any, n: int, us: float, repeats: int = 10) -> float:
             up = coord.queue_upload(x, buf)
             c = coord.queue_compute("k", [up], extra=(us,))
             buf.get_process_buffer()
-            buf.get_download_buffer()
-            buf.advance()
+            buf.retire()  # the slot's data is not needed: FREE again without a download
             coord.wait(c)
             times.extend(d.duration_ms for d in coord.poll() if d.op_id == c)
         return statistics.median(times[1:])
@@ -317,13 +316,21 @@ def markdown(res: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def chart(res: Dict[str, Any], path: str) -> None:
+def chart(res: Dict[str, Any], path: str) -> bool:
+    """Bar charts of the workloads that have a floor and measured rows; False (and a
+    printed note) if there is none, e.g. ``--only tiny,pageable``."""
+    ws = [w for w in res["workloads"]
+          if w.get("floor_ms") and any("median" in r and "naive" not in r["name"]
+                                       for r in w["rows"])]
+    if not ws:
+        print(f"no chart: no workload with a floor and measured variants "
+              f"(ran: {', '.join(w['workload'] for w in res['workloads']) or 'none'})")
+        return False
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ws = [w for w in res["workloads"] if w.get("floor_ms")]
     fig, axes = plt.subplots(1, len(ws), figsize=(5 * len(ws), 4.5), squeeze=False)
     for ax, w in zip(axes[0], ws):
         rows = [r for r in w["rows"] if "median" in r and "naive" not in r["name"]]
@@ -339,6 +346,8 @@ def chart(res: Dict[str, Any], path: str) -> None:
     fig.suptitle(f"prism-gpu (blue) vs hand-written peers (orange), {res['info'].get('card')}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
 
 
 if __name__ == "__main__":

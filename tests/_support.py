@@ -134,7 +134,7 @@ def ring_ordered(states: List[pg.BufferState]) -> bool:
 
 def snapshot(coord: pg.AsyncCoordinator, *buffers: pg.TripleBuffer) -> Tuple[Any, ...]:
     """What a rejected call must leave unchanged: the next op id and every slot state."""
-    return coord.statistics()["issued"], [b.get_states() for b in buffers]
+    return coord.statistics().issued, [b.get_states() for b in buffers]
 
 
 class Latch:

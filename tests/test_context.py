@@ -87,12 +87,12 @@ def test_step_rejects_bad_input_before_queueing(ctx: pg.ManagedGpuContext,
                                                 rng: np.random.Generator) -> None:
     x = rand(rng, 64)
     coord = ctx.async_coordinator()
-    issued = coord.statistics()["issued"]
+    issued = coord.statistics().issued
     with pytest.raises(pg.TransferError):
         ctx.triple_buffered_step(pg.StepConfig(kernel="scale", input=x, output=np.empty(63, F32)))
     with pytest.raises(pg.PrismGpuError, match="nope"):
         ctx.triple_buffered_step(pg.StepConfig(kernel="nope", input=x, output=np.empty(64, F32)))
-    assert coord.statistics()["issued"] == issued
+    assert coord.statistics().issued == issued
 
 
 def test_close_waits_for_work_in_flight(backend: str, rng: np.random.Generator,

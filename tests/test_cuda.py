@@ -104,11 +104,11 @@ def test_out_of_range_launch_config_rejected_before_enqueue(cuda_coord):
     buf = pg.TripleBuffer(cuda_coord.device, 16)
     up = cuda_coord.queue_upload(np.ones(16, np.float32), buf)
     k = pg.Kernel.from_source(AXPY, "axpy")
-    before = cuda_coord.statistics()["issued"]
+    before = cuda_coord.statistics().issued
     with pytest.raises(pg.KernelError, match="out of range"):
         cuda_coord.queue_compute(k, [up], extra=(1.0, 0.0),
                                  config=pg.LaunchConfig(grid=1, block=2048))
-    assert cuda_coord.statistics()["issued"] == before
+    assert cuda_coord.statistics().issued == before
     assert buf.get_states()[0] is pg.BufferState.UPLOADING
 
 

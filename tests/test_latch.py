@@ -88,12 +88,12 @@ def test_queueing_past_max_in_flight_waits_for_the_oldest(backend: str, device: 
             coord.queue_compute("latch")
             for _ in range(3):
                 coord.queue_compute("noop")
-            assert coord.statistics()["in_flight"] == 4
+            assert coord.statistics().in_flight == 4
             assert latch.held
             timer.start()
             coord.queue_compute("noop")             # blocks until the latch op completes
             assert latch.released
-            assert coord.statistics()["in_flight"] <= 4
+            assert coord.statistics().in_flight <= 4
         finally:
             latch.release()
             timer.cancel()

@@ -191,18 +191,18 @@ def test_100k_ops_on_a_bounded_event_pool(device: Any, rng: np.random.Generator)
             coord.queue_download(buf, out)
             buf.advance()
             stats = coord.statistics()
-            worst_in_flight = max(worst_in_flight, stats["in_flight"])
-            worst_pooled = max(worst_pooled, stats["events_pooled"])
+            worst_in_flight = max(worst_in_flight, stats.in_flight)
+            worst_pooled = max(worst_pooled, stats.events_pooled)
             if i % 1000 == 0:
                 assert all(r.error is None for r in coord.poll())
         coord.synchronize_all()
         final = coord.statistics()
         assert all(r.error is None for r in coord.poll())
-    assert final["issued"] == 3 * rounds >= 100_000
-    assert final["in_flight"] == 0
+    assert final.issued == 3 * rounds >= 100_000
+    assert final.in_flight == 0
     assert worst_in_flight <= max_in_flight
     assert worst_pooled <= max_in_flight + 4
-    assert final["events_pooled"] <= max_in_flight + 4
+    assert final.events_pooled <= max_in_flight + 4
     np.testing.assert_array_equal(out, x)
 
 

@@ -29,7 +29,7 @@ from ._ops import OpType as OpType
 from ._pipeline import GpuPipelineStage as GpuPipelineStage
 from ._pipeline import PipelineStageManager as PipelineStageManager
 from ._pipeline import PipelineStats as PipelineStats
-from ._stream_map import pinned_empty as pinned_empty
+from ._staging import pinned_empty as pinned_empty
 from ._stream_map import stream_map as stream_map
 from . import interop as interop
 from .backends import open_device as open_device

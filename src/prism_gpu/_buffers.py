@@ -36,14 +36,18 @@ FREE_I, UPLOADING_I, PROCESSING_I, DOWNLOADING_I = range(4)
 
 
 class Slot:
-    """One device slot of a ring.
+    """One device slot of a ring, with the hazards of its memory.
 
     ``array`` is the device array holding the slot's valid elements (all of
     them until an upload sets a shorter length); ``capacity`` is the full size.
+    The ring records, per slot, the last op that wrote it and the ops that read
+    it since: a new writer is ordered after all of them on the GPU, a reader
+    after the writer. ``failed`` is the root op of a failure known to have
+    spoiled the slot's data.
     """
 
-    __slots__ = ("buffer", "index", "state", "full", "valid", "capacity", "op", "ops",
-                 "failed", "ref", "__weakref__")
+    __slots__ = ("buffer", "index", "state", "full", "valid", "capacity", "writer", "readers",
+                 "ops", "failed", "ref", "__weakref__")
 
     def __init__(self, buffer: "TripleBuffer", index: int, full: Any) -> None:
         self.buffer = buffer
@@ -51,14 +55,48 @@ class Slot:
         self.state = BufferState.FREE
         self.full = full
         self.valid = self.capacity = len(full)
-        self.op: int = -1            # id of the last op that touched the slot
-        self.ops: List[int] = []     # ops that touched the slot since its last upload
-        self.failed: Optional[int] = None  # root op of a failure known on the host
+        self.writer: int = -1           # last op that wrote the slot
+        self.readers: List[int] = []    # ops that read it since
+        self.ops: List[int] = []        # ops on the slot's current data (since it was filled)
+        self.failed: Optional[int] = None
         self.ref = weakref.ref(self)
 
     @property
     def array(self) -> Any:
         return self.full if self.valid == self.capacity else self.full[: self.valid]
+
+    @property
+    def last(self) -> int:
+        """The newest op on the slot (what a reader of its data must follow)."""
+        return self.ops[-1] if self.ops else self.writer
+
+    def write_hazards(self) -> List[int]:
+        """Ops a new write must follow: the last writer and every reader since."""
+        return [self.writer, *self.readers] if self.readers else [self.writer]
+
+    def filled(self, op_id: int, valid: int) -> List[int]:
+        """``op_id`` writes fresh data of ``valid`` elements; returns the ids of the ops
+        on the old data (no longer the slot's)."""
+        old = self.ops
+        self.ops = [op_id]
+        self.writer = op_id
+        self.readers = []
+        self.valid = valid
+        self.failed = None
+        return old
+
+    def updated(self, op_id: int, failed: Optional[int] = None) -> None:
+        """``op_id`` read and rewrote the slot's data in place."""
+        self.ops.append(op_id)
+        self.writer = op_id
+        self.readers = []
+        if failed is not None and self.failed is None:
+            self.failed = failed
+
+    def read(self, op_id: int) -> None:
+        """``op_id`` reads the slot's data."""
+        self.ops.append(op_id)
+        self.readers.append(op_id)
 
     def __repr__(self) -> str:
         return f"Slot(index={self.index}, state={self.state.name}, valid={self.valid})"
@@ -77,10 +115,19 @@ class TripleBuffer:
     """
 
     def __init__(self, device: Any, size: int, dtype: Any = np.float32, depth: int = 3) -> None:
-        if not isinstance(size, (int, np.integer)) or int(size) < 1:
-            raise ValueError(f"size must be a positive number of elements, got {size!r}")
-        if not isinstance(depth, (int, np.integer)) or int(depth) < 1:
-            raise ValueError(f"depth must be a positive int, got {depth!r}")
+        for what, v in (("size", size), ("depth", depth)):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+                raise TypeError(f"{what} must be an int, got {type(v).__name__}")
+            if int(v) < 1:
+                raise ValueError(f"{what} must be >= 1, got {v!r}")
+        inner = getattr(device, "device", None)  # a ManagedGpuContext
+        if not hasattr(device, "allocate") and inner is not None:
+            device = inner
+        if not hasattr(device, "allocate") or not hasattr(device, "create_stream"):
+            raise TypeError(f"device must be a prism-gpu device (ctx.device), got "
+                            f"{type(device).__name__}")
+        if getattr(device, "closed", False):
+            raise InvalidOperationError("the device (or its context) is closed")
         self.device = device
         self.dtype = np.dtype(dtype)
         if self.dtype.hasobject:
@@ -106,23 +153,48 @@ class TripleBuffer:
 
     def get_upload_buffer(self) -> Optional[Slot]:
         """Oldest FREE slot -> UPLOADING, or None if no slot is FREE."""
-        return self._take(FREE_I)
+        return self.take(FREE_I)
 
     def get_process_buffer(self) -> Optional[Slot]:
         """Oldest UPLOADING slot -> PROCESSING, or None."""
-        return self._take(UPLOADING_I)
+        return self.take(UPLOADING_I)
 
     def get_download_buffer(self) -> Optional[Slot]:
         """Oldest PROCESSING slot -> DOWNLOADING, or None."""
-        return self._take(PROCESSING_I)
+        return self.take(PROCESSING_I)
 
     def advance(self) -> bool:
         """Oldest DOWNLOADING slot -> FREE. True if a slot was freed."""
-        return self._take(DOWNLOADING_I) is not None
+        return self.take(DOWNLOADING_I) is not None
 
-    # internals ---------------------------------------------------------------
-    def _take(self, which: int) -> Optional[Slot]:
-        """Move the slot at cursor ``which`` (a state's position in the cycle) on."""
+    def retire(self) -> bool:
+        """Oldest PROCESSING slot -> FREE without a download (its data is not needed).
+
+        The GPU still orders the next write into the slot after every op that
+        used it. True if a slot was retired.
+        """
+        with self._lock:
+            if self._closed:
+                raise InvalidOperationError("this TripleBuffer is closed")
+            cursor = self._cursor
+            i = cursor[PROCESSING_I]
+            slot = self._slots[i]
+            if slot.state is not BufferState.PROCESSING:
+                return False
+            if cursor[DOWNLOADING_I] != i:
+                from ._errors import BufferUnavailableError
+
+                raise BufferUnavailableError(
+                    "retire() needs every downloaded slot advanced first (ring order); "
+                    "call advance()")
+            slot.state = BufferState.FREE
+            cursor[PROCESSING_I] = cursor[DOWNLOADING_I] = (i + 1) % self.depth
+            return True
+
+    # reservations (used by the coordinator, pipelines and stream_map) ---------
+    def take(self, which: int) -> Optional[Slot]:
+        """Move the slot at cursor ``which`` (a state's position in the cycle) on.
+        Undo with :meth:`untake` if what the move was for is rejected."""
         with self._lock:
             if self._closed:
                 raise InvalidOperationError("this TripleBuffer is closed")
@@ -135,7 +207,7 @@ class TripleBuffer:
             cursor[which] = (i + 1) % self.depth
             return slot
 
-    def _produce(self) -> Optional[Slot]:
+    def produce(self) -> Optional[Slot]:
         """Oldest FREE slot straight to PROCESSING: a compute writes it, no upload."""
         with self._lock:
             if self._closed:
@@ -151,16 +223,30 @@ class TripleBuffer:
             self._cursor[FREE_I] = self._cursor[UPLOADING_I] = (i + 1) % self.depth
             return slot
 
-    def _peek(self, which: int, ahead: int = 0) -> Optional[Slot]:
+    def peek(self, which: int, ahead: int = 0) -> Optional[Slot]:
         """The slot the ``ahead``-th next take at cursor ``which`` would return, or None."""
         slot = self._slots[(self._cursor[which] + ahead) % self.depth]
         return slot if slot.state is _CYCLE[which] else None
 
-    def _untake(self, slot: Slot, which: int) -> None:
+    def untake(self, slot: Slot, which: int) -> None:
         """Undo the last take at cursor ``which`` (a rejected call changes no state)."""
         with self._lock:
             slot.state = _CYCLE[which]
             self._cursor[which] = (self._cursor[which] - 1) % self.depth
+
+    def unproduce(self, slot: Slot) -> None:
+        """Undo :meth:`produce` (a rejected compute changes no state)."""
+        with self._lock:
+            slot.state = BufferState.FREE
+            self._cursor[FREE_I] = self._cursor[UPLOADING_I] = (slot.index) % self.depth
+
+    @property
+    def capacity(self) -> int:
+        return self._size
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     @property
     def slots(self) -> List[Slot]:

@@ -12,14 +12,22 @@ __all__ = ["LaunchConfig", "StepConfig", "Dim3"]
 Dim3 = Tuple[int, int, int]
 
 
+def _int(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{what} must be an int, got {value!r}")
+    return int(value)
+
+
 def _dim3(value: Union[int, Sequence[int]], what: str) -> Dim3:
-    if isinstance(value, (int, np.integer)):
-        dims = (int(value), 1, 1)
-    else:
-        seq = tuple(int(v) for v in value)
-        if not 1 <= len(seq) <= 3:
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        dims: Tuple[int, ...] = (int(value), 1, 1)
+    elif isinstance(value, (tuple, list)):
+        if not 1 <= len(value) <= 3:
             raise ValueError(f"{what} must be an int or a tuple of 1 to 3 ints, got {value!r}")
-        dims = seq + (1,) * (3 - len(seq))  # type: ignore[assignment]
+        dims = tuple(_int(v, f"each {what} dimension") for v in value)
+        dims = dims + (1,) * (3 - len(dims))
+    else:
+        raise TypeError(f"{what} must be an int or a tuple of 1 to 3 ints, got {value!r}")
     if any(d < 1 for d in dims):
         raise ValueError(f"{what} dimensions must be >= 1, got {dims}")
     return dims  # type: ignore[return-value]
@@ -42,14 +50,15 @@ class LaunchConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "grid", _dim3(self.grid, "grid"))
         object.__setattr__(self, "block", _dim3(self.block, "block"))
-        if int(self.shared_mem_bytes) < 0:
+        smem = _int(self.shared_mem_bytes, "shared_mem_bytes")
+        if smem < 0:
             raise ValueError("shared_mem_bytes must be >= 0")
-        object.__setattr__(self, "shared_mem_bytes", int(self.shared_mem_bytes))
+        object.__setattr__(self, "shared_mem_bytes", smem)
 
     @classmethod
     def for_elements(cls, n: int, block: int = 256) -> "LaunchConfig":
         """One thread per element (at least one block)."""
-        return cls(grid=max(1, -(-int(n) // block)), block=block)
+        return cls(grid=max(1, -(-int(n) // int(block))), block=block)
 
 
 @dataclass
@@ -57,7 +66,9 @@ class StepConfig:
     """One batch for :meth:`ManagedGpuContext.triple_buffered_step`.
 
     ``input`` is uploaded, ``kernel`` (a registered name, a :class:`Kernel` or a
-    callable) runs on it in place, and the result is downloaded into ``output``.
+    callable) runs on it in place with ``extra`` after the arrays, and the
+    result is downloaded into ``output``. ``on_complete(telemetry)`` is called
+    once the download is complete (by the call that finds it complete).
     """
 
     kernel: Any
@@ -66,3 +77,21 @@ class StepConfig:
     extra: Tuple[Any, ...] = field(default_factory=tuple)
     config: "LaunchConfig | None" = None
     on_complete: "Callable[[Any], None] | None" = None
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Check the fields' types (again before each step: the record is mutable)."""
+        if self.config is not None and not isinstance(self.config, LaunchConfig):
+            raise TypeError(f"StepConfig.config must be a LaunchConfig or None, got "
+                            f"{type(self.config).__name__}")
+        if not isinstance(self.extra, (tuple, list)):
+            raise TypeError(f"StepConfig.extra must be a tuple of extra kernel arguments, "
+                            f"got {type(self.extra).__name__} (write extra=(value,))")
+        if self.on_complete is not None and not callable(self.on_complete):
+            raise TypeError("StepConfig.on_complete must be callable or None")
+        k = self.kernel
+        if not isinstance(k, str) and not callable(k) and not hasattr(k, "cpu_callable"):
+            raise TypeError(f"StepConfig.kernel must be a kernel name, a Kernel or a "
+                            f"callable, got {type(k).__name__}")

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Tuple
+import weakref
+from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 
@@ -10,7 +11,8 @@ from ._buffers import TripleBuffer
 from ._config import StepConfig
 from ._coordinator import AsyncCoordinator
 from ._errors import InvalidOperationError
-from ._validate import host_array
+from ._ops import CompletedOp
+from ._validate import download_destination, host_array
 
 __all__ = ["ManagedGpuContext", "StepTelemetry"]
 
@@ -23,27 +25,32 @@ class StepTelemetry:
     """
 
     __slots__ = ("upload_op", "compute_op", "download_op", "upload_ms", "compute_ms",
-                 "download_ms", "error", "_coord")
+                 "download_ms", "error", "_coord", "_on_complete")
 
-    def __init__(self, coord: AsyncCoordinator) -> None:
+    def __init__(self, coord: AsyncCoordinator,
+                 on_complete: Optional[Callable[["StepTelemetry"], None]] = None) -> None:
         self._coord = coord
+        self._on_complete = on_complete
         self.upload_op = self.compute_op = self.download_op = -1
         self.upload_ms: Optional[float] = None
         self.compute_ms: Optional[float] = None
         self.download_ms: Optional[float] = None
         self.error: Optional[BaseException] = None
 
-    def _upload_done(self, op: Any, ms: Optional[float]) -> None:
+    def _upload_done(self, report: CompletedOp, ms: Optional[float]) -> None:
         self.upload_ms = ms
-        self.error = self.error or op.error
+        self.error = self.error or report.error
 
-    def _compute_done(self, op: Any, ms: Optional[float]) -> None:
+    def _compute_done(self, report: CompletedOp, ms: Optional[float]) -> None:
         self.compute_ms = ms
-        self.error = self.error or op.error
+        self.error = self.error or report.error
 
-    def _download_done(self, op: Any, ms: Optional[float]) -> None:
+    def _download_done(self, report: CompletedOp, ms: Optional[float]) -> None:
         self.download_ms = ms
-        self.error = self.error or op.error
+        self.error = self.error or report.error
+        cb, self._on_complete = self._on_complete, None
+        if cb is not None:
+            cb(self)
 
     def done(self) -> bool:
         """True once the download completed (never blocks)."""
@@ -69,6 +76,10 @@ class StepTelemetry:
 class ManagedGpuContext:
     """A device with its coordinator, buffers and pipelines, freed together.
 
+    Leaving the ``with`` block (or :meth:`close`) waits for queued work, frees
+    everything, and raises failures no call has reported yet (never masking an
+    exception already propagating).
+
     >>> with ManagedGpuContext(device=0, backend="cpu") as ctx:   # doctest: +SKIP
     ...     buf = ctx.create_triple_buffer(2048, dtype=np.float32)
     """
@@ -79,14 +90,18 @@ class ManagedGpuContext:
 
         self._device = open_device(backend, device)
         self._coord: Optional[AsyncCoordinator] = None
-        self._buffers: List[TripleBuffer] = []
-        self._pipelines: List[Any] = []
-        self._rings: Dict[Tuple[str, int], TripleBuffer] = {}
-        self._steps: Dict[int, StepTelemetry] = {}
+        # weakly: rings and pipelines made per request are freed when dropped
+        self._buffers: "weakref.WeakSet[TripleBuffer]" = weakref.WeakSet()
+        self._pipelines: "weakref.WeakSet[Any]" = weakref.WeakSet()
+        self._rings: Dict[str, TripleBuffer] = {}
         self._closed = False
-        if enable_streams:
-            self._coord = AsyncCoordinator(self._device, max_in_flight=max_in_flight,
-                                           timing=True)
+        try:
+            if enable_streams:
+                self._coord = AsyncCoordinator(self._device, max_in_flight=max_in_flight,
+                                               timing=True)
+        except BaseException:
+            self._device.close()
+            raise
 
     @property
     def device(self) -> Any:
@@ -96,13 +111,18 @@ class ManagedGpuContext:
     def backend(self) -> str:
         return self._device.kind
 
-    def _check(self) -> None:
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def check(self) -> None:
+        """Raise :class:`InvalidOperationError` if this context is closed."""
         if self._closed:
             raise InvalidOperationError("this ManagedGpuContext is closed")
 
     def async_coordinator(self) -> Optional[AsyncCoordinator]:
         """The context's coordinator, or None when created with ``enable_streams=False``."""
-        self._check()
+        self.check()
         return self._coord
 
     def async_coordinator_mut(self) -> Optional[AsyncCoordinator]:
@@ -119,19 +139,19 @@ class ManagedGpuContext:
 
     def create_triple_buffer(self, size: int, dtype: Any = np.float32,
                              depth: int = 3) -> TripleBuffer:
-        self._check()
+        self.check()
         buf = TripleBuffer(self._device, size, dtype=dtype, depth=depth)
-        self._buffers.append(buf)
+        self._buffers.add(buf)
         return buf
 
     def create_pipeline_manager(self, *, depth: int = 3) -> Any:
         """A :class:`PipelineStageManager` with its own coordinator on this device."""
-        self._check()
+        self.check()
         from ._pipeline import PipelineStageManager
 
         pipe = PipelineStageManager(AsyncCoordinator(self._device, timing=True), depth=depth,
                                     _owns_coordinator=True)
-        self._pipelines.append(pipe)
+        self._pipelines.add(pipe)
         return pipe
 
     def triple_buffered_step(self, config: StepConfig) -> StepTelemetry:
@@ -139,60 +159,82 @@ class ManagedGpuContext:
 
         Never blocks on the GPU: the ring of the context orders the three ops on
         the device. The returned telemetry fills its GPU times once complete.
+        Everything is checked before anything is queued: a rejected step
+        changes nothing.
         """
         coord = self._require_coord()
         if not isinstance(config, StepConfig):
             raise TypeError(f"expected a StepConfig, got {type(config).__name__}")
-        x = host_array(config.input, np.asarray(config.input).dtype, "StepConfig.input")
-        host_array(config.output, x.dtype, "StepConfig.output")
-        if config.output.size < x.size:
-            from ._errors import TransferError
-
-            raise TransferError(f"StepConfig.output holds {config.output.size} elements, the "
-                                f"input has {x.size}")
-        kernel = config.kernel
-        coord._kernel(kernel)  # unknown names fail here, before anything is queued
+        config.validate()
+        x = host_array(config.input, getattr(config.input, "dtype", np.dtype(np.float32)),
+                       "StepConfig.input")
+        download_destination(config.output, x.dtype, x.size, "StepConfig.output")
+        coord.resolve_kernel(config.kernel)  # unknown names fail before anything is queued
         ring = self._ring(x.dtype, x.size)
-        tel = StepTelemetry(coord)
+        tel = StepTelemetry(coord, config.on_complete)
         tel.upload_op = coord.queue_upload(x, ring, on_done=tel._upload_done)
-        tel.compute_op = coord.queue_compute(kernel, [tel.upload_op],
-                                             extra=config.extra or None, config=config.config,
-                                             on_done=tel._compute_done)
-        tel.download_op = coord.queue_download(ring, config.output, on_done=tel._download_done)
+        try:
+            tel.compute_op = coord.queue_compute(
+                config.kernel, [tel.upload_op], extra=config.extra or None,
+                config=config.config, on_done=tel._compute_done)
+        except BaseException:
+            ring.get_process_buffer()  # the upload's slot goes back: nothing else uses it
+            ring.retire()
+            raise
+        try:
+            tel.download_op = coord.queue_download(ring, config.output,
+                                                   on_done=tel._download_done)
+        except BaseException:
+            ring.retire()
+            raise
         ring.advance()
         return tel
 
     def _ring(self, dtype: np.dtype, n: int) -> TripleBuffer:
-        key = (dtype.str, 0)
+        key = dtype.str
         ring = self._rings.get(key)
-        if ring is None or ring.size() < n:
-            size = max(n, 2 * ring.size() if ring is not None else n)
-            ring = TripleBuffer(self._device, size, dtype=dtype)
-            self._rings[key] = ring
+        if ring is None or ring.capacity < n:
+            size = max(n, 2 * ring.capacity if ring is not None else n)
+            new = TripleBuffer(self._device, size, dtype=dtype)
+            if ring is not None:
+                ring.close()  # ops still in flight keep what they use alive
+            ring = self._rings[key] = new
         return ring
 
     def close(self) -> None:
-        """Wait for in-flight work; free every stream, event and buffer. Idempotent."""
+        """Wait for in-flight work; free every stream, event and buffer; then raise
+        failures no call has reported yet. Idempotent."""
+        from ._optable import raise_failures
+
+        raise_failures(self.close_collecting(), "closing the context")
+
+    def close_collecting(self) -> List[BaseException]:
         if self._closed:
-            return
+            return []
         self._closed = True
+        errors: List[BaseException] = []
         try:
-            for pipe in self._pipelines:
-                pipe.close()
+            for pipe in list(self._pipelines):
+                errors.extend(pipe.close_collecting())
             if self._coord is not None:
-                self._coord.close()
+                errors.extend(self._coord.close_collecting())
         finally:
-            for buf in self._buffers + list(self._rings.values()):
+            for buf in list(self._buffers) + list(self._rings.values()):
                 buf.close()
             self._buffers.clear()
             self._rings.clear()
             self._device.close()
+        return errors
 
     def __enter__(self) -> "ManagedGpuContext":
         return self
 
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        from ._optable import raise_failures
+
+        errors = self.close_collecting()
+        if exc_type is None:
+            raise_failures(errors, "leaving the with block")
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else self._device.name

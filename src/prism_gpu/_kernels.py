@@ -3,40 +3,33 @@
 from __future__ import annotations
 
 import inspect
-import re
-from typing import Any, Callable, Mapping, Optional, Sequence, Tuple
+import weakref
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 from ._config import LaunchConfig
 
 __all__ = ["Kernel"]
 
-_SIG = r"__global__\s+(?:__launch_bounds__\s*\([^)]*\)\s*)?void\s+{name}\s*\(([^)]*)\)"
-
-
-def _parse_params(source: str, entry: str) -> Optional[Tuple[str, ...]]:
-    """The C parameter types of ``entry`` in ``source`` (None if not found)."""
-    m = re.search(_SIG.format(name=re.escape(entry)), source)
-    if m is None:
-        return None
-    params = []
-    for raw in m.group(1).split(","):
-        raw = " ".join(raw.replace("__restrict__", "").replace("const ", "").split())
-        if not raw or raw == "void":
-            continue
-        # drop the parameter name; keep the type ("float*", "unsigned long long")
-        mm = re.match(r"(.*?)(\w+)\s*$", raw)
-        ctype = (mm.group(1) if mm else raw).replace(" *", "*").strip()
-        params.append(ctype)
-    return tuple(params)
+_ACCEPTS: "weakref.WeakKeyDictionary[Any, bool]" = weakref.WeakKeyDictionary()
 
 
 def _accepts_stream(fn: Callable[..., Any]) -> bool:
+    """Whether ``fn`` takes a ``stream`` keyword (cached weakly: a signature is slow)."""
+    try:
+        return _ACCEPTS[fn]
+    except (KeyError, TypeError):
+        pass
     try:
         sig = inspect.signature(fn)
     except (TypeError, ValueError):
         return False
     p = sig.parameters.get("stream")
-    return p is not None and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+    answer = p is not None and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+    try:
+        _ACCEPTS[fn] = answer
+    except TypeError:  # not weakly referenceable: not cached
+        pass
+    return answer
 
 
 class Kernel:
@@ -52,7 +45,7 @@ class Kernel:
     """
 
     __slots__ = ("name", "fn", "source", "entry", "config", "cpu", "uses_arrays",
-                 "defaults", "accepts_stream", "options", "params", "__weakref__")
+                 "defaults", "accepts_stream", "options", "__weakref__")
 
     def __init__(self, name: str, *, fn: Optional[Callable[..., Any]] = None,
                  source: Optional[str] = None, entry: Optional[str] = None,
@@ -75,7 +68,6 @@ class Kernel:
         self.options = dict(options or {})
         target = fn if fn is not None else cpu
         self.accepts_stream = target is not None and _accepts_stream(target)
-        self.params = _parse_params(source, entry) if source is not None else None
 
     @classmethod
     def from_callable(cls, fn: Callable[..., Any], name: Optional[str] = None, *,

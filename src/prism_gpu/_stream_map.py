@@ -3,184 +3,81 @@
 from __future__ import annotations
 
 import collections
-import os
-import sys
-import threading
-import weakref
-from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Callable, Deque, Iterable, Iterator, List, Optional, Tuple, Union
+from concurrent.futures import Future
+from typing import (Any, Callable, Deque, Dict, Iterable, Iterator, List, NamedTuple, Optional,
+                    Tuple, Union)
 
 import numpy as np
 
 from ._buffers import TripleBuffer
 from ._coordinator import AsyncCoordinator
-from ._errors import DependencyFailedError, KernelError, PrismGpuError, TransferError
+from ._errors import (DependencyFailedError, InvalidOperationError, KernelError, PrismGpuError,
+                      TransferError)
 from ._kernels import Kernel
+from ._staging import ResultPool, Stager, cache_of, pinned_empty
 
 __all__ = ["stream_map", "pinned_empty"]
 
 OutputSpec = Union[Tuple[Any, Any], Callable[[np.ndarray], Tuple[Any, Any]], None]
 
 
-def pinned_empty(shape: Any, dtype: Any = np.float32, *, ctx: Any = None) -> np.ndarray:
-    """An uninitialised numpy array in page-locked memory of ``ctx``'s device.
+class _Pulled(NamedTuple):
+    """A batch taken from the iterable (its staging copy may still be running), or the
+    error it gave, raised at its turn."""
 
-    Producers that write batches straight into such arrays skip the staging
-    copy of :func:`stream_map`. Without ``ctx``, the default device is used.
-    """
-    device = ctx.device if ctx is not None else _default_device()
-    dt = np.dtype(dtype)
-    count = int(np.prod(shape, dtype=np.int64))
-    raw = device.allocate_pinned(max(1, count) * dt.itemsize)
-    return raw[: count * dt.itemsize].view(dt).reshape(shape)
-
-
-_DEFAULT: List[Any] = []
+    index: int
+    batch: Any
+    staged: Any
+    raw: Optional[np.ndarray]
+    copies: List[Future]
+    out_spec: Optional[Tuple[Tuple[int, ...], np.dtype]]
+    error: Optional[BaseException]
+    from_iterable: bool = False  # the error is the iterable's own: raised as it is
 
 
-def _default_device() -> Any:
-    if not _DEFAULT:
-        from .backends import open_device
-
-        _DEFAULT.append(open_device("auto"))
-    return _DEFAULT[0]
-
-
-class _Stager:
-    """Copies pageable batches into pinned memory on worker threads.
-
-    The caller's iterable is read on the calling thread (a Python iterator is
-    not moved to another thread); only the copies run elsewhere, in chunks on a
-    few threads for big batches (numpy releases the GIL while copying), so they
-    overlap the device work of earlier batches.
-    """
-
-    CHUNK_BYTES = 8 << 20
-
-    def __init__(self, device: Any, cache: "_PinnedCache") -> None:
-        self._device = device
-        self._cache = cache
-        self._workers = max(1, min(8, os.cpu_count() or 1))
-        self._pool: Optional[ThreadPoolExecutor] = None
-
-    def needs_staging(self, batch: np.ndarray) -> bool:
-        return bool(batch.size) and (not batch.flags.c_contiguous
-                                     or not self._device.is_pinned(batch))
-
-    def start(self, batch: np.ndarray) -> Tuple[np.ndarray, np.ndarray, List[Future]]:
-        """Begin copying ``batch`` into pinned memory: (staged view, raw buffer, futures)."""
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="prism-gpu-copy")
-        raw = self._cache.take(self._device, batch.nbytes)
-        staged = raw[: batch.nbytes].view(batch.dtype).reshape(batch.shape)
-        if not batch.flags.c_contiguous or batch.nbytes < 2 * self.CHUNK_BYTES:
-            return staged, raw, [self._pool.submit(np.copyto, staged, batch)]
-        d, s = staged.reshape(-1), batch.reshape(-1)
-        step = -(-len(s) // self._workers)
-        return staged, raw, [self._pool.submit(np.copyto, d[i:i + step], s[i:i + step])
-                             for i in range(0, len(s), step)]
-
-    def recycle(self, raw: Optional[np.ndarray]) -> None:
-        if raw is not None:
-            self._cache.give(raw)
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
+class _Queued(NamedTuple):
+    index: int
+    up: int
+    comp: int
+    down: int
+    result: np.ndarray
+    raw: Optional[np.ndarray]
 
 
-def _root(array: np.ndarray) -> np.ndarray:
-    while isinstance(array.base, np.ndarray):
-        array = array.base
-    return array
+def _batch_check(batch: Any, index: int) -> None:
+    if not isinstance(batch, np.ndarray):
+        raise TransferError(f"batch {index} is a {type(batch).__name__}; batches must be "
+                            "numpy arrays")
+    if batch.dtype.hasobject:
+        raise TransferError(f"batch {index} has dtype {batch.dtype}; object arrays cannot go "
+                            "to the device (convert to a numeric dtype)")
+    if batch.size == 0:
+        raise TransferError(f"batch {index} is empty: there is nothing to transfer")
 
 
-class _ResultPool:
-    """Pinned memory for results, so downloads go straight into what is yielded.
-
-    A buffer is reused only once nothing but the pool refers to it: every view
-    of a yielded result keeps its buffer's reference count up, so results the
-    consumer keeps are never overwritten. The idle count of each buffer is taken
-    right after it is made, in the same way it is checked later, so references
-    held inside the array machinery (DLPack owners) are counted in.
-    """
-
-    KEEP = 16  # idle buffers kept per size class
-
-    def __init__(self) -> None:
-        self._pool: dict = {}
-        self._lock = threading.Lock()
-        self.allocations = 0
-
-    def empty(self, device: Any, shape: Tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-        size = max(4096, 1 << (max(1, nbytes) - 1).bit_length())
-        with self._lock:
-            entries = self._pool.setdefault(size, [])
-            for entry in entries:
-                if sys.getrefcount(entry[0]) == entry[1]:
-                    return entry[0][:nbytes].view(dtype).reshape(shape)
-            entry = [_root(device.allocate_pinned(size)), 0]
-            entry[1] = sys.getrefcount(entry[0])
-            self.allocations += 1
-            if len(entries) < self.KEEP:
-                entries.append(entry)
-            return entry[0][:nbytes].view(dtype).reshape(shape)
-
-
-class _PinnedCache:
-    """Pinned staging buffers of one device, kept across stream_map calls (pinning
-    memory is slow; a loop that calls stream_map per epoch should pay it once)."""
-
-    KEEP = 16  # buffers kept per size class
-
-    def __init__(self) -> None:
-        # no reference to the device: this is the value of a weak-keyed table
-        self._free: dict = {}
-        self._lock = threading.Lock()
-        self.results = _ResultPool()
-
-    def take(self, device: Any, nbytes: int) -> np.ndarray:
-        size = max(4096, 1 << (max(1, nbytes) - 1).bit_length())
-        with self._lock:
-            free = self._free.get(size)
-            if free:
-                return free.pop()
-        return device.allocate_pinned(size)
-
-    def give(self, raw: np.ndarray) -> None:
-        with self._lock:
-            free = self._free.setdefault(raw.nbytes, [])
-            if len(free) < self.KEEP:
-                free.append(raw)
-
-
-_CACHES: "weakref.WeakKeyDictionary[Any, _PinnedCache]" = weakref.WeakKeyDictionary()
-
-
-def _cache_of(device: Any) -> _PinnedCache:
-    cache = _CACHES.get(device)
-    if cache is None:
-        cache = _CACHES[device] = _PinnedCache()
-    return cache
-
-
-def _resolve_output(output: OutputSpec, batch: np.ndarray) -> Optional[Tuple[tuple, np.dtype]]:
+def _resolve_output(output: OutputSpec, batch: np.ndarray
+                    ) -> Optional[Tuple[Tuple[int, ...], np.dtype]]:
     if output is None:
         return None
     spec = output(batch) if callable(output) else output
     try:
         shape, dtype = spec
-        shape = (int(shape),) if isinstance(shape, (int, np.integer)) else tuple(shape)
-        return shape, np.dtype(dtype)
+        shape = (int(shape),) if isinstance(shape, (int, np.integer)) else tuple(
+            int(d) for d in shape)
+        dt = np.dtype(dtype)
     except (TypeError, ValueError) as exc:
         raise TypeError(f"output must be (shape, dtype) or a callable giving one, got "
                         f"{spec!r}") from exc
+    if any(d < 0 for d in shape) or int(np.prod(shape, dtype=np.int64)) == 0:
+        raise ValueError(f"output shape {shape} holds no elements")
+    if dt.hasobject:
+        raise TypeError("output dtype must not be object")
+    return shape, dt
 
 
 def stream_map(kernel: Any, batches: Iterable[np.ndarray], depth: int = 3, ctx: Any = None,
                output: OutputSpec = None, progress: bool = False,
-               extra: Tuple[Any, ...] = ()) -> Iterator[np.ndarray]:
+               extra: Tuple[Any, ...] = (), *, prefetch: int = 2) -> Iterator[np.ndarray]:
     """Push every batch through ``kernel`` on the device; yield results in input order.
 
     Parameters
@@ -193,8 +90,7 @@ def stream_map(kernel: Any, batches: Iterable[np.ndarray], depth: int = 3, ctx: 
     batches:
         Any iterable of numpy arrays; lengths may differ. Pageable arrays are
         staged through pinned memory by worker threads; arrays from
-        :func:`pinned_empty` go straight through (do not change them until their
-        result is yielded).
+        :func:`pinned_empty` go straight through.
     depth:
         Device slots in the ring: ``depth`` batches are processed at once, and one
         more is queued behind them (it starts when the oldest slot is free).
@@ -205,173 +101,231 @@ def stream_map(kernel: Any, batches: Iterable[np.ndarray], depth: int = 3, ctx: 
         of the batch returning one.
     progress:
         Show a progress bar with batches/s (rich).
+    prefetch:
+        Batches pulled from the iterable beyond the ``depth`` in flight, so their
+        staging copies overlap the device. The read-ahead contract: while the
+        loop body holds result ``k``, at most batches up to ``k + depth +
+        prefetch`` have been pulled, so a producer reusing a ring of ``depth +
+        prefetch + 1`` pinned input arrays never overwrites a batch still in use.
 
-    A failing batch raises :class:`KernelError` naming its index when its result
-    is due, after every earlier result was yielded. Everything is released when
-    the loop ends, breaks, raises or the iterator is garbage-collected.
+    A failing batch raises when its result is due, after every earlier result was
+    yielded, with ``batch_index``. Everything is released when the loop ends,
+    breaks, raises or the iterator is garbage-collected.
 
     >>> for out in stream_map(lambda x: np.sqrt(x, out=x), batches):   # doctest: +SKIP
     ...     use(out)
     """
-    if int(depth) < 1:
-        raise ValueError("depth must be >= 1")
+    for what, v, low in (("depth", depth, 1), ("prefetch", prefetch, 0)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+            raise TypeError(f"{what} must be an int, got {type(v).__name__}")
+        if v < low:
+            raise ValueError(f"{what} must be >= {low}, got {v}")
     if not isinstance(kernel, (Kernel, str)) and not callable(kernel):
         raise TypeError(f"kernel must be a Kernel, a callable or a kernel name, got "
                         f"{type(kernel).__name__}")
-    return _stream_map(kernel, batches, int(depth), ctx, output, progress, tuple(extra))
+    if not isinstance(extra, (tuple, list)):
+        raise TypeError(f"extra must be a tuple, got {type(extra).__name__}")
+    if output is not None and not callable(output) and not isinstance(output, (tuple, list)):
+        raise TypeError(f"output must be (shape, dtype) or a callable giving one, got "
+                        f"{output!r}")
+    if ctx is not None and not hasattr(ctx, "device"):
+        raise TypeError(f"ctx must be a ManagedGpuContext, got {type(ctx).__name__}")
+    return _StreamMap(kernel, batches, int(depth), int(prefetch), ctx, output, progress,
+                      tuple(extra)).run()
 
 
-def _stream_map(kernel: Any, batches: Iterable[np.ndarray], depth: int, ctx: Any,
-                output: OutputSpec, progress: bool, extra: Tuple[Any, ...]
-                ) -> Iterator[np.ndarray]:
-    own_ctx = ctx is None
-    if own_ctx:
-        from ._context import ManagedGpuContext
+class _StreamMap:
+    """One stream_map call: its coordinator, rings, staging and read-ahead."""
 
-        ctx = ManagedGpuContext(enable_streams=False)
-    device = ctx.device
-    coord = AsyncCoordinator(device, max_in_flight=8 * depth + 8)
-    bar = _Progress(batches) if progress else None
-    rings: dict = {}
-    cache = _cache_of(device)
-    results = cache.results
-    stager = _Stager(device, cache)
-    # batches pulled and (if pageable) being copied, not yet queued on the device
-    ahead: Deque[Tuple[int, np.ndarray, np.ndarray, Optional[np.ndarray], List[Future]]] = \
-        collections.deque()
-    pending: Deque[Tuple[int, Any, np.ndarray, Optional[np.ndarray], int, int]] = \
-        collections.deque()
-    deferred: Optional[BaseException] = None
-    try:
-        coord._kernel(kernel)  # unknown names fail before any batch is pulled
-        it = iter(batches)
-        index = 0
-        exhausted = False
-        while True:
-            while not exhausted and len(ahead) < depth:
-                try:
-                    batch = next(it)
-                except StopIteration:
-                    exhausted = True
-                    break
-                except Exception as exc:  # noqa: BLE001 - raised after earlier results
-                    deferred, exhausted = exc, True
-                    break
-                if not isinstance(batch, np.ndarray):
-                    deferred = TransferError(
-                        f"stream_map: batch {index + len(ahead)} is a "
-                        f"{type(batch).__name__}; batches must be numpy arrays")
-                    deferred.batch_index = index + len(ahead)  # type: ignore[attr-defined]
-                    exhausted = True
-                    break
-                if stager.needs_staging(batch):
-                    ahead.append((index + len(ahead), batch, *stager.start(batch)))
-                else:
-                    ahead.append((index + len(ahead), batch, batch, None, []))
-            # One batch more than the ring is queued before the oldest result is waited
-            # for: the device orders its upload after that slot's download, and never
-            # idles while the host wakes up.
-            if ahead and len(pending) <= depth:
-                idx, batch, staged, raw, copies = ahead.popleft()
-                for f in copies:
-                    f.result()
-                try:
-                    entry = _submit(coord, rings, results, kernel, idx, batch, staged, raw,
-                                    output, extra, depth)
-                except PrismGpuError as exc:  # rejected batch: earlier results come first
-                    stager.recycle(raw)
-                    while pending:
-                        yield _finish(coord, pending.popleft(), stager, bar)
-                    raise _batch_error(exc, idx) from exc
-                pending.append(entry)
-                index = idx + 1
-                continue
-            if not pending:
-                break
-            yield _finish(coord, pending.popleft(), stager, bar)
-        if deferred is not None:
-            raise deferred
-    finally:
-        for _, _, _, raw, copies in ahead:
-            for f in copies:
-                f.cancel()
-        stager.close()
-        coord.close()
-        for ring in rings.values():
-            ring.close()
-        if bar is not None:
-            bar.close()
+    def __init__(self, kernel: Any, batches: Iterable[np.ndarray], depth: int, prefetch: int,
+                 ctx: Any, output: OutputSpec, progress: bool, extra: Tuple[Any, ...]) -> None:
+        self.kernel = kernel
+        self.batches = batches
+        self.depth = depth
+        self.prefetch = prefetch
+        self.ctx = ctx
+        self.output = output
+        self.progress = progress
+        self.extra = extra
+        self.rings: Dict[Tuple[str, str], TripleBuffer] = {}
+
+    def run(self) -> Iterator[np.ndarray]:
+        own_ctx = self.ctx is None
         if own_ctx:
-            ctx.close()
+            from ._context import ManagedGpuContext
+
+            ctx = ManagedGpuContext(enable_streams=False)
+        else:
+            ctx = self.ctx
+            if ctx.closed:
+                raise InvalidOperationError("stream_map: the context passed as ctx= is closed")
+        device = ctx.device
+        depth, prefetch = self.depth, self.prefetch
+        coord = AsyncCoordinator(device, max_in_flight=8 * depth + 8)
+        bar = _Progress(self.batches) if self.progress else None
+        cache = cache_of(device)
+        stager = Stager(device, cache)
+        ahead: Deque[_Pulled] = collections.deque()
+        pending: Deque[_Queued] = collections.deque()
+        try:
+            coord.resolve_kernel(self.kernel)  # unknown names fail before any batch is pulled
+            it = iter(self.batches)
+            pulled = 0      # batches taken from the iterable
+            yielded = 0     # results handed out
+            exhausted = False
+            while True:
+                # the read-ahead contract: while result k is held, batches up to
+                # k + depth + prefetch may have been pulled, no more
+                while not exhausted and pulled <= yielded + depth + prefetch:
+                    entry = self._pull(it, pulled, stager)
+                    if entry is None:
+                        exhausted = True
+                        break
+                    ahead.append(entry)
+                    pulled += 1
+                    if entry.error is not None:
+                        exhausted = True
+                # one batch more than the ring is queued before the oldest result is
+                # waited for: the device orders its upload after that slot's download
+                if ahead and len(pending) <= depth:
+                    entry = ahead.popleft()
+                    if entry.error is None:
+                        try:
+                            pending.append(self._submit(coord, cache.results, entry, stager))
+                            continue
+                        except Exception as exc:  # rejected batch: earlier results first
+                            err: BaseException = exc
+                    else:
+                        err = entry.error
+                    while pending:
+                        yield self._finish(coord, pending.popleft(), stager, bar)
+                    if entry.from_iterable:
+                        raise err
+                    raise _batch_error(err, entry.index) from err
+                if not pending:
+                    break
+                result = self._finish(coord, pending.popleft(), stager, bar)
+                yield result
+                yielded += 1
+        finally:
+            for entry in ahead:
+                for f in entry.copies:
+                    f.cancel()
+            stager.close()
+            coord.close_collecting()  # failures after the first raised one are moot
+            for ring in self.rings.values():
+                ring.close()
+            if bar is not None:
+                bar.close()
+            if own_ctx:
+                ctx.close_collecting()
+
+    def _pull(self, it: Iterator[Any], index: int, stager: Stager) -> Optional[_Pulled]:
+        try:
+            batch = next(it)
+        except StopIteration:
+            return None
+        except Exception as exc:  # noqa: BLE001 - the iterable's own error, at its turn
+            return _Pulled(index, None, None, None, [], None, exc, True)
+        try:
+            _batch_check(batch, index)
+            out_spec = _resolve_output(self.output, batch)
+        except Exception as exc:  # noqa: BLE001 - raised at the batch's turn
+            return _Pulled(index, None, None, None, [], None, exc)
+        if stager.needs_staging(batch):
+            staged, raw, copies = stager.start(batch)
+            return _Pulled(index, batch, staged, raw, copies, out_spec, None)
+        return _Pulled(index, batch, batch, None, [], out_spec, None)
+
+    def _ring(self, device: Any, key: str, dtype: np.dtype, n: int) -> TripleBuffer:
+        ring = self.rings.get((key, dtype.str))
+        if ring is None or ring.capacity < n:
+            size = n if ring is None else max(n, 2 * ring.capacity)
+            new = TripleBuffer(device, size, dtype=dtype, depth=self.depth)
+            if ring is not None:
+                ring.close()  # ops in flight keep what they use alive
+            ring = self.rings[(key, dtype.str)] = new
+        return ring
+
+    def _submit(self, coord: AsyncCoordinator, results: ResultPool, entry: _Pulled,
+                stager: Stager) -> _Queued:
+        for f in entry.copies:
+            f.result()
+        batch = entry.batch
+        device = coord.device
+        extra = self.extra or None
+        src = self._ring(device, "in", batch.dtype, batch.size)
+        if entry.out_spec is not None:
+            shape, dtype = entry.out_spec
+            n = int(np.prod(shape, dtype=np.int64))
+            dst = self._ring(device, "out", dtype, n)
+        try:
+            up = coord.queue_upload(entry.staged.reshape(-1), src)
+        except BaseException:
+            stager.recycle(entry.raw)
+            raise
+        if entry.out_spec is None:
+            comp = _rollback_on_error(src, lambda: coord.queue_compute(
+                self.kernel, [up], extra=extra))
+            result = results.empty(device, batch.shape, batch.dtype)
+            down = coord.queue_download(src, result)
+            src.advance()
+        else:
+            comp = _rollback_on_error(src, lambda: coord.queue_compute(
+                self.kernel, [up], extra=extra, outputs=[(dst, n)]))
+            src.retire()  # the input slot is done once the compute is (the GPU orders it)
+            result = results.empty(device, shape, dtype)
+            down = coord.queue_download(dst, result)
+            dst.advance()
+        return _Queued(entry.index, int(up), int(comp), int(down), result, entry.raw)
+
+    @staticmethod
+    def _finish(coord: AsyncCoordinator, entry: _Queued, stager: Stager,
+                bar: Optional["_Progress"]) -> np.ndarray:
+        try:
+            coord.wait(entry.up)
+            stager.recycle(entry.raw)
+            coord.wait(entry.comp)
+            coord.wait(entry.down)
+        except PrismGpuError as exc:
+            raise _batch_error(exc, entry.index) from exc
+        if bar is not None:
+            bar.advance()
+        return entry.result
 
 
-def _ring(rings: dict, device: Any, key: str, dtype: np.dtype, n: int, depth: int
-          ) -> TripleBuffer:
-    ring = rings.get((key, dtype.str))
-    if ring is None or ring.size() < n:
-        size = n if ring is None else max(n, 2 * ring.size())
-        ring = rings[(key, dtype.str)] = TripleBuffer(device, size, dtype=dtype, depth=depth)
-    return ring
-
-
-def _submit(coord: AsyncCoordinator, rings: dict, results: _ResultPool, kernel: Any,
-            index: int, batch: np.ndarray,
-            staged: np.ndarray, raw: Optional[np.ndarray], output: OutputSpec,
-            extra: Tuple[Any, ...], depth: int) -> Tuple[int, Any, np.ndarray,
-                                                         Optional[np.ndarray], int, int]:
-    src = _ring(rings, coord.device, "in", batch.dtype, batch.size, depth)
-    up = coord.queue_upload(staged.reshape(-1), src)
-    out_spec = _resolve_output(output, batch)
-    if out_spec is None:
-        comp = coord.queue_compute(kernel, [up], extra=extra or None)
-        result = results.empty(coord.device, batch.shape, batch.dtype)
-        down = coord.queue_download(src, result)
-        src.advance()
-    else:
-        shape, dtype = out_spec
-        n = int(np.prod(shape, dtype=np.int64))
-        dst = _ring(rings, coord.device, "out", dtype, n, depth)
-        comp = coord.queue_compute(kernel, [up], extra=extra or None, outputs=[(dst, n)])
-        src.get_download_buffer()  # the input slot is done once the compute is
-        src.advance()
-        result = results.empty(coord.device, shape, dtype)
-        down = coord.queue_download(dst, result)
-        dst.advance()
-    return index, comp, result, raw, int(down), int(up)
-
-
-def _finish(coord: AsyncCoordinator, entry: Tuple[int, Any, np.ndarray, Optional[np.ndarray],
-                                                  int, int],
-            stager: Optional[_Stager], bar: Optional["_Progress"]) -> np.ndarray:
-    index, comp, result, raw, down, up = entry
+def _rollback_on_error(src: TripleBuffer, queue: Callable[[], Any]) -> Any:
+    """Queue a compute on the upload just queued into ``src``; if the compute is
+    rejected, the upload's slot goes back to FREE so the ring stays consistent."""
     try:
-        coord.wait(up)
-        if stager is not None:
-            stager.recycle(raw)
-        coord.wait(comp)
-        coord.wait(down)
-    except PrismGpuError as exc:
-        raise _batch_error(exc, index) from exc
-    if bar is not None:
-        bar.advance()
-    return result
+        return queue()
+    except BaseException:
+        src.get_process_buffer()
+        src.retire()
+        raise
 
 
-def _batch_error(exc: PrismGpuError, index: int) -> PrismGpuError:
+def _batch_error(exc: BaseException, index: int) -> BaseException:
     """``exc`` restated for batch ``index``: a KernelError for failed kernels (with the
     op id and kernel name), the same error class otherwise. Carries ``batch_index``."""
     msg = f"stream_map: batch {index} failed: {exc}"
+    err: BaseException
     if isinstance(exc, (KernelError, DependencyFailedError)):
-        err: PrismGpuError = KernelError(msg, op_id=getattr(exc, "op_id", None),
-                                         kernel=getattr(exc, "kernel", None))
+        err = KernelError(msg, op_id=getattr(exc, "op_id", None),
+                          kernel=getattr(exc, "kernel", None))
     else:
-        err = type(exc)(msg)
+        try:
+            err = type(exc)(msg)
+        except Exception:  # noqa: BLE001 - an exception type with another signature
+            err = exc
     err.batch_index = index  # type: ignore[attr-defined]
     return err
 
 
 class _Progress:
     def __init__(self, batches: Any) -> None:
+        import time
+
         from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                                    TimeElapsedColumn)
 
@@ -381,8 +335,6 @@ class _Progress:
         self._p.start()
         self._task = self._p.add_task("batches", total=total, rate="-")
         self._n = 0
-        import time
-
         self._clock = time.perf_counter
         self._t0 = self._clock()
 

@@ -11,11 +11,11 @@ from ._errors import TransferError
 
 def host_array(data: Any, dtype: np.dtype, what: str) -> np.ndarray:
     """``data`` as a C-contiguous numpy array of ``dtype``, or a TransferError."""
-    if not isinstance(data, np.ndarray):
+    if type(data) is not np.ndarray and not isinstance(data, np.ndarray):
         raise TransferError(
             f"{what} must be a numpy array, got {type(data).__name__}; convert it with "
             f"np.ascontiguousarray(x, dtype=np.{dtype.name})")
-    if data.dtype != dtype:
+    if data.dtype is not dtype and data.dtype != dtype:
         raise TransferError(
             f"{what} has dtype {data.dtype}, the buffer holds {dtype}; convert it with "
             f".astype(np.{dtype.name}) (prism-gpu never converts silently)")
@@ -37,13 +37,14 @@ def upload_source(data: Any, dtype: np.dtype, capacity: int) -> int:
     return n
 
 
-def download_destination(dst: Any, dtype: np.dtype, valid: int) -> np.ndarray:
-    host_array(dst, dtype, "download destination")
+def download_destination(dst: Any, dtype: np.dtype, valid: int,
+                         what: str = "download destination") -> np.ndarray:
+    host_array(dst, dtype, what)
     if not dst.flags.writeable:
-        raise TransferError("download destination is read-only")
+        raise TransferError(f"{what} is read-only; pass a writable array")
     if dst.size < valid:
         raise TransferError(
-            f"download destination holds {dst.size} elements, the slot has {valid} valid "
+            f"{what} holds {dst.size} elements, there are {valid} valid "
             "elements to copy; pass a destination of at least that size")
     flat = dst if dst.ndim == 1 else dst.reshape(-1)
     return flat if dst.size == valid else flat[:valid]

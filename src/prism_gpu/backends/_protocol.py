@@ -1,18 +1,16 @@
 """The whole surface a backend implements.
 
-The op model above this layer (coordinator, buffers, pipelines) talks to a
-backend only through these three protocols. A backend never knows about ops;
-it only executes copies, launches, records and waits in stream order.
+The core above this layer talks to a backend only through these protocols
+(the engine is their only caller for streams and events). A backend knows
+nothing about ops: it executes copies, launches, records and waits in stream
+order, and says whether the work before a record failed.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Protocol, Sequence, Tuple, runtime_checkable
+from typing import Any, Optional, Protocol, Sequence, runtime_checkable
 
 import numpy as np
-
-Fault = Tuple[BaseException, Any]
-"""An asynchronous failure: the exception and the ``tag`` of the launch that raised it."""
 
 
 @runtime_checkable
@@ -21,42 +19,63 @@ class Event(Protocol):
 
     def query(self) -> bool:
         """True when the most recent record has completed (or none was made)."""
+        ...
 
     def synchronize(self, timeout: Optional[float] = None) -> bool:
         """Block until done; False if ``timeout`` seconds passed first."""
+        ...
 
-    def elapsed_ms(self, start: "Event") -> float:
+    def error(self) -> Optional[BaseException]:
+        """Called once the most recent record is known complete. Finishes any host
+        work that record completes (the host half of a pageable download) and
+        returns the failure of the work it closes: work since the previous record
+        of an ordering event on its stream, or a failure passed on by a
+        propagating wait. None when that work succeeded. (Device faults are sticky
+        errors, raised by :meth:`query` and :meth:`synchronize` instead.)"""
+        ...
+
+    def elapsed_ms(self, start: Any) -> float:
         """Milliseconds from ``start``'s record to this one's (both timing events, both done)."""
+        ...
 
-    @property
-    def fault(self) -> Optional[Fault]:
-        """The asynchronous failure that reached this record, if any (CPU backend only)."""
+    def close(self) -> None:
+        ...
 
 
 @runtime_checkable
 class Stream(Protocol):
-    def copy_h2d(self, dst: Any, src: np.ndarray) -> None: ...
+    def copy_h2d(self, dst: Any, src: np.ndarray) -> None:
+        """Enqueue a host-to-device copy; pageable ``src`` may change once this returns."""
+        ...
 
-    def copy_d2h(self, dst: np.ndarray, src: Any) -> Optional[Callable[[], None]]:
-        """Enqueue a device-to-host copy; returns a finisher the caller runs once the
-        record after it is complete (pageable destinations are filled then), or None."""
+    def copy_d2h(self, dst: np.ndarray, src: Any) -> None:
+        """Enqueue a device-to-host copy. ``dst`` holds the data once the next record
+        of an ordering event on this stream is complete and its ``error()`` was read."""
+        ...
 
-    def copy_d2d(self, dst: Any, src: Any) -> None: ...
+    def copy_d2d(self, dst: Any, src: Any) -> None:
+        ...
 
-    def launch(self, kernel: Any, config: Any, arrays: Sequence[Any], extra: Sequence[Any],
-               tag: Any = None) -> None: ...
+    def launch(self, kernel: Any, config: Any, arrays: Sequence[Any], extra: Sequence[Any]
+               ) -> None:
+        """Enqueue ``kernel`` (what :meth:`Device.prepare_kernel` returned)."""
+        ...
 
-    def record(self, event: Event, closes_op: bool = True) -> None:
-        """Record ``event`` here. ``closes_op=False`` marks a start-of-op timestamp, which
-        must not take over a failure reported by the op's closing record."""
+    def record(self, event: Event) -> None:
+        """Record ``event`` here. A timing event only timestamps; an ordering event
+        also closes the work since the previous one (see :meth:`Event.error`)."""
+        ...
 
-    def wait(self, event: Event, propagate: bool = True) -> None:
+    def wait(self, event: Event, *, propagate: bool = True) -> None:
         """Later work waits for ``event``'s most recent record. With ``propagate``, a
         failure that reached that record fails the work after the wait."""
+        ...
 
-    def synchronize(self) -> None: ...
+    def synchronize(self) -> None:
+        ...
 
-    def close(self) -> None: ...
+    def close(self) -> None:
+        ...
 
 
 @runtime_checkable
@@ -66,25 +85,39 @@ class Device(Protocol):
     ordinal: int
 
     @property
-    def properties(self) -> dict: ...
+    def closed(self) -> bool:
+        ...
+
+    @property
+    def properties(self) -> dict:
+        ...
 
     def allocate(self, nbytes: int) -> Any:
         """Device memory as a 1-D uint8 device array (``.view(dtype)``, ``[:n]``)."""
+        ...
 
     def allocate_pinned(self, nbytes: int) -> np.ndarray:
         """Page-locked host memory as a 1-D uint8 numpy array."""
+        ...
 
-    def is_pinned(self, array: np.ndarray) -> bool: ...
+    def is_pinned(self, array: np.ndarray) -> bool:
+        ...
 
-    def is_device_array(self, obj: Any) -> bool: ...
+    def is_device_array(self, obj: Any) -> bool:
+        ...
 
-    def create_stream(self, priority: int = 0) -> Stream: ...
+    def create_stream(self, priority: int = 0) -> Stream:
+        ...
 
-    def create_event(self, timing: bool = False) -> Event: ...
+    def create_event(self, timing: bool = False) -> Event:
+        ...
 
     def prepare_kernel(self, kernel: Any) -> Any:
         """Whatever ``Stream.launch`` needs for this kernel (compiled code, a callable)."""
+        ...
 
-    def synchronize(self) -> None: ...
+    def synchronize(self) -> None:
+        ...
 
-    def close(self) -> None: ...
+    def close(self) -> None:
+        ...

@@ -9,21 +9,24 @@ from rich.console import Console
 from rich.table import Table
 
 from ..backends import open_device
-from .._measure import event_overhead_us
-from .._workload import Workload, run_workload
+from ..bench._measure import event_overhead_us
+from ..bench._workload import Workload, run_workload
+
+MAX_ITERATIONS = 1_000_000
 
 
 def bench(args: Any) -> int:
     work = Workload.parse(args.workload)
-    if args.iterations < 2:
-        raise ValueError("--iterations must be >= 2")
+    if not 2 <= args.iterations <= MAX_ITERATIONS:
+        raise ValueError(f"--iterations must be from 2 to {MAX_ITERATIONS:,}, "
+                         f"got {args.iterations}")
     device = open_device(args.backend, args.device)
     try:
         result = run_workload(device, work, iterations=args.iterations)
         events = event_overhead_us(device)
         peers: List[Dict[str, Any]] = []
         if args.peers:
-            from ._peers import run_peers
+            from ..bench._peers import run_peers
 
             peers = run_peers(device, result, args.iterations)
     finally:

@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..backends import open_device
-from .._measure import measure_bandwidth
+from ..bench._measure import measure_bandwidth
 
 
 def info(args: Any) -> int:

@@ -42,6 +42,10 @@ class CpuDevice:
         self._closed = False
 
     @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
     def properties(self) -> dict:
         return {"backend": "cpu", "cores": os.cpu_count() or 1,
                 "total_memory": _total_memory()}

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any, Optional, Tuple
+from typing import Optional
 
 
 class _Record:
@@ -19,9 +19,9 @@ class _Record:
     def __init__(self) -> None:
         self.done = threading.Event()
         self.t = 0.0
-        self.fault: Optional[Tuple[BaseException, Any]] = None
+        self.fault: Optional[BaseException] = None
 
-    def complete(self, fault: Optional[Tuple[BaseException, Any]]) -> None:
+    def complete(self, fault: Optional[BaseException]) -> None:
         self.t = time.perf_counter()
         self.fault = fault
         self.done.set()
@@ -42,8 +42,9 @@ class CpuEvent:
         rec = self._rec
         return True if rec is None else rec.done.wait(timeout)
 
-    @property
-    def fault(self) -> Optional[Tuple[BaseException, Any]]:
+    def error(self) -> Optional[BaseException]:
+        """The failure that reached the most recent record (a kernel that raised
+        before it on its stream, or a failure passed on by a wait), if any."""
         rec = self._rec
         return None if rec is None else rec.fault
 

@@ -1,9 +1,10 @@
 """A CPU stream: one worker thread draining a FIFO of tasks.
 
 A task that raises puts the stream in a fault; work after it is skipped until
-the next record, which carries the fault to whoever waits on it. Waits with
-``propagate=True`` pass a fault that reached the awaited record on to this
-stream. That is how a failing kernel fails its dependents on the CPU backend.
+the next record of an ordering (non-timing) event, which carries the fault to
+whoever waits on it and clears it; records of timing events only timestamp.
+Waits with ``propagate=True`` pass a fault that reached the awaited record on
+to this stream. That is how a failing kernel fails its dependents here.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ class CpuStream:
         self._device = device
         self.priority = priority
         self._q: "queue.SimpleQueue[Optional[Tuple[int, Any, Any]]]" = queue.SimpleQueue()
-        self._fault: Optional[Tuple[BaseException, Any]] = None
+        self._fault: Optional[BaseException] = None
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="prism-gpu-cpu-stream",
                                         daemon=True)
@@ -38,13 +39,13 @@ class CpuStream:
             task = get()
             if task is None:
                 return
-            kind, a, b = task
+            kind, a, b = task  # noqa: F841 - b is unused by some kinds
             if kind == _WORK:
                 if self._fault is None:
                     try:
                         a()
                     except BaseException as exc:  # noqa: BLE001 - carried to the waiter
-                        self._fault = (exc, b)
+                        self._fault = exc
             elif kind == _RECORD:
                 a.complete(self._fault)
                 self._fault = None
@@ -59,13 +60,16 @@ class CpuStream:
 
     def _put(self, kind: int, a: Any, b: Any = None) -> None:
         if self._closed:
-            raise RuntimeError("stream is closed")
+            from ..._errors import InvalidOperationError
+
+            raise InvalidOperationError("this stream is closed (its device or context was "
+                                        "closed)")
         self._q.put((kind, a, b))
 
     # protocol -------------------------------------------------------------
-    def submit(self, fn: Callable[[], Any], tag: Any = None) -> None:
+    def submit(self, fn: Callable[[], Any]) -> None:
         """Run ``fn`` on the worker, in stream order."""
-        self._put(_WORK, fn, tag)
+        self._put(_WORK, fn)
 
     def copy_h2d(self, dst: np.ndarray, src: np.ndarray) -> None:
         if not self._device.is_pinned(src):
@@ -76,28 +80,27 @@ class CpuStream:
 
     def copy_d2h(self, dst: np.ndarray, src: np.ndarray) -> None:
         self._put(_WORK, lambda: np.copyto(dst, src.reshape(dst.shape), casting="no"))
-        return None
 
     def copy_d2d(self, dst: np.ndarray, src: np.ndarray) -> None:
         self._put(_WORK, lambda: np.copyto(dst, src.reshape(dst.shape), casting="no"))
 
     def launch(self, kernel: Tuple[Callable[..., Any], bool], config: Any,
-               arrays: Sequence[Any], extra: Sequence[Any], tag: Any = None) -> None:
+               arrays: Sequence[Any], extra: Sequence[Any]) -> None:
         fn, wants_stream = kernel
         args = (*arrays, *extra)
         if wants_stream:
-            self._put(_WORK, lambda: fn(*args, stream=self), tag)
+            self._put(_WORK, lambda: fn(*args, stream=self))
         else:
-            self._put(_WORK, lambda: fn(*args), tag)
+            self._put(_WORK, lambda: fn(*args))
 
-    def record(self, event: CpuEvent, closes_op: bool = True) -> None:
-        """Record ``event``. A record that closes an op carries the stream's fault to
-        whoever waits on it and clears it; a start-of-op record only timestamps."""
+    def record(self, event: CpuEvent) -> None:
+        """Record ``event``. A record of an ordering event carries the stream's fault
+        to whoever waits on it and clears it; a timing event's record only timestamps."""
         rec = _Record()
         event._rec = rec
-        self._put(_RECORD if closes_op else _STAMP, rec)
+        self._put(_STAMP if event.timing else _RECORD, rec)
 
-    def wait(self, event: CpuEvent, propagate: bool = True) -> None:
+    def wait(self, event: CpuEvent, *, propagate: bool = True) -> None:
         rec = event._rec
         if rec is None or (rec.done.is_set() and (rec.fault is None or not propagate)):
             return

@@ -50,6 +50,10 @@ class CudaDevice:
             self._local.current = True
 
     @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
     def properties(self) -> dict:
         self._current()
         p = self._dev.properties

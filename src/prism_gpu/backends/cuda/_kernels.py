@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import sys
 import threading
-from typing import Any, Callable, Dict, List, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -15,6 +16,26 @@ from cuda.core import launch as _launch
 
 from ..._errors import KernelError, PrismGpuError
 from ._driver import from_cuda_exception
+
+_SIG = r"__global__\s+(?:__launch_bounds__\s*\([^)]*\)\s*)?void\s+{name}\s*\(([^)]*)\)"
+
+
+def parse_params(source: str, entry: str) -> Optional[Tuple[str, ...]]:
+    """The C parameter types of ``entry`` in ``source`` (None if not found)."""
+    m = re.search(_SIG.format(name=re.escape(entry)), source)
+    if m is None:
+        return None
+    params = []
+    for raw in m.group(1).split(","):
+        raw = " ".join(raw.replace("__restrict__", "").replace("const ", "").split())
+        if not raw or raw == "void":
+            continue
+        # drop the parameter name; keep the type ("float*", "unsigned long long")
+        mm = re.match(r"(.*?)(\w+)\s*$", raw)
+        ctype = (mm.group(1) if mm else raw).replace(" *", "*").strip()
+        params.append(ctype)
+    return tuple(params)
+
 
 # C parameter types -> numpy scalar types (exactly what the kernel reads)
 _SCALARS: Dict[str, Any] = {
@@ -123,7 +144,7 @@ class SourceKernel:
         self.name = kernel.name
         self._device = device
         self._k = compile_source(device, kernel)
-        params = kernel.params
+        params = parse_params(kernel.source, kernel.entry)
         self._params = params
         self._conv = ([_converter(p, kernel.name, i) for i, p in enumerate(params)]
                       if params is not None else None)

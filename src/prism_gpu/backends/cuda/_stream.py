@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, List, Optional, Sequence
 
 import numpy as np
 
@@ -14,22 +14,28 @@ _memcpy = driver.cuMemcpyAsync
 
 
 class CudaEvent:
-    __slots__ = ("timing", "_ev", "_h", "_last", "__weakref__")
+    """A cuda.core event. Host work that a record finishes (the host side of a
+    pageable download) runs when the record is found complete."""
+
+    __slots__ = ("timing", "_ev", "_h", "_last", "_finish", "_err", "__weakref__")
 
     def __init__(self, ev: Any, timing: bool) -> None:
         self._ev = ev
         self._h = int(ev.handle)
         self.timing = timing
         self._last: Any = None  # the stream of the most recent record
-
-    fault = None  # device-side failures are sticky CUDA errors, raised by query/sync
+        self._finish: Optional[List[Callable[[], None]]] = None
+        self._err: Optional[BaseException] = None
 
     def query(self) -> bool:
         # cuda.core's checks run in C: about twice as fast as a cuda.bindings call
         try:
-            return self._ev.is_done
+            done = self._ev.is_done
         except Exception as exc:  # noqa: BLE001 - CUDAError: a sticky error
             raise from_cuda_exception(exc, "querying an event") from exc
+        if done and self._finish is not None:
+            self._run_finishers()
+        return done
 
     def synchronize(self, timeout: Optional[float] = None) -> bool:
         if timeout is None:
@@ -37,6 +43,8 @@ class CudaEvent:
                 self._ev.sync()  # releases the GIL while it waits (checked on the GPU)
             except Exception as exc:  # noqa: BLE001 - CUDAError
                 raise from_cuda_exception(exc, "waiting for an event") from exc
+            if self._finish is not None:
+                self._run_finishers()
             return True
         deadline = time.perf_counter() + timeout
         pause = 20e-6
@@ -47,6 +55,23 @@ class CudaEvent:
             time.sleep(min(pause, left))
             pause = min(pause * 2, 2e-3)
         return True
+
+    def error(self) -> Optional[BaseException]:
+        """Called once the record is known complete: finishes its host work and
+        returns what failed there (device faults are sticky errors raised by
+        query and synchronize instead)."""
+        if self._finish is not None:
+            self._run_finishers()
+        return self._err
+
+    def _run_finishers(self) -> None:
+        work, self._finish = self._finish, None
+        for fn in work or ():
+            try:
+                fn()
+            except Exception as exc:  # noqa: BLE001 - reported through error()
+                if self._err is None:
+                    self._err = exc
 
     def elapsed_ms(self, start: "CudaEvent") -> float:
         return float(check(driver.cuEventElapsedTime(start._h, self._h), "event timing"))
@@ -66,6 +91,7 @@ class CudaStream:
         self._h = int(stream.handle)
         self.priority = priority
         self._interop: Optional[tuple] = None
+        self._pending: List[Callable[[], None]] = []  # host work for the next record
         self._closed = False
 
     @property
@@ -94,7 +120,7 @@ class CudaStream:
         if err != SUCCESS:
             raise error(err, "host-to-device copy")
 
-    def copy_d2h(self, dst: np.ndarray, src: DeviceArray) -> Optional[Callable[[], None]]:
+    def copy_d2h(self, dst: np.ndarray, src: DeviceArray) -> None:
         nbytes = dst.nbytes
         dev = self._device
         ptr, pinned = dev.host_info(dst)
@@ -102,7 +128,7 @@ class CudaStream:
             (err,) = _memcpy(ptr, src.ptr, nbytes, self._h)
             if err != SUCCESS:
                 raise error(err, "device-to-host copy")
-            return None
+            return
         cls, stage = dev.staging.take(nbytes)
         (err,) = _memcpy(host_ptr(stage), src.ptr, nbytes, self._h)
         if err != SUCCESS:
@@ -110,16 +136,19 @@ class CudaStream:
             raise error(err, "device-to-host copy")
 
         def finish() -> None:
-            np.copyto(dst, stage[:nbytes].view(dst.dtype).reshape(dst.shape))
-            dev.staging.give_back(cls, stage)
-        return finish
+            try:
+                np.copyto(dst, stage[:nbytes].view(dst.dtype).reshape(dst.shape))
+            finally:
+                dev.staging.give_back(cls, stage)
+        # the host half runs once the next record here is found complete
+        self._pending.append(finish)
 
     def copy_d2d(self, dst: DeviceArray, src: DeviceArray) -> None:
         check(_memcpy(dst.ptr, src.ptr, src.nbytes, self._h), "device-to-device copy")
 
     # launches -------------------------------------------------------------------
-    def launch(self, kernel: Any, config: Any, arrays: Sequence[Any], extra: Sequence[Any],
-               tag: Any = None) -> None:
+    def launch(self, kernel: Any, config: Any, arrays: Sequence[Any], extra: Sequence[Any]
+               ) -> None:
         kernel.launch(self, config, arrays, extra)
 
     def interop_contexts(self, modules: dict) -> Iterable[Any]:
@@ -151,14 +180,17 @@ class CudaStream:
         return self.interop_contexts(modules)
 
     # ordering -------------------------------------------------------------------
-    def record(self, event: CudaEvent, closes_op: bool = True) -> None:
+    def record(self, event: CudaEvent) -> None:
         try:
             self._s.record(event._ev)
         except Exception as exc:  # noqa: BLE001 - CUDAError
             raise from_cuda_exception(exc, "recording an event") from exc
         event._last = self
+        event._err = None
+        if self._pending and not event.timing:
+            event._finish, self._pending = self._pending, []
 
-    def wait(self, event: CudaEvent, propagate: bool = True) -> None:
+    def wait(self, event: CudaEvent, *, propagate: bool = True) -> None:
         if event._last is self:
             return  # stream order already puts this after that record
         try:

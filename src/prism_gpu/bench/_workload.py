@@ -7,38 +7,59 @@ floor of one iteration is ``max(compute, up, down, (up + down bytes) / bidir)``.
 
 from __future__ import annotations
 
+import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from ._buffers import TripleBuffer
-from ._coordinator import AsyncCoordinator
+from .._buffers import TripleBuffer
+from .._coordinator import AsyncCoordinator
+from .._ops import OpType
 from ._measure import Bandwidth, measure_bandwidth, median
-from ._ops import OpType
 
-__all__ = ["Workload", "WorkloadResult", "calibrate", "run_workload"]
+__all__ = ["MAX_STAGE_MS", "Workload", "WorkloadResult", "calibrate", "check_footprint",
+           "run_workload"]
+
+
+MAX_STAGE_MS = 10_000.0
+"""Longest upload, compute or download one workload may ask for (10 s)."""
+
+_ALLOWED = (f"each of UP,COMPUTE,DOWN must be a finite number of milliseconds from 0 to "
+            f"{MAX_STAGE_MS:g}, not all zero")
 
 
 @dataclass
 class Workload:
+    """Milliseconds of upload, compute and download of one iteration."""
+
     up_ms: float = 2.0
     compute_ms: float = 5.0
     down_ms: float = 2.0
 
+    def __post_init__(self) -> None:
+        values = (self.up_ms, self.compute_ms, self.down_ms)
+        if not all(math.isfinite(v) and 0 <= v <= MAX_STAGE_MS for v in values) \
+                or max(values) <= 0:
+            raise ValueError(f"invalid workload {self.label()}: {_ALLOWED}")
+
     @classmethod
     def parse(cls, text: str) -> "Workload":
+        """``"UP,COMPUTE,DOWN"`` in milliseconds, e.g. ``"2,5,2"``."""
         parts = [p.strip() for p in text.split(",")]
         if len(parts) != 3:
-            raise ValueError(f"workload is UP,COMPUTE,DOWN in milliseconds, got {text!r}")
+            raise ValueError(f"invalid workload {text!r}: expected three comma-separated "
+                             f"values UP,COMPUTE,DOWN; {_ALLOWED}")
         try:
             up, comp, down = (float(p) for p in parts)
         except ValueError:
-            raise ValueError(f"workload values must be numbers, got {text!r}") from None
-        if min(up, comp, down) < 0 or max(up, comp, down) <= 0:
-            raise ValueError("workload times must be >= 0 and not all zero")
-        return cls(up, comp, down)
+            raise ValueError(f"invalid workload {text!r}: {_ALLOWED}") from None
+        try:
+            return cls(up, comp, down)
+        except ValueError:
+            raise ValueError(f"invalid workload {text!r}: {_ALLOWED}") from None
 
     def label(self) -> str:
         return f"{self.up_ms:g}/{self.compute_ms:g}/{self.down_ms:g}"
@@ -75,6 +96,30 @@ def calibrate(bw: Bandwidth, work: Workload, itemsize: int = 4) -> Tuple[int, in
     return max(up, 1), max(down, 1)
 
 
+def _host_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def check_footprint(device: Any, work: Workload, bw: Bandwidth, n_up: int, n_down: int,
+                    itemsize: int = 4, depth: int = 3) -> None:
+    """Raise ValueError before allocating if the calibrated copies need more than a
+    quarter of the device's memory (``depth`` slots of each ring) or of host memory
+    (one pinned input and output)."""
+    copy = (n_up + n_down) * itemsize
+    checks = (("device", depth * copy, int(device.properties.get("total_memory") or 0)),
+              ("host", copy, _host_memory()))
+    for where, need, total in checks:
+        if total > 0 and need > total // 4:
+            raise ValueError(
+                f"workload {work.label()} ms needs {need / 2**30:.1f} GiB of {where} memory "
+                f"at the measured copy bandwidth (H2D {bw.h2d:.1f} GB/s, D2H {bw.d2h:.1f} "
+                f"GB/s), more than a quarter of the {total / 2**30:.1f} GiB there: ask for "
+                f"shorter upload and download times")
+
+
 def floor_ms(op_ms: Dict[str, float], up_bytes: int, down_bytes: int, bidir_gbs: float
              ) -> Tuple[float, Dict[str, float]]:
     terms = {"compute": op_ms["compute"], "upload": op_ms["upload"],
@@ -105,8 +150,7 @@ class _Loop:
                             outputs=[(self.dst, self.n_down)])
         else:
             c.queue_compute("noop", [up], outputs=[(self.dst, self.n_down)])
-        self.src.get_download_buffer()
-        self.src.advance()
+        self.src.retire()  # the input slot is consumed: FREE again without a download
         down = c.queue_download(self.dst, self.host_out)
         self.dst.advance()
         return down
@@ -123,9 +167,11 @@ def run_workload(device: Any, work: Workload, iterations: int = 50,
     if bw is None:
         bw = measure_bandwidth(device, 32 << 20)
         n_up, n_down = calibrate(bw, work)
+        check_footprint(device, work, bw, n_up, n_down)
         # bandwidth depends on the copy size: measure again at the calibrated size
         bw = measure_bandwidth(device, max(n_up, n_down, 1024) * 4)
     n_up, n_down = calibrate(bw, work)
+    check_footprint(device, work, bw, n_up, n_down)
     loop = _Loop(device, n_up, n_down, work.compute_ms * 1e3)
     clock = time.perf_counter
     try:

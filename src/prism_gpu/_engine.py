@@ -1,0 +1,405 @@
+"""The engine: streams, pooled events, submission with waits, harvest and throttle.
+
+The only caller of a backend's stream and event protocol. Every op of every
+client ends with a pooled event; events go back to the pool only once their op
+is known complete, so depending on op N always waits for op N. Ops in flight
+are bounded: past ``max_in_flight`` a submit blocks on the oldest.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple
+
+from ._errors import (DependencyFailedError, InvalidOperationError, KernelError, PrismGpuError,
+                      TransferError)
+from ._ops import OpType
+from ._optable import OpTable, scrub
+from .backends._protocol import Device, Event, Stream
+
+__all__ = ["Engine", "Lane", "Op"]
+
+_UPLOAD, _COMPUTE, _DOWNLOAD = OpType.UPLOAD, OpType.COMPUTE, OpType.DOWNLOAD
+
+
+class Lane:
+    """One stream and the FIFO of its ops in flight (a stream completes in order)."""
+
+    __slots__ = ("stream", "ops", "name")
+
+    def __init__(self, stream: Stream, name: str) -> None:
+        self.stream = stream
+        self.ops: Deque["Op"] = collections.deque()
+        self.name = name
+
+
+class Op:
+    """An op in flight: its events, what it keeps alive, who to tell when it is done."""
+
+    __slots__ = ("id", "type", "lane", "event", "start", "end", "name", "error", "keep",
+                 "on_done", "deps")
+
+    def __init__(self, oid: int, op_type: OpType, lane: Lane, name: Optional[str]) -> None:
+        self.id = oid
+        self.type = op_type
+        self.lane = lane
+        self.name = name
+        self.event: Any = None
+        self.start: Any = None
+        self.end: Any = None
+        self.error: Optional[BaseException] = None
+        self.keep: Any = None
+        self.on_done: Optional[Callable[["Op", Optional[float]], None]] = None
+        self.deps: Sequence[int] = ()
+
+    def times_since(self, ref: Event) -> Tuple[float, float]:
+        """(start, end) in ms since timing event ``ref``; only inside ``on_done`` of a
+        timed op."""
+        return self.start.elapsed_ms(ref), self.end.elapsed_ms(ref)
+
+
+class Engine:
+    """Submits ops to streams in order, and completes them.
+
+    Parameters
+    ----------
+    device:
+        The backend device.
+    table:
+        Where ids come from and completions go.
+    max_in_flight:
+        Ops submitted and not known complete; past it, submitting waits for the oldest.
+    timing:
+        Default for whether ops carry start/end timing events.
+    """
+
+    def __init__(self, device: Device, table: OpTable, *, max_in_flight: int = 1024,
+                 timing: bool = False) -> None:
+        self.device = device
+        self.table = table
+        self.max_in_flight = int(max_in_flight)
+        self.timing = bool(timing)
+        self.inflight: Dict[int, Op] = {}
+        self.lanes: List[Lane] = []
+        self._pool: List[Event] = []
+        self._tpool: List[Event] = []
+        self._pool_cap = 2 * self.max_in_flight + 64
+        # id(exception) -> (exception, op that raised it): attributes a failure carried
+        # to a dependent op (CPU streams pass it through waits) to its root op
+        self._roots: "collections.OrderedDict[int, Tuple[BaseException, int]]" = \
+            collections.OrderedDict()
+        self._harvesting = False
+        self._callback_errors: List[BaseException] = []
+        self.closed = False
+
+    # lanes and events -----------------------------------------------------------
+    def lane(self, name: str, priority: int = 0) -> Lane:
+        lane = Lane(self.device.create_stream(priority), name)
+        self.lanes.append(lane)
+        return lane
+
+    def event(self, timing: bool) -> Event:
+        pool = self._tpool if timing else self._pool
+        return pool.pop() if pool else self.device.create_event(timing)
+
+    def give_event(self, ev: Event) -> None:
+        pool = self._tpool if ev.timing else self._pool
+        if len(pool) < self._pool_cap:
+            pool.append(ev)
+        else:
+            ev.close()
+
+    @property
+    def pooled_events(self) -> int:
+        return len(self._pool) + len(self._tpool)
+
+    def mark(self, lane: Lane) -> Event:
+        """A timing event recorded now on ``lane`` (a stats window's reference)."""
+        ev = self.event(True)
+        lane.stream.record(ev)
+        return ev
+
+    # submission -----------------------------------------------------------------
+    def begin(self, op_type: OpType, lane: Lane, name: Optional[str] = None,
+              timing: Optional[bool] = None) -> Op:
+        """A new op on ``lane`` (not yet holding an id); throttles first."""
+        if len(self.inflight) >= self.max_in_flight:
+            self.throttle()
+        op = Op(-1, op_type, lane, name)
+        if self.timing if timing is None else timing:
+            op.start = self.event(True)
+        return op
+
+    def order_after(self, op: Op, ids: Sequence[int], propagate: bool) -> None:
+        """``op``'s lane waits for ops ``ids`` (those still in flight). With
+        ``propagate`` a failure of theirs fails ``op`` (data dependencies); without,
+        it only orders (write-after-read hazards)."""
+        inflight = self.inflight
+        wait = op.lane.stream.wait
+        if propagate:
+            op.deps = ids
+        for d in ids:
+            dep = inflight.get(d)
+            if dep is not None:
+                wait(dep.event, propagate=propagate)
+
+    def started(self, op: Op) -> None:
+        if op.start is not None:
+            op.lane.stream.record(op.start)
+
+    def failed_root(self, ids: Sequence[int]) -> Optional[int]:
+        """The root of the first known failure among ``ids`` (None while none failed)."""
+        table = self.table
+        if table.any_failed:
+            for d in ids:
+                op = self.inflight.get(d)
+                if op is not None:
+                    if op.error is not None:
+                        return self._root_of_op(op)
+                    continue
+                root = table.root(d)
+                if root is not None:
+                    return root
+        return None
+
+    @staticmethod
+    def _root_of_op(op: Op) -> int:
+        err = op.error
+        return err.root_op if isinstance(err, DependencyFailedError) else op.id
+
+    def dependency_error(self, op: Op, root: int, cause: Optional[BaseException] = None
+                         ) -> DependencyFailedError:
+        root_err = self.table.error(root, observe=False) or cause
+        if root_err is None:
+            r = self.inflight.get(root)
+            root_err = r.error if r is not None else None
+        what = f"{op.type.value} op {op.id}" + (f" ({op.name!r})" if op.name else "")
+        return DependencyFailedError(
+            f"{what} did not run: it depends on op {root}, which failed: {root_err}",
+            op_id=op.id, root_op=root, root_error=root_err)
+
+    def launch(self, op: Op, prepared: Any, config: Any, arrays: Sequence[Any],
+               extra: Sequence[Any]) -> None:
+        """Launch a kernel as ``op``'s work. A callable that raises while queued (CUDA
+        runs callables on the host) fails the op; a rejected launch raises."""
+        try:
+            op.lane.stream.launch(prepared, config, arrays, extra)
+        except PrismGpuError:
+            raise
+        except Exception as exc:
+            op.error = self._own_error(op, exc)
+
+    def copy_h2d(self, op: Op, dst: Any, src: Any) -> None:
+        op.lane.stream.copy_h2d(dst, src)
+
+    def copy_d2h(self, op: Op, dst: Any, src: Any) -> None:
+        op.lane.stream.copy_d2h(dst, src)
+
+    def commit(self, op: Op, keep: Any = None,
+               on_done: Optional[Callable[[Op, Optional[float]], None]] = None) -> int:
+        """Record ``op``'s closing event(s); it is in flight from now on. Returns its id."""
+        stream = op.lane.stream
+        if op.start is not None:
+            # Timing lives in events of its own: streams waiting on a timing event are
+            # slower, so the event others wait on never records time.
+            op.end = self.event(True)
+            stream.record(op.end)
+        ev = self.event(False)
+        stream.record(ev)
+        op.event = ev
+        op.keep = keep
+        op.on_done = on_done
+        oid = op.id = self.table.issue()
+        op.lane.ops.append(op)
+        self.inflight[oid] = op
+        if op.error is not None and op.error.__cause__ is not None \
+                and not isinstance(op.error, DependencyFailedError):
+            self._note_root(op.error.__cause__, oid)
+        return oid
+
+    def abandon(self, op: Op) -> None:
+        """Give back what an op that will not be committed took."""
+        if op.start is not None:
+            self.give_event(op.start)
+            op.start = None
+
+    def next_id(self) -> int:
+        """The id the next committed op gets (for messages made before commit)."""
+        return self.table.next
+
+    # completion -----------------------------------------------------------------
+    def _own_error(self, op: Op, exc: BaseException) -> PrismGpuError:
+        oid = self.table.next if op.id < 0 else op.id
+        if op.type is _COMPUTE:
+            err: PrismGpuError = KernelError(
+                f"kernel {op.name!r} (op {oid}) raised {type(exc).__name__}: {exc}",
+                op_id=oid, kernel=op.name)
+        else:
+            err = TransferError(f"{op.type.value} op {oid} failed: {type(exc).__name__}: {exc}")
+            err.op_id = oid  # type: ignore[attr-defined]
+        err.__cause__ = exc
+        return err
+
+    def _note_root(self, exc: BaseException, oid: int) -> None:
+        roots = self._roots
+        roots[id(exc)] = (exc, oid)
+        if len(roots) > 1024:
+            roots.popitem(last=False)
+
+    def _attribute(self, op: Op, exc: BaseException) -> BaseException:
+        """The error of ``op`` whose record carries the failure ``exc``."""
+        hit = self._roots.get(id(exc))
+        if hit is None:
+            # the op that raised it may sit on a lane not harvested yet: complete it first
+            for d in op.deps:
+                dep = self.inflight.get(d)
+                if dep is not None and dep.event.error() is exc:
+                    self._harvest_lane(dep.lane, dep)
+                    hit = self._roots.get(id(exc))
+                    break
+        if hit is not None and hit[0] is exc and hit[1] != op.id:
+            return self.dependency_error(op, hit[1], exc)
+        self._note_root(exc, op.id)
+        scrub(exc)
+        return self._own_error(op, exc)
+
+    def _complete(self, op: Op) -> None:
+        del self.inflight[op.id]
+        ev = op.event
+        if op.error is None:
+            fault = ev.error()
+            if fault is not None:
+                op.error = self._attribute(op, fault)
+            elif op.deps and self.table.any_failed:
+                root = self.failed_root(op.deps)
+                if root is not None:
+                    op.error = self.dependency_error(op, root)
+        self.give_event(ev)
+        duration = None
+        if op.start is not None:
+            duration = op.end.elapsed_ms(op.start)
+        cb = op.on_done
+        if cb is not None:
+            try:
+                cb(op, duration)
+            except Exception as exc:  # raised by the call that harvested, after bookkeeping
+                self._callback_errors.append(exc)
+        if op.start is not None:
+            self.give_event(op.start)
+            self.give_event(op.end)
+        self.table.complete(op.id, op.type, duration, op.error)
+        op.keep = op.event = op.start = op.end = op.on_done = None
+
+    def _harvest_lane(self, lane: Lane, upto: Optional[Op] = None) -> None:
+        """Complete the done ops at the head of ``lane`` (through ``upto``, known done).
+
+        A lane is one stream, so its ops complete in order: when the newest is done
+        all are, and otherwise the boundary is found by bisection, a few queries
+        however many ops are in flight.
+        """
+        ops = lane.ops
+        complete = self._complete
+        if upto is not None:
+            while ops:
+                head = ops.popleft()
+                complete(head)
+                if head is upto:
+                    return
+            return
+        if not ops or not ops[0].event.query():
+            return
+        if ops[-1].event.query():
+            count = len(ops)
+        else:
+            lo, hi = 0, len(ops) - 1  # ops[lo] done, ops[hi] not
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                if ops[mid].event.query():
+                    lo = mid
+                else:
+                    hi = mid
+            count = hi
+        for _ in range(count):
+            complete(ops.popleft())
+
+    def harvest(self, upto: Optional[Op] = None) -> None:
+        """Complete every op known done (through ``upto`` on its lane, known done).
+        Re-entrant calls (from an ``on_done`` callback) do nothing."""
+        if self._harvesting:
+            return
+        self._harvesting = True
+        try:
+            if upto is not None:
+                self._harvest_lane(upto.lane, upto)
+            for lane in self.lanes:
+                if lane.ops:
+                    self._harvest_lane(lane)
+        finally:
+            self._harvesting = False
+        if self._callback_errors:
+            errs, self._callback_errors = self._callback_errors, []
+            raise errs[0]
+
+    def throttle(self) -> None:
+        """Bring ops in flight under ``max_in_flight``, blocking on the oldest if need be."""
+        self.harvest()
+        while len(self.inflight) >= self.max_in_flight:
+            oldest = next(iter(self.inflight.values()))
+            oldest.event.synchronize()
+            self.harvest(oldest)
+
+    def wait(self, oid: int, timeout: Optional[float] = None) -> bool:
+        """Block until op ``oid`` completes (False if ``timeout`` passed first)."""
+        op = self.inflight.get(oid)
+        if op is None:
+            return True
+        if not op.event.synchronize(timeout):
+            return False
+        self.harvest(op)
+        return True
+
+    def is_done(self, oid: int) -> bool:
+        op = self.inflight.get(oid)
+        if op is None:
+            return True
+        if op.event.query():
+            self.harvest(op)
+            return True
+        return False
+
+    def synchronize(self, lanes: Optional[Sequence[Lane]] = None) -> None:
+        for lane in self.lanes if lanes is None else lanes:
+            lane.stream.synchronize()
+        self.harvest()
+
+    # lifetime -------------------------------------------------------------------
+    def check_open(self) -> None:
+        if self.closed:
+            raise InvalidOperationError("this coordinator is closed")
+        if self.device.closed:
+            raise InvalidOperationError(
+                "the device (or the context) this coordinator runs on was closed")
+
+    def close(self, wait: bool = True) -> None:
+        """Finish what is queued (when ``wait``), then free streams and events."""
+        if self.closed:
+            return
+        try:
+            if wait and not self.device.closed:
+                for lane in self.lanes:
+                    lane.stream.synchronize()
+            self._harvesting = True  # callbacks during close do not re-enter
+            for lane in self.lanes:
+                while lane.ops:
+                    self._complete(lane.ops.popleft())
+        finally:
+            self._harvesting = False
+            self._callback_errors.clear()
+            self.closed = True
+            for lane in self.lanes:
+                lane.stream.close()
+            for ev in self._pool + self._tpool:
+                ev.close()
+            self._pool.clear()
+            self._tpool.clear()
+            self._roots.clear()

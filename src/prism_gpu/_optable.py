@@ -1,0 +1,170 @@
+"""The op table: op ids, completion reports and failures, with their observation.
+
+Plain data, no backend. One table per coordinator; every client (coordinator,
+pipeline, stream_map, triple_buffered_step) issues ids from it through the
+engine. A failure is *observed* once a call reported it to the user (``wait``,
+``poll``, ``error``, a raise); unobserved failures are raised, once, by
+:meth:`take_unobserved` callers (``synchronize_all``, leaving a ``with`` block).
+"""
+
+from __future__ import annotations
+
+import collections
+import traceback
+from typing import Deque, Dict, List, Optional
+
+from ._errors import DependencyFailedError
+from ._ops import CompletedOp, OpId, OpType, id_type
+
+__all__ = ["OpTable"]
+
+
+def scrub(exc: BaseException) -> None:
+    """Drop the frame locals an exception's traceback holds (arrays, buffers), keeping
+    the traceback printable: a kept failure must not keep the program's memory alive."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if exc.__traceback__ is not None:
+            traceback.clear_frames(exc.__traceback__)  # skips frames still running
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+        seen += 1
+
+
+class OpTable:
+    """Ids, reports and failures of one coordinator's ops.
+
+    Parameters
+    ----------
+    report_backlog:
+        Completion reports kept for ``poll``; older unreported ones are dropped
+        and counted, so a program that never polls stays bounded.
+    keep_failures:
+        Failures kept after they were observed (so ``wait``/``error`` on an old
+        failed id still answer); the oldest observed ones are forgotten first.
+    """
+
+    def __init__(self, report_backlog: int = 16384, keep_failures: int = 4096) -> None:
+        if int(report_backlog) < 1:
+            raise ValueError("report_backlog must be >= 1")
+        self.id_type = id_type()
+        self.next = 0
+        self._reports: Deque[CompletedOp] = collections.deque(maxlen=int(report_backlog))
+        self.dropped_reports = 0
+        self._failed: Dict[int, BaseException] = {}       # op id -> error (bounded)
+        self._unobserved: Dict[int, None] = {}            # ordered set of op ids
+        self._keep = int(keep_failures)
+        self.failed_total = 0
+        self.forgotten_failures = 0
+
+    # ids ------------------------------------------------------------------------
+    def issue(self) -> int:
+        oid = self.next
+        self.next = oid + 1
+        return oid
+
+    def resolve(self, op_id: object, error: type) -> int:
+        """``op_id`` as a plain int issued here, or ``error`` saying why not."""
+        t = type(op_id)
+        if (t is self.id_type or t is int) and 0 <= op_id < self.next:  # type: ignore[operator]
+            return op_id  # type: ignore[return-value]
+        if isinstance(op_id, bool) or not hasattr(op_id, "__index__"):
+            raise TypeError(f"op ids are ints, got {type(op_id).__name__}")
+        if isinstance(op_id, OpId) and type(op_id) is not self.id_type:
+            raise error(f"op {int(op_id)} was issued by another coordinator")
+        oid = op_id.__index__()  # type: ignore[attr-defined]
+        if not 0 <= oid < self.next:
+            raise error(f"op {oid} was never issued by this coordinator "
+                        f"(ids issued so far: 0..{self.next - 1})")
+        return oid
+
+    # completion -----------------------------------------------------------------
+    def complete(self, oid: int, op_type: OpType, duration: Optional[float],
+                 error: Optional[BaseException]) -> None:
+        reports = self._reports
+        if len(reports) == reports.maxlen:
+            self.dropped_reports += 1
+        reports.append(CompletedOp(self.id_type(oid), op_type, duration, error))
+        if error is not None:
+            scrub(error)
+            self.failed_total += 1
+            self._failed[oid] = error
+            self._unobserved[oid] = None
+            if len(self._failed) > self._keep:
+                self._forget()
+
+    def _forget(self) -> None:
+        """Forget the oldest observed failures (unobserved ones are kept to be raised)."""
+        excess = len(self._failed) - self._keep
+        for oid in list(self._failed):
+            if excess <= 0:
+                break
+            if oid not in self._unobserved:
+                del self._failed[oid]
+                self.forgotten_failures += 1
+                excess -= 1
+
+    def error(self, oid: int, observe: bool = True) -> Optional[BaseException]:
+        err = self._failed.get(oid)
+        if err is not None and observe:
+            self._observe(oid, err)
+        return err
+
+    def _observe(self, oid: int, err: BaseException) -> None:
+        self._unobserved.pop(oid, None)
+        if isinstance(err, DependencyFailedError):
+            # its message carries the root's error: the root reached the caller too
+            self._unobserved.pop(err.root_op, None)
+
+    def root(self, oid: int) -> Optional[int]:
+        """The failed op at the root of ``oid``'s failure, if ``oid`` is known failed."""
+        err = self._failed.get(oid)
+        if err is None:
+            return None
+        return err.root_op if isinstance(err, DependencyFailedError) else oid
+
+    @property
+    def any_failed(self) -> bool:
+        return self.failed_total > 0
+
+    def take_reports(self) -> List[CompletedOp]:
+        out = list(self._reports)
+        self._reports.clear()
+        for r in out:
+            if r.error is not None:
+                self._observe(int(r.op_id), r.error)
+        return out
+
+    def take_unobserved(self, ids: "Optional[set[int]]" = None) -> List[BaseException]:
+        """Failures not yet reported to the user (only among ``ids`` if given), now
+        observed. Dependency failures whose root is also reported are left out: the
+        root's error already names what went wrong."""
+        picked = [o for o in self._unobserved if ids is None or o in ids]
+        errs = []
+        roots = set()
+        for oid in picked:
+            del self._unobserved[oid]
+            err = self._failed[oid]
+            if isinstance(err, DependencyFailedError):
+                if err.root_op in roots or err.root_op in self._failed:
+                    continue
+            roots.add(oid)
+            errs.append(err)
+        return errs
+
+    @property
+    def unreported_reports(self) -> int:
+        return len(self._reports)
+
+    @property
+    def unobserved(self) -> int:
+        return len(self._unobserved)
+
+
+def raise_failures(errors: List[BaseException], what: str) -> None:
+    """Raise one failure as itself, several as an ExceptionGroup."""
+    if not errors:
+        return
+    if len(errors) == 1:
+        raise errors[0]
+    raise ExceptionGroup(f"{len(errors)} ops failed unobserved ({what})",
+                         [e for e in errors if isinstance(e, Exception)])

@@ -1,0 +1,67 @@
+"""The kernel registry of one coordinator: names, built-ins, and kernels passed directly.
+
+Named kernels are kept (the user registered them). Kernels passed directly are
+prepared once and cached weakly, so a program creating kernels per request
+does not keep them alive; plain callables are wrapped per use (cheap) and
+never cached, so one-off lambdas are freed as soon as their ops complete.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any, Callable, Dict, Tuple
+
+from ._builtins import builtin_kernels
+from ._errors import InvalidOperationError
+from ._kernels import Kernel, as_kernel
+
+__all__ = ["KernelRegistry"]
+
+Entry = Tuple[Kernel, Any]
+
+
+class KernelRegistry:
+    """Resolves a kernel name, :class:`Kernel` or callable to (kernel, prepared)."""
+
+    def __init__(self, prepare: Callable[[Kernel], Any]) -> None:
+        self._prepare = prepare
+        self._named: Dict[str, Entry] = {}
+        self._builtins = builtin_kernels()
+        # Kernel -> prepared; the prepared form never refers back to its Kernel
+        self._direct: "weakref.WeakKeyDictionary[Kernel, Any]" = weakref.WeakKeyDictionary()
+
+    def register(self, name: str, kernel: Any) -> None:
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"kernel name must be a non-empty str, got {name!r}")
+        k = as_kernel(kernel, name)
+        self._named[name] = (k, self._prepare(k))
+
+    def resolve(self, kernel: Any) -> Entry:
+        if isinstance(kernel, str):
+            entry = self._named.get(kernel)
+            if entry is None:
+                k = self._builtins.get(kernel)
+                if k is None:
+                    known = sorted(set(self._named) | set(self._builtins))
+                    raise InvalidOperationError(
+                        f"no kernel named {kernel!r}; known: {', '.join(known)}. "
+                        "Register it first with coord.register_kernel(name, kernel)")
+                entry = self._named[kernel] = (k, self._prepare(k))
+            return entry
+        if isinstance(kernel, Kernel):
+            prepared = self._direct.get(kernel)
+            if prepared is None:
+                prepared = self._direct[kernel] = self._prepare(kernel)
+            return kernel, prepared
+        if callable(kernel):
+            k = as_kernel(kernel)
+            return k, self._prepare(k)
+        raise TypeError(f"kernel must be a registered name, a prism_gpu.Kernel or a callable, "
+                        f"got {type(kernel).__name__}")
+
+    def __len__(self) -> int:
+        return len(self._named) + len(self._direct)
+
+    def clear(self) -> None:
+        self._named.clear()
+        self._direct.clear()

@@ -1,0 +1,172 @@
+"""Pinned host memory for streaming: user-facing pinned arrays, the staging of
+pageable batches on worker threads, and the pool results are downloaded into."""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import weakref
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, List, Optional, Tuple
+
+import numpy as np
+
+__all__ = ["pinned_empty", "Stager", "cache_of"]
+
+
+def pinned_empty(shape: Any, dtype: Any = np.float32, *, ctx: Any = None) -> np.ndarray:
+    """An uninitialised numpy array in page-locked memory of ``ctx``'s device.
+
+    Producers that write batches straight into such arrays skip the staging
+    copy of :func:`stream_map`. Without ``ctx``, the default device is used.
+    """
+    device = ctx.device if ctx is not None else _default_device()
+    dims = (shape,) if isinstance(shape, (int, np.integer)) else shape
+    if isinstance(dims, (str, bytes)) or not hasattr(dims, "__iter__"):
+        raise TypeError(f"shape must be an int or a tuple of ints, got {shape!r}")
+    dims = tuple(dims)
+    for d in dims:
+        if isinstance(d, bool) or not isinstance(d, (int, np.integer)):
+            raise TypeError(f"shape must hold ints, got {shape!r}")
+        if d < 0:
+            raise ValueError(f"shape must not be negative, got {shape!r}")
+    shape = tuple(int(d) for d in dims)
+    dt = np.dtype(dtype)
+    if dt.hasobject:
+        raise TypeError("object dtypes cannot live in page-locked memory")
+    count = int(np.prod(shape, dtype=np.int64))
+    raw = device.allocate_pinned(max(1, count) * dt.itemsize)
+    return raw[: count * dt.itemsize].view(dt).reshape(shape)
+
+
+_DEFAULT: List[Any] = []
+
+
+def _default_device() -> Any:
+    if not _DEFAULT:
+        from .backends import open_device
+
+        _DEFAULT.append(open_device("auto"))
+    return _DEFAULT[0]
+
+
+class Stager:
+    """Copies pageable batches into pinned memory on worker threads.
+
+    The caller's iterable is read on the calling thread (a Python iterator is
+    not moved to another thread); only the copies run elsewhere, in chunks on a
+    few threads for big batches (numpy releases the GIL while copying), so they
+    overlap the device work of earlier batches.
+    """
+
+    CHUNK_BYTES = 8 << 20
+
+    def __init__(self, device: Any, cache: "PinnedCache") -> None:
+        self._device = device
+        self._cache = cache
+        self._workers = max(1, min(8, os.cpu_count() or 1))
+        self._pool: Optional[ThreadPoolExecutor] = None
+
+    def needs_staging(self, batch: np.ndarray) -> bool:
+        return bool(batch.size) and (not batch.flags.c_contiguous
+                                     or not self._device.is_pinned(batch))
+
+    def start(self, batch: np.ndarray) -> Tuple[np.ndarray, np.ndarray, List[Future]]:
+        """Begin copying ``batch`` into pinned memory: (staged view, raw buffer, futures)."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="prism-gpu-copy")
+        raw = self._cache.take(self._device, batch.nbytes)
+        staged = raw[: batch.nbytes].view(batch.dtype).reshape(batch.shape)
+        if not batch.flags.c_contiguous or batch.nbytes < 2 * self.CHUNK_BYTES:
+            return staged, raw, [self._pool.submit(np.copyto, staged, batch)]
+        d, s = staged.reshape(-1), batch.reshape(-1)
+        step = -(-len(s) // self._workers)
+        return staged, raw, [self._pool.submit(np.copyto, d[i:i + step], s[i:i + step])
+                             for i in range(0, len(s), step)]
+
+    def recycle(self, raw: Optional[np.ndarray]) -> None:
+        if raw is not None:
+            self._cache.give(raw)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+
+
+def _root(array: np.ndarray) -> np.ndarray:
+    while isinstance(array.base, np.ndarray):
+        array = array.base
+    return array
+
+
+class ResultPool:
+    """Pinned memory for results, so downloads go straight into what is yielded.
+
+    A buffer is reused only once nothing but the pool refers to it: every view
+    of a yielded result keeps its buffer's reference count up, so results the
+    consumer keeps are never overwritten. The idle count of each buffer is taken
+    right after it is made, in the same way it is checked later, so references
+    held inside the array machinery (DLPack owners) are counted in.
+    """
+
+    KEEP = 16  # idle buffers kept per size class
+
+    def __init__(self) -> None:
+        self._pool: dict = {}
+        self._lock = threading.Lock()
+        self.allocations = 0
+
+    def empty(self, device: Any, shape: Tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        size = max(4096, 1 << (max(1, nbytes) - 1).bit_length())
+        with self._lock:
+            entries = self._pool.setdefault(size, [])
+            for entry in entries:
+                if sys.getrefcount(entry[0]) == entry[1]:
+                    return entry[0][:nbytes].view(dtype).reshape(shape)
+            entry = [_root(device.allocate_pinned(size)), 0]
+            entry[1] = sys.getrefcount(entry[0])
+            self.allocations += 1
+            if len(entries) < self.KEEP:
+                entries.append(entry)
+            return entry[0][:nbytes].view(dtype).reshape(shape)
+
+
+class PinnedCache:
+    """Pinned staging buffers of one device, kept across stream_map calls (pinning
+    memory is slow; a loop that calls stream_map per epoch should pay it once)."""
+
+    KEEP = 16  # buffers kept per size class
+
+    def __init__(self) -> None:
+        # no reference to the device: this is the value of a weak-keyed table
+        self._free: dict = {}
+        self._lock = threading.Lock()
+        self.results = ResultPool()
+
+    def take(self, device: Any, nbytes: int) -> np.ndarray:
+        size = max(4096, 1 << (max(1, nbytes) - 1).bit_length())
+        with self._lock:
+            free = self._free.get(size)
+            if free:
+                return free.pop()
+        return device.allocate_pinned(size)
+
+    def give(self, raw: np.ndarray) -> None:
+        with self._lock:
+            free = self._free.setdefault(raw.nbytes, [])
+            if len(free) < self.KEEP:
+                free.append(raw)
+
+
+_CACHES: "weakref.WeakKeyDictionary[Any, PinnedCache]" = weakref.WeakKeyDictionary()
+
+
+def cache_of(device: Any) -> PinnedCache:
+    cache = _CACHES.get(device)
+    if cache is None:
+        cache = _CACHES[device] = PinnedCache()
+    return cache
+
+

@@ -1,0 +1,106 @@
+"""The ``prism-gpu`` command: argument validation, a small CPU bench, and the
+benchmark helpers staying out of ``import prism_gpu``."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+
+from prism_gpu.bench import Bandwidth, Workload, run_workload
+from prism_gpu.cli import main
+
+BAD_WORKLOADS = ["inf,5,2", "1e6,1,1", "1,nan,1", "-1,1,1", "0,0,0", "a,b,c", "1,2",
+                 "1,-inf,1", "10001,0,0", ""]
+
+
+@pytest.mark.parametrize("text", BAD_WORKLOADS)
+def test_bench_rejects_bad_workload(text: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "--workload", text, "--backend", "cpu"]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith("prism-gpu: error: ")
+    assert "workload" in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("text", BAD_WORKLOADS)
+def test_workload_parse_rejects(text: str) -> None:
+    with pytest.raises(ValueError, match="UP,COMPUTE,DOWN"):
+        Workload.parse(text)
+
+
+@pytest.mark.parametrize("text, expected", [("2,5,2", (2.0, 5.0, 2.0)),
+                                            (" 0 , 5, 0 ", (0.0, 5.0, 0.0)),
+                                            ("10000,0,0", (10000.0, 0.0, 0.0)),
+                                            ("0.2,0.2,0.2", (0.2, 0.2, 0.2))])
+def test_workload_parse_accepts(text: str, expected: tuple) -> None:
+    w = Workload.parse(text)
+    assert (w.up_ms, w.compute_ms, w.down_ms) == expected
+
+
+@pytest.mark.parametrize("values", [(float("inf"), 1, 1), (1, float("nan"), 1), (-1, 1, 1),
+                                    (0, 0, 0), (1, 1, 1e6)])
+def test_workload_constructor_rejects(values: tuple) -> None:
+    with pytest.raises(ValueError, match="workload"):
+        Workload(*values)
+
+
+@pytest.mark.parametrize("iterations", ["1", "0", "-5", "1000001"])
+def test_bench_rejects_bad_iterations(iterations: str,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "--backend", "cpu", "--workload", "1,1,1",
+                 "--iterations", iterations]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith("prism-gpu: error: --iterations must be from 2 to 1,000,000")
+
+
+class _TinyDevice:
+    """Reports 64 MiB of device memory; any allocation fails the test."""
+
+    kind = "fake"
+    name = "fake"
+    properties = {"total_memory": 64 << 20}
+
+    def _fail(self, *args: Any) -> None:
+        raise AssertionError("allocated before the size check")
+
+    allocate = allocate_pinned = create_stream = create_event = _fail
+
+
+def test_run_workload_rejects_oversized_copies_before_allocating() -> None:
+    bw = Bandwidth(h2d=10.0, d2h=10.0, bidirectional=20.0, nbytes=1 << 20)
+    # 2 ms at 10 GB/s is 20 MB a copy: 3 slots of each ring exceed 16 MiB
+    with pytest.raises(ValueError, match="of device memory .* more than a quarter"):
+        run_workload(_TinyDevice(), Workload(2, 5, 2), iterations=3, bw=bw)
+
+
+def test_bench_cpu_json(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "--backend", "cpu", "--workload", "1,1,1", "--iterations", "3",
+                 "--json"]) == 0
+    out, err = capsys.readouterr()
+    data = json.loads(out)
+    assert {"backend", "device", "workload", "iterations", "up_bytes", "down_bytes",
+            "bandwidth", "op_ms", "sequential_ms", "triple_ms", "floor_ms", "floor_terms",
+            "speedup", "efficiency", "sequential_its", "triple_its", "event_overhead_us",
+            "peers"} <= set(data)
+    assert data["backend"] == "cpu"
+    assert data["workload"] == {"up_ms": 1.0, "compute_ms": 1.0, "down_ms": 1.0}
+    assert data["iterations"] == 3
+    assert data["peers"] == []
+    assert data["up_bytes"] > 0 and data["down_bytes"] > 0
+    assert data["triple_ms"] > 0 and data["sequential_ms"] > 0
+    assert set(data["event_overhead_us"]) == {"create", "record", "query", "wait"}
+
+
+def test_import_prism_gpu_leaves_bench_out() -> None:
+    code = ("import prism_gpu, sys; "
+            "print('prism_gpu.bench' in sys.modules, 'prism_gpu.cli' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["False", "False"]
