@@ -65,7 +65,7 @@ class StepTelemetry:
     @property
     def total_ms(self) -> Optional[float]:
         parts = (self.upload_ms, self.compute_ms, self.download_ms)
-        return None if any(p is None for p in parts) else sum(parts)  # type: ignore[misc]
+        return None if any(p is None for p in parts) else sum(parts)  # type: ignore[misc, arg-type]
 
     def __repr__(self) -> str:
         return (f"StepTelemetry(ops=({self.upload_op}, {self.compute_op}, {self.download_op}), "

@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Se
 
 from ._buffers import FREE_I, PROCESSING_I, UPLOADING_I, BufferState, Slot, TripleBuffer
 from ._config import LaunchConfig
-from ._engine import Engine, Op
+from ._engine import D2H, H2D, LAUNCH, Engine, Op
 from ._errors import (BufferUnavailableError, InvalidDependencyError, InvalidOperationError,
                       SynchronizationError, TransferError)
 from ._kernels import Kernel
@@ -129,7 +129,7 @@ class AsyncCoordinator:
         self._configs: Dict[int, LaunchConfig] = {}
         # op id -> the slots it touched (weakly: dropped buffers are not kept alive);
         # data flows along dependencies. An id leaves when its slot is refilled.
-        self._slots_of: Dict[int, Tuple["weakref.ref[Slot]", ...]] = {}
+        self._slots_of: Dict[int, Any] = {}  # a weakref, or a tuple of them
         self._sweep_at = 4096
         self._up = self._engine.lane("upload")
         self._compute = self._engine.lane("compute")
@@ -196,30 +196,35 @@ class AsyncCoordinator:
         Pageable memory is staged, so ``data`` may be changed once this returns.
         ``on_done(report, duration_ms)`` is called when the op is found complete.
         """
-        self.check()
-        if not isinstance(buffer, TripleBuffer):
+        if get_ident() != self._owner or self._engine.closed or self._device.closed:
+            self._check_slow()
+        if type(buffer) is not TripleBuffer and not isinstance(buffer, TripleBuffer):
             raise TypeError(f"buffer must be a TripleBuffer, got {type(buffer).__name__}")
         n = upload_source(data, buffer.dtype, buffer.capacity)
         if buffer.device is not self._device:
             raise TransferError("the buffer lives on another device than this coordinator")
-        done = self._wrap(on_done)
+        done = self._wrap(on_done) if on_done is not None else None
         slot = buffer.take(FREE_I)
         if slot is None:
             raise BufferUnavailableError(
                 f"no FREE slot to upload into (states: {buffer.get_states()}); download and "
                 "advance() a slot first, or use a deeper buffer")
-        eng = self._engine
+        full = slot.full
         try:
-            op = eng.begin(_UPLOAD, self._up)
-            eng.order_after(op, slot.readers or (slot.writer,), False)
-            eng.started(op)
-            eng.copy_h2d(op, slot.full if n == slot.capacity else slot.full[:n],
-                         data if data.ndim == 1 else data.reshape(-1))
+            op = self._engine.submit(
+                self._up, _UPLOAD, None, (), slot.readers or (slot.writer,), H2D,
+                full if n == slot.capacity else full[:n],
+                data if data.ndim == 1 else data.reshape(-1), keep=full, on_done=done)
         except BaseException:
             buffer.untake(slot, FREE_I)
             raise
-        oid = eng.commit(op, slot.full, done)
-        self._refill(slot, oid, n)
+        oid = op.id
+        slots_of = self._slots_of
+        for old in slot.filled(oid, n):
+            slots_of.pop(old, None)
+        slots_of[oid] = slot.ref
+        if len(slots_of) > self._sweep_at:
+            self._sweep()
         return self._table.id_type(oid)
 
     def queue_compute(self, name: Any, deps: Iterable[int] = (), *,
@@ -239,66 +244,71 @@ class AsyncCoordinator:
         the kernel writes (``n`` elements, default the whole slot); the slot becomes
         PROCESSING, ready for :meth:`queue_download`.
         """
-        self.check()
+        if get_ident() != self._owner or self._engine.closed or self._device.closed:
+            self._check_slow()
         kernel, prepared = self._kernels.resolve(name)
         dep_ids = self._dep_ids(deps)
-        if config is not None and not isinstance(config, LaunchConfig):
+        if config is not None and type(config) is not LaunchConfig \
+                and not isinstance(config, LaunchConfig):
             raise TypeError(f"config must be a prism_gpu.LaunchConfig or None, got "
                             f"{type(config).__name__}")
-        ext_given = _sequence(extra, "extra")
-        args_given = _sequence(args, "args")
-        done = self._wrap(on_done)
-        slots = self._data_slots(dep_ids)
+        if extra is not None and type(extra) is not tuple:
+            extra = _sequence(extra, "extra")
+        if args is not None:
+            args = _sequence(args, "args")
+        done = self._wrap(on_done) if on_done is not None else None
+        slots = self._data_slots(dep_ids) if dep_ids else []
         pending = self._pending_uploads(slots) if slots else slots
         outs = self._output_slots(outputs) if outputs else ()
-        if args_given is not None:
+        if args is not None:
             arrays: Sequence[Any] = ()
-            ext = args_given
+            ext = args
         else:
-            arrays = ([s.array for s in slots] + [s.full[:n] for s, n in outs]
-                      if kernel.uses_arrays else ())
-            ext = ext_given if ext_given is not None else kernel.defaults
+            if not kernel.uses_arrays:
+                arrays = ()
+            elif outs:
+                arrays = [s.array for s in slots] + [s.full[:n] for s, n in outs]
+            else:
+                arrays = [s.array for s in slots]
+            ext = extra if extra is not None else kernel.defaults
         if config is None:
             config = kernel.config or self._default_config(len(arrays[0]) if arrays else 1)
         # data flows from each slot's writer; a slot rewritten in place also follows
         # its readers, and an output slot every op on its old data
-        waits = list(dep_ids)
+        waits = dep_ids
         quiet: List[int] = []
         for s in slots:
             if s.writer not in waits:
-                waits.append(s.writer)
-            quiet.extend(s.readers)
+                waits = waits + [s.writer]
+            if s.readers:
+                quiet.extend(s.readers)
         for s, _ in outs:
             quiet.extend(s.readers or (s.writer,))
-        eng = self._engine
-        op = eng.begin(_COMPUTE, self._compute, kernel.name)
-        root = eng.failed_root(waits)
-        eng.order_after(op, waits, True)
-        if quiet:
-            eng.order_after(op, quiet, False)
-        eng.started(op)
-        if root is not None:
-            op.error = eng.dependency_error(op, root)
-        else:
-            try:
-                eng.launch(op, prepared, config, arrays, ext)
-            except BaseException:
-                eng.abandon(op)
-                raise
+        op = self._engine.submit(self._compute, _COMPUTE, kernel.name, waits, quiet, LAUNCH,
+                                 prepared, config, arrays, ext, keep=(arrays, ext),
+                                 on_done=done)
         for s in pending:
             s.buffer.take(UPLOADING_I)
         for s, _ in outs:
             s.buffer.produce()
-        oid = eng.commit(op, (arrays, ext), done)
-        failed = root if root is not None else (oid if op.error is not None else None)
+        oid = op.id
+        failed = None
+        if op.error is not None:
+            failed = self._engine.root_of(op)
         for s in slots:
             s.updated(oid, failed)
-        for s, n in outs:
-            self._refill(s, oid, n)
-            if failed is not None:
-                s.failed = failed
-        if slots:
-            self._map(oid, slots, outs)
+        if outs:
+            slots_of = self._slots_of
+            for s, n in outs:
+                for old in s.filled(oid, n):
+                    slots_of.pop(old, None)
+                if failed is not None:
+                    s.failed = failed
+            refs = tuple(s.ref for s in slots) + tuple(s.ref for s, _ in outs)
+            slots_of[oid] = refs[0] if len(refs) == 1 else refs
+        elif slots:
+            self._slots_of[oid] = slots[0].ref if len(slots) == 1 else tuple(
+                s.ref for s in slots)
         return self._table.id_type(oid)
 
     def queue_download(self, buffer: TripleBuffer, dst: Any, *,
@@ -308,8 +318,9 @@ class AsyncCoordinator:
         The copy waits on the GPU for the op that last wrote the slot. ``dst``
         holds the data once :meth:`wait` or :meth:`poll` reports the op complete.
         """
-        self.check()
-        if not isinstance(buffer, TripleBuffer):
+        if get_ident() != self._owner or self._engine.closed or self._device.closed:
+            self._check_slow()
+        if type(buffer) is not TripleBuffer and not isinstance(buffer, TripleBuffer):
             raise TypeError(f"buffer must be a TripleBuffer, got {type(buffer).__name__}")
         slot = buffer.peek(PROCESSING_I)
         if slot is None:
@@ -317,30 +328,23 @@ class AsyncCoordinator:
                 f"no PROCESSING slot to download (states: {buffer.get_states()}); queue a "
                 "compute on an upload first")
         view = download_destination(dst, buffer.dtype, slot.valid)
-        done = self._wrap(on_done)
-        eng = self._engine
-        op = eng.begin(_DOWNLOAD, self._down)
-        root = slot.failed
-        if root is None and self._table.any_failed:
-            root = eng.failed_root((slot.writer,))
-        eng.order_after(op, (slot.writer,), True)
-        eng.started(op)
-        if root is None:
-            try:
-                eng.copy_d2h(op, view, slot.array)
-            except BaseException:
-                eng.abandon(op)
-                raise
-        else:
-            op.error = eng.dependency_error(op, root)
+        done = self._wrap(on_done) if on_done is not None else None
+        op = self._engine.submit(self._down, _DOWNLOAD, None, (slot.writer,), (), D2H, view,
+                                 slot.array, keep=(slot.full, dst), on_done=done,
+                                 root=slot.failed)
         buffer.take(PROCESSING_I)
-        oid = eng.commit(op, (slot.full, dst), done)
+        oid = op.id
         slot.read(oid)
-        self._slots_of[oid] = (slot.ref,)
+        self._slots_of[oid] = slot.ref
         return self._table.id_type(oid)
 
     # checks and slot bookkeeping -----------------------------------------------
     def _dep_ids(self, deps: Any) -> List[int]:
+        table = self._table
+        if type(deps) is list and len(deps) == 1:  # the common [upload_id]
+            d = deps[0]
+            if type(d) is table.id_type and d < table.next:  # type: ignore[operator]
+                return [d]  # type: ignore[list-item]
         if hasattr(deps, "__index__") and not isinstance(deps, bool):
             deps = (deps,)
         elif isinstance(deps, (str, bytes)) or not hasattr(deps, "__iter__"):
@@ -360,24 +364,20 @@ class AsyncCoordinator:
             on_done(CompletedOp(id_type(op.id), op.type, ms, op.error), ms)
         return report
 
-    def _refill(self, slot: Slot, oid: int, n: int) -> None:
+    def _sweep(self) -> None:
+        """Drop the entries of dropped buffers from the op -> slot map."""
         slots_of = self._slots_of
-        for old in slot.filled(oid, n):
-            slots_of.pop(old, None)
-        slots_of[oid] = (slot.ref,)
-        if len(slots_of) > self._sweep_at:  # entries of dropped buffers
-            for k in [k for k, refs in slots_of.items() if all(r() is None for r in refs)]:
-                del slots_of[k]
-            self._sweep_at = 2 * len(slots_of) + 4096
-
-    def _map(self, oid: int, slots: Sequence[Slot], outs: Sequence[Tuple[Slot, int]]) -> None:
-        self._slots_of[oid] = tuple(s.ref for s in slots) + tuple(s.ref for s, _ in outs)
+        for k in [k for k, refs in slots_of.items()
+                  if all(r() is None for r in (refs if type(refs) is tuple else (refs,)))]:
+            del slots_of[k]
+        self._sweep_at = 2 * len(slots_of) + 4096
 
     def _data_slots(self, dep_ids: Sequence[int]) -> List[Slot]:
         slots: List[Slot] = []
         slots_of = self._slots_of
         for d in dep_ids:
-            for r in slots_of.get(d, ()):
+            refs = slots_of.get(d, ())
+            for r in (refs if type(refs) is tuple else (refs,)):
                 s = r()
                 if s is not None and s not in slots and (s.state is _UPLOADING
                                                          or s.state is _PROCESSING):

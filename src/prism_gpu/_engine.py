@@ -17,7 +17,9 @@ from ._ops import OpType
 from ._optable import OpTable, scrub
 from .backends._protocol import Device, Event, Stream
 
-__all__ = ["Engine", "Lane", "Op"]
+__all__ = ["Engine", "Lane", "Op", "H2D", "D2H", "LAUNCH"]
+
+H2D, D2H, LAUNCH = 0, 1, 2  # the kinds of work an op does
 
 _UPLOAD, _COMPUTE, _DOWNLOAD = OpType.UPLOAD, OpType.COMPUTE, OpType.DOWNLOAD
 
@@ -39,8 +41,8 @@ class Op:
     __slots__ = ("id", "type", "lane", "event", "start", "end", "name", "error", "keep",
                  "on_done", "deps")
 
-    def __init__(self, oid: int, op_type: OpType, lane: Lane, name: Optional[str]) -> None:
-        self.id = oid
+    def __init__(self, op_type: OpType, lane: Lane, name: Optional[str]) -> None:
+        self.id = -1
         self.type = op_type
         self.lane = lane
         self.name = name
@@ -120,32 +122,88 @@ class Engine:
         return ev
 
     # submission -----------------------------------------------------------------
-    def begin(self, op_type: OpType, lane: Lane, name: Optional[str] = None,
-              timing: Optional[bool] = None) -> Op:
-        """A new op on ``lane`` (not yet holding an id); throttles first."""
-        if len(self.inflight) >= self.max_in_flight:
+    def submit(self, lane: Lane, op_type: OpType, name: Optional[str], deps: Sequence[int],
+               quiet: Sequence[int], kind: int, a: Any, b: Any, c: Any = None, d: Any = None,
+               keep: Any = None, on_done: Optional[Callable[[Op, Optional[float]], None]] = None,
+               timing: Optional[bool] = None, root: Optional[int] = None) -> Op:
+        """Queue one op on ``lane`` and return it, in flight, with its id.
+
+        ``lane`` first waits for ops ``deps`` (data dependencies: a failure of
+        theirs fails this op) and ``quiet`` (ordering only: write-after-read
+        hazards), those still in flight. Then the work: ``kind`` H2D copies
+        ``b`` into ``a``, D2H copies ``b`` into ``a``, LAUNCH launches prepared
+        kernel ``a`` with config ``b``, arrays ``c`` and extra ``d``. If a
+        dependency is known to have failed (or ``root`` names such a failure),
+        nothing runs and the op fails with DependencyFailedError. A launch
+        rejected while queueing raises (after waits that only order); a callable
+        that raises while queued (CUDA runs callables on the host) fails the op.
+        ``keep`` stays alive until the op completes; ``on_done(op, ms)`` runs then.
+        """
+        inflight = self.inflight
+        if len(inflight) >= self.max_in_flight:
             self.throttle()
-        op = Op(-1, op_type, lane, name)
+        op = Op(op_type, lane, name)
+        stream = lane.stream
+        if deps:
+            op.deps = deps
+            for i in deps:
+                dep = inflight.get(i)
+                if dep is not None:
+                    stream.wait(dep.event)
+            if root is None and self.table.failed_total:
+                root = self.failed_root(deps)
+        if quiet:
+            for i in quiet:
+                dep = inflight.get(i)
+                if dep is not None:
+                    stream.wait(dep.event, propagate=False)
+        start = None
         if self.timing if timing is None else timing:
-            op.start = self.event(True)
+            pool = self._tpool
+            start = op.start = pool.pop() if pool else self.device.create_event(True)
+            stream.record(start)
+        table = self.table
+        oid = table.next
+        if root is not None:
+            op.error = self.dependency_error(op, root, oid=oid)
+        else:
+            try:
+                if kind == LAUNCH:
+                    stream.launch(a, b, c, d)
+                elif kind == H2D:
+                    stream.copy_h2d(a, b)
+                else:
+                    stream.copy_d2h(a, b)
+            except PrismGpuError:
+                self._drop_start(op)
+                raise
+            except Exception as exc:
+                if kind != LAUNCH:
+                    self._drop_start(op)
+                    raise
+                op.error = self._own_error(op, exc, oid)
+                self._note_root(exc, oid)
+        if start is not None:
+            # Timing lives in events of its own: streams waiting on a timing event are
+            # slower, so the event others wait on never records time.
+            pool = self._tpool
+            end = op.end = pool.pop() if pool else self.device.create_event(True)
+            stream.record(end)
+        pool = self._pool
+        ev = op.event = pool.pop() if pool else self.device.create_event(False)
+        stream.record(ev)
+        op.keep = keep
+        op.on_done = on_done
+        op.id = oid
+        table.next = oid + 1
+        lane.ops.append(op)
+        inflight[oid] = op
         return op
 
-    def order_after(self, op: Op, ids: Sequence[int], propagate: bool) -> None:
-        """``op``'s lane waits for ops ``ids`` (those still in flight). With
-        ``propagate`` a failure of theirs fails ``op`` (data dependencies); without,
-        it only orders (write-after-read hazards)."""
-        inflight = self.inflight
-        wait = op.lane.stream.wait
-        if propagate:
-            op.deps = ids
-        for d in ids:
-            dep = inflight.get(d)
-            if dep is not None:
-                wait(dep.event, propagate=propagate)
-
-    def started(self, op: Op) -> None:
+    def _drop_start(self, op: Op) -> None:
         if op.start is not None:
-            op.lane.stream.record(op.start)
+            self.give_event(op.start)
+            op.start = None
 
     def failed_root(self, ids: Sequence[int]) -> Optional[int]:
         """The root of the first known failure among ``ids`` (None while none failed)."""
@@ -163,73 +221,31 @@ class Engine:
         return None
 
     @staticmethod
+    def root_of(op: Op) -> int:
+        """The root op of failed op ``op``'s failure."""
+        return Engine._root_of_op(op)
+
+    @staticmethod
     def _root_of_op(op: Op) -> int:
         err = op.error
         return err.root_op if isinstance(err, DependencyFailedError) else op.id
 
-    def dependency_error(self, op: Op, root: int, cause: Optional[BaseException] = None
-                         ) -> DependencyFailedError:
+    def dependency_error(self, op: Op, root: int, cause: Optional[BaseException] = None,
+                         oid: Optional[int] = None) -> DependencyFailedError:
         root_err = self.table.error(root, observe=False) or cause
         if root_err is None:
             r = self.inflight.get(root)
             root_err = r.error if r is not None else None
-        what = f"{op.type.value} op {op.id}" + (f" ({op.name!r})" if op.name else "")
+        oid = op.id if oid is None else oid
+        what = f"{op.type.value} op {oid}" + (f" ({op.name!r})" if op.name else "")
         return DependencyFailedError(
             f"{what} did not run: it depends on op {root}, which failed: {root_err}",
-            op_id=op.id, root_op=root, root_error=root_err)
-
-    def launch(self, op: Op, prepared: Any, config: Any, arrays: Sequence[Any],
-               extra: Sequence[Any]) -> None:
-        """Launch a kernel as ``op``'s work. A callable that raises while queued (CUDA
-        runs callables on the host) fails the op; a rejected launch raises."""
-        try:
-            op.lane.stream.launch(prepared, config, arrays, extra)
-        except PrismGpuError:
-            raise
-        except Exception as exc:
-            op.error = self._own_error(op, exc)
-
-    def copy_h2d(self, op: Op, dst: Any, src: Any) -> None:
-        op.lane.stream.copy_h2d(dst, src)
-
-    def copy_d2h(self, op: Op, dst: Any, src: Any) -> None:
-        op.lane.stream.copy_d2h(dst, src)
-
-    def commit(self, op: Op, keep: Any = None,
-               on_done: Optional[Callable[[Op, Optional[float]], None]] = None) -> int:
-        """Record ``op``'s closing event(s); it is in flight from now on. Returns its id."""
-        stream = op.lane.stream
-        if op.start is not None:
-            # Timing lives in events of its own: streams waiting on a timing event are
-            # slower, so the event others wait on never records time.
-            op.end = self.event(True)
-            stream.record(op.end)
-        ev = self.event(False)
-        stream.record(ev)
-        op.event = ev
-        op.keep = keep
-        op.on_done = on_done
-        oid = op.id = self.table.issue()
-        op.lane.ops.append(op)
-        self.inflight[oid] = op
-        if op.error is not None and op.error.__cause__ is not None \
-                and not isinstance(op.error, DependencyFailedError):
-            self._note_root(op.error.__cause__, oid)
-        return oid
-
-    def abandon(self, op: Op) -> None:
-        """Give back what an op that will not be committed took."""
-        if op.start is not None:
-            self.give_event(op.start)
-            op.start = None
-
-    def next_id(self) -> int:
-        """The id the next committed op gets (for messages made before commit)."""
-        return self.table.next
+            op_id=oid, root_op=root, root_error=root_err)
 
     # completion -----------------------------------------------------------------
-    def _own_error(self, op: Op, exc: BaseException) -> PrismGpuError:
-        oid = self.table.next if op.id < 0 else op.id
+    def _own_error(self, op: Op, exc: BaseException, oid: Optional[int] = None
+                   ) -> PrismGpuError:
+        oid = op.id if oid is None else oid
         if op.type is _COMPUTE:
             err: PrismGpuError = KernelError(
                 f"kernel {op.name!r} (op {oid}) raised {type(exc).__name__}: {exc}",
@@ -266,29 +282,33 @@ class Engine:
     def _complete(self, op: Op) -> None:
         del self.inflight[op.id]
         ev = op.event
-        if op.error is None:
+        err = op.error
+        if err is None:
             fault = ev.error()
             if fault is not None:
-                op.error = self._attribute(op, fault)
-            elif op.deps and self.table.any_failed:
+                err = op.error = self._attribute(op, fault)
+            elif op.deps and self.table.failed_total:
                 root = self.failed_root(op.deps)
                 if root is not None:
-                    op.error = self.dependency_error(op, root)
-        self.give_event(ev)
+                    err = op.error = self.dependency_error(op, root)
+        self._pool.append(ev)
+        start = op.start
         duration = None
-        if op.start is not None:
-            duration = op.end.elapsed_ms(op.start)
+        if start is not None:
+            duration = op.end.elapsed_ms(start)
         cb = op.on_done
         if cb is not None:
             try:
                 cb(op, duration)
             except Exception as exc:  # raised by the call that harvested, after bookkeeping
                 self._callback_errors.append(exc)
-        if op.start is not None:
-            self.give_event(op.start)
+            op.on_done = None
+        if start is not None:
+            self.give_event(start)
             self.give_event(op.end)
-        self.table.complete(op.id, op.type, duration, op.error)
-        op.keep = op.event = op.start = op.end = op.on_done = None
+            op.start = op.end = None
+        self.table.complete(op.id, op.type, duration, err)
+        op.keep = op.event = None
 
     def _harvest_lane(self, lane: Lane, upto: Optional[Op] = None) -> None:
         """Complete the done ops at the head of ``lane`` (through ``upto``, known done).

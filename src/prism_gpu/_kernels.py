@@ -77,7 +77,7 @@ class Kernel:
         stream it runs on (on CUDA: an object implementing ``__cuda_stream__``)."""
         if not callable(fn):
             raise TypeError(f"Kernel.from_callable needs a callable, got {type(fn).__name__}")
-        return cls(name or getattr(fn, "__name__", "kernel"), fn=fn, config=config,
+        return cls(name or str(getattr(fn, "__name__", "kernel")), fn=fn, config=config,
                    defaults=defaults)
 
     @classmethod

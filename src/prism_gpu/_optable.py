@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import collections
 import traceback
-from typing import Deque, Dict, List, Optional
+from typing import Deque, Dict, List, Optional, Tuple
 
 from ._errors import DependencyFailedError
 from ._ops import CompletedOp, OpId, OpType, id_type
@@ -48,7 +48,8 @@ class OpTable:
             raise ValueError("report_backlog must be >= 1")
         self.id_type = id_type()
         self.next = 0
-        self._reports: Deque[CompletedOp] = collections.deque(maxlen=int(report_backlog))
+        self._reports: Deque[Tuple[int, OpType, Optional[float], Optional[BaseException]]] = \
+            collections.deque(maxlen=int(report_backlog))
         self.dropped_reports = 0
         self._failed: Dict[int, BaseException] = {}       # op id -> error (bounded)
         self._unobserved: Dict[int, None] = {}            # ordered set of op ids
@@ -56,11 +57,7 @@ class OpTable:
         self.failed_total = 0
         self.forgotten_failures = 0
 
-    # ids ------------------------------------------------------------------------
-    def issue(self) -> int:
-        oid = self.next
-        self.next = oid + 1
-        return oid
+    # ids (``next`` is the next id; the engine issues them as it queues ops) --------
 
     def resolve(self, op_id: object, error: type) -> int:
         """``op_id`` as a plain int issued here, or ``error`` saying why not."""
@@ -83,7 +80,7 @@ class OpTable:
         reports = self._reports
         if len(reports) == reports.maxlen:
             self.dropped_reports += 1
-        reports.append(CompletedOp(self.id_type(oid), op_type, duration, error))
+        reports.append((oid, op_type, duration, error))  # a CompletedOp once polled
         if error is not None:
             scrub(error)
             self.failed_total += 1
@@ -127,7 +124,8 @@ class OpTable:
         return self.failed_total > 0
 
     def take_reports(self) -> List[CompletedOp]:
-        out = list(self._reports)
+        make = self.id_type
+        out = [CompletedOp(make(oid), t, ms, err) for oid, t, ms, err in self._reports]
         self._reports.clear()
         for r in out:
             if r.error is not None:

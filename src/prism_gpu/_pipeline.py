@@ -15,7 +15,7 @@ import numpy as np
 from ._buffers import FREE_I, Slot, TripleBuffer
 from ._config import LaunchConfig
 from ._coordinator import AsyncCoordinator
-from ._engine import Engine, Lane, Op
+from ._engine import LAUNCH, Engine, Lane, Op
 from ._errors import BufferUnavailableError, InvalidOperationError
 from ._ops import OpType
 from ._optable import raise_failures
@@ -89,7 +89,7 @@ class _Step(NamedTuple):
 
     stage: GpuPipelineStage
     prepared: Any
-    config: Optional[LaunchConfig]
+    config: LaunchConfig
     uses_arrays: bool
     extra: Tuple[Any, ...]
     lane: Lane
@@ -208,7 +208,10 @@ class PipelineStageManager:
             lane = self._lanes.get(i)
             if lane is None:
                 lane = self._lanes[i] = self._engine.lane(st.name)
-            plan.append(_Step(st, prepared, st.config or kernel.config, kernel.uses_arrays,
+            first = (*st.input_buffers, *st.output_buffers)
+            config = st.config or kernel.config or LaunchConfig.for_elements(
+                self._buffers[first[0]].capacity if first else 1)
+            plan.append(_Step(st, prepared, config, kernel.uses_arrays,
                               st.extra or kernel.defaults, lane, tuple(st.input_buffers),
                               tuple(st.output_buffers)))
         return plan
@@ -247,26 +250,13 @@ class PipelineStageManager:
             outs = [slots[b] for b in step.writes]
             waits = [s.writer for s in ins]
             quiet = [o for s in outs if s not in ins for o in (s.readers or (s.writer,))]
-            op = eng.begin(OpType.COMPUTE, step.lane, step.stage.name, timing=True)
-            root = eng.failed_root(waits)
-            eng.order_after(op, waits, True)
-            if quiet:
-                eng.order_after(op, quiet, False)
-            eng.started(op)
             arrays = [s.full for s in ins] + [s.full for s in outs]
-            if root is not None:
-                op.error = eng.dependency_error(op, root)
-            else:
-                config = step.config or LaunchConfig.for_elements(len(arrays[0]) if arrays
-                                                                  else 1)
-                try:
-                    eng.launch(op, step.prepared, config,
-                               arrays if step.uses_arrays else (), step.extra)
-                except BaseException:
-                    eng.abandon(op)
-                    raise
-            oid = eng.commit(op, arrays, self._timer(step.stage.name, it, pos == last))
-            failed = root if root is not None else (oid if op.error is not None else None)
+            op = eng.submit(step.lane, OpType.COMPUTE, step.stage.name, waits, quiet, LAUNCH,
+                            step.prepared, step.config, arrays if step.uses_arrays else (),
+                            step.extra, keep=arrays,
+                            on_done=self._timer(step.stage.name, it, pos == last), timing=True)
+            oid = op.id
+            failed = eng.root_of(op) if op.error is not None else None
             for s in ins:
                 if s in outs:
                     s.updated(oid, failed)

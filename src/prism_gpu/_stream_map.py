@@ -25,7 +25,7 @@ class _Pulled(NamedTuple):
     """A batch taken from the iterable (its staging copy may still be running), or the
     error it gave, raised at its turn."""
 
-    index: int
+    pos: int
     batch: Any
     staged: Any
     raw: Optional[np.ndarray]
@@ -36,7 +36,7 @@ class _Pulled(NamedTuple):
 
 
 class _Queued(NamedTuple):
-    index: int
+    pos: int
     up: int
     comp: int
     down: int
@@ -201,7 +201,7 @@ class _StreamMap:
                         yield self._finish(coord, pending.popleft(), stager, bar)
                     if entry.from_iterable:
                         raise err
-                    raise _batch_error(err, entry.index) from err
+                    raise _batch_error(err, entry.pos) from err
                 if not pending:
                     break
                 result = self._finish(coord, pending.popleft(), stager, bar)
@@ -277,7 +277,7 @@ class _StreamMap:
             result = results.empty(device, shape, dtype)
             down = coord.queue_download(dst, result)
             dst.advance()
-        return _Queued(entry.index, int(up), int(comp), int(down), result, entry.raw)
+        return _Queued(entry.pos, int(up), int(comp), int(down), result, entry.raw)
 
     @staticmethod
     def _finish(coord: AsyncCoordinator, entry: _Queued, stager: Stager,
@@ -288,7 +288,7 @@ class _StreamMap:
             coord.wait(entry.comp)
             coord.wait(entry.down)
         except PrismGpuError as exc:
-            raise _batch_error(exc, entry.index) from exc
+            raise _batch_error(exc, entry.pos) from exc
         if bar is not None:
             bar.advance()
         return entry.result

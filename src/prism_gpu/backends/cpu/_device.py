@@ -53,8 +53,11 @@ class CpuDevice:
     # memory -----------------------------------------------------------------
     def _track(self, table: Dict[int, Any], array: np.ndarray) -> np.ndarray:
         key = id(array)
+
+        def forget(_ref: Any, k: int = key, t: Dict[int, Any] = table) -> None:
+            t.pop(k, None)
         with self._pinned_lock:
-            table[key] = weakref.ref(array, lambda _r, k=key, t=table: t.pop(k, None))
+            table[key] = weakref.ref(array, forget)
         return array
 
     def allocate(self, nbytes: int) -> np.ndarray:

@@ -9,6 +9,7 @@ to this stream. That is how a failing kernel fails its dependents here.
 
 from __future__ import annotations
 
+import functools
 import queue
 import sys
 import threading
@@ -19,6 +20,10 @@ import numpy as np
 from ._event import CpuEvent, _Record
 
 _WORK, _RECORD, _WAIT, _WAIT_QUIET, _MARK, _STAMP = 0, 1, 2, 3, 4, 5
+
+
+def _copy(dst: np.ndarray, src: np.ndarray) -> None:
+    np.copyto(dst, src.reshape(dst.shape), casting="no")
 
 
 class CpuStream:
@@ -39,13 +44,20 @@ class CpuStream:
             task = get()
             if task is None:
                 return
-            kind, a, b = task  # noqa: F841 - b is unused by some kinds
+            kind, a, b = task
+            task = None  # hold no finished work (and the arrays it uses) while idle
             if kind == _WORK:
                 if self._fault is None:
+                    # called here, not through a closure: a failure's traceback then holds
+                    # no function whose closure keeps the work's arrays alive
                     try:
-                        a()
+                        if b is None:
+                            a()
+                        else:
+                            a(*b)
                     except BaseException as exc:  # noqa: BLE001 - carried to the waiter
                         self._fault = exc
+                        del exc
             elif kind == _RECORD:
                 a.complete(self._fault)
                 self._fault = None
@@ -57,6 +69,7 @@ class CpuStream:
                 a.done.wait()
                 if kind == _WAIT and a.fault is not None and self._fault is None:
                     self._fault = a.fault
+            a = b = None
 
     def _put(self, kind: int, a: Any, b: Any = None) -> None:
         if self._closed:
@@ -69,29 +82,28 @@ class CpuStream:
     # protocol -------------------------------------------------------------
     def submit(self, fn: Callable[[], Any]) -> None:
         """Run ``fn`` on the worker, in stream order."""
-        self._put(_WORK, fn)
+        self._put(_WORK, fn, None)
 
     def copy_h2d(self, dst: np.ndarray, src: np.ndarray) -> None:
         if not self._device.is_pinned(src):
             # Pageable memory is snapshot now, as CUDA stages it: the caller may
             # change ``src`` as soon as this returns.
             src = src.copy()
-        self._put(_WORK, lambda: np.copyto(dst, src.reshape(dst.shape), casting="no"))
+        self._put(_WORK, _copy, (dst, src))
 
     def copy_d2h(self, dst: np.ndarray, src: np.ndarray) -> None:
-        self._put(_WORK, lambda: np.copyto(dst, src.reshape(dst.shape), casting="no"))
+        self._put(_WORK, _copy, (dst, src))
 
     def copy_d2d(self, dst: np.ndarray, src: np.ndarray) -> None:
-        self._put(_WORK, lambda: np.copyto(dst, src.reshape(dst.shape), casting="no"))
+        self._put(_WORK, _copy, (dst, src))
 
     def launch(self, kernel: Tuple[Callable[..., Any], bool], config: Any,
                arrays: Sequence[Any], extra: Sequence[Any]) -> None:
         fn, wants_stream = kernel
-        args = (*arrays, *extra)
         if wants_stream:
-            self._put(_WORK, lambda: fn(*args, stream=self))
+            self._put(_WORK, functools.partial(fn, stream=self), (*arrays, *extra))
         else:
-            self._put(_WORK, lambda: fn(*args))
+            self._put(_WORK, fn, (*arrays, *extra))
 
     def record(self, event: CpuEvent) -> None:
         """Record ``event``. A record of an ordering event carries the stream's fault

@@ -145,12 +145,25 @@ class SourceKernel:
         self._device = device
         self._k = compile_source(device, kernel)
         params = parse_params(kernel.source, kernel.entry)
-        self._params = params
+        self._params: Tuple[str, ...] = params or ()
         self._conv = ([_converter(p, kernel.name, i) for i, p in enumerate(params)]
                       if params is not None else None)
-        self._pointee = ([_POINTEES.get(p[:-1].strip()) if p.endswith("*") else None
-                          for p in params] if params is not None else None)
+        self._pointee: List[Any] = ([_POINTEES.get(p[:-1].strip()) if p.endswith("*")
+                                     else None for p in params] if params is not None else [])
         self._configs: Dict[int, Tuple[Any, Any]] = {}
+        # per array count: whether every array maps to (T*, size_t n) (the fast path)
+        self._layouts: Dict[int, bool] = {}
+        self._ext: Any = None  # (extra tuple, array count, converted values): the last used
+
+    def _fast_layout(self, na: int) -> bool:
+        ok = self._layouts.get(na)
+        if ok is None:
+            p = self._params
+            ok = self._conv is not None and len(p) >= 2 * na and all(
+                p[2 * i].endswith("*") and _SCALARS.get(p[2 * i + 1]) is np.uint64
+                for i in range(na))
+            self._layouts[na] = ok
+        return ok
 
     def _config(self, config: Any) -> Any:
         # keyed by identity: hashing a dataclass costs more than the lookup saves
@@ -166,6 +179,32 @@ class SourceKernel:
         return cfg
 
     def arguments(self, arrays: Sequence[Any], extra: Sequence[Any]) -> List[Any]:
+        na = len(arrays)
+        conv = self._conv
+        if conv is not None and 2 * na + len(extra) == len(conv) and self._fast_layout(na):
+            # arrays as (pointer, size_t n); the extra values converted once per tuple
+            out: List[Any] = []
+            pointee = self._pointee
+            for i, a in enumerate(arrays):
+                want = pointee[2 * i]
+                dt = getattr(a, "dtype", None)
+                if want is not None and dt is not None and dt is not want and dt != want:
+                    raise KernelError(f"kernel {self.name!r} parameter {2 * i} is "
+                                      f"{self._params[2 * i]}, got an array of {dt}")
+                ptr = getattr(a, "ptr", None)
+                if ptr is None:
+                    ptr = conv[2 * i](a)
+                out.append(ptr)
+                shape = a.shape
+                out.append(np.uint64(shape[0] if len(shape) == 1 else a.size))
+            cached = self._ext
+            if cached is not None and cached[0] is extra and cached[1] == na:
+                out.extend(cached[2])
+            else:
+                vals = [conv[2 * na + j](v) for j, v in enumerate(extra)]
+                self._ext = (extra, na, vals)
+                out.extend(vals)
+            return out
         raw: List[Any] = []
         for a in arrays:
             raw.append(a)
@@ -190,7 +229,7 @@ class SourceKernel:
                 f" but got {len(raw)}: {len(arrays)} array(s) as (pointer, size_t n) and "
                 f"{len(extra)} extra value(s)")
         out = []
-        for i, (v, c) in enumerate(zip(raw, conv)):
+        for i, (v, c) in enumerate(zip(raw, conv)):  # the general path
             want = self._pointee[i]
             if want is not None and hasattr(v, "dtype") and hasattr(v, "ptr") \
                     and v.dtype != want:

@@ -172,7 +172,7 @@ class CudaStream:
         out = []
         if cached[1] is not None:
             out.append(cached[1])  # a CuPy stream is its own (re-entrant) context manager
-        if cached[2] is not None:
+        if cached[2] is not None and torch is not None:
             out.append(torch.cuda.stream(cached[2]))
         return out
 
