@@ -9,7 +9,7 @@ from __future__ import annotations
 import threading
 import weakref
 from enum import Enum
-from typing import Any, List, Optional
+from typing import Any, List, Optional, Sequence
 
 import numpy as np
 
@@ -55,48 +55,46 @@ class Slot:
         self.state = BufferState.FREE
         self.full = full
         self.valid = self.capacity = len(full)
-        self.writer: int = -1           # last op that wrote the slot
-        self.readers: List[int] = []    # ops that read it since
-        self.ops: List[int] = []        # ops on the slot's current data (since it was filled)
-        self.failed: Optional[int] = None
+        self.writer: Any = None         # the last op that wrote the slot (an engine op)
+        self.readers: List[Any] = []    # ops that read it since
+        self.ops: List[int] = []        # ids of the ops on the slot's current data
+        self.failed: Any = None         # (root op id, its error) of spoiled data
         self.ref = weakref.ref(self)
 
     @property
     def array(self) -> Any:
         return self.full if self.valid == self.capacity else self.full[: self.valid]
 
-    @property
-    def last(self) -> int:
-        """The newest op on the slot (what a reader of its data must follow)."""
-        return self.ops[-1] if self.ops else self.writer
+    def write_hazards(self) -> Sequence[Any]:
+        """Ops a new write must follow on the device: every reader since the last write
+        (each followed the writer), or else the writer."""
+        if self.readers:
+            return self.readers
+        return (self.writer,) if self.writer is not None else ()
 
-    def write_hazards(self) -> List[int]:
-        """Ops a new write must follow: the last writer and every reader since."""
-        return [self.writer, *self.readers] if self.readers else [self.writer]
-
-    def filled(self, op_id: int, valid: int) -> List[int]:
-        """``op_id`` writes fresh data of ``valid`` elements; returns the ids of the ops
+    def filled(self, op: Any, valid: int) -> List[int]:
+        """``op`` writes fresh data of ``valid`` elements; returns the ids of the ops
         on the old data (no longer the slot's)."""
         old = self.ops
-        self.ops = [op_id]
-        self.writer = op_id
+        self.ops = [op.id]
+        self.writer = op
         self.readers = []
         self.valid = valid
         self.failed = None
         return old
 
-    def updated(self, op_id: int, failed: Optional[int] = None) -> None:
-        """``op_id`` read and rewrote the slot's data in place."""
-        self.ops.append(op_id)
-        self.writer = op_id
+    def updated(self, op: Any, failed: Any = None) -> None:
+        """``op`` read and rewrote the slot's data in place."""
+        self.ops.append(op.id)
+        self.writer = op
         self.readers = []
         if failed is not None and self.failed is None:
             self.failed = failed
 
-    def read(self, op_id: int) -> None:
-        """``op_id`` reads the slot's data."""
-        self.ops.append(op_id)
-        self.readers.append(op_id)
+    def read(self, op: Any) -> None:
+        """``op`` reads the slot's data."""
+        self.ops.append(op.id)
+        self.readers.append(op)
 
     def __repr__(self) -> str:
         return f"Slot(index={self.index}, state={self.state.name}, valid={self.valid})"

@@ -212,7 +212,7 @@ class AsyncCoordinator:
         full = slot.full
         try:
             op = self._engine.submit(
-                self._up, _UPLOAD, None, (), slot.readers or (slot.writer,), H2D,
+                self._up, _UPLOAD, None, (), slot.write_hazards(), H2D,
                 full if n == slot.capacity else full[:n],
                 data if data.ndim == 1 else data.reshape(-1), keep=full, on_done=done)
         except BaseException:
@@ -220,7 +220,7 @@ class AsyncCoordinator:
             raise
         oid = op.id
         slots_of = self._slots_of
-        for old in slot.filled(oid, n):
+        for old in slot.filled(op, n):
             slots_of.pop(old, None)
         slots_of[oid] = slot.ref
         if len(slots_of) > self._sweep_at:
@@ -273,20 +273,30 @@ class AsyncCoordinator:
             ext = extra if extra is not None else kernel.defaults
         if config is None:
             config = kernel.config or self._default_config(len(arrays[0]) if arrays else 1)
-        # data flows from each slot's writer; a slot rewritten in place also follows
-        # its readers, and an output slot every op on its old data
-        waits = dep_ids
-        quiet: List[int] = []
+        # data flows from each dependency and each slot's writer; a slot rewritten in
+        # place also follows its readers, and an output slot every op on its old data
+        eng = self._engine
+        inflight = eng.inflight
+        waits: List[Any] = []
+        root = None
+        for i in dep_ids:
+            dep = inflight.get(i)
+            if dep is not None:
+                waits.append(dep)
+            elif root is None and self._table.failed_total:
+                root = self._table_root(i)
+        quiet: List[Any] = []
         for s in slots:
-            if s.writer not in waits:
-                waits = waits + [s.writer]
+            w = s.writer
+            if w is not None and w not in waits:
+                waits.append(w)
             if s.readers:
                 quiet.extend(s.readers)
         for s, _ in outs:
-            quiet.extend(s.readers or (s.writer,))
-        op = self._engine.submit(self._compute, _COMPUTE, kernel.name, waits, quiet, LAUNCH,
-                                 prepared, config, arrays, ext, keep=(arrays, ext),
-                                 on_done=done)
+            quiet.extend(s.write_hazards())
+        op = eng.submit(self._compute, _COMPUTE, kernel.name, waits, quiet, LAUNCH,
+                        prepared, config, arrays, ext, keep=(arrays, ext), on_done=done,
+                        root=root)
         for s in pending:
             s.buffer.take(UPLOADING_I)
         for s, _ in outs:
@@ -294,13 +304,13 @@ class AsyncCoordinator:
         oid = op.id
         failed = None
         if op.error is not None:
-            failed = self._engine.root_of(op)
+            failed = eng.root_of(op)
         for s in slots:
-            s.updated(oid, failed)
+            s.updated(op, failed)
         if outs:
             slots_of = self._slots_of
             for s, n in outs:
-                for old in s.filled(oid, n):
+                for old in s.filled(op, n):
                     slots_of.pop(old, None)
                 if failed is not None:
                     s.failed = failed
@@ -329,12 +339,13 @@ class AsyncCoordinator:
                 "compute on an upload first")
         view = download_destination(dst, buffer.dtype, slot.valid)
         done = self._wrap(on_done) if on_done is not None else None
-        op = self._engine.submit(self._down, _DOWNLOAD, None, (slot.writer,), (), D2H, view,
-                                 slot.array, keep=(slot.full, dst), on_done=done,
-                                 root=slot.failed)
+        w = slot.writer
+        op = self._engine.submit(self._down, _DOWNLOAD, None, (w,) if w is not None else (),
+                                 (), D2H, view, slot.array, keep=(slot.full, dst),
+                                 on_done=done, root=slot.failed)
         buffer.take(PROCESSING_I)
         oid = op.id
-        slot.read(oid)
+        slot.read(op)
         self._slots_of[oid] = slot.ref
         return self._table.id_type(oid)
 
@@ -363,6 +374,11 @@ class AsyncCoordinator:
         def report(op: Op, ms: Optional[float]) -> None:
             on_done(CompletedOp(id_type(op.id), op.type, ms, op.error), ms)
         return report
+
+    def _table_root(self, oid: int) -> Any:
+        """(root id, error) of completed op ``oid``'s failure, or None."""
+        r = self._table.root(oid)
+        return None if r is None else (r, self._table.error(r, observe=False))
 
     def _sweep(self) -> None:
         """Drop the entries of dropped buffers from the op -> slot map."""

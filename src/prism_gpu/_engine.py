@@ -21,6 +21,9 @@ __all__ = ["Engine", "Lane", "Op", "H2D", "D2H", "LAUNCH"]
 
 H2D, D2H, LAUNCH = 0, 1, 2  # the kinds of work an op does
 
+Root = Tuple[int, Optional[BaseException]]
+"""A failure's root: the id of the op that failed, and its error."""
+
 _UPLOAD, _COMPUTE, _DOWNLOAD = OpType.UPLOAD, OpType.COMPUTE, OpType.DOWNLOAD
 
 
@@ -52,7 +55,7 @@ class Op:
         self.error: Optional[BaseException] = None
         self.keep: Any = None
         self.on_done: Optional[Callable[["Op", Optional[float]], None]] = None
-        self.deps: Sequence[int] = ()
+        self.deps: Sequence["Op"] = ()
 
     def times_since(self, ref: Event) -> Tuple[float, float]:
         """(start, end) in ms since timing event ``ref``; only inside ``on_done`` of a
@@ -86,9 +89,9 @@ class Engine:
         self._pool: List[Event] = []
         self._tpool: List[Event] = []
         self._pool_cap = 2 * self.max_in_flight + 64
-        # id(exception) -> (exception, op that raised it): attributes a failure carried
-        # to a dependent op (CPU streams pass it through waits) to its root op
-        self._roots: "collections.OrderedDict[int, Tuple[BaseException, int]]" = \
+        # id(exception) -> (exception, root): attributes a failure carried to a
+        # dependent op (CPU streams pass it through waits) to its root op
+        self._roots: "collections.OrderedDict[int, Tuple[BaseException, Root]]" = \
             collections.OrderedDict()
         self._harvesting = False
         self._callback_errors: List[BaseException] = []
@@ -122,22 +125,23 @@ class Engine:
         return ev
 
     # submission -----------------------------------------------------------------
-    def submit(self, lane: Lane, op_type: OpType, name: Optional[str], deps: Sequence[int],
-               quiet: Sequence[int], kind: int, a: Any, b: Any, c: Any = None, d: Any = None,
+    def submit(self, lane: Lane, op_type: OpType, name: Optional[str], deps: Sequence[Op],
+               quiet: Sequence[Op], kind: int, a: Any, b: Any, c: Any = None, d: Any = None,
                keep: Any = None, on_done: Optional[Callable[[Op, Optional[float]], None]] = None,
-               timing: Optional[bool] = None, root: Optional[int] = None) -> Op:
+               timing: Optional[bool] = None, root: Optional[Root] = None) -> Op:
         """Queue one op on ``lane`` and return it, in flight, with its id.
 
         ``lane`` first waits for ops ``deps`` (data dependencies: a failure of
         theirs fails this op) and ``quiet`` (ordering only: write-after-read
-        hazards), those still in flight. Then the work: ``kind`` H2D copies
-        ``b`` into ``a``, D2H copies ``b`` into ``a``, LAUNCH launches prepared
-        kernel ``a`` with config ``b``, arrays ``c`` and extra ``d``. If a
-        dependency is known to have failed (or ``root`` names such a failure),
-        nothing runs and the op fails with DependencyFailedError. A launch
-        rejected while queueing raises (after waits that only order); a callable
-        that raises while queued (CUDA runs callables on the host) fails the op.
-        ``keep`` stays alive until the op completes; ``on_done(op, ms)`` runs then.
+        hazards), those still in flight, whichever coordinator queued them. Then
+        the work: ``kind`` H2D copies ``b`` into ``a``, D2H copies ``b`` into
+        ``a``, LAUNCH launches prepared kernel ``a`` with config ``b``, arrays
+        ``c`` and extra ``d``. If a dependency is known to have failed (or
+        ``root`` names such a failure), nothing runs and the op fails with
+        DependencyFailedError. A launch rejected while queueing raises (after
+        waits that only order); a callable that raises while queued (CUDA runs
+        callables on the host) fails the op. ``keep`` stays alive until the op
+        completes; ``on_done(op, ms)`` runs then.
         """
         inflight = self.inflight
         if len(inflight) >= self.max_in_flight:
@@ -146,17 +150,17 @@ class Engine:
         stream = lane.stream
         if deps:
             op.deps = deps
-            for i in deps:
-                dep = inflight.get(i)
-                if dep is not None:
-                    stream.wait(dep.event)
-            if root is None and self.table.failed_total:
-                root = self.failed_root(deps)
+            for dep in deps:
+                ev = dep.event
+                if ev is not None:
+                    stream.wait(ev)
+                if root is None and dep.error is not None:
+                    root = self.root_of(dep)
         if quiet:
-            for i in quiet:
-                dep = inflight.get(i)
-                if dep is not None:
-                    stream.wait(dep.event, propagate=False)
+            for dep in quiet:
+                ev = dep.event
+                if ev is not None:
+                    stream.wait(ev, propagate=False)
         start = None
         if self.timing if timing is None else timing:
             pool = self._tpool
@@ -182,7 +186,7 @@ class Engine:
                     self._drop_start(op)
                     raise
                 op.error = self._own_error(op, exc, oid)
-                self._note_root(exc, oid)
+                self._note_root(exc, (oid, op.error))
         if start is not None:
             # Timing lives in events of its own: streams waiting on a timing event are
             # slower, so the event others wait on never records time.
@@ -205,42 +209,22 @@ class Engine:
             self.give_event(op.start)
             op.start = None
 
-    def failed_root(self, ids: Sequence[int]) -> Optional[int]:
-        """The root of the first known failure among ``ids`` (None while none failed)."""
-        table = self.table
-        if table.any_failed:
-            for d in ids:
-                op = self.inflight.get(d)
-                if op is not None:
-                    if op.error is not None:
-                        return self._root_of_op(op)
-                    continue
-                root = table.root(d)
-                if root is not None:
-                    return root
-        return None
-
     @staticmethod
-    def root_of(op: Op) -> int:
-        """The root op of failed op ``op``'s failure."""
-        return Engine._root_of_op(op)
-
-    @staticmethod
-    def _root_of_op(op: Op) -> int:
+    def root_of(op: Op) -> Root:
+        """The root of failed op ``op``'s failure."""
         err = op.error
-        return err.root_op if isinstance(err, DependencyFailedError) else op.id
+        if isinstance(err, DependencyFailedError):
+            return err.root_op, err.root_error
+        return op.id, err
 
-    def dependency_error(self, op: Op, root: int, cause: Optional[BaseException] = None,
-                         oid: Optional[int] = None) -> DependencyFailedError:
-        root_err = self.table.error(root, observe=False) or cause
-        if root_err is None:
-            r = self.inflight.get(root)
-            root_err = r.error if r is not None else None
+    def dependency_error(self, op: Op, root: Root, oid: Optional[int] = None
+                         ) -> DependencyFailedError:
+        root_id, root_err = root
         oid = op.id if oid is None else oid
         what = f"{op.type.value} op {oid}" + (f" ({op.name!r})" if op.name else "")
         return DependencyFailedError(
-            f"{what} did not run: it depends on op {root}, which failed: {root_err}",
-            op_id=oid, root_op=root, root_error=root_err)
+            f"{what} did not run: it depends on op {root_id}, which failed: {root_err}",
+            op_id=oid, root_op=root_id, root_error=root_err)
 
     # completion -----------------------------------------------------------------
     def _own_error(self, op: Op, exc: BaseException, oid: Optional[int] = None
@@ -256,9 +240,9 @@ class Engine:
         err.__cause__ = exc
         return err
 
-    def _note_root(self, exc: BaseException, oid: int) -> None:
+    def _note_root(self, exc: BaseException, root: Root) -> None:
         roots = self._roots
-        roots[id(exc)] = (exc, oid)
+        roots[id(exc)] = (exc, root)
         if len(roots) > 1024:
             roots.popitem(last=False)
 
@@ -267,17 +251,18 @@ class Engine:
         hit = self._roots.get(id(exc))
         if hit is None:
             # the op that raised it may sit on a lane not harvested yet: complete it first
-            for d in op.deps:
-                dep = self.inflight.get(d)
-                if dep is not None and dep.event.error() is exc:
+            for dep in op.deps:
+                ev = dep.event
+                if ev is not None and dep.id in self.inflight and ev.error() is exc:
                     self._harvest_lane(dep.lane, dep)
                     hit = self._roots.get(id(exc))
                     break
-        if hit is not None and hit[0] is exc and hit[1] != op.id:
-            return self.dependency_error(op, hit[1], exc)
-        self._note_root(exc, op.id)
+        if hit is not None and hit[0] is exc and hit[1][0] != op.id:
+            return self.dependency_error(op, hit[1])
         scrub(exc)
-        return self._own_error(op, exc)
+        err = self._own_error(op, exc)
+        self._note_root(exc, (op.id, err))
+        return err
 
     def _complete(self, op: Op) -> None:
         del self.inflight[op.id]
@@ -287,10 +272,11 @@ class Engine:
             fault = ev.error()
             if fault is not None:
                 err = op.error = self._attribute(op, fault)
-            elif op.deps and self.table.failed_total:
-                root = self.failed_root(op.deps)
-                if root is not None:
-                    err = op.error = self.dependency_error(op, root)
+            elif op.deps:
+                for dep in op.deps:
+                    if dep.error is not None:
+                        err = op.error = self.dependency_error(op, self.root_of(dep))
+                        break
         self._pool.append(ev)
         start = op.start
         duration = None
@@ -309,6 +295,7 @@ class Engine:
             op.start = op.end = None
         self.table.complete(op.id, op.type, duration, err)
         op.keep = op.event = None
+        op.deps = ()  # completed ops keep no chain of earlier ops alive
 
     def _harvest_lane(self, lane: Lane, upto: Optional[Op] = None) -> None:
         """Complete the done ops at the head of ``lane`` (through ``upto``, known done).

@@ -248,23 +248,22 @@ class PipelineStageManager:
         for pos, step in enumerate(plan):
             ins = [slots[b] for b in step.reads]
             outs = [slots[b] for b in step.writes]
-            waits = [s.writer for s in ins]
-            quiet = [o for s in outs if s not in ins for o in (s.readers or (s.writer,))]
+            waits = [s.writer for s in ins if s.writer is not None]
+            quiet = [o for s in outs if s not in ins for o in s.write_hazards()]
             arrays = [s.full for s in ins] + [s.full for s in outs]
             op = eng.submit(step.lane, OpType.COMPUTE, step.stage.name, waits, quiet, LAUNCH,
                             step.prepared, step.config, arrays if step.uses_arrays else (),
                             step.extra, keep=arrays,
                             on_done=self._timer(step.stage.name, it, pos == last), timing=True)
-            oid = op.id
             failed = eng.root_of(op) if op.error is not None else None
             for s in ins:
                 if s in outs:
-                    s.updated(oid, failed)
+                    s.updated(op, failed)
                 else:
-                    s.read(oid)
+                    s.read(op)
             for s in outs:
                 if s not in ins:
-                    s.filled(oid, s.capacity)
+                    s.filled(op, s.capacity)
                     if failed is not None:
                         s.failed = failed
         for b in written:
@@ -281,9 +280,12 @@ class PipelineStageManager:
                 f"pipeline buffer has no FREE slot (states: {buf.get_states()}); another API "
                 "holds its slots: download and advance() them first")
         eng = self._engine
-        for oid in (*slot.readers, slot.writer):
-            if oid in eng.inflight:
-                eng.wait(oid)
+        for op in slot.write_hazards():
+            if op.event is not None:
+                if op.lane in eng.lanes:
+                    eng.wait(op.id)
+                else:  # an op of another coordinator: its event is enough
+                    op.event.synchronize()
         return slot
 
     def _timer(self, stage: str, it: int, last: bool) -> Any:
