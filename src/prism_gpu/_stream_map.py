@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import collections
-from concurrent.futures import Future
-from typing import (Any, Callable, Deque, Dict, Iterable, Iterator, List, NamedTuple, Optional,
-                    Tuple, Union)
+from typing import Any, Callable, Dict, Iterable, Iterator, NamedTuple, Optional, Tuple, Union
 
 import numpy as np
 
 from ._buffers import TripleBuffer
 from ._coordinator import AsyncCoordinator
-from ._errors import (DependencyFailedError, InvalidOperationError, KernelError, PrismGpuError,
-                      TransferError)
+from ._errors import InvalidOperationError
+from ._feed import Pulled, read_ahead
 from ._kernels import Kernel
 from ._staging import ResultPool, Stager, cache_of, pinned_empty
 
@@ -21,38 +18,12 @@ __all__ = ["stream_map", "pinned_empty"]
 OutputSpec = Union[Tuple[Any, Any], Callable[[np.ndarray], Tuple[Any, Any]], None]
 
 
-class _Pulled(NamedTuple):
-    """A batch taken from the iterable (its staging copy may still be running), or the
-    error it gave, raised at its turn."""
-
-    pos: int
-    batch: Any
-    staged: Any
-    raw: Optional[np.ndarray]
-    copies: List[Future]
-    out_spec: Optional[Tuple[Tuple[int, ...], np.dtype]]
-    error: Optional[BaseException]
-    from_iterable: bool = False  # the error is the iterable's own: raised as it is
-
-
 class _Queued(NamedTuple):
-    pos: int
     up: int
     comp: int
     down: int
     result: np.ndarray
     raw: Optional[np.ndarray]
-
-
-def _batch_check(batch: Any, index: int) -> None:
-    if not isinstance(batch, np.ndarray):
-        raise TransferError(f"batch {index} is a {type(batch).__name__}; batches must be "
-                            "numpy arrays")
-    if batch.dtype.hasobject:
-        raise TransferError(f"batch {index} has dtype {batch.dtype}; object arrays cannot go "
-                            "to the device (convert to a numeric dtype)")
-    if batch.size == 0:
-        raise TransferError(f"batch {index} is empty: there is nothing to transfer")
 
 
 def _resolve_output(output: OutputSpec, batch: np.ndarray
@@ -135,7 +106,7 @@ def stream_map(kernel: Any, batches: Iterable[np.ndarray], depth: int = 3, ctx: 
 
 
 class _StreamMap:
-    """One stream_map call: its coordinator, rings, staging and read-ahead."""
+    """One stream_map call: its coordinator, rings and staging."""
 
     def __init__(self, kernel: Any, batches: Iterable[np.ndarray], depth: int, prefetch: int,
                  ctx: Any, output: OutputSpec, progress: bool, extra: Tuple[Any, ...]) -> None:
@@ -160,57 +131,30 @@ class _StreamMap:
             if ctx.closed:
                 raise InvalidOperationError("stream_map: the context passed as ctx= is closed")
         device = ctx.device
-        depth, prefetch = self.depth, self.prefetch
-        coord = AsyncCoordinator(device, max_in_flight=8 * depth + 8)
+        coord = AsyncCoordinator(device, max_in_flight=8 * self.depth + 8)
         bar = _Progress(self.batches) if self.progress else None
         cache = cache_of(device)
         stager = Stager(device, cache)
-        ahead: Deque[_Pulled] = collections.deque()
-        pending: Deque[_Queued] = collections.deque()
+        output = self.output
+
+        def submit(entry: Pulled) -> _Queued:
+            return self._submit(coord, cache.results, entry, stager)
+
+        def finish(q: _Queued) -> np.ndarray:
+            coord.wait(q.up)
+            stager.recycle(q.raw)
+            coord.wait(q.comp)
+            coord.wait(q.down)
+            if bar is not None:
+                bar.advance()
+            return q.result
+
         try:
             coord.resolve_kernel(self.kernel)  # unknown names fail before any batch is pulled
-            it = iter(self.batches)
-            pulled = 0      # batches taken from the iterable
-            yielded = 0     # results handed out
-            exhausted = False
-            while True:
-                # the read-ahead contract: while result k is held, batches up to
-                # k + depth + prefetch may have been pulled, no more
-                while not exhausted and pulled <= yielded + depth + prefetch:
-                    entry = self._pull(it, pulled, stager)
-                    if entry is None:
-                        exhausted = True
-                        break
-                    ahead.append(entry)
-                    pulled += 1
-                    if entry.error is not None:
-                        exhausted = True
-                # one batch more than the ring is queued before the oldest result is
-                # waited for: the device orders its upload after that slot's download
-                if ahead and len(pending) <= depth:
-                    entry = ahead.popleft()
-                    if entry.error is None:
-                        try:
-                            pending.append(self._submit(coord, cache.results, entry, stager))
-                            continue
-                        except Exception as exc:  # rejected batch: earlier results first
-                            err: BaseException = exc
-                    else:
-                        err = entry.error
-                    while pending:
-                        yield self._finish(coord, pending.popleft(), stager, bar)
-                    if entry.from_iterable:
-                        raise err
-                    raise _batch_error(err, entry.pos) from err
-                if not pending:
-                    break
-                result = self._finish(coord, pending.popleft(), stager, bar)
-                yield result
-                yielded += 1
+            yield from read_ahead(self.batches, self.depth, self.prefetch, stager,
+                                  lambda batch, _pos: _resolve_output(output, batch),
+                                  submit, finish, "stream_map: batch")
         finally:
-            for entry in ahead:
-                for f in entry.copies:
-                    f.cancel()
             stager.close()
             coord.close_collecting()  # failures after the first raised one are moot
             for ring in self.rings.values():
@@ -219,23 +163,6 @@ class _StreamMap:
                 bar.close()
             if own_ctx:
                 ctx.close_collecting()
-
-    def _pull(self, it: Iterator[Any], index: int, stager: Stager) -> Optional[_Pulled]:
-        try:
-            batch = next(it)
-        except StopIteration:
-            return None
-        except Exception as exc:  # noqa: BLE001 - the iterable's own error, at its turn
-            return _Pulled(index, None, None, None, [], None, exc, True)
-        try:
-            _batch_check(batch, index)
-            out_spec = _resolve_output(self.output, batch)
-        except Exception as exc:  # noqa: BLE001 - raised at the batch's turn
-            return _Pulled(index, None, None, None, [], None, exc)
-        if stager.needs_staging(batch):
-            staged, raw, copies = stager.start(batch)
-            return _Pulled(index, batch, staged, raw, copies, out_spec, None)
-        return _Pulled(index, batch, batch, None, [], out_spec, None)
 
     def _ring(self, device: Any, key: str, dtype: np.dtype, n: int) -> TripleBuffer:
         ring = self.rings.get((key, dtype.str))
@@ -247,16 +174,15 @@ class _StreamMap:
             ring = self.rings[(key, dtype.str)] = new
         return ring
 
-    def _submit(self, coord: AsyncCoordinator, results: ResultPool, entry: _Pulled,
+    def _submit(self, coord: AsyncCoordinator, results: ResultPool, entry: Pulled,
                 stager: Stager) -> _Queued:
-        for f in entry.copies:
-            f.result()
+        entry.wait_staged()
         batch = entry.batch
         device = coord.device
         extra = self.extra or None
         src = self._ring(device, "in", batch.dtype, batch.size)
-        if entry.out_spec is not None:
-            shape, dtype = entry.out_spec
+        if entry.info is not None:
+            shape, dtype = entry.info
             n = int(np.prod(shape, dtype=np.int64))
             dst = self._ring(device, "out", dtype, n)
         try:
@@ -264,7 +190,7 @@ class _StreamMap:
         except BaseException:
             stager.recycle(entry.raw)
             raise
-        if entry.out_spec is None:
+        if entry.info is None:
             comp = _rollback_on_error(src, lambda: coord.queue_compute(
                 self.kernel, [up], extra=extra))
             result = results.empty(device, batch.shape, batch.dtype)
@@ -277,21 +203,7 @@ class _StreamMap:
             result = results.empty(device, shape, dtype)
             down = coord.queue_download(dst, result)
             dst.advance()
-        return _Queued(entry.pos, int(up), int(comp), int(down), result, entry.raw)
-
-    @staticmethod
-    def _finish(coord: AsyncCoordinator, entry: _Queued, stager: Stager,
-                bar: Optional["_Progress"]) -> np.ndarray:
-        try:
-            coord.wait(entry.up)
-            stager.recycle(entry.raw)
-            coord.wait(entry.comp)
-            coord.wait(entry.down)
-        except PrismGpuError as exc:
-            raise _batch_error(exc, entry.pos) from exc
-        if bar is not None:
-            bar.advance()
-        return entry.result
+        return _Queued(int(up), int(comp), int(down), result, entry.raw)
 
 
 def _rollback_on_error(src: TripleBuffer, queue: Callable[[], Any]) -> Any:
@@ -303,23 +215,6 @@ def _rollback_on_error(src: TripleBuffer, queue: Callable[[], Any]) -> Any:
         src.get_process_buffer()
         src.retire()
         raise
-
-
-def _batch_error(exc: BaseException, index: int) -> BaseException:
-    """``exc`` restated for batch ``index``: a KernelError for failed kernels (with the
-    op id and kernel name), the same error class otherwise. Carries ``batch_index``."""
-    msg = f"stream_map: batch {index} failed: {exc}"
-    err: BaseException
-    if isinstance(exc, (KernelError, DependencyFailedError)):
-        err = KernelError(msg, op_id=getattr(exc, "op_id", None),
-                          kernel=getattr(exc, "kernel", None))
-    else:
-        try:
-            err = type(exc)(msg)
-        except Exception:  # noqa: BLE001 - an exception type with another signature
-            err = exc
-    err.batch_index = index  # type: ignore[attr-defined]
-    return err
 
 
 class _Progress:

@@ -1,0 +1,147 @@
+"""Feeding the device from an iterable: ordered results and a read-ahead contract.
+
+Used by :func:`stream_map` and :meth:`PipelineStageManager.run`. The caller's
+iterable is read on the calling thread (a Python iterator is not moved to
+another thread); pageable batches are copied into pinned memory on worker
+threads while earlier batches run on the device.
+"""
+
+from __future__ import annotations
+
+import collections
+from concurrent.futures import Future
+from typing import Any, Callable, Deque, Iterable, Iterator, List, NamedTuple, Optional, Tuple
+
+import numpy as np
+
+from ._errors import DependencyFailedError, KernelError, PrismGpuError, TransferError
+from ._staging import Stager
+
+__all__ = ["Pulled", "read_ahead", "batch_error", "check_batch"]
+
+
+class Pulled(NamedTuple):
+    """A batch taken from the iterable (its staging copy may still be running), or the
+    error it gave, raised at its turn."""
+
+    pos: int
+    batch: Any
+    staged: Any
+    raw: Optional[np.ndarray]
+    copies: List[Future]
+    info: Any                         # what ``prepare`` made of the batch
+    error: Optional[BaseException]
+    from_iterable: bool = False       # the iterable's own error: raised as it is
+
+    def wait_staged(self) -> None:
+        for f in self.copies:
+            f.result()
+
+
+def check_batch(batch: Any, pos: int) -> None:
+    if not isinstance(batch, np.ndarray):
+        raise TransferError(f"batch {pos} is a {type(batch).__name__}; batches must be "
+                            "numpy arrays")
+    if batch.dtype.hasobject:
+        raise TransferError(f"batch {pos} has dtype {batch.dtype}; object arrays cannot go "
+                            "to the device (convert to a numeric dtype)")
+    if batch.size == 0:
+        raise TransferError(f"batch {pos} is empty: there is nothing to transfer")
+
+
+def batch_error(exc: BaseException, pos: int, what: str = "batch") -> BaseException:
+    """``exc`` restated for batch ``pos``: a KernelError for failed kernels (with the
+    op id and kernel name), the same error class otherwise. Carries ``batch_index``."""
+    msg = f"{what} {pos} failed: {exc}"
+    err: BaseException
+    if isinstance(exc, (KernelError, DependencyFailedError)):
+        err = KernelError(msg, op_id=getattr(exc, "op_id", None),
+                          kernel=getattr(exc, "kernel", None))
+    else:
+        try:
+            err = type(exc)(msg)
+        except Exception:  # noqa: BLE001 - an exception type with another signature
+            err = exc
+    err.batch_index = pos  # type: ignore[attr-defined]
+    return err
+
+
+def _pull(it: Iterator[Any], pos: int, stager: Stager,
+          prepare: Callable[[np.ndarray, int], Any]) -> Optional[Pulled]:
+    try:
+        batch = next(it)
+    except StopIteration:
+        return None
+    except Exception as exc:  # noqa: BLE001 - the iterable's own error, at its turn
+        return Pulled(pos, None, None, None, [], None, exc, True)
+    try:
+        check_batch(batch, pos)
+        info = prepare(batch, pos)
+    except Exception as exc:  # noqa: BLE001 - raised at the batch's turn
+        return Pulled(pos, None, None, None, [], None, exc)
+    if stager.needs_staging(batch):
+        staged, raw, copies = stager.start(batch)
+        return Pulled(pos, batch, staged, raw, copies, info, None)
+    return Pulled(pos, batch, batch, None, [], info, None)
+
+
+def read_ahead(batches: Iterable[Any], depth: int, prefetch: int, stager: Stager,
+               prepare: Callable[[np.ndarray, int], Any],
+               submit: Callable[[Pulled], Any],
+               finish: Callable[[Any], Any], what: str = "batch") -> Iterator[Any]:
+    """Results of ``finish(submit(batch))`` for every batch, in input order.
+
+    ``depth + 1`` batches are submitted before the oldest result is waited for.
+    The read-ahead contract: while result ``k`` is held by the consumer, batches
+    up to ``k + depth + prefetch`` have been pulled, no more. A batch's error
+    (from ``prepare``, ``submit`` or ``finish``) is raised at its turn, after
+    every earlier result, with ``batch_index``; the iterable's own error is
+    raised as it is, at its turn.
+    """
+    ahead: Deque[Pulled] = collections.deque()
+    pending: Deque[Tuple[int, Any]] = collections.deque()
+
+    def done(pos: int, handle: Any) -> Any:
+        try:
+            return finish(handle)
+        except PrismGpuError as exc:
+            raise batch_error(exc, pos, what) from exc
+
+    it = iter(batches)
+    pulled = yielded = 0
+    exhausted = False
+    try:
+        while True:
+            while not exhausted and pulled <= yielded + depth + prefetch:
+                entry = _pull(it, pulled, stager, prepare)
+                if entry is None:
+                    exhausted = True
+                    break
+                ahead.append(entry)
+                pulled += 1
+                if entry.error is not None:
+                    exhausted = True
+            if ahead and len(pending) <= depth:
+                entry = ahead.popleft()
+                if entry.error is None:
+                    try:
+                        pending.append((entry.pos, submit(entry)))
+                        continue
+                    except Exception as exc:  # rejected batch: earlier results first
+                        err: BaseException = exc
+                else:
+                    err = entry.error
+                while pending:
+                    yield done(*pending.popleft())
+                if entry.from_iterable:
+                    raise err
+                raise batch_error(err, entry.pos, what) from err
+            if not pending:
+                break
+            result = done(*pending.popleft())
+            yield result
+            yielded += 1
+    finally:
+        for entry in ahead:
+            for f in entry.copies:
+                f.cancel()
