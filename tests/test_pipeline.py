@@ -68,7 +68,7 @@ def test_three_stages_keep_every_iteration_intact(coord: pg.AsyncCoordinator,
     stages = ThreeStages(rng, iterations)
     pipe = pg.PipelineStageManager(coord)
     stages.build(pipe)
-    numbers = [pipe.execute_iteration() for _ in range(iterations)]
+    numbers = [pipe.execute_iteration().index for _ in range(iterations)]
     stats = pipe.get_stats()
     assert numbers == list(range(iterations))
     assert stages.calls == {"pre": iterations, "post": iterations}
@@ -132,7 +132,7 @@ def test_set_order_with_an_unknown_stage(coord: pg.AsyncCoordinator, order: List
     with pytest.raises(pg.PrismGpuError, match="stage"):
         pipe.set_order(order)
     # the rejected order changed nothing: stages run in the order they were added
-    assert pipe.execute_iteration() == 0
+    assert pipe.execute_iteration().index == 0
     pipe.get_stats()
     pipe.close()
 

@@ -23,7 +23,8 @@ ERRORS = {
 DESIGN_PUBLIC = {
     "TripleBuffer", "GpuTripleBuffer", "BufferState", "AsyncCoordinator", "Kernel",
     "LaunchConfig", "ManagedGpuContext", "StepConfig", "StepTelemetry", "GpuPipelineStage",
-    "PipelineStageManager", "PipelineStats", "stream_map", "pinned_empty", "interop",
+    "PipelineStageManager", "PipelineStats", "PipelineIteration", "stream_map",
+    "pinned_empty", "interop",
     "OpType", "CompletedOp", "PrismGpuError", *ERRORS,
 }
 

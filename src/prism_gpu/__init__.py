@@ -27,6 +27,7 @@ from ._ops import CompletedOp as CompletedOp
 from ._ops import OpId as OpId
 from ._ops import OpType as OpType
 from ._pipeline import GpuPipelineStage as GpuPipelineStage
+from ._pipeline import PipelineIteration as PipelineIteration
 from ._pipeline import PipelineStageManager as PipelineStageManager
 from ._pipeline import PipelineStats as PipelineStats
 from ._staging import pinned_empty as pinned_empty
@@ -53,6 +54,7 @@ __all__ = [
     "ManagedGpuContext",
     "OpId",
     "OpType",
+    "PipelineIteration",
     "PipelineStageManager",
     "PipelineStats",
     "PrismGpuError",

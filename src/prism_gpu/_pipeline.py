@@ -1,4 +1,4 @@
-"""Multi-stage pipelines: stages on their own streams, ordered by events.
+"""Multi-stage pipelines: stages on their own streams, ordered by events, fed with data.
 
 A thin client of the core: stage ops go through the coordinator's engine and
 op table, buffers are ordinary rings whose slots go through the ring states
@@ -7,81 +7,28 @@ and hazards, and statistics come from timing events, in constant memory.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Set, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, NamedTuple, Optional, Set, \
+    Tuple
 
 import numpy as np
 
-from ._buffers import FREE_I, Slot, TripleBuffer
+from ._buffers import FREE_I, UPLOADING_I, Slot, TripleBuffer
 from ._config import LaunchConfig
 from ._coordinator import AsyncCoordinator
-from ._engine import LAUNCH, Engine, Lane, Op
-from ._errors import BufferUnavailableError, InvalidOperationError
+from ._engine import D2H, H2D, LAUNCH, Engine, Lane, Op
+from ._errors import BufferUnavailableError, InvalidOperationError, TransferError
+from ._feed import Pulled, read_ahead
 from ._ops import OpType
 from ._optable import raise_failures
+from ._stage import GpuPipelineStage, PipelineIteration, PipelineStats
+from ._stage import indices as _indices
+from ._staging import Stager, cache_of
 from ._stats import Window
+from ._validate import download_destination, host_array
 
-__all__ = ["GpuPipelineStage", "PipelineStageManager", "PipelineStats"]
+__all__ = ["GpuPipelineStage", "PipelineStageManager", "PipelineStats", "PipelineIteration"]
 
-
-def _indices(values: Any, what: str) -> List[int]:
-    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
-        raise TypeError(f"{what} must be a list of buffer indices, got {type(values).__name__}")
-    out = []
-    for v in values:
-        if isinstance(v, bool) or not hasattr(v, "__index__"):
-            raise TypeError(f"{what} must hold int buffer indices, got {v!r}")
-        out.append(v.__index__())
-    return out
-
-
-@dataclass
-class GpuPipelineStage:
-    """One stage: a kernel that reads ``input_buffers`` and writes ``output_buffers``.
-
-    Buffers are indices returned by :meth:`PipelineStageManager.add_buffer`. The
-    kernel (default: the stage's name) gets the current slot of each input
-    buffer, then of each output buffer, then ``extra``.
-    """
-
-    name: str
-    input_buffers: Sequence[int] = field(default_factory=list)
-    output_buffers: Sequence[int] = field(default_factory=list)
-    config: Optional[LaunchConfig] = None
-    kernel: Any = None
-    extra: Tuple[Any, ...] = ()
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not self.name:
-            raise TypeError(f"a stage needs a non-empty str name, got {self.name!r}")
-        self.input_buffers = _indices(self.input_buffers, "input_buffers")
-        self.output_buffers = _indices(self.output_buffers, "output_buffers")
-        if self.config is not None and not isinstance(self.config, LaunchConfig):
-            raise TypeError(f"config must be a prism_gpu.LaunchConfig or None, got "
-                            f"{type(self.config).__name__}")
-        if not isinstance(self.extra, (tuple, list)):
-            raise TypeError(f"extra must be a tuple, got {type(self.extra).__name__}")
-        self.extra = tuple(self.extra)
-        if self.kernel is None:
-            self.kernel = self.name
-
-
-class PipelineStats(NamedTuple):
-    """Statistics of the window since the last :meth:`PipelineStageManager.reset_stats`.
-
-    ``avg_iteration_ms`` is the steady-state time between iteration completions,
-    ``throughput`` iterations per second over the window, ``gpu_utilization`` the
-    fraction of the window in which any stage was running (0..1), and
-    ``stage_ms`` each stage's mean device time (from its start and end events).
-    On the CPU backend, stages share the host's cores, so concurrent stages can
-    each take longer than they would alone.
-    """
-
-    iterations: int
-    avg_iteration_ms: float
-    throughput: float
-    gpu_utilization: float
-    stage_ms: Dict[str, float]
+_UPLOAD, _COMPUTE, _DOWNLOAD = OpType.UPLOAD, OpType.COMPUTE, OpType.DOWNLOAD
 
 
 class _Step(NamedTuple):
@@ -103,8 +50,10 @@ class PipelineStageManager:
     Each iteration writes the next slot of every buffer, so stage s of iteration
     i+1 runs while stage s+1 of iteration i does. The host blocks only when the
     slot an iteration writes is still used by the iteration ``depth`` before.
-    A failing stage raises from the next :meth:`execute_iteration` or
-    :meth:`get_stats`.
+    Feed it with :meth:`run` (an iterable in, results out) or
+    ``execute_iteration(inputs=..., outputs=...)``. A failing stage raises from
+    that iteration's ``wait()``, from :meth:`run` at its turn, and from the next
+    :meth:`execute_iteration` or :meth:`get_stats`.
     """
 
     def __init__(self, coordinator: AsyncCoordinator, *, depth: int = 3,
@@ -122,12 +71,13 @@ class PipelineStageManager:
         self.depth = int(depth)
         self._buffers: List[TripleBuffer] = []
         self._stages: List[GpuPipelineStage] = []
-        self._lanes: Dict[int, Lane] = {}       # stage index -> its stream, made once
+        self._lanes: Dict[Any, Lane] = {}       # stage index (or "upload"...) -> its stream
         self._order: Optional[List[int]] = None
         self._plan: List[_Step] = []
+        self._flows: Dict[Tuple[int, ...], Tuple[int, ...]] = {}  # checked input sets
         self._iter = 0
         self._win = Window()
-        self._failed: Set[int] = set()          # failed stage ops not yet raised
+        self._failed: Set[int] = set()          # failed ops not yet raised
         self._closed = False
 
     def coordinator(self) -> AsyncCoordinator:
@@ -145,7 +95,8 @@ class PipelineStageManager:
         if isinstance(index, bool) or not hasattr(index, "__index__"):
             raise TypeError(f"buffer index must be an int, got {type(index).__name__}")
         if not 0 <= index < len(self._buffers):
-            raise InvalidOperationError(f"no buffer {index}: {len(self._buffers)} buffer(s)")
+            raise InvalidOperationError(f"no buffer {index}: {len(self._buffers)} buffer(s); "
+                                        "add_buffer() returns each index")
         return self._buffers[index]
 
     def add_stage(self, stage: GpuPipelineStage) -> int:
@@ -159,23 +110,27 @@ class PipelineStageManager:
         self._stages.append(stage)
         if self._order is None:
             self._plan = []  # rebuilt with every stage, in the order added
+            self._flows.clear()
         return len(self._stages) - 1
 
-    def set_order(self, indices: Sequence[int]) -> None:
-        """Run the stages at ``indices`` in this order each iteration.
+    def set_order(self, indices: Any) -> None:
+        """Run the stages at these indices in this order each iteration (without it,
+        stages run in the order added).
 
-        Rejected (changing nothing) when an index is unknown or repeated, a stage
-        names a buffer that does not exist, or reads a buffer no earlier stage of
-        the order writes.
+        Rejected (changing nothing) when an index is unknown or repeated, or a stage
+        names a buffer that does not exist. A stage reading a buffer that no earlier
+        stage writes needs that buffer fed as an input (``run(input=...)``,
+        ``execute_iteration(inputs=...)``); that is checked when the iteration runs.
         """
         self._check()
         order = _indices(indices, "set_order")
         self._plan = self._make_plan(order)
         self._order = order
+        self._flows.clear()
 
     def _make_plan(self, order: List[int]) -> List[_Step]:
         if not order:
-            raise ValueError("set_order needs at least one stage index")
+            raise ValueError("the pipeline has no stage to run: add_stage() first")
         if len(set(order)) != len(order):
             raise ValueError(f"set_order repeats a stage: {order}; each stage runs once "
                              "per iteration")
@@ -185,7 +140,6 @@ class PipelineStageManager:
                 raise InvalidOperationError(
                     f"no stage {i}: {n} stage(s) were added (indices 0..{n - 1}); "
                     "add_stage() returns each index")
-        written: Set[int] = set()
         resolved = []
         for i in order:
             st = self._stages[i]
@@ -195,82 +149,186 @@ class PipelineStageManager:
                         f"stage {st.name!r} names buffer {b}, but only {len(self._buffers)} "
                         "buffer(s) exist; create it first with "
                         "pipe.add_buffer(size, dtype=...) and use the index it returns")
-            for b in st.input_buffers:
-                if b not in written:
-                    raise InvalidOperationError(
-                        f"stage {st.name!r} reads buffer {b} before any stage writes it; "
-                        "order a stage that writes it first")
-            written.update(st.output_buffers)
             resolved.append(self._coord.resolve_kernel(st.kernel))
         plan = []
         for i, (kernel, prepared) in zip(order, resolved):
             st = self._stages[i]
-            lane = self._lanes.get(i)
-            if lane is None:
-                lane = self._lanes[i] = self._engine.lane(st.name)
             first = (*st.input_buffers, *st.output_buffers)
             config = st.config or kernel.config or LaunchConfig.for_elements(
                 self._buffers[first[0]].capacity if first else 1)
             plan.append(_Step(st, prepared, config, kernel.uses_arrays,
-                              st.extra or kernel.defaults, lane, tuple(st.input_buffers),
-                              tuple(st.output_buffers)))
+                              st.extra or kernel.defaults, self._lane(i, st.name),
+                              tuple(st.input_buffers), tuple(st.output_buffers)))
         return plan
 
-    # running --------------------------------------------------------------------
-    def execute_iteration(self) -> int:
-        """Queue one iteration of every stage; returns the iteration number.
+    def _lane(self, key: Any, name: str) -> Lane:
+        lane = self._lanes.get(key)
+        if lane is None:
+            lane = self._lanes[key] = self._engine.lane(name)
+        return lane
 
-        Raises the failure of a stage op found failed since the last call.
+    def _flow(self, plan: List[_Step], fed: Tuple[int, ...]) -> Tuple[int, ...]:
+        """The buffers an iteration with inputs ``fed`` writes; rejects a stage reading
+        a buffer nothing wrote before it."""
+        hit = self._flows.get(fed)
+        if hit is not None:
+            return hit
+        written = set(fed)
+        for step in plan:
+            for b in step.reads:
+                if b not in written:
+                    raise InvalidOperationError(
+                        f"stage {step.stage.name!r} reads buffer {b} before any stage writes "
+                        f"it; order a stage that writes it first, or feed it: "
+                        f"execute_iteration(inputs={{{b}: array}}) or run(batches, input={b})")
+            written.update(step.writes)
+        out = tuple(sorted(written))
+        if len(self._flows) > 64:
+            self._flows.clear()
+        self._flows[fed] = out
+        return out
+
+    # checks -----------------------------------------------------------------------
+    def _check_inputs(self, inputs: Any) -> Dict[int, Tuple[np.ndarray, int]]:
+        if inputs is None:
+            return {}
+        if not isinstance(inputs, Mapping):
+            raise TypeError(f"inputs must map buffer indices to arrays, got "
+                            f"{type(inputs).__name__}")
+        out = {}
+        for b, x in inputs.items():
+            buf = self.buffer(b)
+            host_array(x, buf.dtype, f"input for buffer {b}")
+            if x.size > buf.capacity:
+                raise TransferError(f"input for buffer {b} has {x.size} elements, its slots "
+                                    f"hold {buf.capacity}; add a larger buffer or split it")
+            out[int(b)] = (x if x.ndim == 1 else x.reshape(-1), int(x.size))
+        return out
+
+    def _valid_lengths(self, plan: List[_Step], fed: Dict[int, Tuple[np.ndarray, int]]
+                       ) -> Dict[int, int]:
+        """Valid elements per buffer this iteration: a short input's length flows to
+        every buffer a stage writes from buffers of the same size."""
+        bufs = self._buffers
+        valid = {b: n for b, (_, n) in fed.items()}
+        for step in plan:
+            for w in step.writes:
+                cap = bufs[w].capacity
+                short = [valid[r] for r in step.reads
+                         if bufs[r].capacity == cap and valid.get(r, cap) < cap]
+                if w not in valid or w not in step.reads:
+                    valid[w] = min(short) if short else cap
+        return valid
+
+    # running --------------------------------------------------------------------
+    def execute_iteration(self, inputs: Optional[Mapping[int, np.ndarray]] = None,
+                          outputs: Optional[Mapping[int, np.ndarray]] = None
+                          ) -> PipelineIteration:
+        """Queue one iteration: upload each ``inputs[b]`` into buffer ``b``, run every
+        stage, download buffer ``b`` into each ``outputs[b]``.
+
+        Returns a :class:`PipelineIteration`; the outputs hold their results once its
+        ``wait()`` returns. Everything is checked before anything is queued. Raises
+        the failure of an op of this pipeline found failed since the last call.
         """
         self._check()
         coord = self._coord
         coord.check()
+        fed = self._check_inputs(inputs)
+        if outputs is not None and not isinstance(outputs, Mapping):
+            raise TypeError(f"outputs must map buffer indices to arrays, got "
+                            f"{type(outputs).__name__}")
         if not self._plan:
             self._plan = self._make_plan(list(range(len(self._stages))) if self._order is None
                                          else self._order)
+        plan = self._plan
+        touched = self._flow(plan, tuple(sorted(fed)))
+        valid = self._valid_lengths(plan, fed) if fed else {}
+        bufs = self._buffers
+        downs: List[Tuple[int, np.ndarray]] = []
+        for b, y in (outputs or {}).items():
+            buf = self.buffer(b)
+            if int(b) not in touched:
+                raise InvalidOperationError(
+                    f"output buffer {b} is not written by any stage of the iteration")
+            n = valid.get(int(b), buf.capacity)
+            downs.append((int(b), download_destination(y, buf.dtype, n,
+                                                       f"output for buffer {b}")))
         eng = self._engine
         eng.harvest()
         self._raise_failures()
-        plan = self._plan
-        buffers = self._buffers
-        written = sorted({b for step in plan for b in step.writes})
-        slots: Dict[int, Slot] = {}
-        for b in written:
-            slots[b] = self._reclaim(buffers[b])
-        for b in written:
-            if buffers[b].produce() is not slots[b]:
-                raise InvalidOperationError("a pipeline buffer changed while queueing")
+        slots: Dict[int, Slot] = {b: self._reclaim(bufs[b]) for b in touched if b not in fed}
+        for b in fed:
+            if bufs[b].peek(FREE_I) is None:
+                raise BufferUnavailableError(
+                    f"input buffer {b} has no FREE slot (states: {bufs[b].get_states()}); "
+                    "another API holds its slots: download and advance() them first")
+        # nothing below is rejected: the iteration is queued whole
         it = self._iter
         win = self._win
         if win.ref is None:
-            win.start(eng.mark(plan[0].lane), it, [s.stage.name for s in plan])
-        last = len(plan) - 1
+            win.start(eng.mark(plan[0].lane), it)
+        last_step = len(plan) - 1 if not downs else -1
+        ops: List[int] = []
+        for b, (x, n) in fed.items():
+            slot = bufs[b].take(FREE_I)
+            assert slot is not None
+            full = slot.full
+            op = eng.submit(self._lane("upload", "upload"), _UPLOAD, None, (),
+                            slot.write_hazards(), H2D, full if n == slot.capacity else full[:n],
+                            x, keep=full, on_done=self._timer("upload", it, False),
+                            timing=True)
+            slot.filled(op, n)
+            bufs[b].take(UPLOADING_I)
+            slots[b] = slot
+            ops.append(op.id)
+        for b in touched:
+            if b not in fed:
+                bufs[b].produce()
+                slots[b].valid = valid.get(b, slots[b].capacity)
         for pos, step in enumerate(plan):
-            ins = [slots[b] for b in step.reads]
-            outs = [slots[b] for b in step.writes]
-            waits = [s.writer for s in ins if s.writer is not None]
-            quiet = [o for s in outs if s not in ins for o in s.write_hazards()]
-            arrays = [s.full for s in ins] + [s.full for s in outs]
-            op = eng.submit(step.lane, OpType.COMPUTE, step.stage.name, waits, quiet, LAUNCH,
-                            step.prepared, step.config, arrays if step.uses_arrays else (),
-                            step.extra, keep=arrays,
-                            on_done=self._timer(step.stage.name, it, pos == last), timing=True)
-            failed = eng.root_of(op) if op.error is not None else None
-            for s in ins:
-                if s in outs:
-                    s.updated(op, failed)
-                else:
-                    s.read(op)
-            for s in outs:
-                if s not in ins:
-                    s.filled(op, s.capacity)
-                    if failed is not None:
-                        s.failed = failed
-        for b in written:
-            buffers[b].retire()  # FREE again on the host; the GPU orders the next write
-            #                      into the slot after this iteration's readers
+            op = self._stage_op(step, slots, valid, it, pos == last_step)
+            ops.append(op.id)
+        for b, dst in downs:
+            slot = slots[b]
+            w = slot.writer
+            op = eng.submit(self._lane("download", "download"), _DOWNLOAD, None,
+                            (w,) if w is not None else (), (), D2H, dst, slot.array,
+                            keep=(slot.full, dst), root=slot.failed,
+                            on_done=self._timer("download", it, b == downs[-1][0]),
+                            timing=True)
+            slot.read(op)
+            ops.append(op.id)
+        for b in touched:
+            bufs[b].retire()  # FREE again on the host; the GPU orders the next write
+            #                   into the slot after this iteration's readers
         self._iter += 1
-        return it
+        return PipelineIteration(it, coord, ops)
+
+    def _stage_op(self, step: _Step, slots: Dict[int, Slot], valid: Dict[int, int], it: int,
+                  last: bool) -> Op:
+        ins = [slots[b] for b in step.reads]
+        outs = [slots[b] for b in step.writes]
+        waits = [s.writer for s in ins if s.writer is not None]
+        quiet = [o for s in outs if s not in ins for o in s.write_hazards()]
+        arrays = [s.array for s in ins] + [s.array for s in outs]
+        eng = self._engine
+        op = eng.submit(step.lane, _COMPUTE, step.stage.name, waits, quiet, LAUNCH,
+                        step.prepared, step.config, arrays if step.uses_arrays else (),
+                        step.extra, keep=arrays,
+                        on_done=self._timer(step.stage.name, it, last), timing=True)
+        failed = eng.root_of(op) if op.error is not None else None
+        for s in ins:
+            if s in outs:
+                s.updated(op, failed)
+            else:
+                s.read(op)
+        for s in outs:
+            if s not in ins:
+                s.filled(op, s.valid)
+                if failed is not None:
+                    s.failed = failed
+        return op
 
     def _reclaim(self, buf: TripleBuffer) -> Slot:
         """The slot ``buf`` hands out next, once no older iteration uses it (host wait)."""
@@ -306,15 +364,92 @@ class PipelineStageManager:
             self._failed.clear()  # the set timers of ops in flight add to
             raise_failures(self._coord.table.take_unobserved(ids), "pipeline stages")
 
+    def run(self, batches: Iterable[np.ndarray], input: int, output: int, *,
+            prefetch: int = 2) -> Iterator[np.ndarray]:
+        """Push every batch through the pipeline; yield results in input order.
+
+        Each batch is uploaded into the next slot of buffer ``input``, the stages
+        run, and buffer ``output``'s slot is downloaded into the result (a short
+        batch's length flows through stages whose buffers have the input's size).
+        Overlapped like :func:`stream_map`, with the same staging of pageable
+        batches and the same read-ahead contract (``prefetch``). A failing stage
+        raises at its batch's turn, after every earlier result, with
+        ``batch_index``.
+        """
+        self._check()
+        in_buf, out_buf = self.buffer(input), self.buffer(output)
+        if isinstance(prefetch, bool) or not isinstance(prefetch, (int, np.integer)):
+            raise TypeError(f"prefetch must be an int, got {type(prefetch).__name__}")
+        if prefetch < 0:
+            raise ValueError(f"prefetch must be >= 0, got {prefetch}")
+        if not self._plan:
+            self._plan = self._make_plan(list(range(len(self._stages))) if self._order is None
+                                         else self._order)
+        if int(output) not in self._flow(self._plan, (int(input),)):
+            raise InvalidOperationError(f"output buffer {output} is not written by any stage")
+        return self._run(batches, int(input), int(output), in_buf, out_buf, int(prefetch))
+
+    def _run(self, batches: Iterable[np.ndarray], b_in: int, b_out: int, in_buf: TripleBuffer,
+             out_buf: TripleBuffer, prefetch: int) -> Iterator[np.ndarray]:
+        device = self._coord.device
+        cache = cache_of(device)
+        stager = Stager(device, cache)
+        same = in_buf.capacity == out_buf.capacity
+        queued: Dict[int, PipelineIteration] = {}
+
+        def prepare(batch: np.ndarray, pos: int) -> None:
+            if batch.dtype != in_buf.dtype:
+                raise TransferError(f"batch {pos} has dtype {batch.dtype}, buffer {b_in} holds "
+                                    f"{in_buf.dtype}; convert it with .astype(...)")
+            if batch.size > in_buf.capacity:
+                raise TransferError(f"batch {pos} has {batch.size} elements, buffer {b_in}'s "
+                                    f"slots hold {in_buf.capacity}")
+
+        def submit(entry: Pulled) -> Tuple[PipelineIteration, np.ndarray, Any]:
+            entry.wait_staged()
+            batch = entry.batch
+            if same:
+                shape = batch.shape if batch.dtype == out_buf.dtype else (batch.size,)
+            else:
+                shape = (out_buf.capacity,)
+            result = cache.results.empty(device, shape, out_buf.dtype)
+            staged = entry.staged if entry.staged.ndim == 1 else entry.staged.reshape(-1)
+            try:
+                it = self.execute_iteration(inputs={b_in: staged}, outputs={b_out: result})
+            except BaseException:
+                stager.recycle(entry.raw)
+                raise
+            queued[it.index] = it
+            return it, result, entry.raw
+
+        def finish(handle: Tuple[PipelineIteration, np.ndarray, Any]) -> np.ndarray:
+            it, result, raw = handle
+            del queued[it.index]
+            try:
+                it.wait()
+            finally:
+                stager.recycle(raw)
+            return result
+
+        try:
+            yield from read_ahead(batches, self.depth, prefetch, stager, prepare, submit,
+                                  finish, "pipeline: batch")
+        finally:
+            for it in queued.values():  # iterations behind a raised one: their outcome is moot
+                try:
+                    it.wait()
+                except Exception:  # noqa: BLE001
+                    pass
+            stager.close()
+
     def get_stats(self) -> PipelineStats:
         """Statistics of the window; waits for the window's queued iterations first and
-        raises a stage failure not yet raised."""
+        raises a failure not yet raised."""
         self._check()
         self._coord.check()
-        self._engine.synchronize([s.lane for s in self._plan])
+        self._engine.synchronize(list(self._lanes.values()))
         self._raise_failures()
-        win = self._win
-        n, first, last_end, t0, busy = win.summary()
+        n, first, last_end, t0, busy = self._win.summary()
         if n == 0:
             return PipelineStats(0, 0.0, 0.0, 0.0, {})
         span = last_end - t0
@@ -324,7 +459,7 @@ class PipelineStageManager:
             avg_iteration_ms=avg,
             throughput=n / (span / 1e3) if span > 0 else 0.0,
             gpu_utilization=min(1.0, busy / span) if span > 0 else 0.0,
-            stage_ms=win.stage_means(),
+            stage_ms=self._win.stage_means(),
         )
 
     def reset_stats(self) -> None:
@@ -342,7 +477,7 @@ class PipelineStageManager:
 
     def close(self) -> None:
         """Wait for queued iterations, free the buffers (and an owned coordinator), then
-        raise a stage failure not yet raised."""
+        raise a failure not yet raised."""
         raise_failures(self.close_collecting(), "closing the pipeline")
 
     def close_collecting(self) -> List[BaseException]:
@@ -353,7 +488,7 @@ class PipelineStageManager:
         errors: List[BaseException] = []
         try:
             if not self._coord.closed:
-                self._engine.synchronize([s.lane for s in self._plan])
+                self._engine.synchronize(list(self._lanes.values()))
                 errors = self._coord.table.take_unobserved(self._failed)
             if self._owns:
                 errors.extend(self._coord.close_collecting())

@@ -27,7 +27,8 @@ class Window:
     Intervals are folded into a running total once no interval still to come can
     overlap them: a stream runs its ops in order, so an op reported later on a
     lane starts after that lane's last reported end, and nothing still to come
-    starts before the smallest such end over all lanes.
+    starts before the smallest such end over the lanes seen (a pipeline's lanes
+    all report in its first iteration).
     """
 
     FOLD_AT = 512
@@ -35,7 +36,6 @@ class Window:
     def __init__(self) -> None:
         self.ref: Any = None
         self.first_iter = 0
-        self._lanes: List[str] = []
         self._pending: List[Interval] = []
         self._busy_folded = 0.0
         self._lane_end: Dict[str, float] = {}
@@ -46,10 +46,9 @@ class Window:
         self._last_end = float("-inf")
         self._t0 = float("inf")
 
-    def start(self, ref: Any, first_iter: int, lanes: List[str]) -> None:
+    def start(self, ref: Any, first_iter: int) -> None:
         self.ref = ref
         self.first_iter = first_iter
-        self._lanes = list(lanes)
 
     def add(self, lane: str, start: float, end: float, last: bool) -> None:
         self._pending.append((start, end))
@@ -68,10 +67,7 @@ class Window:
 
     def _fold(self) -> None:
         merged = merge(self._pending)
-        if not all(lane in self._lane_end for lane in self._lanes):
-            self._pending = merged
-            return
-        mark = min(self._lane_end[lane] for lane in self._lanes)
+        mark = min(self._lane_end.values())
         keep: List[Interval] = []
         for a, b in merged:
             if b <= mark:

@@ -1,0 +1,172 @@
+"""Feeding pipelines: run() and execute_iteration(inputs=, outputs=) on every backend."""
+
+from __future__ import annotations
+
+from typing import Any, Iterator, List
+
+import numpy as np
+import pytest
+
+import prism_gpu as pg
+from _support import F32, rand
+
+AFFINE_SRC = r"""
+extern "C" __global__ void affine(const float* x, size_t n, float* y, size_t m, float a,
+                                  float b) {
+    size_t k = n < m ? n : m;
+    size_t stride = (size_t)blockDim.x * gridDim.x;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < k; i += stride)
+        y[i] = a * x[i] + b;
+}
+"""
+N = 1000
+# exact in float32 whatever the compiler fuses: the products are powers of two
+STAGES = (("pre", 2.0, 1.0), ("main", 0.5, -3.0), ("post", 4.0, 2.0))
+
+
+def _affine_cpu(x: np.ndarray, y: np.ndarray, a: float, b: float) -> None:
+    k = min(len(x), len(y))
+    np.multiply(x[:k], F32(a), out=y[:k])
+    y[:k] += F32(b)
+
+
+def expected(x: np.ndarray) -> np.ndarray:
+    y = x.astype(F32).reshape(-1)
+    for _, a, b in STAGES:
+        y = y * F32(a) + F32(b)
+    return y
+
+
+def three_stages(ctx: pg.ManagedGpuContext, **kw: Any) -> pg.PipelineStageManager:
+    """b0 -> pre -> b1 -> main -> b2 -> post -> b3; feed b0, read b3."""
+    pipe = ctx.create_pipeline_manager(**kw)
+    pipe.coordinator().register_kernel(
+        "affine", pg.Kernel.from_source(AFFINE_SRC, "affine", cpu=_affine_cpu))
+    bufs = [pipe.add_buffer(N) for _ in range(4)]
+    for i, (name, a, b) in enumerate(STAGES):
+        pipe.add_stage(pg.GpuPipelineStage(name, [bufs[i]], [bufs[i + 1]], kernel="affine",
+                                           extra=(a, b)))
+    return pipe
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(2024)
+
+
+def test_run_gives_numpy_exact_results_in_order(ctx: pg.ManagedGpuContext,
+                                                rng: np.random.Generator) -> None:
+    pipe = three_stages(ctx)
+    batches = [rand(rng, N) for _ in range(11)] + [rand(rng, 317)]  # a short last batch
+    got = [y.copy() for y in pipe.run(iter(batches), input=0, output=3)]
+    assert len(got) == len(batches)
+    for x, y in zip(batches, got):
+        assert y.shape == x.shape
+        np.testing.assert_array_equal(y, expected(x))
+    stats = pipe.get_stats()
+    assert stats.iterations == len(batches)
+    assert {"upload", "pre", "main", "post", "download"} <= set(stats.stage_ms)
+    pipe.close()
+
+
+def test_run_takes_2d_pinned_and_pageable_batches(ctx: pg.ManagedGpuContext,
+                                                  rng: np.random.Generator) -> None:
+    pipe = three_stages(ctx)
+    pinned = pg.pinned_empty((10, 100), np.float32, ctx=ctx)
+    pinned[:] = rng.random((10, 100), dtype=np.float32)
+    batches = [pinned, rng.random((20, 50), dtype=np.float32), pinned[:3]]
+    got = [y.copy() for y in pipe.run(batches, input=0, output=3, prefetch=0)]
+    for x, y in zip(batches, got):
+        assert y.shape == x.shape
+        np.testing.assert_array_equal(y.reshape(-1), expected(x))
+    pipe.close()
+
+
+def test_execute_iteration_with_inputs_and_outputs(ctx: pg.ManagedGpuContext,
+                                                   rng: np.random.Generator) -> None:
+    pipe = three_stages(ctx)
+    xs = [rand(rng, N) for _ in range(7)] + [rand(rng, 5)]
+    ys = [np.full(x.size, np.nan, F32) for x in xs]
+    its = [pipe.execute_iteration(inputs={0: x}, outputs={3: y}) for x, y in zip(xs, ys)]
+    assert [it.index for it in its] == list(range(len(xs)))
+    for it, x, y in zip(its, xs, ys):
+        assert it.wait() is it
+        assert it.done()
+        np.testing.assert_array_equal(y, expected(x))
+    pipe.close()
+
+
+def test_failure_at_iteration_k_yields_k_results_then_raises(
+        ctx: pg.ManagedGpuContext, rng: np.random.Generator) -> None:
+    k = 5
+    calls = {"n": 0}
+
+    def flaky(x: Any, y: Any) -> None:
+        i = calls["n"]
+        calls["n"] += 1
+        if i == k:
+            raise ArithmeticError(f"stage failed on iteration {i}")
+
+    pipe = ctx.create_pipeline_manager()
+    b0, b1 = pipe.add_buffer(N), pipe.add_buffer(N)
+    pipe.add_stage(pg.GpuPipelineStage("flaky", [b0], [b1], kernel=flaky))
+    batches = [rand(rng, N) for _ in range(12)]
+    got: List[np.ndarray] = []
+    with pytest.raises(pg.KernelError) as info:
+        for y in pipe.run(batches, input=b0, output=b1):
+            got.append(y)
+    assert len(got) == k
+    assert info.value.batch_index == k  # type: ignore[attr-defined]
+    assert "ArithmeticError" in str(info.value)
+    pipe.close()  # later iterations' outcomes were settled by run: nothing left to raise
+
+
+def test_rejected_inputs_change_nothing(ctx: pg.ManagedGpuContext,
+                                        rng: np.random.Generator) -> None:
+    pipe = three_stages(ctx)
+    x, y = rand(rng, N), np.empty(N, F32)
+    states = [pipe.buffer(b).get_states() for b in range(4)]
+    bad_calls = [
+        (pg.TransferError, dict(inputs={0: x.astype(np.float64)}, outputs={3: y})),
+        (pg.TransferError, dict(inputs={0: rand(rng, N + 1)}, outputs={3: y})),
+        (pg.TransferError, dict(inputs={0: x}, outputs={3: np.empty(N - 1, F32)})),
+        (pg.InvalidOperationError, dict(inputs={7: x}, outputs={3: y})),
+        (pg.InvalidOperationError, dict(outputs={3: y})),          # b0 is never written
+        (TypeError, dict(inputs=[x], outputs={3: y})),
+        (pg.TransferError, dict(inputs={0: x}, outputs={3: y[::2]})),
+    ]
+    for err, kw in bad_calls:
+        with pytest.raises(err):
+            pipe.execute_iteration(**kw)
+        assert [pipe.buffer(b).get_states() for b in range(4)] == states
+    it = pipe.execute_iteration(inputs={0: x}, outputs={3: y})
+    assert it.index == 0
+    it.wait()
+    np.testing.assert_array_equal(y, expected(x))
+    with pytest.raises(pg.TransferError) as info:
+        list(pipe.run([x, x.astype(np.float64)], input=0, output=3))
+    assert info.value.batch_index == 1  # type: ignore[attr-defined]
+    pipe.close()
+
+
+def test_run_rejects_bad_arguments_before_pulling(ctx: pg.ManagedGpuContext) -> None:
+    pipe = three_stages(ctx)
+    pulled = {"n": 0}
+
+    def batches() -> Iterator[np.ndarray]:
+        pulled["n"] += 1
+        yield np.ones(N, F32)
+
+    for kw, err in ((dict(input=9, output=3), pg.InvalidOperationError),
+                    (dict(input="0", output=3), TypeError),
+                    (dict(input=0, output=3, prefetch=-1), ValueError)):
+        with pytest.raises(err):
+            pipe.run(batches(), **kw)  # type: ignore[arg-type]
+    assert pulled["n"] == 0
+    pipe.close()
+
+
+def test_stage_names_of_the_copies_are_reserved() -> None:
+    for name in ("upload", "download"):
+        with pytest.raises(ValueError):
+            pg.GpuPipelineStage(name)
