@@ -33,6 +33,7 @@ from prism_gpu.bench._peers_cuda import DEPTH, Work, cupy_loop, torch_loop  # no
 
 import prism_loops  # noqa: E402
 import extra_workloads  # noqa: E402
+import pipeline_workload  # noqa: E402
 import host_overhead  # noqa: E402
 
 Variant = Callable[[Work, int], float]
@@ -240,6 +241,10 @@ def main() -> int:
             results["workloads"].append(extra_workloads.tiny(
                 ctx, int(1500 * scale) // DEPTH * DEPTH, args.repeats, _run_variants, _ratios,
                 _inputs, host_overhead))
+        if not only or "pipeline" in only:
+            print("workload pipeline", flush=True)
+            results["workloads"].append(pipeline_workload.pipeline(
+                ctx, bw, measure_bandwidth, max(DEPTH, int(60 * scale)), args.repeats))
         if not only or "pageable" in only:
             print("workload pageable", flush=True)
             results["workloads"].append(extra_workloads.pageable(
@@ -254,7 +259,7 @@ def main() -> int:
         done = {w["workload"] for w in results["workloads"]}
         results["workloads"] = [w for w in old["workloads"] if w["workload"] not in done] \
             + results["workloads"]
-        order = ["2/5/2", "3/3/3", "0.2/0.2/0.2", "tiny", "pageable"]
+        order = ["2/5/2", "3/3/3", "0.2/0.2/0.2", "tiny", "pipeline", "pageable"]
         results["workloads"].sort(key=lambda w: next(
             (i for i, k in enumerate(order) if w["workload"].startswith(k)), 99))
     with open(stem + ".json", "w") as f:

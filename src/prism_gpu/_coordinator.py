@@ -8,90 +8,28 @@ hazards in each ring. The coordinator checks a call completely, then queues.
 from __future__ import annotations
 
 import atexit
-import math
 import sys
 import weakref
 from threading import get_ident
-from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
-from ._buffers import FREE_I, PROCESSING_I, UPLOADING_I, BufferState, Slot, TripleBuffer
+from ._args import check_timeout, int_arg, resolve_device, sequence_arg
+from ._buffers import FREE_I, PROCESSING_I, UPLOADING_I, TripleBuffer
 from ._config import LaunchConfig
-from ._engine import D2H, H2D, LAUNCH, Engine, Op
-from ._errors import (BufferUnavailableError, InvalidDependencyError, InvalidOperationError,
+from ._engine import D2H, H2D, LAUNCH, Engine
+from ._errors import (BufferUnavailableError, InvalidOperationError,
                       SynchronizationError, TransferError)
 from ._kernels import Kernel
-from ._ops import CompletedOp, OpId, OpType
+from ._ops import CompletedOp, CoordinatorStatistics, OpId, OpType
 from ._optable import OpTable, raise_failures
 from ._registry import KernelRegistry
+from ._slotmap import SlotMap, output_slots, pending_uploads
 from ._validate import download_destination, upload_source
 
-__all__ = ["AsyncCoordinator", "CoordinatorStatistics", "check_timeout"]
+__all__ = ["AsyncCoordinator"]
 
-_UPLOADING = BufferState.UPLOADING
-_PROCESSING = BufferState.PROCESSING
 _UPLOAD, _COMPUTE, _DOWNLOAD = OpType.UPLOAD, OpType.COMPUTE, OpType.DOWNLOAD
 OnDone = Callable[[CompletedOp, Optional[float]], None]
-
-
-class CoordinatorStatistics(NamedTuple):
-    """What :meth:`AsyncCoordinator.statistics` reports.
-
-    ``issued``: op ids handed out; ``in_flight``: ops not yet known complete;
-    ``failed``: ops that failed so far; ``unobserved_failures``: failures no call
-    has reported yet (``synchronize_all`` raises them); ``events_pooled``: idle
-    events kept for reuse; ``unreported``: completions waiting for ``poll``;
-    ``dropped_reports``: completions dropped unpolled past ``report_backlog``.
-    """
-
-    issued: int
-    in_flight: int
-    failed: int
-    unobserved_failures: int
-    events_pooled: int
-    unreported: int
-    dropped_reports: int
-
-
-def check_timeout(timeout: Any) -> Optional[float]:
-    """A wait timeout in seconds as a float, or None for no limit."""
-    if timeout is None:
-        return None
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) and \
-            not hasattr(timeout, "__float__"):
-        raise TypeError(f"timeout must be a number of seconds or None, got "
-                        f"{type(timeout).__name__}")
-    if isinstance(timeout, str):
-        raise TypeError("timeout must be a number of seconds or None, got str")
-    t = float(timeout)
-    if math.isnan(t) or t < 0:
-        raise ValueError(f"timeout must be >= 0 seconds, got {timeout!r}")
-    return None if math.isinf(t) else t
-
-
-def _resolve_device(device: Any) -> Tuple[Any, bool]:
-    if device is None:
-        from .backends import open_device
-
-        return open_device("auto"), True
-    if hasattr(device, "create_stream") and hasattr(device, "allocate"):
-        dev = device
-    else:
-        dev = getattr(device, "device", None)  # a ManagedGpuContext
-        if dev is None or not hasattr(dev, "create_stream"):
-            raise TypeError(f"expected a prism-gpu device or context, got "
-                            f"{type(device).__name__}")
-    if dev.closed:
-        raise InvalidOperationError("the device (or the context) is closed")
-    return dev, False
-
-
-def _int_arg(value: Any, what: str, minimum: int) -> int:
-    if isinstance(value, bool) or not hasattr(value, "__index__"):
-        raise TypeError(f"{what} must be an int, got {type(value).__name__}")
-    v = value.__index__()
-    if v < minimum:
-        raise ValueError(f"{what} must be >= {minimum}, got {v}")
-    return v
 
 
 class AsyncCoordinator:
@@ -118,9 +56,9 @@ class AsyncCoordinator:
 
     def __init__(self, device: Any = None, *, max_in_flight: int = 1024, timing: bool = False,
                  report_backlog: int = 16384) -> None:
-        max_in_flight = _int_arg(max_in_flight, "max_in_flight", 1)
-        report_backlog = _int_arg(report_backlog, "report_backlog", 1)
-        self._device, self._owns_device = _resolve_device(device)
+        max_in_flight = int_arg(max_in_flight, "max_in_flight", 1)
+        report_backlog = int_arg(report_backlog, "report_backlog", 1)
+        self._device, self._owns_device = resolve_device(device)
         self._owner = get_ident()
         self._table = OpTable(report_backlog)
         self._engine = Engine(self._device, self._table, max_in_flight=max_in_flight,
@@ -129,8 +67,7 @@ class AsyncCoordinator:
         self._configs: Dict[int, LaunchConfig] = {}
         # op id -> the slots it touched (weakly: dropped buffers are not kept alive);
         # data flows along dependencies. An id leaves when its slot is refilled.
-        self._slots_of: Dict[int, Any] = {}  # a weakref, or a tuple of them
-        self._sweep_at = 4096
+        self._slots = SlotMap()  # where each op's data lives
         self._up = self._engine.lane("upload")
         self._compute = self._engine.lane("compute")
         self._down = self._engine.lane("download")
@@ -203,7 +140,7 @@ class AsyncCoordinator:
         n = upload_source(data, buffer.dtype, buffer.capacity)
         if buffer.device is not self._device:
             raise TransferError("the buffer lives on another device than this coordinator")
-        done = self._wrap(on_done) if on_done is not None else None
+        done = self._table.reporter(on_done) if on_done is not None else None
         slot = buffer.take(FREE_I)
         if slot is None:
             raise BufferUnavailableError(
@@ -218,14 +155,8 @@ class AsyncCoordinator:
         except BaseException:
             buffer.untake(slot, FREE_I)
             raise
-        oid = op.id
-        slots_of = self._slots_of
-        for old in slot.filled(op, n):
-            slots_of.pop(old, None)
-        slots_of[oid] = slot.ref
-        if len(slots_of) > self._sweep_at:
-            self._sweep()
-        return self._table.id_type(oid)
+        self._slots.filled(slot, op, n)
+        return self._table.id_type(op.id)
 
     def queue_compute(self, name: Any, deps: Iterable[int] = (), *,
                       args: Optional[Sequence[Any]] = None,
@@ -247,19 +178,19 @@ class AsyncCoordinator:
         if get_ident() != self._owner or self._engine.closed or self._device.closed:
             self._check_slow()
         kernel, prepared = self._kernels.resolve(name)
-        dep_ids = self._dep_ids(deps)
+        dep_ids = self._table.resolve_deps(deps)
         if config is not None and type(config) is not LaunchConfig \
                 and not isinstance(config, LaunchConfig):
             raise TypeError(f"config must be a prism_gpu.LaunchConfig or None, got "
                             f"{type(config).__name__}")
         if extra is not None and type(extra) is not tuple:
-            extra = _sequence(extra, "extra")
+            extra = sequence_arg(extra, "extra")
         if args is not None:
-            args = _sequence(args, "args")
-        done = self._wrap(on_done) if on_done is not None else None
-        slots = self._data_slots(dep_ids) if dep_ids else []
-        pending = self._pending_uploads(slots) if slots else slots
-        outs = self._output_slots(outputs) if outputs else ()
+            args = sequence_arg(args, "args")
+        done = self._table.reporter(on_done) if on_done is not None else None
+        slots = self._slots.data_slots(dep_ids) if dep_ids else []
+        pending = pending_uploads(slots) if slots else slots
+        outs = output_slots(outputs, self._device) if outputs else ()
         if args is not None:
             arrays: Sequence[Any] = ()
             ext = args
@@ -284,7 +215,7 @@ class AsyncCoordinator:
             if dep is not None:
                 waits.append(dep)
             elif root is None and self._table.failed_total:
-                root = self._table_root(i)
+                root = self._table.root_pair(i)
         quiet: List[Any] = []
         for s in slots:
             w = s.writer
@@ -308,17 +239,13 @@ class AsyncCoordinator:
         for s in slots:
             s.updated(op, failed)
         if outs:
-            slots_of = self._slots_of
             for s, n in outs:
-                for old in s.filled(op, n):
-                    slots_of.pop(old, None)
+                self._slots.filled(s, op, n)
                 if failed is not None:
                     s.failed = failed
-            refs = tuple(s.ref for s in slots) + tuple(s.ref for s, _ in outs)
-            slots_of[oid] = refs[0] if len(refs) == 1 else refs
+            self._slots.touched(oid, slots + [s for s, _ in outs])
         elif slots:
-            self._slots_of[oid] = slots[0].ref if len(slots) == 1 else tuple(
-                s.ref for s in slots)
+            self._slots.touched(oid, slots)
         return self._table.id_type(oid)
 
     def queue_download(self, buffer: TripleBuffer, dst: Any, *,
@@ -338,7 +265,7 @@ class AsyncCoordinator:
                 f"no PROCESSING slot to download (states: {buffer.get_states()}); queue a "
                 "compute on an upload first")
         view = download_destination(dst, buffer.dtype, slot.valid)
-        done = self._wrap(on_done) if on_done is not None else None
+        done = self._table.reporter(on_done) if on_done is not None else None
         w = slot.writer
         op = self._engine.submit(self._down, _DOWNLOAD, None, (w,) if w is not None else (),
                                  (), D2H, view, slot.array, keep=(slot.full, dst),
@@ -346,60 +273,10 @@ class AsyncCoordinator:
         buffer.take(PROCESSING_I)
         oid = op.id
         slot.read(op)
-        self._slots_of[oid] = slot.ref
+        self._slots.touched(oid, (slot,))
         return self._table.id_type(oid)
 
     # checks and slot bookkeeping -----------------------------------------------
-    def _dep_ids(self, deps: Any) -> List[int]:
-        table = self._table
-        if type(deps) is list and len(deps) == 1:  # the common [upload_id]
-            d = deps[0]
-            if type(d) is table.id_type and d < table.next:  # type: ignore[operator]
-                return [d]  # type: ignore[list-item]
-        if hasattr(deps, "__index__") and not isinstance(deps, bool):
-            deps = (deps,)
-        elif isinstance(deps, (str, bytes)) or not hasattr(deps, "__iter__"):
-            raise TypeError(f"deps must be op ids (an int or an iterable of ints), got "
-                            f"{type(deps).__name__}")
-        resolve = self._table.resolve
-        return [resolve(d, InvalidDependencyError) for d in deps]
-
-    def _wrap(self, on_done: Optional[OnDone]) -> Optional[Callable[[Op, Optional[float]], None]]:
-        if on_done is None:
-            return None
-        if not callable(on_done):
-            raise TypeError(f"on_done must be callable, got {type(on_done).__name__}")
-        id_type = self._table.id_type
-
-        def report(op: Op, ms: Optional[float]) -> None:
-            on_done(CompletedOp(id_type(op.id), op.type, ms, op.error), ms)
-        return report
-
-    def _table_root(self, oid: int) -> Any:
-        """(root id, error) of completed op ``oid``'s failure, or None."""
-        r = self._table.root(oid)
-        return None if r is None else (r, self._table.error(r, observe=False))
-
-    def _sweep(self) -> None:
-        """Drop the entries of dropped buffers from the op -> slot map."""
-        slots_of = self._slots_of
-        for k in [k for k, refs in slots_of.items()
-                  if all(r() is None for r in (refs if type(refs) is tuple else (refs,)))]:
-            del slots_of[k]
-        self._sweep_at = 2 * len(slots_of) + 4096
-
-    def _data_slots(self, dep_ids: Sequence[int]) -> List[Slot]:
-        slots: List[Slot] = []
-        slots_of = self._slots_of
-        for d in dep_ids:
-            refs = slots_of.get(d, ())
-            for r in (refs if type(refs) is tuple else (refs,)):
-                s = r()
-                if s is not None and s not in slots and (s.state is _UPLOADING
-                                                         or s.state is _PROCESSING):
-                    slots.append(s)
-        return slots
-
     def _default_config(self, n: int) -> LaunchConfig:
         cfg = self._configs.get(n)
         if cfg is None:
@@ -407,48 +284,6 @@ class AsyncCoordinator:
                 self._configs.clear()
             cfg = self._configs[n] = LaunchConfig.for_elements(n)
         return cfg
-
-    def _output_slots(self, outputs: Sequence[Any]) -> List[Tuple[Slot, int]]:
-        if isinstance(outputs, (str, bytes, TripleBuffer)) or not hasattr(outputs, "__iter__"):
-            raise TypeError("outputs must be a list of TripleBuffers or (buffer, n) pairs")
-        outs: List[Tuple[Slot, int]] = []
-        for entry in outputs:
-            buf, n = entry if isinstance(entry, tuple) and len(entry) == 2 else (entry, None)
-            if not isinstance(buf, TripleBuffer):
-                raise TypeError(f"outputs takes TripleBuffers, got {type(buf).__name__}")
-            if buf.device is not self._device:
-                raise TransferError("an output buffer lives on another device")
-            n = buf.capacity if n is None else _int_arg(n, "output length", 1)
-            if n > buf.capacity:
-                raise TransferError(f"output length {n} does not fit a slot of {buf.capacity}")
-            slot = buf.peek(FREE_I)
-            if slot is None or any(s.buffer is buf for s, _ in outs):
-                raise BufferUnavailableError(
-                    f"output buffer has no FREE slot (states: {buf.get_states()}); download "
-                    "and advance() first")
-            if buf.peek(UPLOADING_I) is not None:
-                raise InvalidOperationError(
-                    "an output buffer must not hold uploads waiting for a compute")
-            outs.append((slot, n))
-        return outs
-
-    def _pending_uploads(self, slots: List[Slot]) -> List[Slot]:
-        """Slots still UPLOADING, checked to be consumed in ring order."""
-        ahead: Dict[int, int] = {}
-        pending = []
-        for s in slots:
-            if s.state is not _UPLOADING:
-                continue
-            k = ahead.get(id(s.buffer), 0)
-            if s.buffer.peek(UPLOADING_I, k) is not s:
-                older = s.buffer.peek(UPLOADING_I, 0)
-                raise InvalidDependencyError(
-                    f"slot {s.index} is computed on before the older upload in slot "
-                    f"{older.index if older else '?'} of the same buffer; computes consume "
-                    "uploads in ring order: queue a compute on the older upload first")
-            ahead[id(s.buffer)] = k + 1
-            pending.append(s)
-        return pending
 
     # completion -----------------------------------------------------------------
     def poll(self) -> List[CompletedOp]:
@@ -524,7 +359,7 @@ class AsyncCoordinator:
             errors = self._table.take_unobserved()
         finally:
             self._kernels.clear()
-            self._slots_of.clear()
+            self._slots.clear()
             if self._owns_device:
                 self._device.close()
         return errors
@@ -547,15 +382,6 @@ class AsyncCoordinator:
                 self.close_collecting()
         except Exception:  # noqa: BLE001
             pass
-
-
-def _sequence(value: Any, what: str) -> Optional[Tuple[Any, ...]]:
-    if value is None:
-        return None
-    if isinstance(value, (list, tuple)):
-        return tuple(value)
-    raise TypeError(f"{what} must be a tuple or list (e.g. {what}=(2.0,)), got "
-                    f"{type(value).__name__}")
 
 
 _LIVE: "weakref.WeakSet[AsyncCoordinator]" = weakref.WeakSet()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from enum import Enum
 from typing import NamedTuple, Optional
 
-__all__ = ["OpType", "CompletedOp", "OpId"]
+__all__ = ["OpType", "CompletedOp", "OpId", "CoordinatorStatistics"]
 
 
 class OpType(str, Enum):
@@ -41,3 +41,22 @@ class CompletedOp(NamedTuple):
     op_type: OpType
     duration_ms: Optional[float]
     error: Optional[BaseException]
+
+
+class CoordinatorStatistics(NamedTuple):
+    """What :meth:`AsyncCoordinator.statistics` reports.
+
+    ``issued``: op ids handed out; ``in_flight``: ops not yet known complete;
+    ``failed``: ops that failed so far; ``unobserved_failures``: failures no call
+    has reported yet (``synchronize_all`` raises them); ``events_pooled``: idle
+    events kept for reuse; ``unreported``: completions waiting for ``poll``;
+    ``dropped_reports``: completions dropped unpolled past ``report_backlog``.
+    """
+
+    issued: int
+    in_flight: int
+    failed: int
+    unobserved_failures: int
+    events_pooled: int
+    unreported: int
+    dropped_reports: int

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import collections
 import traceback
-from typing import Deque, Dict, List, Optional, Tuple
+from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
-from ._errors import DependencyFailedError
+from ._errors import DependencyFailedError, InvalidDependencyError
 from ._ops import CompletedOp, OpId, OpType, id_type
 
 __all__ = ["OpTable"]
@@ -74,6 +74,31 @@ class OpTable:
                         f"(ids issued so far: 0..{self.next - 1})")
         return oid
 
+    def resolve_deps(self, deps: Any) -> List[int]:
+        """Dependencies given as an op id or an iterable of them, as plain ints."""
+        if type(deps) is list and len(deps) == 1:  # the common [upload_id]
+            d = deps[0]
+            if type(d) is self.id_type and d < self.next:  # type: ignore[operator]
+                return [d]  # type: ignore[list-item]
+        if hasattr(deps, "__index__") and not isinstance(deps, bool):
+            deps = (deps,)
+        elif isinstance(deps, (str, bytes)) or not hasattr(deps, "__iter__"):
+            raise TypeError(f"deps must be op ids (an int or an iterable of ints), got "
+                            f"{type(deps).__name__}")
+        return [self.resolve(d, InvalidDependencyError) for d in deps]
+
+    def reporter(self, on_done: Any) -> Optional[Callable[[Any, Optional[float]], None]]:
+        """An engine callback giving ``on_done`` the op's :class:`CompletedOp` and time."""
+        if on_done is None:
+            return None
+        if not callable(on_done):
+            raise TypeError(f"on_done must be callable, got {type(on_done).__name__}")
+        id_type = self.id_type
+
+        def report(op: Any, ms: Optional[float]) -> None:
+            on_done(CompletedOp(id_type(op.id), op.type, ms, op.error), ms)
+        return report
+
     # completion -----------------------------------------------------------------
     def complete(self, oid: int, op_type: OpType, duration: Optional[float],
                  error: Optional[BaseException]) -> None:
@@ -111,6 +136,11 @@ class OpTable:
         if isinstance(err, DependencyFailedError):
             # its message carries the root's error: the root reached the caller too
             self._unobserved.pop(err.root_op, None)
+
+    def root_pair(self, oid: int) -> Optional[Tuple[int, Optional[BaseException]]]:
+        """(root id, its error) of completed op ``oid``'s failure, or None."""
+        r = self.root(oid)
+        return None if r is None else (r, self.error(r, observe=False))
 
     def root(self, oid: int) -> Optional[int]:
         """The failed op at the root of ``oid``'s failure, if ``oid`` is known failed."""

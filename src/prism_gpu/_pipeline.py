@@ -1,14 +1,12 @@
 """Multi-stage pipelines: stages on their own streams, ordered by events, fed with data.
 
-A thin client of the core: stage ops go through the coordinator's engine and
-op table, buffers are ordinary rings whose slots go through the ring states
-and hazards, and statistics come from timing events, in constant memory.
+A thin client of the core: stage ops go through the coordinator's engine and op table,
+buffers are ordinary rings (states and hazards), statistics come from timing events.
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, Iterator, List, Mapping, NamedTuple, Optional, Set, \
-    Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, NamedTuple, Optional, Set, Tuple
 
 import numpy as np
 
@@ -16,15 +14,14 @@ from ._buffers import FREE_I, UPLOADING_I, Slot, TripleBuffer
 from ._config import LaunchConfig
 from ._coordinator import AsyncCoordinator
 from ._engine import D2H, H2D, LAUNCH, Engine, Lane, Op
-from ._errors import BufferUnavailableError, InvalidOperationError, TransferError
-from ._feed import Pulled, read_ahead
+from ._errors import BufferUnavailableError, InvalidOperationError
 from ._ops import OpType
 from ._optable import raise_failures
 from ._stage import GpuPipelineStage, PipelineIteration, PipelineStats
 from ._stage import indices as _indices
-from ._staging import Stager, cache_of
+from ._pipefeed import check_inputs, run_pipeline, valid_lengths, written_buffers
 from ._stats import Window
-from ._validate import download_destination, host_array
+from ._validate import download_destination
 
 __all__ = ["GpuPipelineStage", "PipelineStageManager", "PipelineStats", "PipelineIteration"]
 
@@ -168,57 +165,13 @@ class PipelineStageManager:
         return lane
 
     def _flow(self, plan: List[_Step], fed: Tuple[int, ...]) -> Tuple[int, ...]:
-        """The buffers an iteration with inputs ``fed`` writes; rejects a stage reading
-        a buffer nothing wrote before it."""
         hit = self._flows.get(fed)
-        if hit is not None:
-            return hit
-        written = set(fed)
-        for step in plan:
-            for b in step.reads:
-                if b not in written:
-                    raise InvalidOperationError(
-                        f"stage {step.stage.name!r} reads buffer {b} before any stage writes "
-                        f"it; order a stage that writes it first, or feed it: "
-                        f"execute_iteration(inputs={{{b}: array}}) or run(batches, input={b})")
-            written.update(step.writes)
-        out = tuple(sorted(written))
-        if len(self._flows) > 64:
-            self._flows.clear()
-        self._flows[fed] = out
-        return out
-
-    # checks -----------------------------------------------------------------------
-    def _check_inputs(self, inputs: Any) -> Dict[int, Tuple[np.ndarray, int]]:
-        if inputs is None:
-            return {}
-        if not isinstance(inputs, Mapping):
-            raise TypeError(f"inputs must map buffer indices to arrays, got "
-                            f"{type(inputs).__name__}")
-        out = {}
-        for b, x in inputs.items():
-            buf = self.buffer(b)
-            host_array(x, buf.dtype, f"input for buffer {b}")
-            if x.size > buf.capacity:
-                raise TransferError(f"input for buffer {b} has {x.size} elements, its slots "
-                                    f"hold {buf.capacity}; add a larger buffer or split it")
-            out[int(b)] = (x if x.ndim == 1 else x.reshape(-1), int(x.size))
-        return out
-
-    def _valid_lengths(self, plan: List[_Step], fed: Dict[int, Tuple[np.ndarray, int]]
-                       ) -> Dict[int, int]:
-        """Valid elements per buffer this iteration: a short input's length flows to
-        every buffer a stage writes from buffers of the same size."""
-        bufs = self._buffers
-        valid = {b: n for b, (_, n) in fed.items()}
-        for step in plan:
-            for w in step.writes:
-                cap = bufs[w].capacity
-                short = [valid[r] for r in step.reads
-                         if bufs[r].capacity == cap and valid.get(r, cap) < cap]
-                if w not in valid or w not in step.reads:
-                    valid[w] = min(short) if short else cap
-        return valid
+        if hit is None:
+            hit = written_buffers(plan, fed)
+            if len(self._flows) > 64:
+                self._flows.clear()
+            self._flows[fed] = hit
+        return hit
 
     # running --------------------------------------------------------------------
     def execute_iteration(self, inputs: Optional[Mapping[int, np.ndarray]] = None,
@@ -234,7 +187,7 @@ class PipelineStageManager:
         self._check()
         coord = self._coord
         coord.check()
-        fed = self._check_inputs(inputs)
+        fed = check_inputs(self, inputs)
         if outputs is not None and not isinstance(outputs, Mapping):
             raise TypeError(f"outputs must map buffer indices to arrays, got "
                             f"{type(outputs).__name__}")
@@ -243,7 +196,7 @@ class PipelineStageManager:
                                          else self._order)
         plan = self._plan
         touched = self._flow(plan, tuple(sorted(fed)))
-        valid = self._valid_lengths(plan, fed) if fed else {}
+        valid = valid_lengths(plan, self._buffers, fed) if fed else {}
         bufs = self._buffers
         downs: List[Tuple[int, np.ndarray]] = []
         for b, y in (outputs or {}).items():
@@ -259,10 +212,7 @@ class PipelineStageManager:
         self._raise_failures()
         slots: Dict[int, Slot] = {b: self._reclaim(bufs[b]) for b in touched if b not in fed}
         for b in fed:
-            if bufs[b].peek(FREE_I) is None:
-                raise BufferUnavailableError(
-                    f"input buffer {b} has no FREE slot (states: {bufs[b].get_states()}); "
-                    "another API holds its slots: download and advance() them first")
+            self._reclaim(bufs[b], wait=False)  # the device orders the upload after readers
         # nothing below is rejected: the iteration is queued whole
         it = self._iter
         win = self._win
@@ -330,20 +280,15 @@ class PipelineStageManager:
                     s.failed = failed
         return op
 
-    def _reclaim(self, buf: TripleBuffer) -> Slot:
+    def _reclaim(self, buf: TripleBuffer, wait: bool = True) -> Slot:
         """The slot ``buf`` hands out next, once no older iteration uses it (host wait)."""
         slot = buf.peek(FREE_I)
         if slot is None:
             raise BufferUnavailableError(
                 f"pipeline buffer has no FREE slot (states: {buf.get_states()}); another API "
                 "holds its slots: download and advance() them first")
-        eng = self._engine
-        for op in slot.write_hazards():
-            if op.event is not None:
-                if op.lane in eng.lanes:
-                    eng.wait(op.id)
-                else:  # an op of another coordinator: its event is enough
-                    op.event.synchronize()
+        if wait:
+            self._engine.wait_ops(slot.write_hazards())
         return slot
 
     def _timer(self, stage: str, it: int, last: bool) -> Any:
@@ -387,60 +332,8 @@ class PipelineStageManager:
                                          else self._order)
         if int(output) not in self._flow(self._plan, (int(input),)):
             raise InvalidOperationError(f"output buffer {output} is not written by any stage")
-        return self._run(batches, int(input), int(output), in_buf, out_buf, int(prefetch))
-
-    def _run(self, batches: Iterable[np.ndarray], b_in: int, b_out: int, in_buf: TripleBuffer,
-             out_buf: TripleBuffer, prefetch: int) -> Iterator[np.ndarray]:
-        device = self._coord.device
-        cache = cache_of(device)
-        stager = Stager(device, cache)
-        same = in_buf.capacity == out_buf.capacity
-        queued: Dict[int, PipelineIteration] = {}
-
-        def prepare(batch: np.ndarray, pos: int) -> None:
-            if batch.dtype != in_buf.dtype:
-                raise TransferError(f"batch {pos} has dtype {batch.dtype}, buffer {b_in} holds "
-                                    f"{in_buf.dtype}; convert it with .astype(...)")
-            if batch.size > in_buf.capacity:
-                raise TransferError(f"batch {pos} has {batch.size} elements, buffer {b_in}'s "
-                                    f"slots hold {in_buf.capacity}")
-
-        def submit(entry: Pulled) -> Tuple[PipelineIteration, np.ndarray, Any]:
-            entry.wait_staged()
-            batch = entry.batch
-            if same:
-                shape = batch.shape if batch.dtype == out_buf.dtype else (batch.size,)
-            else:
-                shape = (out_buf.capacity,)
-            result = cache.results.empty(device, shape, out_buf.dtype)
-            staged = entry.staged if entry.staged.ndim == 1 else entry.staged.reshape(-1)
-            try:
-                it = self.execute_iteration(inputs={b_in: staged}, outputs={b_out: result})
-            except BaseException:
-                stager.recycle(entry.raw)
-                raise
-            queued[it.index] = it
-            return it, result, entry.raw
-
-        def finish(handle: Tuple[PipelineIteration, np.ndarray, Any]) -> np.ndarray:
-            it, result, raw = handle
-            del queued[it.index]
-            try:
-                it.wait()
-            finally:
-                stager.recycle(raw)
-            return result
-
-        try:
-            yield from read_ahead(batches, self.depth, prefetch, stager, prepare, submit,
-                                  finish, "pipeline: batch")
-        finally:
-            for it in queued.values():  # iterations behind a raised one: their outcome is moot
-                try:
-                    it.wait()
-                except Exception:  # noqa: BLE001
-                    pass
-            stager.close()
+        return run_pipeline(self, batches, int(input), int(output), in_buf, out_buf,
+                            int(prefetch))
 
     def get_stats(self) -> PipelineStats:
         """Statistics of the window; waits for the window's queued iterations first and

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 from ._config import LaunchConfig
-from ._coordinator import check_timeout
+from ._args import check_timeout
 from ._errors import DependencyFailedError, SynchronizationError
 from ._optable import raise_failures
 

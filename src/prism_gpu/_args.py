@@ -1,0 +1,61 @@
+"""Checks of public arguments shared by the core's clients (types named in errors)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional, Tuple
+
+from ._errors import InvalidOperationError
+
+__all__ = ["check_timeout", "resolve_device", "int_arg", "sequence_arg"]
+
+
+def check_timeout(timeout: Any) -> Optional[float]:
+    """A wait timeout in seconds as a float, or None for no limit."""
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) and \
+            not hasattr(timeout, "__float__"):
+        raise TypeError(f"timeout must be a number of seconds or None, got "
+                        f"{type(timeout).__name__}")
+    if isinstance(timeout, str):
+        raise TypeError("timeout must be a number of seconds or None, got str")
+    t = float(timeout)
+    if math.isnan(t) or t < 0:
+        raise ValueError(f"timeout must be >= 0 seconds, got {timeout!r}")
+    return None if math.isinf(t) else t
+
+
+def resolve_device(device: Any) -> Tuple[Any, bool]:
+    if device is None:
+        from .backends import open_device
+
+        return open_device("auto"), True
+    if hasattr(device, "create_stream") and hasattr(device, "allocate"):
+        dev = device
+    else:
+        dev = getattr(device, "device", None)  # a ManagedGpuContext
+        if dev is None or not hasattr(dev, "create_stream"):
+            raise TypeError(f"expected a prism-gpu device or context, got "
+                            f"{type(device).__name__}")
+    if dev.closed:
+        raise InvalidOperationError("the device (or the context) is closed")
+    return dev, False
+
+
+def int_arg(value: Any, what: str, minimum: int) -> int:
+    if isinstance(value, bool) or not hasattr(value, "__index__"):
+        raise TypeError(f"{what} must be an int, got {type(value).__name__}")
+    v = value.__index__()
+    if v < minimum:
+        raise ValueError(f"{what} must be >= {minimum}, got {v}")
+    return v
+
+
+def sequence_arg(value: Any, what: str) -> Optional[Tuple[Any, ...]]:
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple)):
+        return tuple(value)
+    raise TypeError(f"{what} must be a tuple or list (e.g. {what}=(2.0,)), got "
+                    f"{type(value).__name__}")

@@ -1,0 +1,119 @@
+"""Feeding a pipeline: input checks, valid lengths, and the generator behind ``run``."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Iterable, Iterator, Mapping, Sequence, Tuple
+
+import numpy as np
+
+from ._buffers import TripleBuffer
+from ._errors import InvalidOperationError, TransferError
+from ._feed import Pulled, read_ahead
+from ._stage import PipelineIteration
+from ._staging import Stager, cache_of
+from ._validate import host_array
+
+__all__ = ["check_inputs", "valid_lengths", "written_buffers", "run_pipeline"]
+
+
+def written_buffers(plan: Sequence[Any], fed: Tuple[int, ...]) -> Tuple[int, ...]:
+    """The buffers an iteration with inputs ``fed`` writes; rejects a stage reading a
+    buffer nothing wrote before it."""
+    written = set(fed)
+    for step in plan:
+        for b in step.reads:
+            if b not in written:
+                raise InvalidOperationError(
+                    f"stage {step.stage.name!r} reads buffer {b} before any stage writes "
+                    f"it; order a stage that writes it first, or feed it: "
+                    f"execute_iteration(inputs={{{b}: array}}) or run(batches, input={b})")
+        written.update(step.writes)
+    return tuple(sorted(written))
+
+
+def check_inputs(pipe: Any, inputs: Any) -> Dict[int, Tuple[np.ndarray, int]]:
+    """``inputs`` checked against the pipeline's buffers: buffer -> (flat array, length)."""
+    if inputs is None:
+        return {}
+    if not isinstance(inputs, Mapping):
+        raise TypeError(f"inputs must map buffer indices to arrays, got "
+                        f"{type(inputs).__name__}")
+    out = {}
+    for b, x in inputs.items():
+        buf = pipe.buffer(b)
+        host_array(x, buf.dtype, f"input for buffer {b}")
+        if x.size > buf.capacity:
+            raise TransferError(f"input for buffer {b} has {x.size} elements, its slots "
+                                f"hold {buf.capacity}; add a larger buffer or split it")
+        out[int(b)] = (x if x.ndim == 1 else x.reshape(-1), int(x.size))
+    return out
+
+def valid_lengths(plan: Sequence[Any], bufs: Sequence[TripleBuffer],
+                  fed: Dict[int, Tuple[np.ndarray, int]]) -> Dict[int, int]:
+    """Valid elements per buffer this iteration: a short input's length flows to
+    every buffer a stage writes from buffers of the same size."""
+    valid = {b: n for b, (_, n) in fed.items()}
+    for step in plan:
+        for w in step.writes:
+            cap = bufs[w].capacity
+            short = [valid[r] for r in step.reads
+                     if bufs[r].capacity == cap and valid.get(r, cap) < cap]
+            if w not in valid or w not in step.reads:
+                valid[w] = min(short) if short else cap
+    return valid
+
+
+def run_pipeline(pipe: Any, batches: Iterable[np.ndarray], b_in: int, b_out: int,
+                 in_buf: TripleBuffer, out_buf: TripleBuffer, prefetch: int
+                 ) -> Iterator[np.ndarray]:
+    """The generator behind :meth:`PipelineStageManager.run` (arguments checked)."""
+    device = pipe.coordinator().device
+    cache = cache_of(device)
+    stager = Stager(device, cache)
+    same = in_buf.capacity == out_buf.capacity
+    queued: Dict[int, PipelineIteration] = {}
+
+    def prepare(batch: np.ndarray, pos: int) -> None:
+        if batch.dtype != in_buf.dtype:
+            raise TransferError(f"batch {pos} has dtype {batch.dtype}, buffer {b_in} holds "
+                                f"{in_buf.dtype}; convert it with .astype(...)")
+        if batch.size > in_buf.capacity:
+            raise TransferError(f"batch {pos} has {batch.size} elements, buffer {b_in}'s "
+                                f"slots hold {in_buf.capacity}")
+
+    def submit(entry: Pulled) -> Tuple[PipelineIteration, np.ndarray, Any]:
+        entry.wait_staged()
+        batch = entry.batch
+        if same:
+            shape = batch.shape if batch.dtype == out_buf.dtype else (batch.size,)
+        else:
+            shape = (out_buf.capacity,)
+        result = cache.results.empty(device, shape, out_buf.dtype)
+        staged = entry.staged if entry.staged.ndim == 1 else entry.staged.reshape(-1)
+        try:
+            it = pipe.execute_iteration(inputs={b_in: staged}, outputs={b_out: result})
+        except BaseException:
+            stager.recycle(entry.raw)
+            raise
+        queued[it.index] = it
+        return it, result, entry.raw
+
+    def finish(handle: Tuple[PipelineIteration, np.ndarray, Any]) -> np.ndarray:
+        it, result, raw = handle
+        del queued[it.index]
+        try:
+            it.wait()
+        finally:
+            stager.recycle(raw)
+        return result
+
+    try:
+        yield from read_ahead(batches, pipe.depth, prefetch, stager, prepare, submit,
+                              finish, "pipeline: batch")
+    finally:
+        for it in queued.values():  # iterations behind a raised one: their outcome is moot
+            try:
+                it.wait()
+            except Exception:  # noqa: BLE001
+                pass
+        stager.close()

@@ -1,0 +1,111 @@
+"""Which slots an op's data lives in: the data flow along dependencies.
+
+One owner (:class:`SlotMap`, one per coordinator) maps op ids to the slots they
+touched, weakly, so dropped buffers are not kept alive; an id leaves when its
+slot is refilled. The checks here pick the slots a compute consumes (in ring
+order) and the slots it writes.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Sequence, Tuple
+
+from ._buffers import FREE_I, UPLOADING_I, BufferState, Slot, TripleBuffer
+from ._errors import BufferUnavailableError, InvalidDependencyError, InvalidOperationError, \
+    TransferError
+from ._args import int_arg
+
+__all__ = ["SlotMap", "pending_uploads", "output_slots"]
+
+_UPLOADING = BufferState.UPLOADING
+_PROCESSING = BufferState.PROCESSING
+
+
+class SlotMap:
+    """op id -> the slot(s) it touched: a weakref, or a tuple of them."""
+
+    def __init__(self) -> None:
+        self._map: Dict[int, Any] = {}
+        self._sweep_at = 4096
+
+    def filled(self, slot: Slot, op: Any, n: int) -> None:
+        """``op`` put fresh data of ``n`` elements in ``slot``."""
+        m = self._map
+        for old in slot.filled(op, n):
+            m.pop(old, None)
+        m[op.id] = slot.ref
+        if len(m) > self._sweep_at:
+            self._sweep()
+
+    def touched(self, oid: int, slots: Sequence[Slot]) -> None:
+        self._map[oid] = slots[0].ref if len(slots) == 1 else tuple(s.ref for s in slots)
+
+    def data_slots(self, dep_ids: Sequence[int]) -> List[Slot]:
+        """The slots holding data of ops ``dep_ids`` (each once, in order) that a
+        compute can still consume (UPLOADING or PROCESSING)."""
+        slots: List[Slot] = []
+        m = self._map
+        for d in dep_ids:
+            refs = m.get(d, ())
+            for r in (refs if type(refs) is tuple else (refs,)):
+                s = r()
+                if s is not None and s not in slots and (s.state is _UPLOADING
+                                                         or s.state is _PROCESSING):
+                    slots.append(s)
+        return slots
+
+    def clear(self) -> None:
+        self._map.clear()
+
+    def _sweep(self) -> None:
+        """Drop the entries of dropped buffers."""
+        slots_of = self._map
+        for k in [k for k, refs in slots_of.items()
+                  if all(r() is None for r in (refs if type(refs) is tuple else (refs,)))]:
+            del slots_of[k]
+        self._sweep_at = 2 * len(slots_of) + 4096
+
+
+def output_slots(outputs: Sequence[Any], device: Any) -> List[Tuple[Slot, int]]:
+    """The next FREE slot of each output buffer, with the length the kernel writes."""
+    if isinstance(outputs, (str, bytes, TripleBuffer)) or not hasattr(outputs, "__iter__"):
+        raise TypeError("outputs must be a list of TripleBuffers or (buffer, n) pairs")
+    outs: List[Tuple[Slot, int]] = []
+    for entry in outputs:
+        buf, n = entry if isinstance(entry, tuple) and len(entry) == 2 else (entry, None)
+        if not isinstance(buf, TripleBuffer):
+            raise TypeError(f"outputs takes TripleBuffers, got {type(buf).__name__}")
+        if buf.device is not device:
+            raise TransferError("an output buffer lives on another device")
+        n = buf.capacity if n is None else int_arg(n, "output length", 1)
+        if n > buf.capacity:
+            raise TransferError(f"output length {n} does not fit a slot of {buf.capacity}")
+        slot = buf.peek(FREE_I)
+        if slot is None or any(s.buffer is buf for s, _ in outs):
+            raise BufferUnavailableError(
+                f"output buffer has no FREE slot (states: {buf.get_states()}); download "
+                "and advance() first")
+        if buf.peek(UPLOADING_I) is not None:
+            raise InvalidOperationError(
+                "an output buffer must not hold uploads waiting for a compute")
+        outs.append((slot, n))
+    return outs
+
+
+def pending_uploads(slots: List[Slot]) -> List[Slot]:
+    """Slots still UPLOADING, checked to be consumed in ring order."""
+    ahead: Dict[int, int] = {}
+    pending = []
+    for s in slots:
+        if s.state is not _UPLOADING:
+            continue
+        k = ahead.get(id(s.buffer), 0)
+        if s.buffer.peek(UPLOADING_I, k) is not s:
+            older = s.buffer.peek(UPLOADING_I, 0)
+            raise InvalidDependencyError(
+                f"slot {s.index} is computed on before the older upload in slot "
+                f"{older.index if older else '?'} of the same buffer; computes consume "
+                "uploads in ring order: queue a compute on the older upload first")
+        ahead[id(s.buffer)] = k + 1
+        pending.append(s)
+    return pending
