@@ -1,4 +1,6 @@
-"""Host microseconds per queued op: prism-gpu vs the raw cuda.core calls underneath.
+"""Host microseconds per queued op: prism-gpu vs the raw cuda.core calls underneath,
+with two points between them: the same calls through prism-gpu's backend objects
+alone, and a lean model of the least bookkeeping a pure-Python engine does.
 
 Tiny (64 KiB) batches with a no-op kernel: the GPU is never the bottleneck, so
 the figures are what the host pays per op. Run on a CUDA machine:
@@ -74,6 +76,100 @@ def raw_cuda_core(iters: int) -> Dict[str, float]:
     return {"raw_cuda_core_us_per_iteration": _per_iter(step, sync, iters)}
 
 
+def _backend_parts() -> Any:
+    dev = pg.open_device("cuda")
+    streams = [dev.create_stream() for _ in range(3)]
+    noop = dev.prepare_kernel(pg.Kernel.from_source(
+        'extern "C" __global__ void noop() {}', "noop", config=pg.LaunchConfig(grid=1, block=1)))
+    d = [dev.allocate(N * 4).view(np.float32) for _ in range(3)]
+    h_in = pg.pinned_empty(N, np.float32)
+    h_in[:] = 1
+    h_out = pg.pinned_empty(N, np.float32)
+    return dev, streams, noop, d, h_in, h_out
+
+
+def backend_only(iters: int) -> Dict[str, float]:
+    """The same nine calls through prism-gpu's CUDA backend objects, no bookkeeping:
+    what the backend's wrappers add to the raw calls."""
+    dev, (up, comp, down), noop, d, h_in, h_out = _backend_parts()
+    ev = [[dev.create_event() for _ in range(3)] for _ in range(3)]
+    cfg = pg.LaunchConfig(grid=1, block=1)
+
+    def step(i: int) -> None:
+        s = i % 3
+        e_up, e_c, e_dn = ev[s]
+        up.wait(e_dn)
+        up.copy_h2d(d[s], h_in)
+        up.record(e_up)
+        comp.wait(e_up)
+        comp.launch(noop, cfg, (), ())
+        comp.record(e_c)
+        down.wait(e_c)
+        down.copy_d2h(h_out, d[s])
+        down.record(e_dn)
+
+    def sync() -> None:
+        for st in (up, comp, down):
+            st.synchronize()
+    out = {"backend_calls_us_per_iteration": _per_iter(step, sync, iters)}
+    dev.close()
+    return out
+
+
+def lean_python(iters: int) -> Dict[str, float]:
+    """A model of the least a pure-Python engine does per Pattern-1 iteration on top
+    of the backend calls: check the arrays, take pooled events, wait on the slot's
+    last op, record each op (id, event, lane FIFO, table of ops in flight), and
+    retire completed ops by querying the oldest. The lower bound of a Python design."""
+    dev, (up, comp, down), noop, d, h_in, h_out = _backend_parts()
+    cfg = pg.LaunchConfig(grid=1, block=1)
+    pool = [dev.create_event() for _ in range(64)]
+    lanes = ([], [], [])
+    inflight: Dict[int, Any] = {}
+    last = [None, None, None]
+    state = {"next": 0}
+    f32 = np.dtype(np.float32)
+
+    def op(lane: int, stream: Any) -> Any:
+        if len(inflight) > 48:  # retire the oldest ops once their events are done
+            for q in lanes:
+                while q and q[0][1].query():
+                    oid, e = q.pop(0)
+                    del inflight[oid]
+                    pool.append(e)
+        e = pool.pop()
+        stream.record(e)
+        oid = state["next"]
+        state["next"] = oid + 1
+        lanes[lane].append((oid, e))
+        inflight[oid] = e
+        return e
+
+    def step(i: int) -> None:
+        for a in (h_in, h_out):
+            if type(a) is not np.ndarray or a.dtype is not f32 or not a.flags.c_contiguous \
+                    or a.size > N:
+                raise ValueError
+        s = i % 3
+        if last[s] is not None:
+            up.wait(last[s])
+        up.copy_h2d(d[s], h_in)
+        e = op(0, up)
+        comp.wait(e)
+        comp.launch(noop, cfg, (), ())
+        e = op(1, comp)
+        down.wait(e)
+        down.copy_d2h(h_out, d[s])
+        last[s] = op(2, down)
+
+    def sync() -> None:
+        for st in (up, comp, down):
+            st.synchronize()
+    out = {"lean_python_us_per_iteration": _per_iter(step, sync, iters)}
+    dev.close()
+    return out
+
+
 def prism(iters: int, profile: bool) -> Dict[str, float]:
     dev = pg.open_device("cuda")
     coord = pg.AsyncCoordinator(dev)
@@ -108,8 +204,13 @@ def main() -> int:
     args = ap.parse_args()
     res: Dict[str, Any] = {}
     res.update(raw_cuda_core(args.iterations))
+    res.update(backend_only(args.iterations))
+    res.update(lean_python(args.iterations))
     res.update(prism(args.iterations, args.profile))
-    res["ratio"] = res["prism_us_per_iteration"] / res["raw_cuda_core_us_per_iteration"]
+    raw = res["raw_cuda_core_us_per_iteration"]
+    res["ratio"] = res["prism_us_per_iteration"] / raw
+    res["backend_calls_ratio"] = res["backend_calls_us_per_iteration"] / raw
+    res["lean_python_ratio"] = res["lean_python_us_per_iteration"] / raw
     print(json.dumps(res, indent=2))
     return 0
 

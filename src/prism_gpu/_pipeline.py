@@ -45,8 +45,9 @@ class PipelineStageManager:
     """Runs stages in order each iteration, overlapping consecutive iterations.
 
     Each iteration writes the next slot of every buffer, so stage s of iteration
-    i+1 runs while stage s+1 of iteration i does. The host blocks only when the
-    slot an iteration writes is still used by the iteration ``depth`` before.
+    i+1 runs while stage s+1 of iteration i does; a write into a slot still read
+    by the iteration ``depth`` before waits for it on the device, not the host.
+    Queued work is bounded by the coordinator's ``max_in_flight``.
     Feed it with :meth:`run` (an iterable in, results out) or
     ``execute_iteration(inputs=..., outputs=...)``. A failing stage raises from
     that iteration's ``wait()``, from :meth:`run` at its turn, and from the next
@@ -210,9 +211,9 @@ class PipelineStageManager:
         eng = self._engine
         eng.harvest()
         self._raise_failures()
-        slots: Dict[int, Slot] = {b: self._reclaim(bufs[b]) for b in touched if b not in fed}
-        for b in fed:
-            self._reclaim(bufs[b], wait=False)  # the device orders the upload after readers
+        # the next FREE slot of each buffer (the older iteration still using it is waited
+        # for by the op that writes it, just before it is queued)
+        slots: Dict[int, Slot] = {b: self._next_free(bufs[b]) for b in touched}
         # nothing below is rejected: the iteration is queued whole
         it = self._iter
         win = self._win
@@ -263,6 +264,9 @@ class PipelineStageManager:
         quiet = [o for s in outs if s not in ins for o in s.write_hazards()]
         arrays = [s.array for s in ins] + [s.array for s in outs]
         eng = self._engine
+        # the host waits only here, for the iteration ``depth`` before that still uses
+        # this stage's output slots: earlier stages of this iteration are queued already
+        eng.wait_ops(quiet)
         op = eng.submit(step.lane, _COMPUTE, step.stage.name, waits, quiet, LAUNCH,
                         step.prepared, step.config, arrays if step.uses_arrays else (),
                         step.extra, keep=arrays,
@@ -280,15 +284,13 @@ class PipelineStageManager:
                     s.failed = failed
         return op
 
-    def _reclaim(self, buf: TripleBuffer, wait: bool = True) -> Slot:
-        """The slot ``buf`` hands out next, once no older iteration uses it (host wait)."""
+    @staticmethod
+    def _next_free(buf: TripleBuffer) -> Slot:
         slot = buf.peek(FREE_I)
         if slot is None:
             raise BufferUnavailableError(
                 f"pipeline buffer has no FREE slot (states: {buf.get_states()}); another API "
                 "holds its slots: download and advance() them first")
-        if wait:
-            self._engine.wait_ops(slot.write_hazards())
         return slot
 
     def _timer(self, stage: str, it: int, last: bool) -> Any:
