@@ -185,6 +185,11 @@ def prism(iters: int, profile: bool) -> Dict[str, float]:
         buf.advance()
 
     out = {"prism_us_per_iteration": _per_iter(step, coord.synchronize_all, iters)}
+    with pg.trace() as tr:   # the same loop recorded: each op gets timing events
+        out["prism_traced_us_per_iteration"] = _per_iter(step, coord.synchronize_all, iters)
+    out["traced_ops"] = len(tr)
+    out["tracing_us_per_op"] = (out["prism_traced_us_per_iteration"]
+                                - out["prism_us_per_iteration"]) / 3
     if profile:
         prof = cProfile.Profile()
         prof.enable()

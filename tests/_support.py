@@ -65,6 +65,28 @@ def _pairsum(x: np.ndarray, out: np.ndarray) -> None:
     np.add(x[0:2 * m:2], x[1:2 * m:2], out=out)
 
 
+AFFINE_SRC = r"""
+extern "C" __global__ void affine(const float* x, size_t n, float* y, size_t m, float a,
+                                  float b) {
+    size_t k = n < m ? n : m;
+    size_t stride = (size_t)blockDim.x * gridDim.x;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < k; i += stride)
+        y[i] = a * x[i] + b;
+}
+"""
+
+
+def _affine_cpu(x: np.ndarray, y: np.ndarray, a: float, b: float) -> None:
+    k = min(len(x), len(y))
+    np.multiply(x[:k], F32(a), out=y[:k])
+    y[:k] += F32(b)
+
+
+def affine() -> pg.Kernel:
+    """``y[:k] = a * x[:k] + b`` (k the shorter length): one input, one output array."""
+    return pg.Kernel.from_source(AFFINE_SRC, "affine", cpu=_affine_cpu)
+
+
 def add1() -> pg.Kernel:
     """``a += 1`` on one float32 array."""
     return pg.Kernel.from_source(ADD1_SRC, "add1", cpu=_add1)

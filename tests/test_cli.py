@@ -104,3 +104,30 @@ def test_import_prism_gpu_leaves_bench_out() -> None:
                           timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["False", "False"]
+
+
+def test_bench_trace_and_plot(tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("matplotlib")
+    trace, png = tmp_path / "run.json", tmp_path / "run.png"
+    assert main(["bench", "--backend", "cpu", "--workload", "1,1,1", "--iterations", "3",
+                 "--json", "--trace", str(trace), "--plot", str(png)]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["trace_summary"]["ops"] > 0
+    events = [e for e in json.loads(trace.read_text())["traceEvents"] if e["ph"] == "X"]
+    assert {e["cat"] for e in events} == {"upload", "compute", "download"}
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_plot_to_a_missing_folder_is_refused(tmp_path: Any,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "no" / "such" / "run.png"
+    assert main(["bench", "--backend", "cpu", "--iterations", "3", "--plot", str(bad)]) == 2
+    assert "folder does not exist" in capsys.readouterr().err
+
+
+def test_plot_without_matplotlib_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    from prism_gpu._gantt import _pyplot
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(ImportError, match=r"prism-gpu\[plot\]"):
+        _pyplot()

@@ -8,26 +8,11 @@ import numpy as np
 import pytest
 
 import prism_gpu as pg
-from _support import F32, rand
+from _support import F32, affine, rand
 
-AFFINE_SRC = r"""
-extern "C" __global__ void affine(const float* x, size_t n, float* y, size_t m, float a,
-                                  float b) {
-    size_t k = n < m ? n : m;
-    size_t stride = (size_t)blockDim.x * gridDim.x;
-    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < k; i += stride)
-        y[i] = a * x[i] + b;
-}
-"""
 N = 1000
 # exact in float32 whatever the compiler fuses: the products are powers of two
 STAGES = (("pre", 2.0, 1.0), ("main", 0.5, -3.0), ("post", 4.0, 2.0))
-
-
-def _affine_cpu(x: np.ndarray, y: np.ndarray, a: float, b: float) -> None:
-    k = min(len(x), len(y))
-    np.multiply(x[:k], F32(a), out=y[:k])
-    y[:k] += F32(b)
 
 
 def expected(x: np.ndarray) -> np.ndarray:
@@ -41,7 +26,7 @@ def three_stages(ctx: pg.ManagedGpuContext, **kw: Any) -> pg.PipelineStageManage
     """b0 -> pre -> b1 -> main -> b2 -> post -> b3; feed b0, read b3."""
     pipe = ctx.create_pipeline_manager(**kw)
     pipe.coordinator().register_kernel(
-        "affine", pg.Kernel.from_source(AFFINE_SRC, "affine", cpu=_affine_cpu))
+        "affine", affine())
     bufs = [pipe.add_buffer(N) for _ in range(4)]
     for i, (name, a, b) in enumerate(STAGES):
         pipe.add_stage(pg.GpuPipelineStage(name, [bufs[i]], [bufs[i + 1]], kernel="affine",

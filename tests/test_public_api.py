@@ -24,13 +24,13 @@ DESIGN_PUBLIC = {
     "TripleBuffer", "GpuTripleBuffer", "BufferState", "AsyncCoordinator", "Kernel",
     "LaunchConfig", "ManagedGpuContext", "StepConfig", "StepTelemetry", "GpuPipelineStage",
     "PipelineStageManager", "PipelineStats", "PipelineIteration", "stream_map",
-    "pinned_empty", "interop",
+    "pinned_empty", "interop", "trace", "TraceOp", "set_sync_mode",
     "OpType", "CompletedOp", "PrismGpuError", *ERRORS,
 }
 
 # Exported beyond DESIGN.md's list: the slot type buffers hand out, the op id type,
 # and the device factory used "wherever a device is created".
-EXTRAS = {"Slot", "OpId", "open_device"}
+EXTRAS = {"Slot", "OpId", "open_device", "Trace", "TraceSummary", "sync_mode"}
 
 
 def test_all_lists_the_design_names() -> None:

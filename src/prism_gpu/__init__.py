@@ -31,6 +31,12 @@ from ._pipeline import PipelineIteration as PipelineIteration
 from ._pipeline import PipelineStageManager as PipelineStageManager
 from ._pipeline import PipelineStats as PipelineStats
 from ._staging import pinned_empty as pinned_empty
+from ._sync import set_sync_mode as set_sync_mode
+from ._sync import sync_mode as sync_mode
+from ._trace import Trace as Trace
+from ._trace import TraceOp as TraceOp
+from ._trace import TraceSummary as TraceSummary
+from ._trace import trace as trace
 from ._stream_map import stream_map as stream_map
 from . import interop as interop
 from .backends import open_device as open_device
@@ -62,10 +68,16 @@ __all__ = [
     "StepConfig",
     "StepTelemetry",
     "SynchronizationError",
+    "Trace",
+    "TraceOp",
+    "TraceSummary",
     "TransferError",
     "TripleBuffer",
     "interop",
     "open_device",
     "pinned_empty",
+    "set_sync_mode",
     "stream_map",
+    "sync_mode",
+    "trace",
 ]

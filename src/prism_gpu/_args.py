@@ -1,13 +1,29 @@
-"""Checks of public arguments shared by the core's clients (types named in errors)."""
+"""Checks of public arguments shared by the core's clients (types named in errors), and
+the coordinators still open at exit."""
 
 from __future__ import annotations
 
+import atexit
 import math
+import weakref
 from typing import Any, Optional, Tuple
 
 from ._errors import InvalidOperationError
 
-__all__ = ["check_timeout", "resolve_device", "int_arg", "sequence_arg"]
+__all__ = ["check_timeout", "resolve_device", "int_arg", "sequence_arg", "LIVE"]
+
+LIVE: "weakref.WeakSet[Any]" = weakref.WeakSet()
+"""Coordinators not closed yet: at interpreter exit their queued work is finished while
+their threads still run (an unclosed coordinator must not hang the exit)."""
+
+
+@atexit.register
+def _close_live() -> None:
+    for coord in list(LIVE):
+        try:
+            coord.close_collecting()
+        except Exception:  # noqa: BLE001 - exiting anyway
+            pass
 
 
 def check_timeout(timeout: Any) -> Optional[float]:

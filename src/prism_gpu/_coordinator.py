@@ -7,12 +7,11 @@ hazards in each ring. The coordinator checks a call completely, then queues.
 
 from __future__ import annotations
 
-import atexit
 import sys
-import weakref
 from threading import get_ident
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
+from ._args import LIVE as _LIVE
 from ._args import check_timeout, int_arg, resolve_device, sequence_arg
 from ._buffers import FREE_I, PROCESSING_I, UPLOADING_I, TripleBuffer
 from ._config import LaunchConfig
@@ -24,6 +23,7 @@ from ._ops import CompletedOp, CoordinatorStatistics, OpId, OpType
 from ._optable import OpTable, raise_failures
 from ._registry import KernelRegistry
 from ._slotmap import SlotMap, output_slots, pending_uploads
+from ._sync import sync_mode
 from ._validate import download_destination, upload_source
 
 __all__ = ["AsyncCoordinator"]
@@ -71,7 +71,7 @@ class AsyncCoordinator:
         self._up = self._engine.lane("upload")
         self._compute = self._engine.lane("compute")
         self._down = self._engine.lane("download")
-        _LIVE.add(self)
+        _LIVE.add(self)  # closed at interpreter exit if left open
 
     # the parts clients build on ------------------------------------------------
     @property
@@ -156,6 +156,8 @@ class AsyncCoordinator:
             buffer.untake(slot, FREE_I)
             raise
         self._slots.filled(slot, op, n)
+        if sync_mode():
+            self._settle(op.id)
         return self._table.id_type(op.id)
 
     def queue_compute(self, name: Any, deps: Iterable[int] = (), *,
@@ -246,6 +248,8 @@ class AsyncCoordinator:
             self._slots.touched(oid, slots + [s for s, _ in outs])
         elif slots:
             self._slots.touched(oid, slots)
+        if sync_mode():
+            self._settle(oid)
         return self._table.id_type(oid)
 
     def queue_download(self, buffer: TripleBuffer, dst: Any, *,
@@ -274,7 +278,16 @@ class AsyncCoordinator:
         oid = op.id
         slot.read(op)
         self._slots.touched(oid, (slot,))
+        if sync_mode():
+            self._settle(oid)
         return self._table.id_type(oid)
+
+    def _settle(self, oid: int) -> None:
+        """Sync mode: wait for op ``oid`` and raise its error here, at the queue call."""
+        self._engine.wait(oid)
+        err = self._table.error(oid)
+        if err is not None:
+            raise err
 
     # checks and slot bookkeeping -----------------------------------------------
     def _default_config(self, n: int) -> LaunchConfig:
@@ -382,17 +395,3 @@ class AsyncCoordinator:
                 self.close_collecting()
         except Exception:  # noqa: BLE001
             pass
-
-
-_LIVE: "weakref.WeakSet[AsyncCoordinator]" = weakref.WeakSet()
-
-
-@atexit.register
-def _close_live_coordinators() -> None:
-    """Finish what coordinators left open still have queued, while their threads run."""
-    for coord in list(_LIVE):
-        try:
-            coord.close_collecting()
-        except Exception:  # noqa: BLE001 - exiting anyway
-            pass
-

@@ -11,9 +11,10 @@ from __future__ import annotations
 import collections
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from ._errors import (DependencyFailedError, InvalidOperationError, KernelError, PrismGpuError,
-                      TransferError)
+from ._errors import (DependencyFailedError, InvalidOperationError, PrismGpuError)
 from ._ops import OpType
+from . import _nvtx, _trace
+from ._failures import dependency_error, own_error, root_of
 from ._inflight import D2H, H2D, LAUNCH, Lane, Op, Root
 from ._optable import OpTable, scrub
 from .backends._protocol import Device, Event
@@ -121,6 +122,13 @@ class Engine:
                 ev = dep.event
                 if ev is not None:
                     stream.wait(ev, propagate=False)
+        tracer = _trace.ACTIVE
+        if tracer is not None:
+            timing = True
+            tracer.begin(self, lane)
+            op.trace = (tracer, _trace.current_index(),
+                        getattr(a, "nbytes", 0) if kind != LAUNCH else 0)
+        mark = _nvtx.range_start(lane.name, op_type.value, name) if _nvtx.ON else None
         start = None
         if self.timing if timing is None else timing:
             pool = self._tpool
@@ -139,11 +147,11 @@ class Engine:
                 else:
                     stream.copy_d2h(a, b)
             except PrismGpuError:
-                self._drop_start(op)
+                self._drop_start(op, mark)
                 raise
             except Exception as exc:
                 if kind != LAUNCH:
-                    self._drop_start(op)
+                    self._drop_start(op, mark)
                     raise
                 op.error = self._own_error(op, exc, oid)
                 self._note_root(exc, (oid, op.error))
@@ -162,43 +170,28 @@ class Engine:
         table.next = oid + 1
         lane.ops.append(op)
         inflight[oid] = op
+        if mark is not None:
+            _nvtx.range_end(mark)
+        if tracer is not None:
+            tracer.queued(self, op)
         return op
 
-    def _drop_start(self, op: Op) -> None:
+    def _drop_start(self, op: Op, mark: Any = None) -> None:
+        if mark is not None:
+            _nvtx.range_end(mark)
         if op.start is not None:
             self.give_event(op.start)
             op.start = None
 
-    @staticmethod
-    def root_of(op: Op) -> Root:
-        """The root of failed op ``op``'s failure."""
-        err = op.error
-        if isinstance(err, DependencyFailedError):
-            return err.root_op, err.root_error
-        return op.id, err
+    root_of = staticmethod(root_of)
 
     def dependency_error(self, op: Op, root: Root, oid: Optional[int] = None
                          ) -> DependencyFailedError:
-        root_id, root_err = root
-        oid = op.id if oid is None else oid
-        what = f"{op.type.value} op {oid}" + (f" ({op.name!r})" if op.name else "")
-        return DependencyFailedError(
-            f"{what} did not run: it depends on op {root_id}, which failed: {root_err}",
-            op_id=oid, root_op=root_id, root_error=root_err)
+        return dependency_error(op, root, oid)
 
-    # completion -----------------------------------------------------------------
     def _own_error(self, op: Op, exc: BaseException, oid: Optional[int] = None
                    ) -> PrismGpuError:
-        oid = op.id if oid is None else oid
-        if op.type is _COMPUTE:
-            err: PrismGpuError = KernelError(
-                f"kernel {op.name!r} (op {oid}) raised {type(exc).__name__}: {exc}",
-                op_id=oid, kernel=op.name)
-        else:
-            err = TransferError(f"{op.type.value} op {oid} failed: {type(exc).__name__}: {exc}")
-            err.op_id = oid  # type: ignore[attr-defined]
-        err.__cause__ = exc
-        return err
+        return own_error(op, exc, oid)
 
     def _note_root(self, exc: BaseException, root: Root) -> None:
         roots = self._roots
@@ -242,6 +235,10 @@ class Engine:
         duration = None
         if start is not None:
             duration = op.end.elapsed_ms(start)
+        tr = op.trace
+        if tr is not None and start is not None:
+            tr[0].completed(self, op, tr[1], tr[2])
+            op.trace = None
         cb = op.on_done
         if cb is not None:
             try:

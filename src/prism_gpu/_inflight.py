@@ -33,7 +33,7 @@ class Op:
     """An op in flight: its events, what it keeps alive, who to tell when it is done."""
 
     __slots__ = ("id", "type", "lane", "event", "start", "end", "name", "error", "keep",
-                 "on_done", "deps")
+                 "on_done", "deps", "trace")
 
     def __init__(self, op_type: OpType, lane: Lane, name: Optional[str]) -> None:
         self.id = -1
@@ -47,6 +47,7 @@ class Op:
         self.keep: Any = None
         self.on_done: Optional[Callable[["Op", Optional[float]], None]] = None
         self.deps: Sequence["Op"] = ()
+        self.trace: Any = None  # (trace, index, bytes) while a trace records it
 
     def times_since(self, ref: Event) -> Tuple[float, float]:
         """(start, end) in ms since timing event ``ref``; only inside ``on_done`` of a

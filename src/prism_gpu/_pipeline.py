@@ -6,12 +6,13 @@ buffers are ordinary rings (states and hazards), statistics come from timing eve
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, Iterator, List, Mapping, NamedTuple, Optional, Set, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Set, Tuple
 
 import numpy as np
 
+from . import _trace
+from ._args import int_arg
 from ._buffers import FREE_I, UPLOADING_I, Slot, TripleBuffer
-from ._config import LaunchConfig
 from ._coordinator import AsyncCoordinator
 from ._engine import D2H, H2D, LAUNCH, Engine, Lane, Op
 from ._errors import BufferUnavailableError, InvalidOperationError
@@ -20,25 +21,15 @@ from ._optable import raise_failures
 from ._stage import GpuPipelineStage, PipelineIteration, PipelineStats
 from ._stage import indices as _indices
 from ._pipefeed import check_inputs, run_pipeline, valid_lengths, written_buffers
+from ._plan import Step as _Step
+from ._plan import make_plan
 from ._stats import Window
+from ._sync import sync_mode
 from ._validate import download_destination
 
 __all__ = ["GpuPipelineStage", "PipelineStageManager", "PipelineStats", "PipelineIteration"]
 
 _UPLOAD, _COMPUTE, _DOWNLOAD = OpType.UPLOAD, OpType.COMPUTE, OpType.DOWNLOAD
-
-
-class _Step(NamedTuple):
-    """A stage as the plan runs it."""
-
-    stage: GpuPipelineStage
-    prepared: Any
-    config: LaunchConfig
-    uses_arrays: bool
-    extra: Tuple[Any, ...]
-    lane: Lane
-    reads: Tuple[int, ...]
-    writes: Tuple[int, ...]
 
 
 class PipelineStageManager:
@@ -127,37 +118,14 @@ class PipelineStageManager:
         self._flows.clear()
 
     def _make_plan(self, order: List[int]) -> List[_Step]:
-        if not order:
-            raise ValueError("the pipeline has no stage to run: add_stage() first")
-        if len(set(order)) != len(order):
-            raise ValueError(f"set_order repeats a stage: {order}; each stage runs once "
-                             "per iteration")
-        n = len(self._stages)
-        for i in order:
-            if not 0 <= i < n:
-                raise InvalidOperationError(
-                    f"no stage {i}: {n} stage(s) were added (indices 0..{n - 1}); "
-                    "add_stage() returns each index")
-        resolved = []
-        for i in order:
-            st = self._stages[i]
-            for b in (*st.input_buffers, *st.output_buffers):
-                if not 0 <= b < len(self._buffers):
-                    raise InvalidOperationError(
-                        f"stage {st.name!r} names buffer {b}, but only {len(self._buffers)} "
-                        "buffer(s) exist; create it first with "
-                        "pipe.add_buffer(size, dtype=...) and use the index it returns")
-            resolved.append(self._coord.resolve_kernel(st.kernel))
-        plan = []
-        for i, (kernel, prepared) in zip(order, resolved):
-            st = self._stages[i]
-            first = (*st.input_buffers, *st.output_buffers)
-            config = st.config or kernel.config or LaunchConfig.for_elements(
-                self._buffers[first[0]].capacity if first else 1)
-            plan.append(_Step(st, prepared, config, kernel.uses_arrays,
-                              st.extra or kernel.defaults, self._lane(i, st.name),
-                              tuple(st.input_buffers), tuple(st.output_buffers)))
-        return plan
+        return make_plan(order, self._stages, self._buffers, self._coord.resolve_kernel,
+                         self._lane)
+
+    def _current_plan(self) -> List[_Step]:
+        if not self._plan:
+            self._plan = self._make_plan(list(range(len(self._stages))) if self._order is None
+                                         else self._order)
+        return self._plan
 
     def _lane(self, key: Any, name: str) -> Lane:
         lane = self._lanes.get(key)
@@ -192,10 +160,7 @@ class PipelineStageManager:
         if outputs is not None and not isinstance(outputs, Mapping):
             raise TypeError(f"outputs must map buffer indices to arrays, got "
                             f"{type(outputs).__name__}")
-        if not self._plan:
-            self._plan = self._make_plan(list(range(len(self._stages))) if self._order is None
-                                         else self._order)
-        plan = self._plan
+        plan = self._current_plan()
         touched = self._flow(plan, tuple(sorted(fed)))
         valid = valid_lengths(plan, self._buffers, fed) if fed else {}
         bufs = self._buffers
@@ -216,6 +181,26 @@ class PipelineStageManager:
         slots: Dict[int, Slot] = {b: self._next_free(bufs[b]) for b in touched}
         # nothing below is rejected: the iteration is queued whole
         it = self._iter
+        tracing = _trace.ACTIVE is not None
+        if tracing:
+            _trace.set_index(it)
+        try:
+            ops = self._queue_iteration(plan, fed, touched, slots, valid, downs, it)
+        finally:
+            if tracing:
+                _trace.set_index(None)
+        self._iter += 1
+        done = PipelineIteration(it, coord, ops)
+        if sync_mode():
+            done.wait()
+        return done
+
+    def _queue_iteration(self, plan: List[_Step], fed: Dict[int, Tuple[np.ndarray, int]],
+                         touched: Tuple[int, ...], slots: Dict[int, Slot],
+                         valid: Dict[int, int], downs: List[Tuple[int, np.ndarray]],
+                         it: int) -> List[int]:
+        eng = self._engine
+        bufs = self._buffers
         win = self._win
         if win.ref is None:
             win.start(eng.mark(plan[0].lane), it)
@@ -253,8 +238,7 @@ class PipelineStageManager:
         for b in touched:
             bufs[b].retire()  # FREE again on the host; the GPU orders the next write
             #                   into the slot after this iteration's readers
-        self._iter += 1
-        return PipelineIteration(it, coord, ops)
+        return ops
 
     def _stage_op(self, step: _Step, slots: Dict[int, Slot], valid: Dict[int, int], it: int,
                   last: bool) -> Op:
@@ -325,17 +309,10 @@ class PipelineStageManager:
         """
         self._check()
         in_buf, out_buf = self.buffer(input), self.buffer(output)
-        if isinstance(prefetch, bool) or not isinstance(prefetch, (int, np.integer)):
-            raise TypeError(f"prefetch must be an int, got {type(prefetch).__name__}")
-        if prefetch < 0:
-            raise ValueError(f"prefetch must be >= 0, got {prefetch}")
-        if not self._plan:
-            self._plan = self._make_plan(list(range(len(self._stages))) if self._order is None
-                                         else self._order)
-        if int(output) not in self._flow(self._plan, (int(input),)):
+        ahead = int_arg(prefetch, "prefetch", 0)
+        if int(output) not in self._flow(self._current_plan(), (int(input),)):
             raise InvalidOperationError(f"output buffer {output} is not written by any stage")
-        return run_pipeline(self, batches, int(input), int(output), in_buf, out_buf,
-                            int(prefetch))
+        return run_pipeline(self, batches, int(input), int(output), in_buf, out_buf, ahead)
 
     def get_stats(self) -> PipelineStats:
         """Statistics of the window; waits for the window's queued iterations first and
@@ -344,18 +321,7 @@ class PipelineStageManager:
         self._coord.check()
         self._engine.synchronize(list(self._lanes.values()))
         self._raise_failures()
-        n, first, last_end, t0, busy = self._win.summary()
-        if n == 0:
-            return PipelineStats(0, 0.0, 0.0, 0.0, {})
-        span = last_end - t0
-        avg = (last_end - first) / (n - 1) if n > 1 else span
-        return PipelineStats(
-            iterations=n,
-            avg_iteration_ms=avg,
-            throughput=n / (span / 1e3) if span > 0 else 0.0,
-            gpu_utilization=min(1.0, busy / span) if span > 0 else 0.0,
-            stage_ms=self._win.stage_means(),
-        )
+        return self._win.stats()
 
     def reset_stats(self) -> None:
         """Start a new statistics window with the next iteration."""

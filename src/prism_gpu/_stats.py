@@ -76,10 +76,18 @@ class Window:
                 keep.append((a, b))
         self._pending = keep
 
-    def summary(self) -> Tuple[int, float, float, float, float]:
-        """(iterations, first end, last end, first start, busy ms)."""
-        busy = self._busy_folded + sum(b - a for a, b in merge(self._pending))
-        return self._ends, self._first_end, self._last_end, self._t0, busy
+    def stats(self) -> Any:
+        """The window as :class:`PipelineStats`."""
+        from ._stage import PipelineStats
 
-    def stage_means(self) -> Dict[str, float]:
-        return {s: self._sum[s] / self._n[s] for s in self._sum}
+        n = self._ends
+        if n == 0:
+            return PipelineStats(0, 0.0, 0.0, 0.0, {})
+        busy = self._busy_folded + sum(b - a for a, b in merge(self._pending))
+        span = self._last_end - self._t0
+        return PipelineStats(
+            iterations=n,
+            avg_iteration_ms=(self._last_end - self._first_end) / (n - 1) if n > 1 else span,
+            throughput=n / (span / 1e3) if span > 0 else 0.0,
+            gpu_utilization=min(1.0, busy / span) if span > 0 else 0.0,
+            stage_ms={s: self._sum[s] / self._n[s] for s in self._sum})

@@ -6,6 +6,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, NamedTuple, Optional
 
 import numpy as np
 
+from . import _trace
 from ._buffers import TripleBuffer
 from ._coordinator import AsyncCoordinator
 from ._errors import InvalidOperationError
@@ -179,12 +180,25 @@ class _StreamMap:
         entry.wait_staged()
         batch = entry.batch
         device = coord.device
-        extra = self.extra or None
         src = self._ring(device, "in", batch.dtype, batch.size)
+        dst = None
         if entry.info is not None:
             shape, dtype = entry.info
-            n = int(np.prod(shape, dtype=np.int64))
-            dst = self._ring(device, "out", dtype, n)
+            dst = self._ring(device, "out", dtype, int(np.prod(shape, dtype=np.int64)))
+        tracing = _trace.ACTIVE is not None
+        if tracing:
+            _trace.set_index(entry.pos)
+        try:
+            return self._queue(coord, results, entry, stager, src, dst)
+        finally:
+            if tracing:
+                _trace.set_index(None)
+
+    def _queue(self, coord: AsyncCoordinator, results: ResultPool, entry: Pulled,
+               stager: Stager, src: TripleBuffer, dst: Optional[TripleBuffer]) -> _Queued:
+        batch = entry.batch
+        device = coord.device
+        extra = self.extra or None
         try:
             up = coord.queue_upload(entry.staged.reshape(-1), src)
         except BaseException:
@@ -197,6 +211,9 @@ class _StreamMap:
             down = coord.queue_download(src, result)
             src.advance()
         else:
+            assert dst is not None
+            shape, dtype = entry.info
+            n = int(np.prod(shape, dtype=np.int64))
             comp = _rollback_on_error(src, lambda: coord.queue_compute(
                 self.kernel, [up], extra=extra, outputs=[(dst, n)]))
             src.retire()  # the input slot is done once the compute is (the GPU orders it)

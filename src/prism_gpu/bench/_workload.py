@@ -161,9 +161,29 @@ class _Loop:
         self.dst.close()
 
 
+def _trace_loops(loop: "_Loop", traces: Dict[str, Any], n: int) -> None:
+    from .._trace import trace
+
+    coord = loop.coord
+    with trace() as seq:
+        for _ in range(n):
+            coord.wait(loop.iteration())
+    with trace() as tri:
+        for _ in range(n + 2):
+            loop.iteration()
+        coord.synchronize_all()
+    traces["sequential"], traces["triple-buffered"] = seq, tri
+
+
 def run_workload(device: Any, work: Workload, iterations: int = 50,
-                 bw: Optional[Bandwidth] = None) -> WorkloadResult:
-    """Measure the workload sequentially and triple-buffered on ``device``."""
+                 bw: Optional[Bandwidth] = None,
+                 traces: Optional[Dict[str, Any]] = None) -> WorkloadResult:
+    """Measure the workload sequentially and triple-buffered on ``device``.
+
+    With a ``traces`` dict, a few more iterations of each loop run under
+    ``pg.trace()`` after the timed ones, stored as ``traces["sequential"]`` and
+    ``traces["triple-buffered"]``.
+    """
     if bw is None:
         bw = measure_bandwidth(device, 32 << 20)
         n_up, n_down = calibrate(bw, work)
@@ -198,6 +218,8 @@ def run_workload(device: Any, work: Workload, iterations: int = 50,
             loop.iteration()
         coord.synchronize_all()
         triple = (clock() - t) * 1e3 / iterations
+        if traces is not None:
+            _trace_loops(loop, traces, min(iterations, 8))
     finally:
         loop.close()
     floor, terms = floor_ms(op_ms, n_up * 4, n_down * 4, bw.bidirectional)

@@ -24,6 +24,11 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--peers", action="store_true",
                    help="also run the workload hand-written in CuPy and PyTorch (CUDA only)")
     b.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    b.add_argument("--trace", metavar="PATH",
+                   help="write the triple-buffered run's timeline as Chrome trace JSON")
+    b.add_argument("--plot", metavar="PATH",
+                   help="write a Gantt PNG of the sequential and triple-buffered runs "
+                        '(needs pip install "prism-gpu[plot]")')
     i = sub.add_parser("info", help="backend, device, memory and copy bandwidth")
     i.add_argument("--backend", default="auto", choices=["auto", "cpu", "cuda"])
     i.add_argument("--device", type=int, default=0)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from typing import Any, Dict, List
+import os
+from typing import Any, Dict, List, Optional
 
 from rich.console import Console
 from rich.table import Table
@@ -20,9 +21,17 @@ def bench(args: Any) -> int:
     if not 2 <= args.iterations <= MAX_ITERATIONS:
         raise ValueError(f"--iterations must be from 2 to {MAX_ITERATIONS:,}, "
                          f"got {args.iterations}")
+    for path in (args.trace, args.plot):
+        if path is not None and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            raise ValueError(f"cannot write {path!r}: its folder does not exist")
+    if args.plot is not None:
+        from .._gantt import _pyplot
+
+        _pyplot()  # without matplotlib, say so before measuring anything
+    traces: Optional[Dict[str, Any]] = {} if (args.trace or args.plot) else None
     device = open_device(args.backend, args.device)
     try:
-        result = run_workload(device, work, iterations=args.iterations)
+        result = run_workload(device, work, iterations=args.iterations, traces=traces)
         events = event_overhead_us(device)
         peers: List[Dict[str, Any]] = []
         if args.peers:
@@ -34,6 +43,16 @@ def bench(args: Any) -> int:
     data = result.as_dict()
     data["event_overhead_us"] = events
     data["peers"] = peers
+    if traces:
+        if args.trace:
+            traces["triple-buffered"].save(args.trace)
+        if args.plot:
+            from .._gantt import plot
+
+            w = f"{work.up_ms:g}/{work.compute_ms:g}/{work.down_ms:g} ms"
+            plot([(f"sequential, {w}", traces["sequential"]),
+                  (f"triple-buffered, {w}", traces["triple-buffered"])], args.plot)
+        data["trace_summary"] = traces["triple-buffered"].summary()._asdict()
     if args.json:
         print(json.dumps(data, indent=2))
         return 0

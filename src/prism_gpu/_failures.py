@@ -1,0 +1,43 @@
+"""An op's failure: its own, or a dependency's it did not run because of."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from ._errors import DependencyFailedError, KernelError, PrismGpuError, TransferError
+from ._inflight import Op, Root
+from ._ops import OpType
+
+__all__ = ["root_of", "dependency_error", "own_error"]
+
+
+def root_of(op: Op) -> Root:
+    """The root of failed op ``op``'s failure."""
+    err = op.error
+    if isinstance(err, DependencyFailedError):
+        return err.root_op, err.root_error
+    return op.id, err
+
+
+def dependency_error(op: Op, root: Root, oid: Optional[int] = None) -> DependencyFailedError:
+    """The error of ``op``, which did not run because of the failure ``root``."""
+    root_id, root_err = root
+    oid = op.id if oid is None else oid
+    what = f"{op.type.value} op {oid}" + (f" ({op.name!r})" if op.name else "")
+    return DependencyFailedError(
+        f"{what} did not run: it depends on op {root_id}, which failed: {root_err}",
+        op_id=oid, root_op=root_id, root_error=root_err)
+
+
+def own_error(op: Op, exc: BaseException, oid: Optional[int] = None) -> PrismGpuError:
+    """The error of ``op`` whose own work raised ``exc``."""
+    oid = op.id if oid is None else oid
+    if op.type is OpType.COMPUTE:
+        err: PrismGpuError = KernelError(
+            f"kernel {op.name!r} (op {oid}) raised {type(exc).__name__}: {exc}",
+            op_id=oid, kernel=op.name)
+    else:
+        err = TransferError(f"{op.type.value} op {oid} failed: {type(exc).__name__}: {exc}")
+        err.op_id = oid  # type: ignore[attr-defined]
+    err.__cause__ = exc
+    return err

@@ -1,0 +1,41 @@
+"""NVTX ranges around queued ops, when the ``nvtx`` package is importable.
+
+Each op's enqueue is a range named after its lane and op (a pipeline stage's
+range is the stage's name), so Nsight Systems shows what the host queued and
+``ncu --nvtx --nvtx-include "prism-gpu@<range>/"`` profiles only the kernels of a
+stage (the ranges live in the ``prism-gpu`` domain).
+``PRISM_GPU_NVTX=0`` turns them off.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+__all__ = ["ON", "range_start", "range_end"]
+
+_COLORS = {"upload": "blue", "compute": "green", "download": "orange"}
+
+try:
+    if os.environ.get("PRISM_GPU_NVTX", "1").strip() in ("0", "false", "no"):
+        raise ImportError("turned off")
+    import nvtx as _nvtx_mod
+
+    ON = True
+except Exception:  # noqa: BLE001 - no nvtx package: no ranges
+    ON = False
+    _nvtx_mod = None
+
+
+def range_start(lane: str, op_type: str, name: Optional[str]) -> Any:
+    """Open the range of one op's enqueue: a compute is named after its kernel or stage."""
+    if op_type == "compute":
+        message = lane if lane not in ("compute",) else (name or "compute")
+    else:
+        message = f"{op_type} ({lane})" if lane != op_type else op_type
+    return _nvtx_mod.start_range(message=message, color=_COLORS.get(op_type, "grey"),
+                                 domain="prism-gpu")
+
+
+def range_end(mark: Any) -> None:
+    _nvtx_mod.end_range(mark)

@@ -1,0 +1,62 @@
+"""A pipeline's plan: its stages in order, each with its kernel, stream and buffers."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, List, NamedTuple, Sequence, Tuple
+
+from ._config import LaunchConfig
+from ._errors import InvalidOperationError
+from ._inflight import Lane
+from ._stage import GpuPipelineStage
+
+__all__ = ["Step", "make_plan"]
+
+
+class Step(NamedTuple):
+    """A stage as the plan runs it."""
+
+    stage: GpuPipelineStage
+    prepared: Any
+    config: LaunchConfig
+    uses_arrays: bool
+    extra: Tuple[Any, ...]
+    lane: Lane
+    reads: Tuple[int, ...]
+    writes: Tuple[int, ...]
+
+
+def make_plan(order: List[int], stages: Sequence[GpuPipelineStage], buffers: Sequence[Any],
+              resolve: Callable[[Any], Tuple[Any, Any]],
+              lane: Callable[[int, str], Lane]) -> List[Step]:
+    """The stages at ``order``, checked (indices known and not repeated, buffers that
+    exist, kernels that resolve) before any stream is made for them."""
+    if not order:
+        raise ValueError("the pipeline has no stage to run: add_stage() first")
+    if len(set(order)) != len(order):
+        raise ValueError(f"set_order repeats a stage: {order}; each stage runs once "
+                         "per iteration")
+    n = len(stages)
+    for i in order:
+        if not 0 <= i < n:
+            raise InvalidOperationError(
+                f"no stage {i}: {n} stage(s) were added (indices 0..{n - 1}); "
+                "add_stage() returns each index")
+    resolved = []
+    for i in order:
+        st = stages[i]
+        for b in (*st.input_buffers, *st.output_buffers):
+            if not 0 <= b < len(buffers):
+                raise InvalidOperationError(
+                    f"stage {st.name!r} names buffer {b}, but only {len(buffers)} "
+                    "buffer(s) exist; create it first with "
+                    "pipe.add_buffer(size, dtype=...) and use the index it returns")
+        resolved.append(resolve(st.kernel))
+    plan = []
+    for i, (kernel, prepared) in zip(order, resolved):
+        st = stages[i]
+        first = (*st.input_buffers, *st.output_buffers)
+        config = st.config or kernel.config or LaunchConfig.for_elements(
+            buffers[first[0]].capacity if first else 1)
+        plan.append(Step(st, prepared, config, kernel.uses_arrays, st.extra or kernel.defaults,
+                         lane(i, st.name), tuple(st.input_buffers), tuple(st.output_buffers)))
+    return plan

@@ -1,0 +1,273 @@
+"""Seeing the GPU work: a timeline of every op queued inside ``with pg.trace()``.
+
+While a trace is active the engine gives every op timing events and reports
+it here when it completes; outside a trace nothing is recorded (the engine
+reads one module global per op). Times are device times on one clock per
+device, starting at 0 at the first traced op.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple
+
+__all__ = ["Trace", "TraceOp", "TraceSummary", "trace", "active", "set_index"]
+
+_state = threading.local()
+ACTIVE: Optional["Trace"] = None   # read by the engine on every submit
+_lock = threading.Lock()
+
+
+class TraceOp(NamedTuple):
+    """One traced op. ``lane`` names the stream ("upload", "compute", "download", a
+    pipeline stage's name; with the device when several are traced);
+    ``batch_index`` is the stream_map batch or pipeline iteration, where there is one."""
+
+    op_id: int
+    op_type: str
+    lane: str
+    name: str
+    start_ms: float
+    end_ms: float
+    nbytes: int
+    batch_index: Optional[int]
+    device: str
+    error: Optional[str]
+
+    @property
+    def duration_ms(self) -> float:
+        return self.end_ms - self.start_ms
+
+
+class TraceSummary(NamedTuple):
+    """What :meth:`Trace.summary` reports.
+
+    ``span_ms``: first start to last end. ``iterations``: ops on the busiest lane
+    (one per iteration in a triple-buffered loop). ``achieved_ms``: span per
+    iteration. ``floor_ms``: the busiest lane's busy time per iteration, the time
+    if everything else overlapped it perfectly. ``efficiency``: floor / achieved.
+    ``busy``: each lane's busy fraction of the span. ``overlap``: the fraction of
+    the span in which a copy and a kernel ran at the same time.
+    """
+
+    ops: int
+    span_ms: float
+    iterations: int
+    achieved_ms: float
+    floor_ms: float
+    efficiency: float
+    busy: Dict[str, float]
+    overlap: float
+
+
+def _union(intervals: List[Tuple[float, float]]) -> List[Tuple[float, float]]:
+    out: List[Tuple[float, float]] = []
+    for a, b in sorted(intervals):
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
+
+
+def _length(intervals: List[Tuple[float, float]]) -> float:
+    return sum(b - a for a, b in intervals)
+
+
+def _intersect(xs: List[Tuple[float, float]], ys: List[Tuple[float, float]]) -> float:
+    i = j = 0
+    total = 0.0
+    while i < len(xs) and j < len(ys):
+        lo, hi = max(xs[i][0], ys[j][0]), min(xs[i][1], ys[j][1])
+        if hi > lo:
+            total += hi - lo
+        if xs[i][1] < ys[j][1]:
+            i += 1
+        else:
+            j += 1
+    return total
+
+
+class Trace:
+    """The ops queued while the trace was active, once they completed."""
+
+    def __init__(self) -> None:
+        self._ops: List[TraceOp] = []
+        self._refs: Dict[int, Tuple[Any, Any, str]] = {}   # id(engine) -> (engine, ref, dev)
+        self._lanes: Dict[int, str] = {}                    # id(lane) -> unique lane name
+        self._pending: Dict[Tuple[int, int], Any] = {}      # (id(engine), op id) -> engine
+        self._lock = threading.Lock()
+        self.closed = False
+
+    # called by the engine -------------------------------------------------------
+    def begin(self, engine: Any, lane: Any) -> Any:
+        """The reference event of ``engine``'s device (recorded on ``lane`` when first
+        needed: before the first traced op there)."""
+        key = id(engine)
+        hit = self._refs.get(key)
+        if hit is None:
+            dev = engine.device
+            for eng, ref, name in self._refs.values():
+                if eng.device is dev:   # one clock per device
+                    hit = self._refs[key] = (engine, ref, name)
+                    break
+            else:
+                ref = engine.mark(lane)
+                hit = self._refs[key] = (engine, ref, f"{dev.kind}:{dev.ordinal}")
+        return hit[1]
+
+    def queued(self, engine: Any, op: Any) -> None:
+        self._pending[(id(engine), op.id)] = engine
+
+    def completed(self, engine: Any, op: Any, index: Optional[int], nbytes: int) -> None:
+        """``op`` completed with its timing events still valid."""
+        self._pending.pop((id(engine), op.id), None)
+        _, ref, dev = self._refs[id(engine)]
+        start, end = op.start.elapsed_ms(ref), op.end.elapsed_ms(ref)
+        lane = self._lane_name(op.lane)
+        err = None if op.error is None else f"{type(op.error).__name__}: {op.error}"
+        with self._lock:
+            self._ops.append(TraceOp(op.id, op.type.value, lane, op.name or op.type.value,
+                                     start, end, nbytes, index, dev, err))
+
+    def _lane_name(self, lane: Any) -> str:
+        name = self._lanes.get(id(lane))
+        if name is None:
+            taken = set(self._lanes.values())
+            name, k = lane.name, 2
+            while name in taken:
+                name, k = f"{lane.name}#{k}", k + 1
+            self._lanes[id(lane)] = name
+        return name
+
+    def finish(self) -> None:
+        """Wait for the traced ops still in flight, so every one has its times."""
+        for (_, oid), engine in list(self._pending.items()):
+            if not engine.closed:
+                engine.wait(oid)
+        self._pending.clear()
+        self.closed = True
+
+    # the timeline ---------------------------------------------------------------
+    @property
+    def ops(self) -> List[TraceOp]:
+        """Every traced op, by start time, the clock shifted so the first starts at 0."""
+        ops = sorted(self._ops, key=lambda o: o.start_ms)
+        if not ops:
+            return []
+        t0: Dict[str, float] = {}
+        for o in ops:
+            t0.setdefault(o.device, o.start_ms)
+        several = len(t0) > 1
+        return [o._replace(start_ms=o.start_ms - t0[o.device], end_ms=o.end_ms - t0[o.device],
+                           lane=f"{o.device}/{o.lane}" if several else o.lane) for o in ops]
+
+    def lanes(self) -> List[str]:
+        seen: Dict[str, None] = {}
+        for o in self.ops:
+            seen.setdefault(o.lane, None)
+        return list(seen)
+
+    def summary(self) -> TraceSummary:
+        ops = self.ops
+        if not ops:
+            return TraceSummary(0, 0.0, 0, 0.0, 0.0, 0.0, {}, 0.0)
+        span = max(o.end_ms for o in ops) - min(o.start_ms for o in ops)
+        per_lane: Dict[str, List[Tuple[float, float]]] = {}
+        for o in ops:
+            per_lane.setdefault(o.lane, []).append((o.start_ms, o.end_ms))
+        busy_ms = {lane: _length(_union(iv)) for lane, iv in per_lane.items()}
+        iterations = max(len(iv) for iv in per_lane.values())
+        floor = max(busy_ms.values()) / iterations
+        achieved = span / iterations
+        copies = _union([(o.start_ms, o.end_ms) for o in ops if o.op_type != "compute"])
+        kernels = _union([(o.start_ms, o.end_ms) for o in ops if o.op_type == "compute"])
+        return TraceSummary(
+            ops=len(ops), span_ms=span, iterations=iterations, achieved_ms=achieved,
+            floor_ms=floor, efficiency=floor / achieved if achieved > 0 else 0.0,
+            busy={k: v / span if span > 0 else 0.0 for k, v in busy_ms.items()},
+            overlap=_intersect(copies, kernels) / span if span > 0 else 0.0)
+
+    def chrome(self) -> Dict[str, Any]:
+        """The timeline as a Chrome trace (opens in Perfetto): an "X" event per op,
+        a track per lane, bytes and GB/s in ``args``."""
+        lanes = self.lanes()
+        tid = {lane: i + 1 for i, lane in enumerate(lanes)}
+        events: List[Dict[str, Any]] = [
+            {"ph": "M", "name": "process_name", "pid": 1, "tid": 0,
+             "args": {"name": "prism-gpu (device time)"}}]
+        events += [{"ph": "M", "name": "thread_name", "pid": 1, "tid": tid[lane],
+                    "args": {"name": lane}} for lane in lanes]
+        for o in self.ops:
+            args: Dict[str, Any] = {"op_id": o.op_id, "device": o.device}
+            if o.nbytes:
+                args["bytes"] = o.nbytes
+                if o.duration_ms > 0:
+                    args["GB/s"] = round(o.nbytes / (o.duration_ms * 1e6), 3)
+            if o.batch_index is not None:
+                args["index"] = o.batch_index
+            if o.error:
+                args["error"] = o.error
+            events.append({"name": o.name, "cat": o.op_type, "ph": "X", "pid": 1,
+                           "tid": tid[o.lane], "ts": round(o.start_ms * 1e3, 3),
+                           "dur": round(max(0.0, o.duration_ms) * 1e3, 3), "args": args})
+        return {"traceEvents": events, "displayTimeUnit": "ms"}
+
+    def save(self, path: str) -> None:
+        """Write the Chrome trace JSON to ``path``."""
+        with open(path, "w") as f:
+            json.dump(self.chrome(), f)
+
+    def plot(self, path: str, title: Optional[str] = None) -> None:
+        """A Gantt chart of the timeline as a PNG (needs the ``plot`` extra)."""
+        from ._gantt import plot
+
+        plot([(title or "", self)], path)
+
+    def __len__(self) -> int:
+        return len(self._ops)
+
+    def __repr__(self) -> str:
+        return f"Trace({len(self._ops)} ops)"
+
+
+class trace:
+    """``with pg.trace() as tr:`` records every op queued in the block, by any API.
+
+    On leaving the block it waits for the traced ops still in flight, so ``tr.ops``,
+    ``tr.save(path)``, ``tr.plot(path)`` and ``tr.summary()`` see all of them.
+    Traces do not nest.
+    """
+
+    def __init__(self) -> None:
+        self._trace = Trace()
+
+    def __enter__(self) -> Trace:
+        global ACTIVE
+        with _lock:
+            if ACTIVE is not None:
+                from ._errors import InvalidOperationError
+
+                raise InvalidOperationError("a trace is already active; traces do not nest")
+            ACTIVE = self._trace
+        return self._trace
+
+    def __exit__(self, *exc: Any) -> None:
+        global ACTIVE
+        with _lock:
+            ACTIVE = None
+        self._trace.finish()
+
+
+def active() -> Optional[Trace]:
+    return ACTIVE
+
+
+def set_index(index: Optional[int]) -> None:
+    """The batch or iteration index that ops queued next on this thread belong to."""
+    _state.index = index
+
+
+def current_index() -> Optional[int]:
+    return getattr(_state, "index", None)
