@@ -226,6 +226,9 @@ extern "C" __global__ void latch(volatile int* flag, double timeout_s) {
 """
 
 
+_LATCH_FLAGS: List[np.ndarray] = []
+
+
 class CudaLatch:
     """The CUDA latch: a one-thread kernel spinning on a flag in pinned host memory.
 
@@ -237,6 +240,9 @@ class CudaLatch:
     def __init__(self, timeout: float = LATCH_TIMEOUT_S) -> None:
         self.timeout = timeout
         self._flag = pg.pinned_empty(4, np.int32)
+        # kept for the whole session: a latch kernel still spinning after its test (until
+        # its timeout) must write into its own flags, never into a later latch's
+        _LATCH_FLAGS.append(self._flag)
         self._flag[:] = 0
         ptr = self._flag.__array_interface__["data"][0]
         self.kernel = pg.Kernel("latch", source=CUDA_LATCH_SRC, entry="latch",
@@ -261,6 +267,11 @@ class CudaLatch:
     @property
     def held(self) -> bool:
         return not self._flag[0] and not self._flag[2]
+
+    def __repr__(self) -> str:
+        released, entered, finished, timed_out = (int(v) for v in self._flag)
+        return (f"CudaLatch(released={released}, entered={entered}, finished={finished}, "
+                f"timed_out={timed_out}, flag at 0x{self._flag.ctypes.data:x})")
 
     def wait_entered(self, timeout: float = LATCH_TIMEOUT_S) -> bool:
         deadline = time.monotonic() + timeout

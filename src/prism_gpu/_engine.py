@@ -124,10 +124,11 @@ class Engine:
                     stream.wait(ev, propagate=False)
         tracer = _trace.ACTIVE
         if tracer is not None:
+            timed = self.timing if timing is None else timing  # asked for apart from tracing
             timing = True
             tracer.begin(self, lane)
             op.trace = (tracer, _trace.current_index(),
-                        getattr(a, "nbytes", 0) if kind != LAUNCH else 0)
+                        getattr(a, "nbytes", 0) if kind != LAUNCH else 0, timed)
         mark = _nvtx.range_start(lane.name, op_type.value, name) if _nvtx.ON else None
         start = None
         if self.timing if timing is None else timing:
@@ -172,8 +173,6 @@ class Engine:
         inflight[oid] = op
         if mark is not None:
             _nvtx.range_end(mark)
-        if tracer is not None:
-            tracer.queued(self, op)
         return op
 
     def _drop_start(self, op: Op, mark: Any = None) -> None:
@@ -233,12 +232,9 @@ class Engine:
         self._pool.append(ev)
         start = op.start
         duration = None
-        if start is not None:
-            duration = op.end.elapsed_ms(start)
         tr = op.trace
-        if tr is not None and start is not None:
-            tr[0].completed(self, op, tr[1], tr[2])
-            op.trace = None
+        if start is not None and (tr is None or tr[3]):
+            duration = op.end.elapsed_ms(start)
         cb = op.on_done
         if cb is not None:
             try:
@@ -246,10 +242,15 @@ class Engine:
             except Exception as exc:  # raised by the call that harvested, after bookkeeping
                 self._callback_errors.append(exc)
             op.on_done = None
-        if start is not None:
+        if tr is not None:
+            # the trace reads its times from these events when it ends (off the hot
+            # path) and gives them back then
+            tr[0].completed(self, op, tr[1], tr[2])
+            op.trace = None
+        elif start is not None:
             self.give_event(start)
             self.give_event(op.end)
-            op.start = op.end = None
+        op.start = op.end = None
         self.table.complete(op.id, op.type, duration, err)
         op.keep = op.event = None
         op.deps = ()  # completed ops keep no chain of earlier ops alive
@@ -367,6 +368,9 @@ class Engine:
             for lane in self.lanes:
                 while lane.ops:
                     self._complete(lane.ops.popleft())
+            tracer = _trace.ACTIVE
+            if tracer is not None:  # it holds timing events of ours: read them now
+                tracer.read_times()
         finally:
             self._harvesting = False
             self._callback_errors.clear()

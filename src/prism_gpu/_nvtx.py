@@ -33,9 +33,11 @@ def range_start(lane: str, op_type: str, name: Optional[str]) -> Any:
         message = lane if lane not in ("compute",) else (name or "compute")
     else:
         message = f"{op_type} ({lane})" if lane != op_type else op_type
-    return _nvtx_mod.start_range(message=message, color=_COLORS.get(op_type, "grey"),
-                                 domain="prism-gpu")
+    # push/pop ranges (what ncu's --nvtx-include matches); the enqueue is on one thread
+    _nvtx_mod.push_range(message=message, color=_COLORS.get(op_type, "grey"),
+                         domain="prism-gpu")
+    return True
 
 
 def range_end(mark: Any) -> None:
-    _nvtx_mod.end_range(mark)
+    _nvtx_mod.pop_range(domain="prism-gpu")

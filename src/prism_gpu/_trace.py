@@ -92,12 +92,14 @@ def _intersect(xs: List[Tuple[float, float]], ys: List[Tuple[float, float]]) -> 
 class Trace:
     """The ops queued while the trace was active, once they completed."""
 
+    HELD_EVENTS = 20_000  # completed ops whose events are held before their times are read
+
     def __init__(self) -> None:
         self._ops: List[TraceOp] = []
+        self._raw: List[Tuple[Any, ...]] = []    # completed ops whose times are unread
+        self.lost = 0                             # ops whose device closed before the end
         self._refs: Dict[int, Tuple[Any, Any, str]] = {}   # id(engine) -> (engine, ref, dev)
         self._lanes: Dict[int, str] = {}                    # id(lane) -> unique lane name
-        self._pending: Dict[Tuple[int, int], Any] = {}      # (id(engine), op id) -> engine
-        self._lock = threading.Lock()
         self.closed = False
 
     # called by the engine -------------------------------------------------------
@@ -117,19 +119,31 @@ class Trace:
                 hit = self._refs[key] = (engine, ref, f"{dev.kind}:{dev.ordinal}")
         return hit[1]
 
-    def queued(self, engine: Any, op: Any) -> None:
-        self._pending[(id(engine), op.id)] = engine
-
     def completed(self, engine: Any, op: Any, index: Optional[int], nbytes: int) -> None:
-        """``op`` completed with its timing events still valid."""
-        self._pending.pop((id(engine), op.id), None)
-        _, ref, dev = self._refs[id(engine)]
-        start, end = op.start.elapsed_ms(ref), op.end.elapsed_ms(ref)
-        lane = self._lane_name(op.lane)
-        err = None if op.error is None else f"{type(op.error).__name__}: {op.error}"
-        with self._lock:
-            self._ops.append(TraceOp(op.id, op.type.value, lane, op.name or op.type.value,
-                                     start, end, nbytes, index, dev, err))
+        """``op`` completed; its timing events are the trace's until their times are read."""
+        self._raw.append((engine, op.id, op.type, op.lane, op.name, op.start, op.end, nbytes,
+                          index, op.error))
+        if len(self._raw) >= self.HELD_EVENTS:
+            self.read_times()
+
+    def read_times(self) -> None:
+        """Read the times of completed ops and give their events back to their engines."""
+        raw, self._raw = self._raw, []
+        for engine, oid, op_type, lane, name, start, end, nbytes, index, error in raw:
+            _, ref, dev = self._refs[id(engine)]
+            closed = engine.closed
+            if not closed:
+                t0, t1 = start.elapsed_ms(ref), end.elapsed_ms(ref)
+                err = None if error is None else f"{type(error).__name__}: {error}"
+                self._ops.append(TraceOp(oid, op_type.value, self._lane_name(lane),
+                                         name or op_type.value, t0, t1, nbytes, index, dev,
+                                         err))
+                engine.give_event(start)
+                engine.give_event(end)
+            else:  # its device is gone: the times went with it
+                self.lost += 1
+                start.close()
+                end.close()
 
     def _lane_name(self, lane: Any) -> str:
         name = self._lanes.get(id(lane))
@@ -142,17 +156,18 @@ class Trace:
         return name
 
     def finish(self) -> None:
-        """Wait for the traced ops still in flight, so every one has its times."""
-        for (_, oid), engine in list(self._pending.items()):
+        """Wait for the traced ops still in flight and read every op's times."""
+        for engine, _, _ in self._refs.values():
             if not engine.closed:
-                engine.wait(oid)
-        self._pending.clear()
+                engine.synchronize()
+        self.read_times()
         self.closed = True
 
     # the timeline ---------------------------------------------------------------
     @property
     def ops(self) -> List[TraceOp]:
         """Every traced op, by start time, the clock shifted so the first starts at 0."""
+        self.read_times()
         ops = sorted(self._ops, key=lambda o: o.start_ms)
         if not ops:
             return []
@@ -226,10 +241,10 @@ class Trace:
         plot([(title or "", self)], path)
 
     def __len__(self) -> int:
-        return len(self._ops)
+        return len(self._ops) + len(self._raw)
 
     def __repr__(self) -> str:
-        return f"Trace({len(self._ops)} ops)"
+        return f"Trace({len(self)} ops)"
 
 
 class trace:
