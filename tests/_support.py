@@ -10,6 +10,7 @@ dispatch to CuPy) and read data back with :func:`host_copy`.
 from __future__ import annotations
 
 import contextlib
+import gc
 import threading
 import time
 from typing import Any, Callable, Iterator, List, Tuple
@@ -239,6 +240,11 @@ class CudaLatch:
 
     def __init__(self, timeout: float = LATCH_TIMEOUT_S) -> None:
         self.timeout = timeout
+        # Freeing pinned memory (cudaFreeHost) waits for the whole device: garbage of an
+        # earlier test collected while this latch holds a stream would block the host
+        # until the latch times out. Collect now and pause the collector until release.
+        gc.collect()
+        gc.disable()
         self._flag = pg.pinned_empty(4, np.int32)
         # kept for the whole session: a latch kernel still spinning after its test (until
         # its timeout) must write into its own flags, never into a later latch's
@@ -251,6 +257,7 @@ class CudaLatch:
 
     def release(self) -> None:
         self._flag[0] = 1
+        gc.enable()
 
     @property
     def released(self) -> bool:

@@ -92,7 +92,7 @@ def _intersect(xs: List[Tuple[float, float]], ys: List[Tuple[float, float]]) -> 
 class Trace:
     """The ops queued while the trace was active, once they completed."""
 
-    HELD_EVENTS = 20_000  # completed ops whose events are held before their times are read
+    HELD_EVENTS = 256  # completed ops whose events are held before their times are read
 
     def __init__(self) -> None:
         self._ops: List[TraceOp] = []
