@@ -308,3 +308,23 @@ def make_latch(backend: str) -> Any:
     if backend == "cuda":
         return CudaLatch()
     return Latch()
+
+
+class Boom(Exception):
+    """What failing test kernels raise."""
+
+
+def boom(*_arrays: Any) -> None:
+    """A kernel that always fails."""
+    raise Boom("kernel exploded")
+
+
+def checked_round(coord: pg.AsyncCoordinator, buf: pg.TripleBuffer,
+                  rng: np.random.Generator) -> None:
+    """One checked Pattern-1 iteration (upload, compute, download, advance) on fresh data."""
+    x, out = rand(rng, buf.size()), np.full(buf.size(), np.nan, dtype=F32)
+    up = coord.queue_upload(x, buf)
+    coord.queue_compute("scale", [up])
+    coord.wait(coord.queue_download(buf, out))
+    assert buf.advance() is True
+    np.testing.assert_array_equal(out, x * F32(2))

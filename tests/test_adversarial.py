@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import prism_gpu as pg
-from _support import F32, rand, release_timer, snapshot, square2
+from _support import checked_round, F32, rand, release_timer, snapshot, square2
 
 UP = pg.BufferState.UPLOADING
 N = 256
@@ -27,14 +27,7 @@ def rng() -> np.random.Generator:
     return np.random.default_rng(0xAD7E)
 
 
-def _round(coord: pg.AsyncCoordinator, buf: pg.TripleBuffer, rng: np.random.Generator) -> None:
-    """One checked Pattern-1 iteration (upload, compute, download, advance) on fresh data."""
-    x, out = rand(rng, buf.size()), np.full(buf.size(), np.nan, dtype=F32)
-    up = coord.queue_upload(x, buf)
-    coord.queue_compute("scale", [up])
-    coord.wait(coord.queue_download(buf, out))
-    assert buf.advance() is True
-    np.testing.assert_array_equal(out, x * F32(2))
+_round = checked_round
 
 
 def _issued(ctx: pg.ManagedGpuContext) -> Any:

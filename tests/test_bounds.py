@@ -21,17 +21,12 @@ import numpy as np
 import pytest
 
 import prism_gpu as pg
-from _support import F32, device_view, rand
+from _support import Boom, boom, checked_round, device_view, F32, rand
 
 N = 256
 
 
-class Boom(Exception):
-    pass
-
-
-def _boom(*_arrays: Any) -> None:
-    raise Boom("kernel exploded")
+_boom = boom
 
 
 @pytest.fixture
@@ -46,14 +41,7 @@ def cpu_device() -> Iterator[Any]:
     dev.close()
 
 
-def _round(coord: pg.AsyncCoordinator, buf: pg.TripleBuffer, rng: np.random.Generator) -> None:
-    """One checked Pattern-1 iteration (upload, compute, download, advance) on fresh data."""
-    x, out = rand(rng, buf.size()), np.full(buf.size(), np.nan, dtype=F32)
-    up = coord.queue_upload(x, buf)
-    coord.queue_compute("scale", [up])
-    coord.wait(coord.queue_download(buf, out))
-    assert buf.advance() is True
-    np.testing.assert_array_equal(out, x * F32(2))
+_round = checked_round
 
 
 def _rss_bytes() -> Optional[int]:

@@ -97,6 +97,7 @@ class Trace:
     def __init__(self) -> None:
         self._ops: List[TraceOp] = []
         self._raw: List[Tuple[Any, ...]] = []    # completed ops whose times are unread
+        self._timed: List[Tuple[Any, ...]] = []  # ops with times, not yet TraceOps
         self.lost = 0                             # ops whose device closed before the end
         self._refs: Dict[int, Tuple[Any, Any, str]] = {}   # id(engine) -> (engine, ref, dev)
         self._lanes: Dict[int, str] = {}                    # id(lane) -> unique lane name
@@ -127,23 +128,31 @@ class Trace:
             self.read_times()
 
     def read_times(self) -> None:
-        """Read the times of completed ops and give their events back to their engines."""
+        """Read the times of completed ops and give their events back to their engines
+        (the records are built when someone reads ``ops``)."""
         raw, self._raw = self._raw, []
-        for engine, oid, op_type, lane, name, start, end, nbytes, index, error in raw:
-            _, ref, dev = self._refs[id(engine)]
-            closed = engine.closed
-            if not closed:
-                t0, t1 = start.elapsed_ms(ref), end.elapsed_ms(ref)
-                err = None if error is None else f"{type(error).__name__}: {error}"
-                self._ops.append(TraceOp(oid, op_type.value, self._lane_name(lane),
-                                         name or op_type.value, t0, t1, nbytes, index, dev,
-                                         err))
+        timed = self._timed
+        refs = self._refs
+        for entry in raw:
+            engine, start, end = entry[0], entry[5], entry[6]
+            ref = refs[id(engine)]
+            if not engine.closed:
+                timed.append((entry, start.elapsed_ms(ref[1]), end.elapsed_ms(ref[1]), ref[2]))
                 engine.give_event(start)
                 engine.give_event(end)
             else:  # its device is gone: the times went with it
                 self.lost += 1
                 start.close()
                 end.close()
+
+    def _records(self) -> List[TraceOp]:
+        self.read_times()
+        timed, self._timed = self._timed, []
+        for (_, oid, op_type, lane, name, _s, _e, nbytes, index, error), t0, t1, dev in timed:
+            err = None if error is None else f"{type(error).__name__}: {error}"
+            self._ops.append(TraceOp(oid, op_type.value, self._lane_name(lane),
+                                     name or op_type.value, t0, t1, nbytes, index, dev, err))
+        return self._ops
 
     def _lane_name(self, lane: Any) -> str:
         name = self._lanes.get(id(lane))
@@ -167,8 +176,7 @@ class Trace:
     @property
     def ops(self) -> List[TraceOp]:
         """Every traced op, by start time, the clock shifted so the first starts at 0."""
-        self.read_times()
-        ops = sorted(self._ops, key=lambda o: o.start_ms)
+        ops = sorted(self._records(), key=lambda o: o.start_ms)
         if not ops:
             return []
         t0: Dict[str, float] = {}
@@ -241,7 +249,7 @@ class Trace:
         plot([(title or "", self)], path)
 
     def __len__(self) -> int:
-        return len(self._ops) + len(self._raw)
+        return len(self._ops) + len(self._timed) + len(self._raw)
 
     def __repr__(self) -> str:
         return f"Trace({len(self)} ops)"
