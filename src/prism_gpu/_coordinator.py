@@ -1,8 +1,7 @@
 """AsyncCoordinator: upload, compute and download ops over three streams.
 
-A thin client of the core: ids, reports and failures live in the op table,
-streams and events in the engine, kernels in the registry, slot states and
-hazards in each ring. The coordinator checks a call completely, then queues.
+A thin client of the core (op table, engine, kernel registry, rings with their hazards):
+it checks a call completely, then queues.
 """
 
 from __future__ import annotations
@@ -303,7 +302,9 @@ class AsyncCoordinator:
         """Ops completed since the last poll (never blocks)."""
         self.check()
         self._engine.harvest()
-        return self._table.take_reports()
+        reports = self._table.take_reports()
+        self._engine.raise_callback_errors()
+        return reports
 
     def wait(self, op_id: int, timeout: Optional[float] = None) -> None:
         """Block until op ``op_id`` completes; raise its error if it failed.
@@ -319,11 +320,14 @@ class AsyncCoordinator:
         err = self._table.error(oid)
         if err is not None:
             raise err
+        self._engine.raise_callback_errors()
 
     def is_complete(self, op_id: int) -> bool:
         """True once ``op_id`` has completed (successfully or not); never blocks."""
         self.check()
-        return self._engine.is_done(self._table.resolve(op_id, InvalidOperationError))
+        done = self._engine.is_done(self._table.resolve(op_id, InvalidOperationError))
+        self._engine.raise_callback_errors()
+        return done
 
     def error(self, op_id: int) -> Optional[BaseException]:
         """The error of a completed op, or None."""
@@ -336,15 +340,14 @@ class AsyncCoordinator:
         self.check()
         self._engine.synchronize()
         raise_failures(self._table.take_unobserved(), "synchronize_all")
+        self._engine.raise_callback_errors()
 
     @property
     def in_flight(self) -> int:
         """Ops queued and not yet known complete."""
         return len(self._engine.inflight)
 
-    @property
-    def dropped_reports(self) -> int:
-        return self._table.dropped_reports
+    dropped_reports = property(lambda self: self._table.dropped_reports)
 
     def statistics(self) -> CoordinatorStatistics:
         t, e = self._table, self._engine

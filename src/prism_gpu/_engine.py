@@ -14,7 +14,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 from ._errors import (DependencyFailedError, InvalidOperationError, PrismGpuError)
 from ._ops import OpType
 from . import _nvtx, _trace
-from ._failures import dependency_error, own_error, root_of
+from ._failures import dependency_error, own_error, refuse_in_callback, root_of
 from ._inflight import D2H, H2D, LAUNCH, Lane, Op, Root
 from ._optable import OpTable, scrub
 from .backends._protocol import Device, Event
@@ -104,6 +104,8 @@ class Engine:
         callables on the host) fails the op. ``keep`` stays alive until the op
         completes; ``on_done(op, ms)`` runs then.
         """
+        if self._harvesting:
+            refuse_in_callback()
         inflight = self.inflight
         if len(inflight) >= self.max_in_flight:
             self.throttle()
@@ -205,10 +207,14 @@ class Engine:
             # the op that raised it may sit on a lane not harvested yet: complete it first
             for dep in op.deps:
                 ev = dep.event
-                if ev is not None and dep.id in self.inflight and ev.error() is exc:
+                if ev is None or ev.error() is not exc:
+                    continue
+                if dep.lane in self.lanes:
                     self._harvest_lane(dep.lane, dep)
                     hit = self._roots.get(id(exc))
-                    break
+                else:  # an op of another coordinator (a shared ring): it is the root
+                    return self.dependency_error(op, (dep.id, exc))
+                break
         if hit is not None and hit[0] is exc and hit[1][0] != op.id:
             return self.dependency_error(op, hit[1])
         scrub(exc)
@@ -301,9 +307,15 @@ class Engine:
                     self._harvest_lane(lane)
         finally:
             self._harvesting = False
+
+    def raise_callback_errors(self) -> None:
+        """Raise (once) the first error an ``on_done`` callback raised since the last call.
+        Public calls raise it when they are done; internal waits never do, so a
+        callback's error cannot interrupt an op half queued."""
         if self._callback_errors:
             errs, self._callback_errors = self._callback_errors, []
             raise errs[0]
+
 
     def throttle(self) -> None:
         """Bring ops in flight under ``max_in_flight``, blocking on the oldest if need be."""
@@ -315,6 +327,8 @@ class Engine:
 
     def wait(self, oid: int, timeout: Optional[float] = None) -> bool:
         """Block until op ``oid`` completes (False if ``timeout`` passed first)."""
+        if self._harvesting:
+            refuse_in_callback()
         op = self.inflight.get(oid)
         if op is None:
             return True
@@ -335,6 +349,8 @@ class Engine:
                     ev.synchronize()
 
     def is_done(self, oid: int) -> bool:
+        if self._harvesting:
+            refuse_in_callback()
         op = self.inflight.get(oid)
         if op is None:
             return True

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Optional
 
-from ._errors import DependencyFailedError, KernelError, PrismGpuError, TransferError
+from ._errors import (DependencyFailedError, InvalidOperationError, KernelError, PrismGpuError,
+                      TransferError)
 from ._inflight import Op, Root
 from ._ops import OpType
 
-__all__ = ["root_of", "dependency_error", "own_error"]
+__all__ = ["root_of", "dependency_error", "own_error", "refuse_in_callback"]
 
 
 def root_of(op: Op) -> Root:
@@ -41,3 +42,11 @@ def own_error(op: Op, exc: BaseException, oid: Optional[int] = None) -> PrismGpu
         err.op_id = oid  # type: ignore[attr-defined]
     err.__cause__ = exc
     return err
+
+
+def refuse_in_callback() -> None:
+    """An ``on_done`` callback tried to queue or wait: refused (it runs while completed
+    ops are being retired, and re-entering that would corrupt the lanes)."""
+    raise InvalidOperationError(
+        "an on_done callback may not queue or wait for ops (it runs while completed ops "
+        "are being retired); record what it needs and act after the call that ran it")

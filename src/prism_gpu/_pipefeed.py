@@ -27,6 +27,11 @@ def written_buffers(plan: Sequence[Any], fed: Tuple[int, ...]) -> Tuple[int, ...
                     f"stage {step.stage.name!r} reads buffer {b} before any stage writes "
                     f"it; order a stage that writes it first, or feed it: "
                     f"execute_iteration(inputs={{{b}: array}}) or run(batches, input={b})")
+        for b in step.writes:
+            if b in fed and b not in step.reads:
+                raise InvalidOperationError(
+                    f"stage {step.stage.name!r} overwrites buffer {b}, which is fed as an "
+                    "input; feed another buffer, or have the stage read it too (in place)")
         written.update(step.writes)
     return tuple(sorted(written))
 

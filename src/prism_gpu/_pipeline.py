@@ -176,6 +176,7 @@ class PipelineStageManager:
         eng = self._engine
         eng.harvest()
         self._raise_failures()
+        eng.raise_callback_errors()
         # the next FREE slot of each buffer (the older iteration still using it is waited
         # for by the op that writes it, just before it is queued)
         slots: Dict[int, Slot] = {b: self._next_free(bufs[b]) for b in touched}
@@ -321,6 +322,7 @@ class PipelineStageManager:
         self._coord.check()
         self._engine.synchronize(list(self._lanes.values()))
         self._raise_failures()
+        self._engine.raise_callback_errors()
         return self._win.stats()
 
     def reset_stats(self) -> None:

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, NamedTuple, Optional, Sequenc
 
 from ._config import LaunchConfig
 from ._args import check_timeout
-from ._errors import DependencyFailedError, SynchronizationError
+from ._errors import DependencyFailedError, InvalidOperationError, SynchronizationError
 from ._optable import raise_failures
 
 if TYPE_CHECKING:
@@ -115,8 +115,8 @@ class PipelineIteration:
             left = None if deadline is None else max(0.0, deadline - time.perf_counter())
             try:
                 self._coord.wait(op, left)
-            except SynchronizationError:
-                raise
+            except (SynchronizationError, InvalidOperationError):
+                raise  # timed out, or the pipeline (its coordinator) is closed
             except Exception as exc:  # noqa: BLE001 - reported together below
                 if isinstance(exc, DependencyFailedError):
                     if exc.root_op in roots or exc.root_op in self._ops:
