@@ -120,3 +120,25 @@ def test_waiting_on_an_iteration_after_the_pipeline_closed(ctx: pg.ManagedGpuCon
     np.testing.assert_array_equal(y, x * F32(2))
     with pytest.raises(pg.InvalidOperationError, match="closed"):
         it.wait()
+
+
+def test_a_compute_may_list_two_uploads_of_one_buffer_in_any_order(
+        coord: pg.AsyncCoordinator, rng: np.random.Generator) -> None:
+    """Both uploads are the buffer's oldest: consumed in ring order whatever the order of
+    the dependencies, and the kernel gets the arrays in dependency order."""
+    got: list = []
+    coord.register_kernel("two", pg.Kernel.from_source(
+        'extern "C" __global__ void two(float* a, size_t n, float* b, size_t m) {}', "two",
+        cpu=lambda a, b: got.append((a.copy(), b.copy()))))
+    buf = pg.TripleBuffer(coord.device, 4, depth=4)
+    x1, x2 = rand(rng, 4), rand(rng, 4)
+    u1, u2 = coord.queue_upload(x1, buf), coord.queue_upload(x2, buf)
+    coord.wait(coord.queue_compute("two", [u2, u1]))
+    assert buf.get_states()[:2] == [pg.BufferState.PROCESSING] * 2
+    if got:  # the CPU backend shows what the kernel saw
+        np.testing.assert_array_equal(got[0][0], x2)
+        np.testing.assert_array_equal(got[0][1], x1)
+    coord.queue_upload(rand(rng, 4), buf)
+    u4 = coord.queue_upload(rand(rng, 4), buf)
+    with pytest.raises(pg.InvalidDependencyError):   # an older upload is still waiting
+        coord.queue_compute("noop", [u4])

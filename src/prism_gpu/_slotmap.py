@@ -93,19 +93,20 @@ def output_slots(outputs: Sequence[Any], device: Any) -> List[Tuple[Slot, int]]:
 
 
 def pending_uploads(slots: List[Slot]) -> List[Slot]:
-    """Slots still UPLOADING, checked to be consumed in ring order."""
-    ahead: Dict[int, int] = {}
-    pending = []
-    for s in slots:
-        if s.state is not _UPLOADING:
-            continue
-        k = ahead.get(id(s.buffer), 0)
-        if s.buffer.peek(UPLOADING_I, k) is not s:
-            older = s.buffer.peek(UPLOADING_I, 0)
+    """Slots still UPLOADING, checked to be the oldest uploads of their buffers (computes
+    consume uploads in ring order; the order of the dependencies does not matter)."""
+    pending = [s for s in slots if s.state is _UPLOADING]
+    by_buffer: Dict[int, List[Slot]] = {}
+    for s in pending:
+        by_buffer.setdefault(id(s.buffer), []).append(s)
+    for group in by_buffer.values():
+        buf = group[0].buffer
+        oldest = [buf.peek(UPLOADING_I, k) for k in range(len(group))]
+        if any(s not in oldest for s in group):
+            first = oldest[0]
+            late = next(s for s in group if s not in oldest)
             raise InvalidDependencyError(
-                f"slot {s.index} is computed on before the older upload in slot "
-                f"{older.index if older else '?'} of the same buffer; computes consume "
+                f"slot {late.index} is computed on before the older upload in slot "
+                f"{first.index if first else '?'} of the same buffer; computes consume "
                 "uploads in ring order: queue a compute on the older upload first")
-        ahead[id(s.buffer)] = k + 1
-        pending.append(s)
-    return pending
+    return pending  # each is taken at its buffer's UPLOADING cursor: the set is what counts
