@@ -30,12 +30,9 @@ def check_timeout(timeout: Any) -> Optional[float]:
     """A wait timeout in seconds as a float, or None for no limit."""
     if timeout is None:
         return None
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) and \
-            not hasattr(timeout, "__float__"):
+    if isinstance(timeout, (bool, str, bytes)) or not hasattr(timeout, "__float__"):
         raise TypeError(f"timeout must be a number of seconds or None, got "
                         f"{type(timeout).__name__}")
-    if isinstance(timeout, str):
-        raise TypeError("timeout must be a number of seconds or None, got str")
     t = float(timeout)
     if math.isnan(t) or t < 0:
         raise ValueError(f"timeout must be >= 0 seconds, got {timeout!r}")

@@ -13,6 +13,7 @@ from typing import Any, List, Optional, Sequence
 
 import numpy as np
 
+from ._args import int_arg, resolve_device
 from ._errors import InvalidOperationError
 
 __all__ = ["BufferState", "Slot", "TripleBuffer", "GpuTripleBuffer"]
@@ -113,25 +114,15 @@ class TripleBuffer:
     """
 
     def __init__(self, device: Any, size: int, dtype: Any = np.float32, depth: int = 3) -> None:
-        for what, v in (("size", size), ("depth", depth)):
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
-                raise TypeError(f"{what} must be an int, got {type(v).__name__}")
-            if int(v) < 1:
-                raise ValueError(f"{what} must be >= 1, got {v!r}")
-        inner = getattr(device, "device", None)  # a ManagedGpuContext
-        if not hasattr(device, "allocate") and inner is not None:
-            device = inner
-        if not hasattr(device, "allocate") or not hasattr(device, "create_stream"):
-            raise TypeError(f"device must be a prism-gpu device (ctx.device), got "
-                            f"{type(device).__name__}")
-        if getattr(device, "closed", False):
-            raise InvalidOperationError("the device (or its context) is closed")
-        self.device = device
+        size, depth = int_arg(size, "size", 1), int_arg(depth, "depth", 1)
+        if device is None:
+            raise TypeError("device must be a prism-gpu device (ctx.device) or a context")
+        self.device = device = resolve_device(device)[0]
         self.dtype = np.dtype(dtype)
         if self.dtype.hasobject:
             raise ValueError("object dtypes cannot live in device memory")
         self._size = int(size)
-        self.depth = int(depth)
+        self.depth = depth
         nbytes = self._size * self.dtype.itemsize
         self._slots = [Slot(self, i, device.allocate(nbytes).view(self.dtype))
                        for i in range(self.depth)]
@@ -231,12 +222,6 @@ class TripleBuffer:
         with self._lock:
             slot.state = _CYCLE[which]
             self._cursor[which] = (self._cursor[which] - 1) % self.depth
-
-    def unproduce(self, slot: Slot) -> None:
-        """Undo :meth:`produce` (a rejected compute changes no state)."""
-        with self._lock:
-            slot.state = BufferState.FREE
-            self._cursor[FREE_I] = self._cursor[UPLOADING_I] = (slot.index) % self.depth
 
     @property
     def capacity(self) -> int:

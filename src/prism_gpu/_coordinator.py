@@ -15,6 +15,7 @@ from ._args import check_timeout, int_arg, resolve_device, sequence_arg
 from ._buffers import FREE_I, PROCESSING_I, UPLOADING_I, TripleBuffer
 from ._config import LaunchConfig
 from ._engine import D2H, H2D, LAUNCH, Engine
+from ._failures import root_of
 from ._errors import (BufferUnavailableError, InvalidOperationError,
                       SynchronizationError, TransferError)
 from ._kernels import Kernel
@@ -236,7 +237,7 @@ class AsyncCoordinator:
         oid = op.id
         failed = None
         if op.error is not None:
-            failed = eng.root_of(op)
+            failed = root_of(op)
         for s in slots:
             s.updated(op, failed)
         if outs:

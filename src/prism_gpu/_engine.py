@@ -11,7 +11,7 @@ from __future__ import annotations
 import collections
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from ._errors import (DependencyFailedError, InvalidOperationError, PrismGpuError)
+from ._errors import (InvalidOperationError, PrismGpuError)
 from ._ops import OpType
 from . import _nvtx, _trace
 from ._failures import dependency_error, own_error, refuse_in_callback, root_of
@@ -64,10 +64,6 @@ class Engine:
         self.lanes.append(lane)
         return lane
 
-    def event(self, timing: bool) -> Event:
-        pool = self._tpool if timing else self._pool
-        return pool.pop() if pool else self.device.create_event(timing)
-
     def give_event(self, ev: Event) -> None:
         pool = self._tpool if ev.timing else self._pool
         if len(pool) < self._pool_cap:
@@ -81,7 +77,7 @@ class Engine:
 
     def mark(self, lane: Lane) -> Event:
         """A timing event recorded now on ``lane`` (a stats window's reference)."""
-        ev = self.event(True)
+        ev = self._tpool.pop() if self._tpool else self.device.create_event(True)
         lane.stream.record(ev)
         return ev
 
@@ -118,7 +114,7 @@ class Engine:
                 if ev is not None:
                     stream.wait(ev)
                 if root is None and dep.error is not None:
-                    root = self.root_of(dep)
+                    root = root_of(dep)
         if quiet:
             for dep in quiet:
                 ev = dep.event
@@ -140,7 +136,7 @@ class Engine:
         table = self.table
         oid = table.next
         if root is not None:
-            op.error = self.dependency_error(op, root, oid=oid)
+            op.error = dependency_error(op, root, oid=oid)
         else:
             try:
                 if kind == LAUNCH:
@@ -156,7 +152,7 @@ class Engine:
                 if kind != LAUNCH:
                     self._drop_start(op, mark)
                     raise
-                op.error = self._own_error(op, exc, oid)
+                op.error = own_error(op, exc, oid)
                 self._note_root(exc, (oid, op.error))
         if start is not None:
             # Timing lives in events of its own: streams waiting on a timing event are
@@ -184,16 +180,6 @@ class Engine:
             self.give_event(op.start)
             op.start = None
 
-    root_of = staticmethod(root_of)
-
-    def dependency_error(self, op: Op, root: Root, oid: Optional[int] = None
-                         ) -> DependencyFailedError:
-        return dependency_error(op, root, oid)
-
-    def _own_error(self, op: Op, exc: BaseException, oid: Optional[int] = None
-                   ) -> PrismGpuError:
-        return own_error(op, exc, oid)
-
     def _note_root(self, exc: BaseException, root: Root) -> None:
         roots = self._roots
         roots[id(exc)] = (exc, root)
@@ -213,12 +199,12 @@ class Engine:
                     self._harvest_lane(dep.lane, dep)
                     hit = self._roots.get(id(exc))
                 else:  # an op of another coordinator (a shared ring): it is the root
-                    return self.dependency_error(op, (dep.id, exc))
+                    return dependency_error(op, (dep.id, exc))
                 break
         if hit is not None and hit[0] is exc and hit[1][0] != op.id:
-            return self.dependency_error(op, hit[1])
+            return dependency_error(op, hit[1])
         scrub(exc)
-        err = self._own_error(op, exc)
+        err = own_error(op, exc)
         self._note_root(exc, (op.id, err))
         return err
 
@@ -233,7 +219,7 @@ class Engine:
             elif op.deps:
                 for dep in op.deps:
                     if dep.error is not None:
-                        err = op.error = self.dependency_error(op, self.root_of(dep))
+                        err = op.error = dependency_error(op, root_of(dep))
                         break
         self._pool.append(ev)
         start = op.start

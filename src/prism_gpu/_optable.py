@@ -149,10 +149,6 @@ class OpTable:
             return None
         return err.root_op if isinstance(err, DependencyFailedError) else oid
 
-    @property
-    def any_failed(self) -> bool:
-        return self.failed_total > 0
-
     def take_reports(self) -> List[CompletedOp]:
         make = self.id_type
         out = [CompletedOp(make(oid), t, ms, err) for oid, t, ms, err in self._reports]

@@ -15,6 +15,7 @@ from ._args import int_arg
 from ._buffers import FREE_I, UPLOADING_I, Slot, TripleBuffer
 from ._coordinator import AsyncCoordinator
 from ._engine import D2H, H2D, LAUNCH, Engine, Lane, Op
+from ._failures import root_of
 from ._errors import BufferUnavailableError, InvalidOperationError
 from ._ops import OpType
 from ._optable import raise_failures
@@ -49,15 +50,12 @@ class PipelineStageManager:
                  _owns_coordinator: bool = False) -> None:
         if not isinstance(coordinator, AsyncCoordinator):
             raise TypeError("PipelineStageManager needs an AsyncCoordinator")
-        if isinstance(depth, bool) or not isinstance(depth, (int, np.integer)):
-            raise TypeError(f"depth must be an int, got {type(depth).__name__}")
-        if int(depth) < 1:
-            raise ValueError("depth must be >= 1")
+        depth = int_arg(depth, "depth", 1)
         coordinator.check()
         self._coord = coordinator
         self._engine: Engine = coordinator.engine
         self._owns = _owns_coordinator
-        self.depth = int(depth)
+        self.depth = depth
         self._buffers: List[TripleBuffer] = []
         self._stages: List[GpuPipelineStage] = []
         self._lanes: Dict[Any, Lane] = {}       # stage index (or "upload"...) -> its stream
@@ -256,7 +254,7 @@ class PipelineStageManager:
                         step.prepared, step.config, arrays if step.uses_arrays else (),
                         step.extra, keep=arrays,
                         on_done=self._timer(step.stage.name, it, last), timing=True)
-        failed = eng.root_of(op) if op.error is not None else None
+        failed = root_of(op) if op.error is not None else None
         for s in ins:
             if s in outs:
                 s.updated(op, failed)

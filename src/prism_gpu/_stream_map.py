@@ -7,6 +7,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, NamedTuple, Optional
 import numpy as np
 
 from . import _trace
+from ._args import int_arg
 from ._buffers import TripleBuffer
 from ._coordinator import AsyncCoordinator
 from ._errors import InvalidOperationError
@@ -87,11 +88,7 @@ def stream_map(kernel: Any, batches: Iterable[np.ndarray], depth: int = 3, ctx: 
     >>> for out in stream_map(lambda x: np.sqrt(x, out=x), batches):   # doctest: +SKIP
     ...     use(out)
     """
-    for what, v, low in (("depth", depth, 1), ("prefetch", prefetch, 0)):
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
-            raise TypeError(f"{what} must be an int, got {type(v).__name__}")
-        if v < low:
-            raise ValueError(f"{what} must be >= {low}, got {v}")
+    depth, prefetch = int_arg(depth, "depth", 1), int_arg(prefetch, "prefetch", 0)
     if not isinstance(kernel, (Kernel, str)) and not callable(kernel):
         raise TypeError(f"kernel must be a Kernel, a callable or a kernel name, got "
                         f"{type(kernel).__name__}")
@@ -102,7 +99,7 @@ def stream_map(kernel: Any, batches: Iterable[np.ndarray], depth: int = 3, ctx: 
                         f"{output!r}")
     if ctx is not None and not hasattr(ctx, "device"):
         raise TypeError(f"ctx must be a ManagedGpuContext, got {type(ctx).__name__}")
-    return _StreamMap(kernel, batches, int(depth), int(prefetch), ctx, output, progress,
+    return _StreamMap(kernel, batches, depth, prefetch, ctx, output, progress,
                       tuple(extra)).run()
 
 
