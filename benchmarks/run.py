@@ -33,6 +33,7 @@ from prism_gpu.bench._peers_cuda import DEPTH, Work, cupy_loop, torch_loop  # no
 
 import prism_loops  # noqa: E402
 import extra_workloads  # noqa: E402
+import data_path  # noqa: E402
 import pipeline_workload  # noqa: E402
 import host_overhead  # noqa: E402
 
@@ -249,6 +250,10 @@ def main() -> int:
             print("workload pageable", flush=True)
             results["workloads"].append(extra_workloads.pageable(
                 ctx, max(6, int(45 * scale)), args.repeats))
+        for mib in (4, 16):
+            if not only or f"data{mib}" in only or "data" in only:
+                print(f"workload data path, {mib} MiB batches", flush=True)
+                results["workloads"].append(data_path.workload(ctx, mib, args.repeats, bw))
     finally:
         ctx.close()
     stem = os.path.join(args.out, f"{_slug(info.get('card', 'gpu'))}-{results['date']}")
@@ -259,7 +264,8 @@ def main() -> int:
         done = {w["workload"] for w in results["workloads"]}
         results["workloads"] = [w for w in old["workloads"] if w["workload"] not in done] \
             + results["workloads"]
-        order = ["2/5/2", "3/3/3", "0.2/0.2/0.2", "tiny", "pipeline", "pageable"]
+        order = ["2/5/2", "3/3/3", "0.2/0.2/0.2", "tiny", "pipeline", "pageable 64",
+                 "pageable 4", "pageable 16"]
         results["workloads"].sort(key=lambda w: next(
             (i for i, k in enumerate(order) if w["workload"].startswith(k)), 99))
     with open(stem + ".json", "w") as f:

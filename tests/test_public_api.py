@@ -24,7 +24,7 @@ DESIGN_PUBLIC = {
     "TripleBuffer", "GpuTripleBuffer", "BufferState", "AsyncCoordinator", "Kernel",
     "LaunchConfig", "ManagedGpuContext", "StepConfig", "StepTelemetry", "GpuPipelineStage",
     "PipelineStageManager", "PipelineStats", "PipelineIteration", "stream_map",
-    "pinned_empty", "interop", "trace", "TraceOp", "set_sync_mode",
+    "pinned_empty", "register", "DeviceArray", "interop", "trace", "TraceOp", "set_sync_mode",
     "OpType", "CompletedOp", "PrismGpuError", *ERRORS,
 }
 

@@ -33,7 +33,9 @@ def test_a_failure_on_a_ring_shared_by_two_coordinators_stays_with_its_owner(
         b.register_kernel("held", held)
         shared, other = ctx.create_triple_buffer(4), ctx.create_triple_buffer(4)
         a_bad = a.queue_compute("boom", [a.queue_upload(rand(rng, 4), shared)])
-        b_held = b.queue_compute("held", [b.queue_upload(rand(rng, 4), other)])
+        b_up = b.queue_upload(rand(rng, 4), other)
+        b.wait(b_up)                                   # only the held compute stays in flight
+        b_held = b.queue_compute("held", [b_up])
         b_down = b.queue_download(shared, np.zeros(4, F32))   # reads what a's op spoiled
         with pytest.raises(pg.DependencyFailedError):
             b.wait(b_down)

@@ -30,7 +30,9 @@ from ._pipeline import GpuPipelineStage as GpuPipelineStage
 from ._pipeline import PipelineIteration as PipelineIteration
 from ._pipeline import PipelineStageManager as PipelineStageManager
 from ._pipeline import PipelineStats as PipelineStats
-from ._staging import pinned_empty as pinned_empty
+from ._devarray import DeviceArray as DeviceArray
+from ._hostmem import pinned_empty as pinned_empty
+from ._hostmem import register as register
 from ._sync import set_sync_mode as set_sync_mode
 from ._sync import sync_mode as sync_mode
 from ._trace import Trace as Trace
@@ -49,6 +51,7 @@ __all__ = [
     "BufferState",
     "BufferUnavailableError",
     "CompletedOp",
+    "DeviceArray",
     "DependencyFailedError",
     "GpuPipelineStage",
     "GpuTripleBuffer",
@@ -76,6 +79,7 @@ __all__ = [
     "interop",
     "open_device",
     "pinned_empty",
+    "register",
     "set_sync_mode",
     "stream_map",
     "sync_mode",

@@ -10,7 +10,7 @@ from typing import Any, Optional, Tuple
 
 from ._errors import InvalidOperationError
 
-__all__ = ["check_timeout", "resolve_device", "int_arg", "sequence_arg", "LIVE"]
+__all__ = ["check_timeout", "resolve_device", "int_arg", "sequence_arg", "shape_arg", "LIVE"]
 
 LIVE: "weakref.WeakSet[Any]" = weakref.WeakSet()
 """Coordinators not closed yet: at interpreter exit their queued work is finished while
@@ -72,3 +72,17 @@ def sequence_arg(value: Any, what: str) -> Optional[Tuple[Any, ...]]:
         return tuple(value)
     raise TypeError(f"{what} must be a tuple or list (e.g. {what}=(2.0,)), got "
                     f"{type(value).__name__}")
+
+
+def shape_arg(shape: Any) -> Tuple[int, ...]:
+    """An array shape: an int or an iterable of non-negative ints."""
+    dims = (shape,) if isinstance(shape, int) or hasattr(shape, "__index__") else shape
+    if isinstance(dims, (str, bytes)) or not hasattr(dims, "__iter__"):
+        raise TypeError(f"shape must be an int or a tuple of ints, got {shape!r}")
+    dims = tuple(dims)
+    for d in dims:
+        if isinstance(d, bool) or not hasattr(d, "__index__"):
+            raise TypeError(f"shape must hold ints, got {shape!r}")
+        if d.__index__() < 0:
+            raise ValueError(f"shape must not be negative, got {shape!r}")
+    return tuple(d.__index__() for d in dims)

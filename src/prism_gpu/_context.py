@@ -10,6 +10,7 @@ import numpy as np
 from ._buffers import TripleBuffer
 from ._config import StepConfig
 from ._coordinator import AsyncCoordinator
+from ._devarray import DeviceArray, empty_device, to_device
 from ._errors import InvalidOperationError
 from ._ops import CompletedOp
 from ._validate import download_destination, host_array
@@ -94,6 +95,7 @@ class ManagedGpuContext:
         self._buffers: "weakref.WeakSet[TripleBuffer]" = weakref.WeakSet()
         self._pipelines: "weakref.WeakSet[Any]" = weakref.WeakSet()
         self._rings: Dict[str, TripleBuffer] = {}
+        self._arrays: "weakref.WeakSet[DeviceArray]" = weakref.WeakSet()
         self._closed = False
         try:
             if enable_streams:
@@ -143,6 +145,21 @@ class ManagedGpuContext:
         buf = TripleBuffer(self._device, size, dtype=dtype, depth=depth)
         self._buffers.add(buf)
         return buf
+
+    def to_device(self, array: Any) -> DeviceArray:
+        """A :class:`DeviceArray` holding a copy of numpy ``array`` (uploaded now, once):
+        a constant every batch's kernel can read through ``extra=`` / ``args=``."""
+        self.check()
+        out = to_device(self._device, array)
+        self._arrays.add(out)
+        return out
+
+    def empty_device(self, shape: Any, dtype: Any = np.float32) -> DeviceArray:
+        """An uninitialised :class:`DeviceArray` of ``shape`` and ``dtype``."""
+        self.check()
+        out = empty_device(self._device, shape, dtype)
+        self._arrays.add(out)
+        return out
 
     def create_pipeline_manager(self, *, depth: int = 3) -> Any:
         """A :class:`PipelineStageManager` with its own coordinator on this device."""
@@ -221,6 +238,8 @@ class ManagedGpuContext:
         finally:
             for buf in list(self._buffers) + list(self._rings.values()):
                 buf.close()
+            for arr in list(self._arrays):
+                arr.close()
             self._buffers.clear()
             self._rings.clear()
             self._device.close()

@@ -12,6 +12,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 
 from ._args import LIVE as _LIVE
 from ._args import check_timeout, int_arg, resolve_device, sequence_arg
+from ._devarray import backend_values
 from ._buffers import FREE_I, PROCESSING_I, UPLOADING_I, TripleBuffer
 from ._config import LaunchConfig
 from ._engine import D2H, H2D, LAUNCH, Engine
@@ -195,7 +196,7 @@ class AsyncCoordinator:
         outs = output_slots(outputs, self._device) if outputs else ()
         if args is not None:
             arrays: Sequence[Any] = ()
-            ext = args
+            ext = backend_values(args, self._device)
         else:
             if not kernel.uses_arrays:
                 arrays = ()
@@ -203,7 +204,7 @@ class AsyncCoordinator:
                 arrays = [s.array for s in slots] + [s.full[:n] for s, n in outs]
             else:
                 arrays = [s.array for s in slots]
-            ext = extra if extra is not None else kernel.defaults
+            ext = backend_values(extra, self._device) if extra is not None else kernel.defaults
         if config is None:
             config = kernel.config or self._default_config(len(arrays[0]) if arrays else 1)
         # data flows from each dependency and each slot's writer; a slot rewritten in

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, Iterator, Mapping, Sequence, Tuple
+from typing import Any, Dict, Iterable, Iterator, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -10,6 +10,7 @@ from ._buffers import TripleBuffer
 from ._errors import InvalidOperationError, TransferError
 from ._feed import Pulled, read_ahead
 from ._stage import PipelineIteration
+from ._sink import Sink
 from ._staging import Stager, cache_of
 from ._validate import host_array
 
@@ -69,31 +70,33 @@ def valid_lengths(plan: Sequence[Any], bufs: Sequence[TripleBuffer],
 
 
 def run_pipeline(pipe: Any, batches: Iterable[np.ndarray], b_in: int, b_out: int,
-                 in_buf: TripleBuffer, out_buf: TripleBuffer, prefetch: int
+                 in_buf: TripleBuffer, out_buf: TripleBuffer, prefetch: int, out: Any
                  ) -> Iterator[np.ndarray]:
     """The generator behind :meth:`PipelineStageManager.run` (arguments checked)."""
     device = pipe.coordinator().device
     cache = cache_of(device)
     stager = Stager(device, cache)
+    sink = Sink(out, device, stager, cache.results)
     same = in_buf.capacity == out_buf.capacity
     queued: Dict[int, PipelineIteration] = {}
 
-    def prepare(batch: np.ndarray, pos: int) -> None:
+    def prepare(batch: np.ndarray, pos: int) -> Tuple[Tuple[int, ...], Optional[np.ndarray]]:
         if batch.dtype != in_buf.dtype:
             raise TransferError(f"batch {pos} has dtype {batch.dtype}, buffer {b_in} holds "
                                 f"{in_buf.dtype}; convert it with .astype(...)")
         if batch.size > in_buf.capacity:
             raise TransferError(f"batch {pos} has {batch.size} elements, buffer {b_in}'s "
                                 f"slots hold {in_buf.capacity}")
-
-    def submit(entry: Pulled) -> Tuple[PipelineIteration, np.ndarray, Any]:
-        entry.wait_staged()
-        batch = entry.batch
         if same:
             shape = batch.shape if batch.dtype == out_buf.dtype else (batch.size,)
         else:
             shape = (out_buf.capacity,)
-        result = cache.results.empty(device, shape, out_buf.dtype)
+        return shape, sink.claim(pos, shape, out_buf.dtype)
+
+    def submit(entry: Pulled) -> Tuple[PipelineIteration, np.ndarray, Any, Any]:
+        entry.wait_staged()
+        shape, final = entry.info
+        result = sink.destination(final, shape, out_buf.dtype)
         staged = entry.staged if entry.staged.ndim == 1 else entry.staged.reshape(-1)
         try:
             it = pipe.execute_iteration(inputs={b_in: staged}, outputs={b_out: result})
@@ -101,16 +104,16 @@ def run_pipeline(pipe: Any, batches: Iterable[np.ndarray], b_in: int, b_out: int
             stager.recycle(entry.raw)
             raise
         queued[it.index] = it
-        return it, result, entry.raw
+        return it, result, final, entry.raw
 
-    def finish(handle: Tuple[PipelineIteration, np.ndarray, Any]) -> np.ndarray:
-        it, result, raw = handle
+    def finish(handle: Tuple[PipelineIteration, np.ndarray, Any, Any]) -> np.ndarray:
+        it, result, final, raw = handle
         del queued[it.index]
         try:
             it.wait()
         finally:
             stager.recycle(raw)
-        return result
+        return sink.deliver(result, final)
 
     try:
         yield from read_ahead(batches, pipe.depth, prefetch, stager, prepare, submit,

@@ -24,6 +24,7 @@ from ._stage import indices as _indices
 from ._pipefeed import check_inputs, run_pipeline, valid_lengths, written_buffers
 from ._plan import Step as _Step
 from ._plan import make_plan
+from ._sink import check_out
 from ._stats import Window
 from ._sync import sync_mode
 from ._validate import download_destination
@@ -117,7 +118,7 @@ class PipelineStageManager:
 
     def _make_plan(self, order: List[int]) -> List[_Step]:
         return make_plan(order, self._stages, self._buffers, self._coord.resolve_kernel,
-                         self._lane)
+                         self._lane, self._coord.device)
 
     def _current_plan(self) -> List[_Step]:
         if not self._plan:
@@ -295,23 +296,26 @@ class PipelineStageManager:
             raise_failures(self._coord.table.take_unobserved(ids), "pipeline stages")
 
     def run(self, batches: Iterable[np.ndarray], input: int, output: int, *,
-            prefetch: int = 2) -> Iterator[np.ndarray]:
+            prefetch: int = 2, out: Any = None) -> Iterator[np.ndarray]:
         """Push every batch through the pipeline; yield results in input order.
 
         Each batch is uploaded into the next slot of buffer ``input``, the stages
         run, and buffer ``output``'s slot is downloaded into the result (a short
         batch's length flows through stages whose buffers have the input's size).
         Overlapped like :func:`stream_map`, with the same staging of pageable
-        batches and the same read-ahead contract (``prefetch``). A failing stage
+        batches, the same read-ahead contract (``prefetch``) and the same ``out=``
+        (result ``i`` written into ``out[i]``, which is yielded). A failing stage
         raises at its batch's turn, after every earlier result, with
         ``batch_index``.
         """
         self._check()
         in_buf, out_buf = self.buffer(input), self.buffer(output)
         ahead = int_arg(prefetch, "prefetch", 0)
+        check_out(out)
         if int(output) not in self._flow(self._current_plan(), (int(input),)):
             raise InvalidOperationError(f"output buffer {output} is not written by any stage")
-        return run_pipeline(self, batches, int(input), int(output), in_buf, out_buf, ahead)
+        return run_pipeline(self, batches, int(input), int(output), in_buf, out_buf, ahead,
+                            out)
 
     def get_stats(self) -> PipelineStats:
         """Statistics of the window; waits for the window's queued iterations first and

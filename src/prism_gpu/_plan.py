@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Callable, List, NamedTuple, Sequence, Tuple
 
 from ._config import LaunchConfig
+from ._devarray import backend_values
 from ._errors import InvalidOperationError
 from ._inflight import Lane
 from ._stage import GpuPipelineStage
@@ -27,9 +28,11 @@ class Step(NamedTuple):
 
 def make_plan(order: List[int], stages: Sequence[GpuPipelineStage], buffers: Sequence[Any],
               resolve: Callable[[Any], Tuple[Any, Any]],
-              lane: Callable[[int, str], Lane]) -> List[Step]:
+              lane: Callable[[int, str], Lane], device: Any = None) -> List[Step]:
     """The stages at ``order``, checked (indices known and not repeated, buffers that
-    exist, kernels that resolve) before any stream is made for them."""
+    exist, kernels that resolve, DeviceArrays in ``extra`` open and on ``device``)
+    before any stream is made for them. A plan keeps the device memory of the
+    DeviceArrays it was made with."""
     if not order:
         raise ValueError("the pipeline has no stage to run: add_stage() first")
     if len(set(order)) != len(order):
@@ -42,6 +45,7 @@ def make_plan(order: List[int], stages: Sequence[GpuPipelineStage], buffers: Seq
                 f"no stage {i}: {n} stage(s) were added (indices 0..{n - 1}); "
                 "add_stage() returns each index")
     resolved = []
+    extras: List[Any] = []
     for i in order:
         st = stages[i]
         for b in (*st.input_buffers, *st.output_buffers):
@@ -51,12 +55,14 @@ def make_plan(order: List[int], stages: Sequence[GpuPipelineStage], buffers: Seq
                     "buffer(s) exist; create it first with "
                     "pipe.add_buffer(size, dtype=...) and use the index it returns")
         resolved.append(resolve(st.kernel))
+        extras.append(tuple(backend_values(st.extra, device)) if st.extra else None)
     plan = []
-    for i, (kernel, prepared) in zip(order, resolved):
+    for i, (kernel, prepared), extra in zip(order, resolved, extras):
         st = stages[i]
         first = (*st.input_buffers, *st.output_buffers)
         config = st.config or kernel.config or LaunchConfig.for_elements(
             buffers[first[0]].capacity if first else 1)
-        plan.append(Step(st, prepared, config, kernel.uses_arrays, st.extra or kernel.defaults,
+        plan.append(Step(st, prepared, config, kernel.uses_arrays,
+                         kernel.defaults if extra is None else extra,
                          lane(i, st.name), tuple(st.input_buffers), tuple(st.output_buffers)))
     return plan

@@ -12,78 +12,48 @@ from typing import Any, List, Optional, Tuple
 
 import numpy as np
 
-__all__ = ["pinned_empty", "Stager", "cache_of"]
-
-
-def pinned_empty(shape: Any, dtype: Any = np.float32, *, ctx: Any = None) -> np.ndarray:
-    """An uninitialised numpy array in page-locked memory of ``ctx``'s device.
-
-    Producers that write batches straight into such arrays skip the staging
-    copy of :func:`stream_map`. Without ``ctx``, the default device is used.
-    """
-    device = ctx.device if ctx is not None else _default_device()
-    dims = (shape,) if isinstance(shape, (int, np.integer)) else shape
-    if isinstance(dims, (str, bytes)) or not hasattr(dims, "__iter__"):
-        raise TypeError(f"shape must be an int or a tuple of ints, got {shape!r}")
-    dims = tuple(dims)
-    for d in dims:
-        if isinstance(d, bool) or not isinstance(d, (int, np.integer)):
-            raise TypeError(f"shape must hold ints, got {shape!r}")
-        if d < 0:
-            raise ValueError(f"shape must not be negative, got {shape!r}")
-    shape = tuple(int(d) for d in dims)
-    dt = np.dtype(dtype)
-    if dt.hasobject:
-        raise TypeError("object dtypes cannot live in page-locked memory")
-    count = int(np.prod(shape, dtype=np.int64))
-    raw = device.allocate_pinned(max(1, count) * dt.itemsize)
-    return raw[: count * dt.itemsize].view(dt).reshape(shape)
-
-
-_DEFAULT: List[Any] = []
-
-
-def _default_device() -> Any:
-    if not _DEFAULT:
-        from .backends import open_device
-
-        _DEFAULT.append(open_device("auto"))
-    return _DEFAULT[0]
+__all__ = ["Stager", "ResultPool", "cache_of"]
 
 
 class Stager:
-    """Copies pageable batches into pinned memory on worker threads.
+    """Host copies between pageable and pinned memory on worker threads.
 
     The caller's iterable is read on the calling thread (a Python iterator is
-    not moved to another thread); only the copies run elsewhere, in chunks on a
-    few threads for big batches (numpy releases the GIL while copying), so they
-    overlap the device work of earlier batches.
+    not moved to another thread); only the copies run elsewhere, cut into
+    chunks of at least ``CHUNK_BYTES`` spread over the workers (numpy releases
+    the GIL while copying), so one batch's copy uses several cores and the
+    copies of several batches, in and out, overlap each other and the device.
     """
 
-    CHUNK_BYTES = 8 << 20
+    CHUNK_BYTES = 1 << 20
 
     def __init__(self, device: Any, cache: "PinnedCache") -> None:
         self._device = device
         self._cache = cache
-        self._workers = max(1, min(8, os.cpu_count() or 1))
+        self._workers = max(1, min(16, os.cpu_count() or 1))
         self._pool: Optional[ThreadPoolExecutor] = None
 
     def needs_staging(self, batch: np.ndarray) -> bool:
         return bool(batch.size) and (not batch.flags.c_contiguous
                                      or not self._device.is_pinned(batch))
 
-    def start(self, batch: np.ndarray) -> Tuple[np.ndarray, np.ndarray, List[Future]]:
-        """Begin copying ``batch`` into pinned memory: (staged view, raw buffer, futures)."""
+    def copy(self, dst: np.ndarray, src: np.ndarray) -> List[Future]:
+        """Start copying ``src`` into ``dst`` (same shape): the futures of its chunks."""
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="prism-gpu-copy")
+        pieces = min(self._workers, dst.nbytes // self.CHUNK_BYTES)
+        if pieces < 2 or not (dst.flags.c_contiguous and src.flags.c_contiguous):
+            return [self._pool.submit(np.copyto, dst, src)]
+        d, s = dst.reshape(-1), src.reshape(-1)
+        step = -(-len(s) // pieces)
+        return [self._pool.submit(np.copyto, d[i:i + step], s[i:i + step])
+                for i in range(0, len(s), step)]
+
+    def start(self, batch: np.ndarray) -> Tuple[np.ndarray, np.ndarray, List[Future]]:
+        """Begin copying ``batch`` into pinned memory: (staged view, raw buffer, futures)."""
         raw = self._cache.take(self._device, batch.nbytes)
         staged = raw[: batch.nbytes].view(batch.dtype).reshape(batch.shape)
-        if not batch.flags.c_contiguous or batch.nbytes < 2 * self.CHUNK_BYTES:
-            return staged, raw, [self._pool.submit(np.copyto, staged, batch)]
-        d, s = staged.reshape(-1), batch.reshape(-1)
-        step = -(-len(s) // self._workers)
-        return staged, raw, [self._pool.submit(np.copyto, d[i:i + step], s[i:i + step])
-                             for i in range(0, len(s), step)]
+        return staged, raw, self.copy(staged, batch)
 
     def recycle(self, raw: Optional[np.ndarray]) -> None:
         if raw is not None:

@@ -13,7 +13,9 @@ from ._coordinator import AsyncCoordinator
 from ._errors import InvalidOperationError
 from ._feed import Pulled, read_ahead
 from ._kernels import Kernel
-from ._staging import ResultPool, Stager, cache_of, pinned_empty
+from ._hostmem import pinned_empty
+from ._sink import Sink, check_out
+from ._staging import Stager, cache_of
 
 __all__ = ["stream_map", "pinned_empty"]
 
@@ -25,7 +27,13 @@ class _Queued(NamedTuple):
     comp: int
     down: int
     result: np.ndarray
+    final: Optional[np.ndarray]
     raw: Optional[np.ndarray]
+
+
+class _Prepared(NamedTuple):
+    output: Optional[Tuple[Tuple[int, ...], np.dtype]]
+    final: Optional[np.ndarray]
 
 
 def _resolve_output(output: OutputSpec, batch: np.ndarray
@@ -50,7 +58,8 @@ def _resolve_output(output: OutputSpec, batch: np.ndarray
 
 def stream_map(kernel: Any, batches: Iterable[np.ndarray], depth: int = 3, ctx: Any = None,
                output: OutputSpec = None, progress: bool = False,
-               extra: Tuple[Any, ...] = (), *, prefetch: int = 2) -> Iterator[np.ndarray]:
+               extra: Tuple[Any, ...] = (), *, prefetch: int = 2,
+               out: Any = None) -> Iterator[np.ndarray]:
     """Push every batch through ``kernel`` on the device; yield results in input order.
 
     Parameters
@@ -80,6 +89,14 @@ def stream_map(kernel: Any, batches: Iterable[np.ndarray], depth: int = 3, ctx: 
         loop body holds result ``k``, at most batches up to ``k + depth +
         prefetch`` have been pulled, so a producer reusing a ring of ``depth +
         prefetch + 1`` pinned input arrays never overwrites a batch still in use.
+    out:
+        Where results go: result ``i`` is written into ``out[i]`` (a writable numpy
+        array of the result's dtype and number of elements: a row of a
+        preallocated array, an entry of a list) off the calling thread, and the
+        iterator yields ``out[i]``. Page-locked ``out[i]`` (:func:`pinned_empty`,
+        :func:`register`) gets the download directly; pageable ``out[i]`` through
+        pinned memory, copied by several threads. Without ``out``, results are
+        pinned arrays of a pool, reused once you drop every reference to them.
 
     A failing batch raises when its result is due, after every earlier result was
     yielded, with ``batch_index``. Everything is released when the loop ends,
@@ -99,15 +116,17 @@ def stream_map(kernel: Any, batches: Iterable[np.ndarray], depth: int = 3, ctx: 
                         f"{output!r}")
     if ctx is not None and not hasattr(ctx, "device"):
         raise TypeError(f"ctx must be a ManagedGpuContext, got {type(ctx).__name__}")
+    check_out(out)
     return _StreamMap(kernel, batches, depth, prefetch, ctx, output, progress,
-                      tuple(extra)).run()
+                      tuple(extra), out).run()
 
 
 class _StreamMap:
     """One stream_map call: its coordinator, rings and staging."""
 
     def __init__(self, kernel: Any, batches: Iterable[np.ndarray], depth: int, prefetch: int,
-                 ctx: Any, output: OutputSpec, progress: bool, extra: Tuple[Any, ...]) -> None:
+                 ctx: Any, output: OutputSpec, progress: bool, extra: Tuple[Any, ...],
+                 out: Any) -> None:
         self.kernel = kernel
         self.batches = batches
         self.depth = depth
@@ -116,6 +135,7 @@ class _StreamMap:
         self.output = output
         self.progress = progress
         self.extra = extra
+        self.out = out
         self.rings: Dict[Tuple[str, str], TripleBuffer] = {}
 
     def run(self) -> Iterator[np.ndarray]:
@@ -133,24 +153,30 @@ class _StreamMap:
         bar = _Progress(self.batches) if self.progress else None
         cache = cache_of(device)
         stager = Stager(device, cache)
+        sink = Sink(self.out, device, stager, cache.results)
         output = self.output
 
+        def prepare(batch: np.ndarray, pos: int) -> _Prepared:
+            spec = _resolve_output(output, batch)
+            shape, dtype = spec if spec is not None else (batch.shape, batch.dtype)
+            return _Prepared(spec, sink.claim(pos, shape, dtype))
+
         def submit(entry: Pulled) -> _Queued:
-            return self._submit(coord, cache.results, entry, stager)
+            return self._submit(coord, sink, entry, stager)
 
         def finish(q: _Queued) -> np.ndarray:
             coord.wait(q.up)
             stager.recycle(q.raw)
             coord.wait(q.comp)
             coord.wait(q.down)
+            result = sink.deliver(q.result, q.final)
             if bar is not None:
                 bar.advance()
-            return q.result
+            return result
 
         try:
             coord.resolve_kernel(self.kernel)  # unknown names fail before any batch is pulled
-            yield from read_ahead(self.batches, self.depth, self.prefetch, stager,
-                                  lambda batch, _pos: _resolve_output(output, batch),
+            yield from read_ahead(self.batches, self.depth, self.prefetch, stager, prepare,
                                   submit, finish, "stream_map: batch")
         finally:
             stager.close()
@@ -172,52 +198,52 @@ class _StreamMap:
             ring = self.rings[(key, dtype.str)] = new
         return ring
 
-    def _submit(self, coord: AsyncCoordinator, results: ResultPool, entry: Pulled,
+    def _submit(self, coord: AsyncCoordinator, sink: Sink, entry: Pulled,
                 stager: Stager) -> _Queued:
         entry.wait_staged()
         batch = entry.batch
         device = coord.device
         src = self._ring(device, "in", batch.dtype, batch.size)
         dst = None
-        if entry.info is not None:
-            shape, dtype = entry.info
+        if entry.info.output is not None:
+            shape, dtype = entry.info.output
             dst = self._ring(device, "out", dtype, int(np.prod(shape, dtype=np.int64)))
         tracing = _trace.ACTIVE is not None
         if tracing:
             _trace.set_index(entry.pos)
         try:
-            return self._queue(coord, results, entry, stager, src, dst)
+            return self._queue(coord, sink, entry, stager, src, dst)
         finally:
             if tracing:
                 _trace.set_index(None)
 
-    def _queue(self, coord: AsyncCoordinator, results: ResultPool, entry: Pulled,
+    def _queue(self, coord: AsyncCoordinator, sink: Sink, entry: Pulled,
                stager: Stager, src: TripleBuffer, dst: Optional[TripleBuffer]) -> _Queued:
         batch = entry.batch
-        device = coord.device
+        final = entry.info.final
         extra = self.extra or None
         try:
             up = coord.queue_upload(entry.staged.reshape(-1), src)
         except BaseException:
             stager.recycle(entry.raw)
             raise
-        if entry.info is None:
+        if entry.info.output is None:
             comp = _rollback_on_error(src, lambda: coord.queue_compute(
                 self.kernel, [up], extra=extra))
-            result = results.empty(device, batch.shape, batch.dtype)
+            result = sink.destination(final, batch.shape, batch.dtype)
             down = coord.queue_download(src, result)
             src.advance()
         else:
             assert dst is not None
-            shape, dtype = entry.info
+            shape, dtype = entry.info.output
             n = int(np.prod(shape, dtype=np.int64))
             comp = _rollback_on_error(src, lambda: coord.queue_compute(
                 self.kernel, [up], extra=extra, outputs=[(dst, n)]))
             src.retire()  # the input slot is done once the compute is (the GPU orders it)
-            result = results.empty(device, shape, dtype)
+            result = sink.destination(final, shape, dtype)
             down = coord.queue_download(dst, result)
             dst.advance()
-        return _Queued(int(up), int(comp), int(down), result, entry.raw)
+        return _Queued(int(up), int(comp), int(down), result, final, entry.raw)
 
 
 def _rollback_on_error(src: TripleBuffer, queue: Callable[[], Any]) -> Any:

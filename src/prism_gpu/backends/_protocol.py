@@ -106,6 +106,14 @@ class Device(Protocol):
     def is_device_array(self, obj: Any) -> bool:
         ...
 
+    def register_host(self, array: np.ndarray) -> Any:
+        """Page-lock a C-contiguous, non-empty host array in place (ValueError if part
+        of it is registered already); returns the handle to unregister it with."""
+        ...
+
+    def unregister_host(self, handle: Any) -> None:
+        ...
+
     def create_stream(self, priority: int = 0) -> Stream:
         ...
 

@@ -9,6 +9,7 @@ from typing import Any, Callable, Dict, Tuple
 
 import numpy as np
 
+from .._hostranges import HostRanges, address_range
 from ._event import CpuEvent
 from ._stream import CpuStream
 
@@ -27,6 +28,7 @@ class CpuDevice:
     # Page-locked memory is a property of the host, not of one device object.
     _pinned: Dict[int, "weakref.ref[np.ndarray]"] = {}
     _pinned_lock = threading.Lock()
+    _registered = HostRanges()
 
     def __init__(self, ordinal: int = 0) -> None:
         if ordinal != 0:
@@ -67,7 +69,20 @@ class CpuDevice:
         return self._track(self._pinned, np.empty(int(nbytes), dtype=np.uint8))
 
     def is_pinned(self, array: np.ndarray) -> bool:
-        return id(_root(array)) in self._pinned
+        return id(_root(array)) in self._pinned or self._registered.covers(array)
+
+    def register_host(self, array: np.ndarray) -> Any:
+        """Bookkeeping only (host memory is what this device computes on), so code
+        that registers memory runs, and is checked, the same way as on a GPU."""
+        start, end = address_range(array)
+        if self._registered.overlap(start, end):
+            raise ValueError("part of this memory is registered already (an overlapping "
+                             "pg.register block is open)")
+        self._registered.add(start, end)
+        return start, end
+
+    def unregister_host(self, handle: Any) -> None:
+        self._registered.remove(*handle)
 
     def is_device_array(self, obj: Any) -> bool:
         return isinstance(obj, np.ndarray) and id(_root(obj)) in self._device_mem

@@ -11,7 +11,8 @@ import numpy as np
 from ..._errors import BackendUnavailableError, KernelError
 from ._driver import check, driver, from_cuda_exception
 from ._kernels import prepare
-from ._memory import DeviceArray, PinnedAllocator, StagingPool, device_alloc, host_ptr
+from ._memory import (DeviceArray, PinnedAllocator, StagingPool, device_alloc, register_host,
+                      unregister_host)
 from ._stream import CudaEvent, CudaStream
 
 
@@ -41,7 +42,6 @@ class CudaDevice:
         self.staging = StagingPool(self.pinned, self.create_event)
         self._streams: "weakref.WeakSet[CudaStream]" = weakref.WeakSet()
         self._limits: Dict[str, int] = {}
-        self._host_cache: Dict[int, Tuple[Any, int, bool]] = {}
         self._closed = False
 
     def _current(self) -> None:
@@ -108,17 +108,16 @@ class CudaDevice:
         return PinnedAllocator.is_pinned(array)
 
     def host_info(self, array: np.ndarray) -> Tuple[int, bool]:
-        """(address, pinned?) of a host array; cached, since loops reuse their arrays."""
-        key = id(array)
-        hit = self._host_cache.get(key)
-        if hit is not None and hit[0]() is array:
-            return hit[1], hit[2]
-        info = (host_ptr(array), PinnedAllocator.is_pinned(array))
-        cache = self._host_cache
-        if len(cache) > 4096:
-            cache.clear()
-        cache[key] = (weakref.ref(array), *info)
-        return info
+        """(address, pinned?) of a host array."""
+        return PinnedAllocator.host_info(array)
+
+    def register_host(self, array: np.ndarray) -> Any:
+        self._current()
+        return register_host(driver, check, array)
+
+    def unregister_host(self, handle: Any) -> None:
+        self._current()
+        unregister_host(driver, check, handle)
 
     def is_device_array(self, obj: Any) -> bool:
         return isinstance(obj, DeviceArray)

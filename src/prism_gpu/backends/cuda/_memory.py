@@ -8,6 +8,11 @@ from typing import Any, Dict, List, Tuple
 
 import numpy as np
 
+from .._hostranges import HostRanges, address_range
+
+# host memory pinned in place (cuMemHostRegister), for every device of the process
+REGISTERED = HostRanges()
+_PORTABLE, _READ_ONLY = 0x01, 0x08  # CU_MEMHOSTREGISTER_PORTABLE, _READ_ONLY
 
 
 class DeviceArray:
@@ -137,7 +142,41 @@ class PinnedAllocator:
         base = array
         while isinstance(base.base, np.ndarray):
             base = base.base
-        return id(base) in cls._roots
+        return id(base) in cls._roots or REGISTERED.covers(array)
+
+    # (weakref, address, pinned, registration generation) per array id: loops reuse arrays
+    _info: Dict[int, Tuple[Any, int, bool, int]] = {}
+
+    @classmethod
+    def host_info(cls, array: np.ndarray) -> Tuple[int, bool]:
+        """(address, pinned?) of a host array; cached until a registration changes."""
+        key = id(array)
+        hit = cls._info.get(key)
+        if hit is not None and hit[0]() is array and hit[3] == REGISTERED.generation:
+            return hit[1], hit[2]
+        info = (host_ptr(array), cls.is_pinned(array))
+        cache = cls._info
+        if len(cache) > 4096:
+            cache.clear()
+        cache[key] = (weakref.ref(array), info[0], info[1], REGISTERED.generation)
+        return info
+
+
+def register_host(driver: Any, check: Any, array: np.ndarray) -> Tuple[int, int]:
+    """Page-lock ``array``'s memory in place (for every device); returns its range."""
+    start, end = address_range(array)
+    if REGISTERED.overlap(start, end):
+        raise ValueError("part of this memory is registered already (an overlapping "
+                         "pg.register block is open)")
+    flags = _PORTABLE if array.flags.writeable else _PORTABLE | _READ_ONLY
+    check(driver.cuMemHostRegister(start, end - start, flags), "registering host memory")
+    REGISTERED.add(start, end)
+    return start, end
+
+
+def unregister_host(driver: Any, check: Any, span: Tuple[int, int]) -> None:
+    REGISTERED.remove(*span)
+    check(driver.cuMemHostUnregister(span[0]), "unregistering host memory")
 
 
 def host_ptr(array: np.ndarray) -> int:

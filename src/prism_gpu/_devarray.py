@@ -1,0 +1,164 @@
+"""DeviceArray: an array that lives on the device, for constants every batch reads."""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+import numpy as np
+
+from ._args import shape_arg
+from ._errors import InvalidOperationError, TransferError
+
+__all__ = ["DeviceArray", "to_device", "empty_device", "backend_values"]
+
+
+class DeviceArray:
+    """Device memory with a shape and a dtype, made by :meth:`ManagedGpuContext.to_device`
+    or :meth:`ManagedGpuContext.empty_device`.
+
+    Pass it in ``extra=`` / ``args=`` of any kernel (a CUDA C++ kernel gets its
+    pointer, a callable gets the device array: a CuPy-compatible array on CUDA,
+    numpy on the CPU backend), so a constant is uploaded once and read by every
+    batch. Work that reads it is not ordered against writes you make to it with
+    your own kernels: write it before queuing the work that reads it.
+
+    Freed by :meth:`close` or when its context closes; work already queued
+    keeps the memory alive until it is done.
+    """
+
+    __slots__ = ("_data", "_device", "shape", "dtype", "__weakref__")
+
+    def __init__(self, device: Any, data: Any, shape: Tuple[int, ...], dtype: np.dtype) -> None:
+        self._device = device
+        self._data = data
+        self.shape = shape
+        self.dtype = dtype
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    @property
+    def nbytes(self) -> int:
+        return self.size * self.dtype.itemsize
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def closed(self) -> bool:
+        return self._data is None
+
+    def backend_array(self, device: Any = None) -> Any:
+        """The backend's array (what kernels get); checks it is open and on ``device``."""
+        data = self._data
+        if data is None:
+            raise InvalidOperationError("this DeviceArray is closed")
+        if device is not None and device is not self._device:
+            raise InvalidOperationError(
+                f"this DeviceArray lives on {self._device.name!r} ({self._device.kind} "
+                f"device {self._device.ordinal}), not on the device of this call; "
+                "make it with to_device() of the same context")
+        return data
+
+    def to_host(self) -> np.ndarray:
+        """A new numpy array holding the data. Waits for every op queued on the device
+        so far (a kernel of yours may be writing this array)."""
+        data = self.backend_array()
+        out = np.empty(self.shape, self.dtype)
+        if self.size:
+            self._device.synchronize()
+            _blocking_copy(self._device, "d2h", out.reshape(-1), _flat(data))
+        return out
+
+    @property
+    def __cuda_array_interface__(self) -> Dict[str, Any]:
+        data = self.backend_array()
+        try:
+            return data.__cuda_array_interface__
+        except AttributeError:
+            raise AttributeError(
+                f"a DeviceArray of the {self._device.kind} backend lives in host memory and "
+                "has no __cuda_array_interface__; use __dlpack__ or to_host()") from None
+
+    def __dlpack__(self, **kwargs: Any) -> Any:
+        return self.backend_array().__dlpack__(**kwargs)
+
+    def __dlpack_device__(self) -> Tuple[int, int]:
+        return self.backend_array().__dlpack_device__()
+
+    def close(self) -> None:
+        """Drop the device memory (ops already queued keep it until they are done).
+        Idempotent; any later use raises :class:`InvalidOperationError`."""
+        self._data = None
+
+    def __repr__(self) -> str:
+        state = "closed" if self._data is None else self._device.kind
+        return f"DeviceArray(shape={self.shape}, dtype={self.dtype}, {state})"
+
+
+def _flat(data: Any) -> Any:
+    return data.reshape(-1) if len(data.shape) != 1 else data
+
+
+def empty_device(device: Any, shape: Any, dtype: Any) -> DeviceArray:
+    dims = shape_arg(shape)
+    dt = np.dtype(dtype)
+    if dt.hasobject:
+        raise TypeError("object dtypes cannot live on the device")
+    count = int(np.prod(dims, dtype=np.int64))
+    raw = device.allocate(max(1, count * dt.itemsize))
+    data = raw[: count * dt.itemsize].view(dt).reshape(dims)
+    return DeviceArray(device, data, dims, dt)
+
+
+def to_device(device: Any, array: Any) -> DeviceArray:
+    if not isinstance(array, np.ndarray):
+        raise TransferError(f"to_device takes a numpy array, got {type(array).__name__}")
+    if array.dtype.hasobject:
+        raise TransferError(f"dtype {array.dtype} cannot go to the device (object array)")
+    host = np.ascontiguousarray(array)
+    out = empty_device(device, host.shape, host.dtype)
+    if host.size:
+        _blocking_copy(device, "h2d", _flat(out.backend_array()), host.reshape(-1))
+    return out
+
+
+# One stream per device for these one-off, blocking copies: queued work goes through
+# the engine; a constant's upload or a final read-back waits here instead.
+_STREAMS: "weakref.WeakKeyDictionary[Any, Tuple[Any, Any, threading.Lock]]" = \
+    weakref.WeakKeyDictionary()
+_STREAMS_LOCK = threading.Lock()
+
+
+def _blocking_copy(device: Any, direction: str, dst: Any, src: Any) -> None:
+    with _STREAMS_LOCK:
+        entry = _STREAMS.get(device)
+        if entry is None:
+            entry = _STREAMS[device] = (device.create_stream(), device.create_event(False),
+                                        threading.Lock())
+    stream, event, lock = entry
+    with lock:
+        if direction == "h2d":
+            stream.copy_h2d(dst, src)
+        else:
+            stream.copy_d2h(dst, src)
+        stream.record(event)
+        event.synchronize()
+        err: Optional[BaseException] = event.error()
+    if err is not None:
+        raise err
+
+
+def backend_values(values: Sequence[Any], device: Any) -> Sequence[Any]:
+    """``values`` with each DeviceArray replaced by its backend array (the same object
+    when there is none, so callers' caches keyed by identity keep working)."""
+    for v in values:
+        if type(v) is DeviceArray:
+            break
+    else:
+        return values
+    return tuple(v.backend_array(device) if type(v) is DeviceArray else v for v in values)

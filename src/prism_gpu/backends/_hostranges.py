@@ -1,0 +1,48 @@
+"""Host memory pinned in place: the address ranges registered, shared by the backends."""
+
+from __future__ import annotations
+
+import threading
+from typing import List, Tuple
+
+import numpy as np
+
+__all__ = ["HostRanges", "address_range"]
+
+
+def address_range(array: np.ndarray) -> Tuple[int, int]:
+    """[start, end) of a C-contiguous array's bytes."""
+    start = int(array.__array_interface__["data"][0])
+    return start, start + int(array.nbytes)
+
+
+class HostRanges:
+    """Registered ranges of host memory. Lookups are lock-free reads of an immutable
+    tuple (the hot path asks on every copy); changes take the lock and publish a new one."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.ranges: Tuple[Tuple[int, int], ...] = ()
+        self.generation = 0
+
+    def covers(self, array: np.ndarray) -> bool:
+        ranges = self.ranges
+        if not ranges or not array.flags.c_contiguous:
+            return False
+        start, end = address_range(array)
+        return any(s <= start and end <= e for s, e in ranges)
+
+    def overlap(self, start: int, end: int) -> bool:
+        return any(s < end and start < e for s, e in self.ranges)
+
+    def add(self, start: int, end: int) -> None:
+        with self._lock:
+            self.ranges = self.ranges + ((start, end),)
+            self.generation += 1
+
+    def remove(self, start: int, end: int) -> None:
+        with self._lock:
+            items: List[Tuple[int, int]] = list(self.ranges)
+            items.remove((start, end))
+            self.ranges = tuple(items)
+            self.generation += 1

@@ -1,0 +1,411 @@
+"""Real data: results written into the caller's arrays (``out=``), memory pinned in
+place (``pg.register``), and constants kept on the device (``DeviceArray``)."""
+
+from __future__ import annotations
+
+from typing import Any, List
+
+import numpy as np
+import pytest
+
+import prism_gpu as pg
+from _support import add1
+
+F32 = np.float32
+
+WEIGHTED_SRC = r"""
+extern "C" __global__ void weighted(float* x, size_t n, const float* w, unsigned int m) {
+    size_t stride = (size_t)blockDim.x * gridDim.x;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride)
+        x[i] = x[i] * w[i % m] + 1.0f;
+}
+"""
+
+
+WEIGHTED_TO_SRC = r"""
+extern "C" __global__ void weighted_to(const float* x, size_t n, float* y, size_t k,
+                                       const float* w, unsigned int m) {
+    size_t stride = (size_t)blockDim.x * gridDim.x;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride)
+        y[i] = x[i] * w[i % m] + 1.0f;
+}
+"""
+
+
+def _weighted_to_cpu(x: np.ndarray, y: np.ndarray, w: np.ndarray, m: Any) -> None:
+    y[...] = x
+    _weighted_cpu(y, w, m)
+
+
+def _weighted_cpu(x: np.ndarray, w: np.ndarray, m: Any) -> None:
+    idx = np.arange(len(x)) % int(m)
+    x[...] = x * w[idx] + F32(1)
+
+
+def weighted() -> pg.Kernel:
+    """``x[i] = x[i] * w[i % m] + 1`` with ``w`` a device array passed in ``extra``."""
+    return pg.Kernel.from_source(WEIGHTED_SRC, "weighted", cpu=_weighted_cpu)
+
+
+def expect_weighted(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    flat = x.reshape(-1)
+    return (flat * w[np.arange(flat.size) % w.size] + F32(1)).reshape(x.shape)
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng()   # fresh data every run
+
+
+def batches_of(rng: np.random.Generator, sizes: List[int]) -> List[np.ndarray]:
+    return [rng.standard_normal(n).astype(F32) for n in sizes]
+
+
+# ---------------------------------------------------------------------------- out=
+def test_out_rows_of_a_preallocated_array_are_written_and_yielded(
+        ctx: pg.ManagedGpuContext, rng: np.random.Generator) -> None:
+    xs = batches_of(rng, [4096] * 7)
+    out = np.full((7, 4096), np.nan, F32)
+    got = list(pg.stream_map(add1(), xs, ctx=ctx, out=out))
+    assert len(got) == 7
+    for i, r in enumerate(got):
+        assert np.shares_memory(r, out) and r.base is not None
+        np.testing.assert_array_equal(r, xs[i] + F32(1))
+    np.testing.assert_array_equal(out, np.stack(xs) + F32(1))
+
+
+def test_out_takes_uneven_batches_a_list_and_strided_entries(
+        ctx: pg.ManagedGpuContext, rng: np.random.Generator) -> None:
+    sizes = [1000, 3000, 17, 2500]
+    xs = batches_of(rng, sizes)
+    outs = [np.empty(n, F32) for n in sizes]
+    got = list(pg.stream_map(add1(), xs, ctx=ctx, out=outs))
+    for x, o, r in zip(xs, outs, got):
+        assert r is o
+        np.testing.assert_array_equal(o, x + F32(1))
+    cols = np.zeros((512, 5), F32).T            # out[i] is a strided column
+    xs = batches_of(rng, [512] * 5)
+    for x, r in zip(xs, pg.stream_map(add1(), xs, ctx=ctx, out=cols)):
+        assert not r.flags.c_contiguous
+        np.testing.assert_array_equal(r, x + F32(1))
+
+
+def test_out_into_pinned_and_registered_memory_goes_straight_there(
+        ctx: pg.ManagedGpuContext, rng: np.random.Generator) -> None:
+    xs = batches_of(rng, [2048] * 6)
+    pinned = pg.pinned_empty((6, 2048), F32, ctx=ctx)
+    pinned.fill(np.nan)
+    for i, r in enumerate(pg.stream_map(add1(), xs, ctx=ctx, out=pinned)):
+        assert np.shares_memory(r, pinned[i])
+    np.testing.assert_array_equal(pinned, np.stack(xs) + F32(1))
+    plain = np.full((6, 2048), np.nan, F32)
+    with pg.register(plain, ctx=ctx) as reg:
+        list(pg.stream_map(add1(), xs, ctx=ctx, out=reg))
+    np.testing.assert_array_equal(plain, np.stack(xs) + F32(1))
+
+
+def test_out_with_an_output_spec_and_big_batches_copied_by_several_threads(
+        ctx: pg.ManagedGpuContext, rng: np.random.Generator) -> None:
+    from _support import affine
+
+    n = (5 << 20) // 4                          # 5 MiB batches: chunked host copies
+    xs = batches_of(rng, [n, n, n - 12345, n])
+    out = [np.empty((n // 2, 2), F32) if x.size == n else np.empty(x.size, F32) for x in xs]
+    spec = lambda x: (x.size, F32)              # noqa: E731
+    got = list(pg.stream_map(affine(), xs, ctx=ctx, output=spec, out=out,
+                             extra=(F32(3), F32(-2))))
+    for x, o, r in zip(xs, out, got):
+        assert r is o
+        np.testing.assert_array_equal(r.reshape(-1), F32(3) * x + F32(-2))
+
+
+def test_nan_and_inf_pass_through_out_unchanged(ctx: pg.ManagedGpuContext) -> None:
+    x = np.array([np.nan, np.inf, -np.inf, 0.0, -0.0, 1e38], F32)
+    out = np.zeros((1, 6), F32)
+    (r,) = pg.stream_map(add1(), [x], ctx=ctx, out=out)
+    np.testing.assert_array_equal(r, x + F32(1))
+
+
+@pytest.mark.parametrize("bad, kind", [
+    (lambda: np.zeros((2, 64), np.float64), "dtype"),
+    (lambda: np.zeros((2, 65), F32), "elements"),
+    (lambda: [np.zeros(64, F32), [0.0] * 64], "not a numpy array"),
+    (lambda: np.zeros((1, 64), F32), "no element 1"),
+])
+def test_a_bad_out_entry_raises_at_its_batch_after_earlier_results(
+        ctx: pg.ManagedGpuContext, rng: np.random.Generator, bad: Any, kind: str) -> None:
+    xs = batches_of(rng, [64, 64])
+    out = bad()
+    got = []
+    with pytest.raises(pg.TransferError, match=kind) as info:
+        for r in pg.stream_map(add1(), xs, ctx=ctx, out=out):
+            got.append(r.copy())
+    first_bad = 0 if kind in ("dtype", "elements") else 1
+    assert info.value.batch_index == first_bad
+    assert len(got) == first_bad
+    for r, x in zip(got, xs):
+        np.testing.assert_array_equal(r, x + F32(1))
+
+
+def test_read_only_out_and_out_without_indexing_are_rejected(
+        ctx: pg.ManagedGpuContext, rng: np.random.Generator) -> None:
+    xs = batches_of(rng, [32])
+    ro = np.zeros((1, 32), F32)
+    ro.flags.writeable = False
+    with pytest.raises(pg.TransferError, match="read-only") as info:
+        list(pg.stream_map(add1(), xs, ctx=ctx, out=ro))
+    assert info.value.batch_index == 0
+    with pytest.raises(TypeError, match="out must be"):
+        pg.stream_map(add1(), xs, ctx=ctx, out=5)
+
+
+def test_a_failing_batch_with_out_keeps_the_earlier_rows(
+        ctx: pg.ManagedGpuContext, rng: np.random.Generator) -> None:
+    xs = batches_of(rng, [128] * 6)
+
+    def fail_on_4(x: Any) -> None:
+        host = x if isinstance(x, np.ndarray) else None
+        if host is not None and host[0] == xs[4][0]:
+            raise ArithmeticError("batch 4")
+        if host is not None:
+            host += F32(1)
+        else:
+            import cupy
+
+            v = cupy.asarray(x)
+            if float(v[0]) == float(xs[4][0]):
+                raise ArithmeticError("batch 4")
+            v += 1
+    out = np.full((6, 128), np.nan, F32)
+    seen = 0
+    with pytest.raises(pg.KernelError) as info:
+        for _ in pg.stream_map(fail_on_4, xs, ctx=ctx, out=out):
+            seen += 1
+    assert info.value.batch_index == 4 and seen == 4
+    np.testing.assert_array_equal(out[:4], np.stack(xs[:4]) + F32(1))
+
+
+def test_pipeline_run_writes_out(ctx: pg.ManagedGpuContext, rng: np.random.Generator) -> None:
+    pipe = ctx.create_pipeline_manager()
+    b_in, b_out = pipe.add_buffer(1024, dtype=F32), pipe.add_buffer(1024, dtype=F32)
+    from _support import affine
+
+    pipe.add_stage(pg.GpuPipelineStage("affine", [b_in], [b_out], kernel=affine(),
+                                       extra=(F32(2), F32(0.5))))
+    xs = batches_of(rng, [1024, 1024, 1024, 1024, 1024])
+    out = np.full((5, 1024), np.nan, F32)
+    got = list(pipe.run(xs, b_in, b_out, out=out))
+    for i, r in enumerate(got):
+        assert np.shares_memory(r, out[i])
+    np.testing.assert_array_equal(out, F32(2) * np.stack(xs) + F32(0.5))
+    with pytest.raises(pg.TransferError, match="dtype") as info:
+        list(pipe.run(xs[:1], b_in, b_out, out=np.zeros((1, 1024), np.float64)))
+    assert info.value.batch_index == 0
+
+
+# ---------------------------------------------------------------------------- register
+def test_register_streams_a_big_array_in_place(ctx: pg.ManagedGpuContext,
+                                               rng: np.random.Generator) -> None:
+    big = rng.standard_normal(8 << 20).astype(F32)          # 32 MiB
+    expect = big + F32(1)
+    res = np.full((8, 1 << 20), np.nan, F32)
+    with pg.register(big, ctx=ctx) as pinned, pg.register(res, ctx=ctx) as out:
+        assert np.shares_memory(pinned, big) and ctx.device.is_pinned(pinned)
+        assert ctx.device.is_pinned(pinned[1 << 20: 2 << 20])
+        parts = [pinned[i << 20:(i + 1) << 20] for i in range(8)]
+        list(pg.stream_map(add1(), parts, ctx=ctx, out=out))
+    assert not ctx.device.is_pinned(pinned) and not ctx.device.is_pinned(big)
+    np.testing.assert_array_equal(res.reshape(-1), expect)
+
+
+def test_register_rejects_what_cannot_be_pinned(ctx: pg.ManagedGpuContext) -> None:
+    a = np.zeros((64, 64), F32)
+    with pytest.raises(pg.TransferError, match="C-contiguous"):
+        with pg.register(a[:, ::2], ctx=ctx):
+            pass
+    with pytest.raises(pg.TransferError, match="numpy array"):
+        with pg.register([1.0, 2.0], ctx=ctx):
+            pass
+    with pytest.raises(pg.TransferError, match="objects"):
+        with pg.register(np.array([object()] * 4), ctx=ctx):
+            pass
+    flat = a.reshape(-1)
+    with pg.register(flat[:2048], ctx=ctx):
+        with pytest.raises(pg.TransferError, match="registered already"):
+            with pg.register(flat[1024:3072], ctx=ctx):        # overlaps part of it
+                pass
+        with pg.register(flat[100:200], ctx=ctx) as inner:     # inside it: pinned already
+            assert ctx.device.is_pinned(inner)
+        assert ctx.device.is_pinned(flat[:2048])               # the inner block let it be
+    with pg.register(a, ctx=ctx) as again:             # released: registering again works
+        assert ctx.device.is_pinned(again)
+
+
+def test_register_unregisters_when_the_block_raises(ctx: pg.ManagedGpuContext) -> None:
+    a = np.ones(1 << 16, F32)
+    with pytest.raises(KeyError):
+        with pg.register(a, ctx=ctx) as p:
+            assert ctx.device.is_pinned(p)
+            raise KeyError("inside")
+    assert not ctx.device.is_pinned(a)
+    with pg.register(a, ctx=ctx):
+        pass
+
+
+def test_register_of_pinned_or_empty_memory_is_a_no_op(ctx: pg.ManagedGpuContext) -> None:
+    p = pg.pinned_empty(1024, F32, ctx=ctx)
+    with pg.register(p, ctx=ctx) as v:
+        assert np.shares_memory(v, p)
+    assert ctx.device.is_pinned(p)                     # still the allocator's pinned memory
+    with pg.register(np.zeros(0, F32), ctx=ctx) as e:
+        assert e.size == 0
+
+
+def test_read_only_registered_memory_is_no_download_destination(
+        ctx: pg.ManagedGpuContext, rng: np.random.Generator) -> None:
+    src = rng.standard_normal(256).astype(F32)
+    src.flags.writeable = False
+    coord = ctx.async_coordinator()
+    buf = ctx.create_triple_buffer(256)
+    with pg.register(src, ctx=ctx) as view:
+        assert not view.flags.writeable
+        up = coord.queue_upload(view, buf)               # reading it is fine
+        coord.queue_compute(add1(), [up])
+        with pytest.raises(pg.TransferError, match="read-only"):
+            coord.queue_download(buf, view)
+        out = np.empty(256, F32)
+        coord.wait(coord.queue_download(buf, out))
+    np.testing.assert_array_equal(out, src + F32(1))
+
+
+def test_register_on_a_closed_context_is_refused() -> None:
+    ctx = pg.ManagedGpuContext(backend="cpu")
+    ctx.close()
+    with pytest.raises(pg.InvalidOperationError):
+        with pg.register(np.zeros(8, F32), ctx=ctx):
+            pass
+
+
+# ---------------------------------------------------------------------------- DeviceArray
+def test_a_device_constant_is_read_by_every_batch(ctx: pg.ManagedGpuContext,
+                                                  rng: np.random.Generator) -> None:
+    w = rng.standard_normal(7).astype(F32)
+    dw = ctx.to_device(w)
+    assert isinstance(dw, pg.DeviceArray) and dw.shape == (7,) and dw.dtype == F32
+    xs = batches_of(rng, [1000, 513, 2048])
+    got = [r.copy() for r in pg.stream_map(weighted(), xs, ctx=ctx,
+                                            extra=(dw, np.uint32(7)))]
+    for x, r in zip(xs, got):
+        np.testing.assert_allclose(r, expect_weighted(x, w), rtol=1e-6)
+
+
+def test_a_device_constant_in_every_kernel_kind(ctx: pg.ManagedGpuContext,
+                                                rng: np.random.Generator) -> None:
+    w = rng.standard_normal(5).astype(F32)
+    dw = ctx.to_device(w)
+    x = rng.standard_normal(640).astype(F32)
+    want = expect_weighted(x, w)
+    # a coordinator: extra= after the slot's array, and args= replacing the list
+    coord = ctx.async_coordinator()
+    buf = ctx.create_triple_buffer(640)
+    up = coord.queue_upload(x, buf)
+    coord.queue_compute(weighted(), [up], extra=(dw, np.uint32(5)))
+    out = np.empty(640, F32)
+    coord.wait(coord.queue_download(buf, out))
+    np.testing.assert_allclose(out, want, rtol=1e-6)
+    scratch = ctx.empty_device(4, F32)
+
+    def fill(c: Any) -> None:
+        if isinstance(c, np.ndarray):
+            c[...] = F32(3)
+        else:
+            import cupy
+
+            cupy.asarray(c).fill(3)
+    coord.wait(coord.queue_compute(fill, args=(scratch,)))
+    np.testing.assert_array_equal(scratch.to_host(), np.full(4, 3, F32))
+    # triple_buffered_step
+    out2 = np.empty(640, F32)
+    ctx.triple_buffered_step(pg.StepConfig(input=x, output=out2, kernel=weighted(),
+                                           extra=(dw, np.uint32(5)))).wait()
+    np.testing.assert_allclose(out2, want, rtol=1e-6)
+    # a pipeline stage
+    pipe = ctx.create_pipeline_manager()
+    b0, b1 = pipe.add_buffer(640, dtype=F32), pipe.add_buffer(640, dtype=F32)
+    kernel = pg.Kernel.from_source(WEIGHTED_TO_SRC, "weighted_to", cpu=_weighted_to_cpu)
+    pipe.add_stage(pg.GpuPipelineStage("w", [b0], [b1], kernel=kernel,
+                                       extra=(dw, np.uint32(5))))
+    (r,) = pipe.run([x], b0, b1)
+    np.testing.assert_allclose(r, want, rtol=1e-6)
+    # a callable gets the device array itself
+    seen: list = []
+
+    def look(a: Any, c: Any) -> None:
+        seen.append(c.__class__.__name__)
+        if isinstance(c, np.ndarray):
+            a += c[:1]
+        else:
+            import cupy
+
+            cupy.asarray(a)[...] += cupy.asarray(c)[:1]
+    (r,) = pg.stream_map(look, [x], ctx=ctx, extra=(dw,))
+    np.testing.assert_allclose(r, x + w[0], rtol=1e-6)
+    assert seen and seen[0] != "DeviceArray"
+
+
+def test_device_array_round_trip_and_interop(ctx: pg.ManagedGpuContext,
+                                             rng: np.random.Generator) -> None:
+    a = rng.standard_normal((3, 5)).astype(np.float64)
+    d = ctx.to_device(a)
+    assert (d.shape, d.dtype, d.size, d.nbytes, d.ndim) == ((3, 5), np.float64, 15, 120, 2)
+    np.testing.assert_array_equal(d.to_host(), a)
+    t = ctx.to_device(a.T)                             # non-contiguous input is copied
+    np.testing.assert_array_equal(t.to_host(), a.T)
+    e = ctx.empty_device((4, 2), np.int32)
+    assert e.to_host().shape == (4, 2) and e.dtype == np.int32
+    if ctx.backend == "cpu":
+        with pytest.raises(AttributeError, match="host memory"):
+            d.__cuda_array_interface__
+        np.testing.assert_array_equal(np.from_dlpack(d), a)
+    else:
+        import cupy
+
+        np.testing.assert_array_equal(cupy.asarray(d).get(), a)
+        np.testing.assert_array_equal(cupy.from_dlpack(d).get(), a)
+
+
+def test_device_array_bad_input_closed_and_foreign(ctx: pg.ManagedGpuContext,
+                                                   rng: np.random.Generator) -> None:
+    with pytest.raises(pg.TransferError):
+        ctx.to_device([1, 2, 3])
+    with pytest.raises(pg.TransferError):
+        ctx.to_device(np.array([object()]))
+    with pytest.raises(ValueError):
+        ctx.empty_device((-1,), F32)
+    with pytest.raises(TypeError):
+        ctx.empty_device("big", F32)
+    w = ctx.to_device(np.ones(4, F32))
+    coord = ctx.async_coordinator()
+    buf = ctx.create_triple_buffer(64)
+    up = coord.queue_upload(rand64(rng), buf)
+    w.close()
+    assert w.closed
+    before = coord.in_flight
+    with pytest.raises(pg.InvalidOperationError, match="closed"):
+        coord.queue_compute(weighted(), [up], extra=(w, np.uint32(4)))
+    assert coord.in_flight == before                   # nothing was queued
+    with pytest.raises(pg.InvalidOperationError, match="closed"):
+        w.to_host()
+    with pg.ManagedGpuContext(backend=ctx.backend) as other:
+        foreign = other.to_device(np.ones(4, F32))
+        with pytest.raises(pg.InvalidOperationError, match="not on the device"):
+            coord.queue_compute(weighted(), [up], extra=(foreign, np.uint32(4)))
+        kept = other.to_device(np.ones(4, F32))
+    assert foreign.closed and kept.closed              # the context closed its arrays
+    coord.queue_compute(add1(), [up])                  # the rejected calls changed nothing
+    out = np.empty(64, F32)
+    coord.wait(coord.queue_download(buf, out))
+
+
+def rand64(rng: np.random.Generator) -> np.ndarray:
+    return rng.standard_normal(64).astype(F32)
