@@ -9,11 +9,11 @@ threads while earlier batches run on the device.
 from __future__ import annotations
 
 import collections
-from concurrent.futures import Future
-from typing import Any, Callable, Deque, Iterable, Iterator, List, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Deque, Iterable, Iterator, NamedTuple, Optional, Tuple
 
 import numpy as np
 
+from ._copypool import Ticket
 from ._errors import DependencyFailedError, KernelError, PrismGpuError, TransferError
 from ._staging import Stager
 
@@ -28,14 +28,17 @@ class Pulled(NamedTuple):
     batch: Any
     staged: Any
     raw: Optional[np.ndarray]
-    copies: List[Future]
+    copies: Optional[Ticket]
     info: Any                         # what ``prepare`` made of the batch
     error: Optional[BaseException]
     from_iterable: bool = False       # the iterable's own error: raised as it is
 
+    def staged_done(self) -> bool:
+        return self.copies is None or self.copies.done()
+
     def wait_staged(self) -> None:
-        for f in self.copies:
-            f.result()
+        if self.copies is not None:
+            self.copies.wait()
 
 
 def check_batch(batch: Any, pos: int) -> None:
@@ -73,26 +76,30 @@ def _pull(it: Iterator[Any], pos: int, stager: Stager,
     except StopIteration:
         return None
     except Exception as exc:  # noqa: BLE001 - the iterable's own error, at its turn
-        return Pulled(pos, None, None, None, [], None, exc, True)
+        return Pulled(pos, None, None, None, None, None, exc, True)
     try:
         check_batch(batch, pos)
         info = prepare(batch, pos)
     except Exception as exc:  # noqa: BLE001 - raised at the batch's turn
-        return Pulled(pos, None, None, None, [], None, exc)
+        return Pulled(pos, None, None, None, None, None, exc)
     if stager.needs_staging(batch):
         staged, raw, copies = stager.start(batch)
         return Pulled(pos, batch, staged, raw, copies, info, None)
-    return Pulled(pos, batch, batch, None, [], info, None)
+    return Pulled(pos, batch, batch, None, None, info, None)
 
 
 def read_ahead(batches: Iterable[Any], depth: int, prefetch: int, stager: Stager,
                prepare: Callable[[np.ndarray, int], Any],
                submit: Callable[[Pulled], Any],
-               finish: Callable[[Any], Any], what: str = "batch") -> Iterator[Any]:
+               finish: Callable[[Any], Any], what: str = "batch",
+               window: Optional[int] = None, max_bytes: Optional[int] = None
+               ) -> Iterator[Any]:
     """Results of ``finish(submit(batch))`` for every batch, in input order.
 
-    ``depth + 1`` batches are submitted before the oldest result is waited for.
-    The read-ahead contract: while result ``k`` is held by the consumer, batches
+    Up to ``window`` batches (default ``depth + 1``) are submitted before the oldest
+    result is waited for. Past ``depth + 1`` batches, no more is pulled while the
+    batches pulled and not yet yielded hold ``max_bytes`` or more. The
+    read-ahead contract: while result ``k`` is held by the consumer, batches
     up to ``k + depth + prefetch`` have been pulled, no more. A batch's error
     (from ``prepare``, ``submit`` or ``finish``) is raised at its turn, after
     every earlier result, with ``batch_index``; the iterable's own error is
@@ -107,21 +114,28 @@ def read_ahead(batches: Iterable[Any], depth: int, prefetch: int, stager: Stager
         except PrismGpuError as exc:
             raise batch_error(exc, pos, what) from exc
 
+    limit = depth + 1 if window is None else window
+    held: Deque[int] = collections.deque()  # bytes of each batch pulled, not yet yielded
+    held_bytes = 0
     it = iter(batches)
     pulled = yielded = 0
     exhausted = False
     try:
         while True:
-            while not exhausted and pulled <= yielded + depth + prefetch:
+            while not exhausted and pulled <= yielded + depth + prefetch and (
+                    max_bytes is None or held_bytes < max_bytes or len(held) <= depth):
                 entry = _pull(it, pulled, stager, prepare)
                 if entry is None:
                     exhausted = True
                     break
                 ahead.append(entry)
+                nbytes = getattr(entry.batch, "nbytes", 0)
+                held.append(nbytes)
+                held_bytes += nbytes
                 pulled += 1
                 if entry.error is not None:
                     exhausted = True
-            if ahead and len(pending) <= depth:
+            if ahead and len(pending) < limit:
                 entry = ahead.popleft()
                 if entry.error is None:
                     try:
@@ -139,9 +153,8 @@ def read_ahead(batches: Iterable[Any], depth: int, prefetch: int, stager: Stager
             if not pending:
                 break
             result = done(*pending.popleft())
+            held_bytes -= held.popleft()
             yield result
             yielded += 1
     finally:
-        for entry in ahead:
-            for f in entry.copies:
-                f.cancel()
+        ahead.clear()  # copies still running finish before the stager closes

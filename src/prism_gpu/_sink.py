@@ -6,6 +6,7 @@ from typing import Any, Optional, Tuple
 
 import numpy as np
 
+from ._copypool import DONE, Ticket
 from ._errors import TransferError
 from ._staging import ResultPool, Stager
 
@@ -67,10 +68,17 @@ class Sink:
             return final
         return self._results.empty(self._device, final.shape, dtype)
 
-    def deliver(self, dest: np.ndarray, final: Optional[np.ndarray]) -> np.ndarray:
-        """The result to yield, once the download into ``dest`` is complete."""
+    def start(self, dest: np.ndarray, final: Optional[np.ndarray]) -> Ticket:
+        """Begin moving a complete download from ``dest`` into ``final``."""
         if final is None or dest is final:
-            return dest if final is None else final
-        for f in self._stager.copy(final, dest):
-            f.result()
+            return DONE
+        return self._stager.copy(final, dest)
+
+    def deliver(self, dest: np.ndarray, final: Optional[np.ndarray],
+                ticket: Optional[Ticket] = None) -> np.ndarray:
+        """The result to yield, once the download into ``dest`` is complete (and the
+        copy ``ticket`` into ``final``, started here when not given, is done)."""
+        if final is None:
+            return dest
+        (ticket or self.start(dest, final)).wait()
         return final

@@ -7,10 +7,11 @@ import os
 import sys
 import threading
 import weakref
-from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, List, Optional, Tuple
+from typing import Any, Optional, Tuple
 
 import numpy as np
+
+from ._copypool import CopyPool, Ticket
 
 __all__ = ["Stager", "ResultPool", "cache_of"]
 
@@ -20,48 +21,40 @@ class Stager:
 
     The caller's iterable is read on the calling thread (a Python iterator is
     not moved to another thread); only the copies run elsewhere, cut into
-    chunks of at least ``CHUNK_BYTES`` spread over the workers (numpy releases
+    pieces of at least ``CHUNK_BYTES`` spread over the workers (numpy releases
     the GIL while copying), so one batch's copy uses several cores and the
     copies of several batches, in and out, overlap each other and the device.
     """
 
-    CHUNK_BYTES = 1 << 20
+    CHUNK_BYTES = 4 << 20
+    WORKERS = 12  # past this, the workers' turns at the GIL slow the thread queuing work
 
     def __init__(self, device: Any, cache: "PinnedCache") -> None:
         self._device = device
         self._cache = cache
-        self._workers = max(1, min(16, os.cpu_count() or 1))
-        self._pool: Optional[ThreadPoolExecutor] = None
+        self._pool = CopyPool(max(1, min(self.WORKERS, os.cpu_count() or 1)), self.CHUNK_BYTES)
 
     def needs_staging(self, batch: np.ndarray) -> bool:
         return bool(batch.size) and (not batch.flags.c_contiguous
                                      or not self._device.is_pinned(batch))
 
-    def copy(self, dst: np.ndarray, src: np.ndarray) -> List[Future]:
-        """Start copying ``src`` into ``dst`` (same shape): the futures of its chunks."""
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="prism-gpu-copy")
-        pieces = min(self._workers, dst.nbytes // self.CHUNK_BYTES)
-        if pieces < 2 or not (dst.flags.c_contiguous and src.flags.c_contiguous):
-            return [self._pool.submit(np.copyto, dst, src)]
-        d, s = dst.reshape(-1), src.reshape(-1)
-        step = -(-len(s) // pieces)
-        return [self._pool.submit(np.copyto, d[i:i + step], s[i:i + step])
-                for i in range(0, len(s), step)]
+    def copy(self, dst: np.ndarray, src: np.ndarray) -> Ticket:
+        """Start copying ``src`` into ``dst`` (same shape)."""
+        return self._pool.copy(dst, src)
 
-    def start(self, batch: np.ndarray) -> Tuple[np.ndarray, np.ndarray, List[Future]]:
-        """Begin copying ``batch`` into pinned memory: (staged view, raw buffer, futures)."""
+    def start(self, batch: np.ndarray) -> Tuple[np.ndarray, np.ndarray, Ticket]:
+        """Begin copying ``batch`` into pinned memory: (staged view, raw buffer, ticket)."""
         raw = self._cache.take(self._device, batch.nbytes)
         staged = raw[: batch.nbytes].view(batch.dtype).reshape(batch.shape)
-        return staged, raw, self.copy(staged, batch)
+        return staged, raw, self._pool.copy(staged, batch)
 
     def recycle(self, raw: Optional[np.ndarray]) -> None:
         if raw is not None:
             self._cache.give(raw)
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
+        """Wait for every copy started, then stop the workers."""
+        self._pool.close()
 
 
 def _root(array: np.ndarray) -> np.ndarray:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Iterable, Iterator, NamedTuple, Optional, Tuple, Union
+import collections
+from typing import (Any, Callable, Deque, Dict, Iterable, Iterator, NamedTuple, Optional, Tuple,
+                    Union)
 
 import numpy as np
 
@@ -10,6 +12,7 @@ from . import _trace
 from ._args import int_arg
 from ._buffers import TripleBuffer
 from ._coordinator import AsyncCoordinator
+from ._copypool import Ticket
 from ._errors import InvalidOperationError
 from ._feed import Pulled, read_ahead
 from ._kernels import Kernel
@@ -22,13 +25,20 @@ __all__ = ["stream_map", "pinned_empty"]
 OutputSpec = Union[Tuple[Any, Any], Callable[[np.ndarray], Tuple[Any, Any]], None]
 
 
-class _Queued(NamedTuple):
-    up: int
-    comp: int
-    down: int
-    result: np.ndarray
-    final: Optional[np.ndarray]
-    raw: Optional[np.ndarray]
+_READ_AHEAD_BYTES = 256 << 20  # big batches are pulled less far ahead than ``prefetch``
+
+
+class _Queued:
+    """A batch on its way: its three ops, where its download lands, and the copy of
+    that into ``out[i]`` once started."""
+
+    __slots__ = ("up", "comp", "down", "result", "final", "raw", "ticket")
+
+    def __init__(self, up: int, comp: int, down: int, result: np.ndarray,
+                 final: Optional[np.ndarray], raw: Optional[np.ndarray]) -> None:
+        self.up, self.comp, self.down = up, comp, down
+        self.result, self.final, self.raw = result, final, raw
+        self.ticket: Optional[Ticket] = None
 
 
 class _Prepared(NamedTuple):
@@ -58,7 +68,7 @@ def _resolve_output(output: OutputSpec, batch: np.ndarray
 
 def stream_map(kernel: Any, batches: Iterable[np.ndarray], depth: int = 3, ctx: Any = None,
                output: OutputSpec = None, progress: bool = False,
-               extra: Tuple[Any, ...] = (), *, prefetch: int = 2,
+               extra: Tuple[Any, ...] = (), *, prefetch: int = 8,
                out: Any = None) -> Iterator[np.ndarray]:
     """Push every batch through ``kernel`` on the device; yield results in input order.
 
@@ -74,8 +84,9 @@ def stream_map(kernel: Any, batches: Iterable[np.ndarray], depth: int = 3, ctx: 
         staged through pinned memory by worker threads; arrays from
         :func:`pinned_empty` go straight through.
     depth:
-        Device slots in the ring: ``depth`` batches are processed at once, and one
-        more is queued behind them (it starts when the oldest slot is free).
+        Device slots in the ring: at most ``depth`` batches are on the device at
+        once; staged batches queue behind them (up to ``prefetch // 2 + 1`` more,
+        each starting when its slot is free).
     ctx:
         A :class:`ManagedGpuContext`; default: a private one on ``backend="auto"``.
     output:
@@ -84,11 +95,14 @@ def stream_map(kernel: Any, batches: Iterable[np.ndarray], depth: int = 3, ctx: 
     progress:
         Show a progress bar with batches/s (rich).
     prefetch:
-        Batches pulled from the iterable beyond the ``depth`` in flight, so their
-        staging copies overlap the device. The read-ahead contract: while the
-        loop body holds result ``k``, at most batches up to ``k + depth +
-        prefetch`` have been pulled, so a producer reusing a ring of ``depth +
-        prefetch + 1`` pinned input arrays never overwrites a batch still in use.
+        Batches pulled from the iterable beyond the ``depth`` on the device, so
+        their staging copies overlap the device and each other (default 8, fewer
+        for big batches: past ``depth + 1`` batches, pulling stops while the
+        batches held reach 256 MiB; each holds a pinned staging buffer and a
+        pinned result of its size). The read-ahead contract: while the loop body
+        holds result ``k``, at most batches up to ``k + depth + prefetch`` have
+        been pulled, so a producer reusing a ring of ``depth + prefetch + 1``
+        pinned input arrays never overwrites a batch still in use.
     out:
         Where results go: result ``i`` is written into ``out[i]`` (a writable numpy
         array of the result's dtype and number of elements: a row of a
@@ -161,23 +175,35 @@ class _StreamMap:
             shape, dtype = spec if spec is not None else (batch.shape, batch.dtype)
             return _Prepared(spec, sink.claim(pos, shape, dtype))
 
+        queued: Deque[_Queued] = collections.deque()
+
         def submit(entry: Pulled) -> _Queued:
-            return self._submit(coord, sink, entry, stager)
+            q = self._submit(coord, sink, entry, stager)
+            queued.append(q)
+            return q
 
         def finish(q: _Queued) -> np.ndarray:
+            queued.popleft()  # the oldest: results come in order
             coord.wait(q.up)
             stager.recycle(q.raw)
             coord.wait(q.comp)
             coord.wait(q.down)
-            result = sink.deliver(q.result, q.final)
+            if q.ticket is None:
+                q.ticket = sink.start(q.result, q.final)
+            _start_landed(coord, sink, queued)
+            result = sink.deliver(q.result, q.final, q.ticket)
             if bar is not None:
                 bar.advance()
             return result
 
         try:
             coord.resolve_kernel(self.kernel)  # unknown names fail before any batch is pulled
+            # batches staged ahead queue behind the ring's slots on the device (the GPU
+            # orders each slot's reuse), so host copies of several batches overlap
             yield from read_ahead(self.batches, self.depth, self.prefetch, stager, prepare,
-                                  submit, finish, "stream_map: batch")
+                                  submit, finish, "stream_map: batch",
+                                  window=self.depth + 1 + self.prefetch // 2,
+                                  max_bytes=_READ_AHEAD_BYTES)
         finally:
             stager.close()
             coord.close_collecting()  # failures after the first raised one are moot
@@ -244,6 +270,17 @@ class _StreamMap:
             down = coord.queue_download(dst, result)
             dst.advance()
         return _Queued(int(up), int(comp), int(down), result, final, entry.raw)
+
+
+def _start_landed(coord: AsyncCoordinator, sink: Sink, queued: Deque[_Queued]) -> None:
+    """Start the copies into ``out`` of later batches whose downloads have landed, so
+    host copies of several batches overlap (downloads complete in queue order)."""
+    for q in queued:
+        if q.ticket is not None or q.final is None or q.result is q.final:
+            continue
+        if not coord.is_complete(q.down) or coord.table.error(q.down, False) is not None:
+            return
+        q.ticket = sink.start(q.result, q.final)
 
 
 def _rollback_on_error(src: TripleBuffer, queue: Callable[[], Any]) -> Any:
