@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-import collections
-from typing import (Any, Callable, Deque, Dict, Iterable, Iterator, NamedTuple, Optional, Tuple,
-                    Union)
+from typing import Any, Callable, Iterable, Iterator, List, NamedTuple, Optional, Tuple, Union
 
 import numpy as np
 
-from . import _trace
 from ._args import int_arg
-from ._buffers import TripleBuffer
-from ._coordinator import AsyncCoordinator
-from ._copypool import Ticket
-from ._errors import InvalidOperationError
+from ._devarray import DeviceArray
+from ._devlane import DeviceLane
+from ._errors import BackendUnavailableError
 from ._feed import Pulled, read_ahead
-from ._kernels import Kernel
 from ._hostmem import pinned_empty
+from ._kernels import Kernel
 from ._sink import Sink, check_out
 from ._staging import Stager, cache_of
 
@@ -24,21 +20,7 @@ __all__ = ["stream_map", "pinned_empty"]
 
 OutputSpec = Union[Tuple[Any, Any], Callable[[np.ndarray], Tuple[Any, Any]], None]
 
-
-_READ_AHEAD_BYTES = 256 << 20  # big batches are pulled less far ahead than ``prefetch``
-
-
-class _Queued:
-    """A batch on its way: its three ops, where its download lands, and the copy of
-    that into ``out[i]`` once started."""
-
-    __slots__ = ("up", "comp", "down", "result", "final", "raw", "ticket")
-
-    def __init__(self, up: int, comp: int, down: int, result: np.ndarray,
-                 final: Optional[np.ndarray], raw: Optional[np.ndarray]) -> None:
-        self.up, self.comp, self.down = up, comp, down
-        self.result, self.final, self.raw = result, final, raw
-        self.ticket: Optional[Ticket] = None
+_READ_AHEAD_BYTES = 256 << 20  # per device: big batches are pulled less far ahead
 
 
 class _Prepared(NamedTuple):
@@ -69,7 +51,8 @@ def _resolve_output(output: OutputSpec, batch: np.ndarray
 def stream_map(kernel: Any, batches: Iterable[np.ndarray], depth: int = 3, ctx: Any = None,
                output: OutputSpec = None, progress: bool = False,
                extra: Tuple[Any, ...] = (), *, prefetch: int = 8,
-               out: Any = None) -> Iterator[np.ndarray]:
+               out: Any = None, devices: Any = None,
+               backend: str = "auto") -> Iterator[np.ndarray]:
     """Push every batch through ``kernel`` on the device; yield results in input order.
 
     Parameters
@@ -112,6 +95,18 @@ def stream_map(kernel: Any, batches: Iterable[np.ndarray], depth: int = 3, ctx: 
         pinned memory, copied by several threads. Without ``out``, results are
         pinned arrays of a pool, reused once you drop every reference to them.
 
+    devices:
+        Spread batches over several devices: a count (devices ``0..n-1``), a list
+        of device ids, or ``"all"``. Each gets its own context (streams, rings,
+        pinned staging), ``depth`` and ``prefetch`` apply per device, and each
+        next batch goes to the device expected to finish it first (its batches
+        not landed yet, at its measured pace), so a slower device gets fewer.
+        Results still come in input
+        order. Not with ``ctx``; ``extra`` may not hold a :class:`DeviceArray`
+        (it lives on one device).
+    backend:
+        The backend of the contexts stream_map opens itself (without ``ctx``).
+
     A failing batch raises when its result is due, after every earlier result was
     yielded, with ``batch_index``. Everything is released when the loop ends,
     breaks, raises or the iterator is garbage-collected.
@@ -131,16 +126,47 @@ def stream_map(kernel: Any, batches: Iterable[np.ndarray], depth: int = 3, ctx: 
     if ctx is not None and not hasattr(ctx, "device"):
         raise TypeError(f"ctx must be a ManagedGpuContext, got {type(ctx).__name__}")
     check_out(out)
+    ids = _device_ids(devices, backend)
+    if ids is not None:
+        if ctx is not None:
+            raise ValueError("pass ctx= or devices=, not both: devices= opens a context "
+                             "per device")
+        if any(isinstance(v, DeviceArray) for v in extra):
+            raise ValueError("a DeviceArray lives on one device; with devices=, pass "
+                             "constants as host arrays or scalars")
     return _StreamMap(kernel, batches, depth, prefetch, ctx, output, progress,
-                      tuple(extra), out).run()
+                      tuple(extra), out, ids, backend).run()
+
+
+def _device_ids(devices: Any, backend: str) -> Optional[List[int]]:
+    if devices is None:
+        return None
+    if isinstance(devices, str):
+        if devices != "all":
+            raise ValueError(f'devices must be a count, a list of device ids or "all", '
+                             f"got {devices!r}")
+        from .backends import device_count
+
+        n = device_count(backend)
+        if n == 0:
+            raise BackendUnavailableError(f'devices="all": backend {backend!r} has no device')
+        return list(range(n))
+    if isinstance(devices, (list, tuple)):
+        ids = [int_arg(d, "a device id", 0) for d in devices]
+        if not ids:
+            raise ValueError("devices is empty: name at least one device")
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"devices repeats a device: {list(devices)}")
+        return ids
+    return list(range(int_arg(devices, "devices", 1)))
 
 
 class _StreamMap:
-    """One stream_map call: its coordinator, rings and staging."""
+    """One stream_map call: a lane per device, the staging and where results go."""
 
     def __init__(self, kernel: Any, batches: Iterable[np.ndarray], depth: int, prefetch: int,
                  ctx: Any, output: OutputSpec, progress: bool, extra: Tuple[Any, ...],
-                 out: Any) -> None:
+                 out: Any, devices: Optional[List[int]], backend: str) -> None:
         self.kernel = kernel
         self.batches = batches
         self.depth = depth
@@ -150,22 +176,29 @@ class _StreamMap:
         self.progress = progress
         self.extra = extra
         self.out = out
-        self.rings: Dict[Tuple[str, str], TripleBuffer] = {}
+        self.devices = devices
+        self.backend = backend
+
+    def _open(self) -> List[DeviceLane]:
+        if self.devices is None:
+            return [DeviceLane(self.ctx, None, self.backend, self.depth, self.kernel,
+                               self.extra)]
+        lanes: List[DeviceLane] = []
+        try:
+            for d in self.devices:
+                lanes.append(DeviceLane(None, d, self.backend, self.depth, self.kernel,
+                                        self.extra))
+        except BaseException:
+            for lane in lanes:
+                lane.close()
+            raise
+        return lanes
 
     def run(self) -> Iterator[np.ndarray]:
-        own_ctx = self.ctx is None
-        if own_ctx:
-            from ._context import ManagedGpuContext
-
-            ctx = ManagedGpuContext(enable_streams=False)
-        else:
-            ctx = self.ctx
-            if ctx.closed:
-                raise InvalidOperationError("stream_map: the context passed as ctx= is closed")
-        device = ctx.device
-        coord = AsyncCoordinator(device, max_in_flight=8 * self.depth + 8)
+        lanes = self._open()
+        device = lanes[0].device
         bar = _Progress(self.batches) if self.progress else None
-        cache = cache_of(device)
+        cache = cache_of(device)  # pinned host memory serves every device
         stager = Stager(device, cache)
         sink = Sink(self.out, device, stager, cache.results)
         output = self.output
@@ -175,123 +208,32 @@ class _StreamMap:
             shape, dtype = spec if spec is not None else (batch.shape, batch.dtype)
             return _Prepared(spec, sink.claim(pos, shape, dtype))
 
-        queued: Deque[_Queued] = collections.deque()
+        def submit(entry: Pulled) -> Tuple[DeviceLane, Any]:
+            lane = lanes[0] if len(lanes) == 1 else min(
+                lanes, key=lambda ln: (ln.expected_wait(), len(ln.queued)))
+            return lane, lane.submit(sink, entry, stager)
 
-        def submit(entry: Pulled) -> _Queued:
-            q = self._submit(coord, sink, entry, stager)
-            queued.append(q)
-            return q
-
-        def finish(q: _Queued) -> np.ndarray:
-            queued.popleft()  # the oldest: results come in order
-            coord.wait(q.up)
-            stager.recycle(q.raw)
-            coord.wait(q.comp)
-            coord.wait(q.down)
-            if q.ticket is None:
-                q.ticket = sink.start(q.result, q.final)
-            _start_landed(coord, sink, queued)
-            result = sink.deliver(q.result, q.final, q.ticket)
+        def finish(handle: Tuple[DeviceLane, Any]) -> np.ndarray:
+            lane, q = handle
+            result = lane.finish(q, sink, stager)
             if bar is not None:
                 bar.advance()
             return result
 
+        n = len(lanes)
         try:
-            coord.resolve_kernel(self.kernel)  # unknown names fail before any batch is pulled
             # batches staged ahead queue behind the ring's slots on the device (the GPU
             # orders each slot's reuse), so host copies of several batches overlap
-            yield from read_ahead(self.batches, self.depth, self.prefetch, stager, prepare,
-                                  submit, finish, "stream_map: batch",
-                                  window=self.depth + 1 + self.prefetch // 2,
-                                  max_bytes=_READ_AHEAD_BYTES)
+            yield from read_ahead(self.batches, n * self.depth, self.prefetch, stager,
+                                  prepare, submit, finish, "stream_map: batch",
+                                  window=n * (self.depth + 1) + self.prefetch // 2,
+                                  max_bytes=n * _READ_AHEAD_BYTES)
         finally:
             stager.close()
-            coord.close_collecting()  # failures after the first raised one are moot
-            for ring in self.rings.values():
-                ring.close()
+            for lane in lanes:
+                lane.close()
             if bar is not None:
                 bar.close()
-            if own_ctx:
-                ctx.close_collecting()
-
-    def _ring(self, device: Any, key: str, dtype: np.dtype, n: int) -> TripleBuffer:
-        ring = self.rings.get((key, dtype.str))
-        if ring is None or ring.capacity < n:
-            size = n if ring is None else max(n, 2 * ring.capacity)
-            new = TripleBuffer(device, size, dtype=dtype, depth=self.depth)
-            if ring is not None:
-                ring.close()  # ops in flight keep what they use alive
-            ring = self.rings[(key, dtype.str)] = new
-        return ring
-
-    def _submit(self, coord: AsyncCoordinator, sink: Sink, entry: Pulled,
-                stager: Stager) -> _Queued:
-        entry.wait_staged()
-        batch = entry.batch
-        device = coord.device
-        src = self._ring(device, "in", batch.dtype, batch.size)
-        dst = None
-        if entry.info.output is not None:
-            shape, dtype = entry.info.output
-            dst = self._ring(device, "out", dtype, int(np.prod(shape, dtype=np.int64)))
-        tracing = _trace.ACTIVE is not None
-        if tracing:
-            _trace.set_index(entry.pos)
-        try:
-            return self._queue(coord, sink, entry, stager, src, dst)
-        finally:
-            if tracing:
-                _trace.set_index(None)
-
-    def _queue(self, coord: AsyncCoordinator, sink: Sink, entry: Pulled,
-               stager: Stager, src: TripleBuffer, dst: Optional[TripleBuffer]) -> _Queued:
-        batch = entry.batch
-        final = entry.info.final
-        extra = self.extra or None
-        try:
-            up = coord.queue_upload(entry.staged.reshape(-1), src)
-        except BaseException:
-            stager.recycle(entry.raw)
-            raise
-        if entry.info.output is None:
-            comp = _rollback_on_error(src, lambda: coord.queue_compute(
-                self.kernel, [up], extra=extra))
-            result = sink.destination(final, batch.shape, batch.dtype)
-            down = coord.queue_download(src, result)
-            src.advance()
-        else:
-            assert dst is not None
-            shape, dtype = entry.info.output
-            n = int(np.prod(shape, dtype=np.int64))
-            comp = _rollback_on_error(src, lambda: coord.queue_compute(
-                self.kernel, [up], extra=extra, outputs=[(dst, n)]))
-            src.retire()  # the input slot is done once the compute is (the GPU orders it)
-            result = sink.destination(final, shape, dtype)
-            down = coord.queue_download(dst, result)
-            dst.advance()
-        return _Queued(int(up), int(comp), int(down), result, final, entry.raw)
-
-
-def _start_landed(coord: AsyncCoordinator, sink: Sink, queued: Deque[_Queued]) -> None:
-    """Start the copies into ``out`` of later batches whose downloads have landed, so
-    host copies of several batches overlap (downloads complete in queue order)."""
-    for q in queued:
-        if q.ticket is not None or q.final is None or q.result is q.final:
-            continue
-        if not coord.is_complete(q.down) or coord.table.error(q.down, False) is not None:
-            return
-        q.ticket = sink.start(q.result, q.final)
-
-
-def _rollback_on_error(src: TripleBuffer, queue: Callable[[], Any]) -> Any:
-    """Queue a compute on the upload just queued into ``src``; if the compute is
-    rejected, the upload's slot goes back to FREE so the ring stays consistent."""
-    try:
-        return queue()
-    except BaseException:
-        src.get_process_buffer()
-        src.retire()
-        raise
 
 
 class _Progress:

@@ -12,7 +12,8 @@ from typing import Any
 
 from .._errors import BackendUnavailableError
 
-__all__ = ["open_device", "cuda_unavailable_reason", "BACKENDS"]
+__all__ = ["open_device", "cuda_unavailable_reason", "device_count", "resolve_backend",
+           "BACKENDS"]
 
 BACKENDS = ("auto", "cpu", "cuda")
 _log = logging.getLogger("prism_gpu")
@@ -26,11 +27,8 @@ def cuda_unavailable_reason(ordinal: int = 0) -> "str | None":
     return unavailable_reason(ordinal)
 
 
-def open_device(backend: str = "auto", device: int = 0) -> Any:
-    """Open ``device`` on ``backend`` (``auto``, ``cpu`` or ``cuda``)."""
-    global _logged_auto
-    if isinstance(device, str) or not isinstance(device, int) or device < 0:
-        raise ValueError(f"device must be a non-negative int, got {device!r}")
+def _asked(backend: str) -> str:
+    """``backend`` checked, with ``auto`` replaced by ``PRISM_GPU_BACKEND`` when set."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
@@ -39,7 +37,37 @@ def open_device(backend: str = "auto", device: int = 0) -> Any:
             if env not in BACKENDS:
                 raise ValueError(
                     f"PRISM_GPU_BACKEND must be one of {BACKENDS}, got {env!r}")
-            backend = env
+            return env
+    return backend
+
+
+def resolve_backend(backend: str = "auto") -> str:
+    """``cpu`` or ``cuda``: what ``backend`` (``auto`` honouring ``PRISM_GPU_BACKEND``)
+    opens on this machine."""
+    backend = _asked(backend)
+    if backend == "auto":
+        return "cuda" if cuda_unavailable_reason(0) is None else "cpu"
+    return backend
+
+
+def device_count(backend: str = "auto") -> int:
+    """How many devices ``backend`` has here (what ``devices="all"`` means)."""
+    if resolve_backend(backend) == "cuda":
+        from cuda.bindings import driver
+
+        err, count = driver.cuDeviceGetCount()
+        return int(count) if err == driver.CUresult.CUDA_SUCCESS else 0
+    from .cpu import device_count as cpu_count
+
+    return cpu_count()
+
+
+def open_device(backend: str = "auto", device: int = 0) -> Any:
+    """Open ``device`` on ``backend`` (``auto``, ``cpu`` or ``cuda``)."""
+    global _logged_auto
+    if isinstance(device, str) or not isinstance(device, int) or device < 0:
+        raise ValueError(f"device must be a non-negative int, got {device!r}")
+    backend = _asked(backend)
     if backend == "cpu":
         from .cpu import CpuDevice
 

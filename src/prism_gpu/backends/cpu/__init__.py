@@ -1,5 +1,5 @@
 """Threaded CPU backend: one worker thread per stream, events with CUDA semantics."""
 
-from ._device import CpuDevice
+from ._device import CpuDevice, device_count
 
-__all__ = ["CpuDevice"]
+__all__ = ["CpuDevice", "device_count"]

@@ -14,6 +14,15 @@ from ._event import CpuEvent
 from ._stream import CpuStream
 
 
+MAX_DEVICES = 64
+
+
+def device_count() -> int:
+    """Devices ``"all"`` means on the CPU backend: independent devices (own streams,
+    own memory) sharing the host's cores, so multi-device code runs anywhere."""
+    return max(2, min(8, (os.cpu_count() or 2) // 2))
+
+
 def _root(array: np.ndarray) -> np.ndarray:
     base = array
     while isinstance(base.base, np.ndarray):
@@ -31,13 +40,14 @@ class CpuDevice:
     _registered = HostRanges()
 
     def __init__(self, ordinal: int = 0) -> None:
-        if ordinal != 0:
+        if not 0 <= ordinal < MAX_DEVICES:
             from ..._errors import BackendUnavailableError
 
             raise BackendUnavailableError(
-                f"the CPU backend has one device (0); device {ordinal} does not exist")
-        self.ordinal = 0
-        self.name = f"CPU ({os.cpu_count() or 1} cores, threaded streams)"
+                f"the CPU backend has devices 0..{MAX_DEVICES - 1}; device {ordinal} does "
+                "not exist")
+        self.ordinal = ordinal
+        self.name = f"CPU{ordinal} ({os.cpu_count() or 1} cores, threaded streams)"
         self._device_mem: Dict[int, "weakref.ref[np.ndarray]"] = {}
         self._streams: "weakref.WeakSet[CpuStream]" = weakref.WeakSet()
         self._lock = threading.Lock()
