@@ -131,3 +131,26 @@ def test_plot_without_matplotlib_names_the_extra(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(ImportError, match=r"prism-gpu\[plot\]"):
         _pyplot()
+
+
+def test_bench_devices_cpu_json(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "--backend", "cpu", "--devices", "2", "--workload", "0.5,1,0.5",
+                 "--iterations", "8", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["devices"] == [0, 1] and set(d["per_device_its"]) == {"0", "1"}
+    assert d["aggregate_its"] > 0 and d["floor_its"] > 0
+    assert d["scaling"] == pytest.approx(d["aggregate_its"] / d["per_device_its"]["0"])
+
+
+@pytest.mark.parametrize("text", ["0", "x", "1,1", "-1", ","])
+def test_bench_devices_rejects(text: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "--backend", "cpu", "--devices", text]) == 2
+    assert "devices" in capsys.readouterr().err
+
+
+def test_info_lists_every_device(capsys: pytest.CaptureFixture[str]) -> None:
+    from prism_gpu.backends import device_count
+
+    assert main(["info", "--backend", "cpu", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert [x["index"] for x in d["devices"]] == list(range(device_count("cpu")))

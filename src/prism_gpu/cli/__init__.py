@@ -24,6 +24,10 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--peers", action="store_true",
                    help="also run the workload hand-written in CuPy and PyTorch (CUDA only)")
     b.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    b.add_argument("--devices", metavar="N|IDS|all",
+                   help="run the workload through stream_map on several devices: a count, "
+                        "comma-separated ids, or all; reports each device alone and all "
+                        "together")
     b.add_argument("--trace", metavar="PATH",
                    help="write the triple-buffered run's timeline as Chrome trace JSON")
     b.add_argument("--plot", metavar="PATH",

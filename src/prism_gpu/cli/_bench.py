@@ -21,6 +21,8 @@ def bench(args: Any) -> int:
     if not 2 <= args.iterations <= MAX_ITERATIONS:
         raise ValueError(f"--iterations must be from 2 to {MAX_ITERATIONS:,}, "
                          f"got {args.iterations}")
+    if getattr(args, "devices", None):
+        return _bench_devices(args, work)
     for path in (args.trace, args.plot):
         if path is not None and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
             raise ValueError(f"cannot write {path!r}: its folder does not exist")
@@ -57,6 +59,50 @@ def bench(args: Any) -> int:
         print(json.dumps(data, indent=2))
         return 0
     _render(data)
+    return 0
+
+
+def _device_ids(text: str, backend: str) -> List[int]:
+    from ..backends import device_count
+
+    if text == "all":
+        return list(range(device_count(backend)))
+    parts = [p for p in text.split(",") if p.strip()]
+    try:
+        ids = [int(p) for p in parts]
+    except ValueError:
+        raise ValueError(f"--devices must be a count, comma-separated ids or all, got "
+                         f"{text!r}") from None
+    if len(ids) == 1 and "," not in text:
+        ids = list(range(ids[0]))
+    if not ids or any(i < 0 for i in ids) or len(set(ids)) != len(ids):
+        raise ValueError(f"--devices names no usable set of devices: {text!r}")
+    return ids
+
+
+def _bench_devices(args: Any, work: Workload) -> int:
+    from ..bench._multi import run_multi
+
+    ids = _device_ids(args.devices, args.backend)
+    data = run_multi(ids, args.backend, work, max(4, args.iterations))
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    t = Table(title=f"prism-gpu bench --devices: {data['device']} ({data['backend']}), "
+                    f"workload {work.up_ms:g}/{work.compute_ms:g}/{work.down_ms:g} ms, "
+                    "stream_map")
+    t.add_column("Devices")
+    t.add_column("iterations/s", justify="right")
+    for d, its in data["per_device_its"].items():
+        t.add_row(f"device {d} alone", f"{its:.1f}")
+    t.add_row(f"all {len(ids)} together", f"{data['aggregate_its']:.1f}")
+    t.add_row("floor (all together)", f"{data['floor_its']:.1f}")
+    con = Console()
+    con.print(t)
+    con.print(f"Scaling {data['scaling']:.2f}x device {ids[0]} alone; "
+              f"{data['vs_floor'] * 100:.1f}% of the floor (the stages' pace on every "
+              f"device, or the host moving "
+              f"{data['host_bidirectional_gbs_all_devices']:.1f} GB/s with all copying)")
     return 0
 
 
