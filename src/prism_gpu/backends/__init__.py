@@ -53,6 +53,8 @@ def resolve_backend(backend: str = "auto") -> str:
 def device_count(backend: str = "auto") -> int:
     """How many devices ``backend`` has here (what ``devices="all"`` means)."""
     if resolve_backend(backend) == "cuda":
+        if cuda_unavailable_reason(0) is not None:  # also initialises the driver
+            return 0
         from cuda.bindings import driver
 
         err, count = driver.cuDeviceGetCount()
