@@ -16,6 +16,9 @@ from ._memory import (DeviceArray, PinnedAllocator, StagingPool, device_alloc, r
 from ._stream import CudaEvent, CudaStream
 
 
+_CURRENT = threading.local()  # the device whose context is current, per thread
+
+
 class CudaDevice:
     """One CUDA device through cuda.core."""
 
@@ -35,8 +38,7 @@ class CudaDevice:
         self.ordinal = ordinal
         self.name = self._dev.name
         self.arch = self._dev.arch
-        self._local = threading.local()
-        self._local.current = True
+        _CURRENT.ordinal = ordinal  # Device(ordinal).set_current() above
         self._alloc_stream = self._dev.create_stream()
         self.pinned = PinnedAllocator()
         self.staging = StagingPool(self.pinned, self.create_event)
@@ -45,9 +47,11 @@ class CudaDevice:
         self._closed = False
 
     def _current(self) -> None:
-        if not getattr(self._local, "current", False):
+        """Make this device's context current on the calling thread: a thread may drive
+        several devices, and a stream's work must be issued in its own context."""
+        if getattr(_CURRENT, "ordinal", None) != self.ordinal:
             self._dev.set_current()
-            self._local.current = True
+            _CURRENT.ordinal = self.ordinal
 
     @property
     def closed(self) -> bool:

@@ -106,6 +106,7 @@ class CudaStream:
 
     # copies ---------------------------------------------------------------------
     def copy_h2d(self, dst: DeviceArray, src: np.ndarray) -> None:
+        self._device._current()
         nbytes = src.nbytes
         dev = self._device
         ptr, pinned = dev.host_info(src)
@@ -124,6 +125,7 @@ class CudaStream:
             raise error(err, "host-to-device copy")
 
     def copy_d2h(self, dst: np.ndarray, src: DeviceArray) -> None:
+        self._device._current()
         nbytes = dst.nbytes
         dev = self._device
         ptr, pinned = dev.host_info(dst)
@@ -147,11 +149,13 @@ class CudaStream:
         self._pending.append(finish)
 
     def copy_d2d(self, dst: DeviceArray, src: DeviceArray) -> None:
+        self._device._current()
         check(_memcpy(dst.ptr, src.ptr, src.nbytes, self._h), "device-to-device copy")
 
     # launches -------------------------------------------------------------------
     def launch(self, kernel: Any, config: Any, arrays: Sequence[Any], extra: Sequence[Any]
                ) -> None:
+        self._device._current()
         kernel.launch(self, config, arrays, extra)
 
     def interop_contexts(self, modules: dict) -> Iterable[Any]:
@@ -164,16 +168,20 @@ class CudaStream:
         key = (cupy is not None, torch is not None)
         cached = self._interop
         if cached is None or cached[0] != key:
-            cp_stream = th_stream = None
+            cp_stream = th_stream = cp_device = None
+            ordinal = self._device.ordinal
             if cupy is not None:
-                from_external = getattr(cupy.cuda.Stream, "from_external", None)
-                cp_stream = (from_external(self) if from_external is not None
-                             else cupy.cuda.ExternalStream(self._h))
+                cp_device = cupy.cuda.Device(ordinal)
+                with cp_device:
+                    from_external = getattr(cupy.cuda.Stream, "from_external", None)
+                    cp_stream = (from_external(self) if from_external is not None
+                                 else cupy.cuda.ExternalStream(self._h))
             if torch is not None and torch.cuda.is_available():
-                th_stream = torch.cuda.ExternalStream(self._h)
-            cached = self._interop = (key, cp_stream, th_stream)
+                th_stream = torch.cuda.ExternalStream(self._h, device=ordinal)
+            cached = self._interop = (key, cp_stream, th_stream, cp_device)
         out = []
         if cached[1] is not None:
+            out.append(cached[3])  # CuPy's current device: this stream's
             out.append(cached[1])  # a CuPy stream is its own (re-entrant) context manager
         if cached[2] is not None and torch is not None:
             out.append(torch.cuda.stream(cached[2]))
@@ -184,6 +192,7 @@ class CudaStream:
 
     # ordering -------------------------------------------------------------------
     def record(self, event: CudaEvent) -> None:
+        self._device._current()
         try:
             self._s.record(event._ev)
         except Exception as exc:  # noqa: BLE001 - CUDAError
@@ -194,6 +203,7 @@ class CudaStream:
             event._finish, self._pending = self._pending, []
 
     def wait(self, event: CudaEvent, *, propagate: bool = True) -> None:
+        self._device._current()
         if event._last is self:
             return  # stream order already puts this after that record
         try:
