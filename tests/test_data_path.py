@@ -437,3 +437,26 @@ def test_out_register_and_device_arrays_stay_bounded(backend: str, rng: np.rando
             ctx.to_device(x).close()
         assert len(ctx._arrays) < 50             # noqa: SLF001 - tracked weakly
     # closing the context stopped every thread it started (the fixture checks)
+
+
+def test_out_may_be_the_input_batches_themselves(ctx: pg.ManagedGpuContext,
+                                                 rng: np.random.Generator) -> None:
+    xs = [rng.standard_normal(3000).astype(F32) for _ in range(9)]
+    want = [x + F32(1) for x in xs]
+    for r, x in zip(pg.stream_map(add1(), xs, ctx=ctx, out=xs), xs):
+        assert r is x
+    for x, w in zip(xs, want):
+        np.testing.assert_array_equal(x, w)
+
+
+def test_out_as_a_mapping_and_a_device_array_batch_is_refused(
+        ctx: pg.ManagedGpuContext, rng: np.random.Generator) -> None:
+    xs = [rng.standard_normal(10).astype(F32) for _ in range(3)]
+    out = {i: np.empty(10, F32) for i in range(3)}
+    list(pg.stream_map(add1(), xs, ctx=ctx, out=out))
+    for i in range(3):
+        np.testing.assert_array_equal(out[i], xs[i] + F32(1))
+    d = ctx.to_device(xs[0])
+    with pytest.raises(pg.TransferError, match="numpy arrays") as info:
+        list(pg.stream_map(add1(), [xs[0], d], ctx=ctx))
+    assert info.value.batch_index == 1

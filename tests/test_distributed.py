@@ -99,3 +99,12 @@ def test_bad_arguments(client: Any) -> None:
         pgd.map_blocks("scale", np.ones(4))
     with pytest.raises(ValueError):
         pgd.stream_map(client, "scale", [], depth=0)
+
+
+def test_a_bad_partition_is_reported_with_its_index(client: Any) -> None:
+    parts = [np.ones(8, F32), np.array([object()] * 3), np.ones(8, F32)]
+    got = []
+    with pytest.raises(Exception) as info:
+        for r in pgd.stream_map(client, "scale", parts, backend="cpu"):
+            got.append(r)
+    assert info.value.partition_index == 1 and len(got) == 1

@@ -109,3 +109,49 @@ def test_bad_devices_are_rejected_before_anything_runs(no_thread_leaks: None) ->
         w = ctx.to_device(np.ones(4, F32))
         with pytest.raises(ValueError, match="one device"):
             pg.stream_map(add1(), xs, devices=2, extra=(w,))
+
+
+def test_breaking_out_early_releases_every_device(no_thread_leaks: None) -> None:
+    xs = [np.full(256, i, F32) for i in range(50)]
+    for i, r in enumerate(pg.stream_map(add1(), xs, devices=3, backend="cpu")):
+        np.testing.assert_array_equal(r, xs[i] + F32(1))
+        if i == 3:
+            break
+
+
+def test_unknown_kernel_fails_before_any_batch_is_pulled() -> None:
+    pulled = []
+
+    def gen() -> Any:
+        for i in range(5):
+            pulled.append(i)
+            yield np.ones(8, F32)
+    with pytest.raises(Exception, match="nope"):
+        list(pg.stream_map("nope", gen(), devices=2, backend="cpu"))
+    assert pulled == []
+
+
+def test_many_batches_over_two_devices_stay_bounded(rng: np.random.Generator) -> None:
+    import tracemalloc
+
+    xs = [rng.standard_normal(64).astype(F32) for _ in range(8)]
+    out = np.empty((1, 64), F32)
+    threads = threading.active_count()
+    tracemalloc.start()
+    try:
+        for round_ in range(3):
+            n = 0
+            for i, r in enumerate(pg.stream_map(add1(), (xs[j % 8] for j in range(1500)),
+                                                devices=2, backend="cpu")):
+                if i % 500 == 0:
+                    np.testing.assert_array_equal(r, xs[i % 8] + F32(1))
+                n += 1
+            assert n == 1500
+            if round_ == 0:
+                base = tracemalloc.get_traced_memory()[0]
+        grown = tracemalloc.get_traced_memory()[0] - base
+    finally:
+        tracemalloc.stop()
+    assert grown < 4 << 20, grown
+    assert threading.active_count() <= threads + 1
+    del out
