@@ -155,3 +155,40 @@ def test_stage_names_of_the_copies_are_reserved() -> None:
     for name in ("upload", "download"):
         with pytest.raises(ValueError):
             pg.GpuPipelineStage(name)
+
+
+def test_stats_window_reference_behind_a_busy_stage_is_waited_for() -> None:
+    """After reset_stats() the window's reference is recorded on the first stage's
+    stream, which may still be busy while the next upload (on its own stream) lands:
+    reporting that upload must wait for the reference, not fail."""
+    import threading
+
+    from _support import Latch
+
+    latch = Latch()
+    with pg.ManagedGpuContext(backend="cpu") as ctx:
+        pipe = ctx.create_pipeline_manager()
+        b0, b1 = pipe.add_buffer(64), pipe.add_buffer(64)
+        first = {"held": True}
+
+        def stage(x: Any, y: Any) -> None:
+            if first["held"]:
+                first["held"] = False
+                latch.kernel.fn(x, y)        # the first iteration holds the stage stream
+            y[...] = x
+        pipe.add_stage(pg.GpuPipelineStage("s", [b0], [b1], kernel=stage))
+        x = np.ones(64, F32)
+        outs = [np.empty(64, F32) for _ in range(3)]
+        it0 = pipe.execute_iteration(inputs={b0: x}, outputs={b1: outs[0]})
+        pipe.reset_stats()
+        it1 = pipe.execute_iteration(inputs={b0: x}, outputs={b1: outs[1]})
+        timer = threading.Timer(0.2, latch.release)
+        timer.start()
+        it2 = pipe.execute_iteration(inputs={b0: x}, outputs={b1: outs[2]})
+        for it in (it0, it1, it2):
+            it.wait(timeout=10)
+        timer.join()
+        stats = pipe.get_stats()
+        assert stats is not None
+        for o in outs:
+            np.testing.assert_array_equal(o, x)
