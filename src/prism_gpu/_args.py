@@ -6,11 +6,14 @@ from __future__ import annotations
 import atexit
 import math
 import weakref
-from typing import Any, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
-from ._errors import InvalidOperationError
+import numpy as np
 
-__all__ = ["check_timeout", "resolve_device", "int_arg", "sequence_arg", "shape_arg", "LIVE"]
+from ._errors import BackendUnavailableError, InvalidOperationError
+
+__all__ = ["check_timeout", "resolve_device", "int_arg", "sequence_arg", "shape_arg", "typed_empty",
+           "device_ids", "LIVE"]
 
 LIVE: "weakref.WeakSet[Any]" = weakref.WeakSet()
 """Coordinators not closed yet: at interpreter exit their queued work is finished while
@@ -86,3 +89,38 @@ def shape_arg(shape: Any) -> Tuple[int, ...]:
         if d.__index__() < 0:
             raise ValueError(f"shape must not be negative, got {shape!r}")
     return tuple(d.__index__() for d in dims)
+
+
+def typed_empty(allocate: Any, shape: Any, dtype: Any, where: str) -> Any:
+    """An uninitialised array of ``shape`` and ``dtype`` carved from ``allocate(nbytes)``
+    (1-D uint8 memory: host or device), checked first."""
+    dims = shape_arg(shape)
+    dt = np.dtype(dtype)
+    if dt.hasobject:
+        raise TypeError(f"object dtypes cannot live in {where}")
+    nbytes = int(np.prod(dims, dtype=np.int64)) * dt.itemsize
+    return allocate(max(1, nbytes))[:nbytes].view(dt).reshape(dims)
+
+
+def device_ids(devices: Any, backend: str) -> Optional[List[int]]:
+    """``devices=`` (a count, a list of ids, ``"all"`` or None) as a list of device ids."""
+    if devices is None:
+        return None
+    if isinstance(devices, str):
+        if devices != "all":
+            raise ValueError(f'devices must be a count, a list of device ids or "all", '
+                             f"got {devices!r}")
+        from .backends import device_count
+
+        n = device_count(backend)
+        if n == 0:
+            raise BackendUnavailableError(f'devices="all": backend {backend!r} has no device')
+        return list(range(n))
+    if isinstance(devices, (list, tuple)):
+        ids = [int_arg(d, "a device id", 0) for d in devices]
+        if not ids:
+            raise ValueError("devices is empty: name at least one device")
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"devices repeats a device: {list(devices)}")
+        return ids
+    return list(range(int_arg(devices, "devices", 1)))

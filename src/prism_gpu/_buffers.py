@@ -9,14 +9,14 @@ from __future__ import annotations
 import threading
 import weakref
 from enum import Enum
-from typing import Any, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
 from ._args import int_arg, resolve_device
 from ._errors import InvalidOperationError
 
-__all__ = ["BufferState", "Slot", "TripleBuffer", "GpuTripleBuffer"]
+__all__ = ["BufferState", "Slot", "TripleBuffer", "GpuTripleBuffer", "ring_for"]
 
 
 class BufferState(str, Enum):
@@ -258,3 +258,18 @@ class TripleBuffer:
 
 
 GpuTripleBuffer = TripleBuffer
+
+
+def ring_for(rings: Dict[Any, "TripleBuffer"], key: Any, device: Any, dtype: np.dtype, n: int,
+             depth: int = 3) -> "TripleBuffer":
+    """The ring ``rings[key]``, replaced by one twice as large (at least ``n``) when its
+    slots hold fewer than ``n`` elements; the old one is closed (ops in flight keep what
+    they use alive)."""
+    ring = rings.get(key)
+    if ring is None or ring.capacity < n:
+        size = n if ring is None else max(n, 2 * ring.capacity)
+        new = TripleBuffer(device, size, dtype=dtype, depth=depth)
+        if ring is not None:
+            ring.close()
+        ring = rings[key] = new
+    return ring

@@ -7,7 +7,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 
-from ._buffers import TripleBuffer
+from ._buffers import TripleBuffer, ring_for
 from ._config import StepConfig
 from ._coordinator import AsyncCoordinator
 from ._devarray import DeviceArray, empty_device, to_device
@@ -208,15 +208,7 @@ class ManagedGpuContext:
         return tel
 
     def _ring(self, dtype: np.dtype, n: int) -> TripleBuffer:
-        key = dtype.str
-        ring = self._rings.get(key)
-        if ring is None or ring.capacity < n:
-            size = max(n, 2 * ring.capacity if ring is not None else n)
-            new = TripleBuffer(self._device, size, dtype=dtype)
-            if ring is not None:
-                ring.close()  # ops still in flight keep what they use alive
-            ring = self._rings[key] = new
-        return ring
+        return ring_for(self._rings, dtype.str, self._device, dtype, n)
 
     def close(self) -> None:
         """Wait for in-flight work; free every stream, event and buffer; then raise

@@ -12,9 +12,9 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 
 from ._args import LIVE as _LIVE
 from ._args import check_timeout, int_arg, resolve_device, sequence_arg
-from ._devarray import backend_values
 from ._buffers import FREE_I, PROCESSING_I, UPLOADING_I, TripleBuffer
 from ._config import LaunchConfig
+from ._devarray import backend_values
 from ._engine import D2H, H2D, LAUNCH, Engine
 from ._failures import root_of
 from ._errors import (BufferUnavailableError, InvalidOperationError,
@@ -188,15 +188,13 @@ class AsyncCoordinator:
                             f"{type(config).__name__}")
         if extra is not None and type(extra) is not tuple:
             extra = sequence_arg(extra, "extra")
-        if args is not None:
-            args = sequence_arg(args, "args")
         done = self._table.reporter(on_done) if on_done is not None else None
         slots = self._slots.data_slots(dep_ids) if dep_ids else []
         pending = pending_uploads(slots) if slots else slots
         outs = output_slots(outputs, self._device) if outputs else ()
         if args is not None:
             arrays: Sequence[Any] = ()
-            ext = backend_values(args, self._device)
+            ext = backend_values(sequence_arg(args, "args") or (), self._device)
         else:
             if not kernel.uses_arrays:
                 arrays = ()

@@ -39,12 +39,6 @@ class Ticket:
         if next(self._count) == self._pieces:
             self._lock.release()
 
-    def done(self) -> bool:
-        if self._lock.acquire(blocking=False):
-            self._lock.release()
-            return True
-        return False
-
     def wait(self) -> None:
         self._lock.acquire()
         self._lock.release()

@@ -8,7 +8,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ._args import shape_arg
+from ._args import typed_empty
 from ._errors import InvalidOperationError, TransferError
 
 __all__ = ["DeviceArray", "to_device", "empty_device", "backend_values"]
@@ -105,14 +105,8 @@ def _flat(data: Any) -> Any:
 
 
 def empty_device(device: Any, shape: Any, dtype: Any) -> DeviceArray:
-    dims = shape_arg(shape)
-    dt = np.dtype(dtype)
-    if dt.hasobject:
-        raise TypeError("object dtypes cannot live on the device")
-    count = int(np.prod(dims, dtype=np.int64))
-    raw = device.allocate(max(1, count * dt.itemsize))
-    data = raw[: count * dt.itemsize].view(dt).reshape(dims)
-    return DeviceArray(device, data, dims, dt)
+    data = typed_empty(device.allocate, shape, dtype, "device memory")
+    return DeviceArray(device, data, tuple(data.shape), np.dtype(data.dtype))
 
 
 def to_device(device: Any, array: Any) -> DeviceArray:

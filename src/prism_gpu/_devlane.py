@@ -9,7 +9,7 @@ from typing import Any, Callable, Deque, Dict, Optional, Tuple
 import numpy as np
 
 from . import _trace
-from ._buffers import TripleBuffer
+from ._buffers import TripleBuffer, ring_for
 from ._coordinator import AsyncCoordinator
 from ._copypool import Ticket
 from ._errors import InvalidOperationError
@@ -58,7 +58,6 @@ class DeviceLane:
         self.extra = extra
         self.rings: Dict[Tuple[str, str], TripleBuffer] = {}
         self.queued: Deque[_Queued] = collections.deque()
-        self.batches = 0
         self.cost = 0.0           # seconds a batch takes here (running average of landings)
         self._last_landed = 0.0
         try:
@@ -118,7 +117,6 @@ class DeviceLane:
             if tracing:
                 _trace.set_index(None)
         self.queued.append(q)
-        self.batches += 1
         return q
 
     def finish(self, q: _Queued, sink: Sink, stager: Stager) -> np.ndarray:
@@ -148,14 +146,7 @@ class DeviceLane:
             q.ticket = sink.start(q.result, q.final)
 
     def _ring(self, device: Any, key: str, dtype: np.dtype, n: int) -> TripleBuffer:
-        ring = self.rings.get((key, dtype.str))
-        if ring is None or ring.capacity < n:
-            size = n if ring is None else max(n, 2 * ring.capacity)
-            new = TripleBuffer(device, size, dtype=dtype, depth=self.depth)
-            if ring is not None:
-                ring.close()  # ops in flight keep what they use alive
-            ring = self.rings[(key, dtype.str)] = new
-        return ring
+        return ring_for(self.rings, (key, dtype.str), device, dtype, n, self.depth)
 
     def _queue(self, sink: Sink, entry: Pulled, stager: Stager, src: TripleBuffer,
                dst: Optional[TripleBuffer]) -> _Queued:

@@ -33,9 +33,6 @@ class Pulled(NamedTuple):
     error: Optional[BaseException]
     from_iterable: bool = False       # the iterable's own error: raised as it is
 
-    def staged_done(self) -> bool:
-        return self.copies is None or self.copies.done()
-
     def wait_staged(self) -> None:
         if self.copies is not None:
             self.copies.wait()

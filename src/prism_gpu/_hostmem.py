@@ -8,7 +8,7 @@ from typing import Any, Iterator, List
 
 import numpy as np
 
-from ._args import shape_arg
+from ._args import typed_empty
 from ._errors import TransferError
 
 __all__ = ["pinned_empty", "register", "default_device"]
@@ -21,13 +21,7 @@ def pinned_empty(shape: Any, dtype: Any = np.float32, *, ctx: Any = None) -> np.
     copy of :func:`stream_map`. Without ``ctx``, the default device is used.
     """
     device = ctx.device if ctx is not None else default_device()
-    shape = shape_arg(shape)
-    dt = np.dtype(dtype)
-    if dt.hasobject:
-        raise TypeError("object dtypes cannot live in page-locked memory")
-    count = int(np.prod(shape, dtype=np.int64))
-    raw = device.allocate_pinned(max(1, count) * dt.itemsize)
-    return raw[: count * dt.itemsize].view(dt).reshape(shape)
+    return typed_empty(device.allocate_pinned, shape, dtype, "page-locked memory")
 
 
 _DEFAULT: List[Any] = []

@@ -285,10 +285,7 @@ class PipelineStageManager:
             if op.error is not None:
                 failed.add(op.id)
             if win is self._win and it >= win.first_iter and op.start is not None:
-                ref = win.ref
-                if not ref.query():  # recorded on a stage's stream: an upload on its own
-                    ref.synchronize()  # stream can land first (then it reads as <= 0)
-                start, end = op.times_since(ref)
+                start, end = op.times_since(win.settled_ref())
                 win.add(stage, start, end, last)
         return done
 

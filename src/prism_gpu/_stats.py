@@ -36,6 +36,7 @@ class Window:
     def __init__(self) -> None:
         self.ref: Any = None
         self.first_iter = 0
+        self._ref_done = False
         self._pending: List[Interval] = []
         self._busy_folded = 0.0
         self._lane_end: Dict[str, float] = {}
@@ -49,6 +50,16 @@ class Window:
     def start(self, ref: Any, first_iter: int) -> None:
         self.ref = ref
         self.first_iter = first_iter
+        self._ref_done = False
+
+    def settled_ref(self) -> Any:
+        """The reference event, known complete (asked of the device once per window):
+        it is recorded on one stream, and an op of another can land before it."""
+        if not self._ref_done:
+            if not self.ref.query():
+                self.ref.synchronize()
+            self._ref_done = True
+        return self.ref
 
     def add(self, lane: str, start: float, end: float, last: bool) -> None:
         self._pending.append((start, end))

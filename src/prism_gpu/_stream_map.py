@@ -6,10 +6,9 @@ from typing import Any, Callable, Iterable, Iterator, List, NamedTuple, Optional
 
 import numpy as np
 
-from ._args import int_arg
+from ._args import device_ids, int_arg
 from ._devarray import DeviceArray
 from ._devlane import DeviceLane
-from ._errors import BackendUnavailableError
 from ._feed import Pulled, read_ahead
 from ._hostmem import pinned_empty
 from ._kernels import Kernel
@@ -126,7 +125,7 @@ def stream_map(kernel: Any, batches: Iterable[np.ndarray], depth: int = 3, ctx: 
     if ctx is not None and not hasattr(ctx, "device"):
         raise TypeError(f"ctx must be a ManagedGpuContext, got {type(ctx).__name__}")
     check_out(out)
-    ids = _device_ids(devices, backend)
+    ids = device_ids(devices, backend)
     if ids is not None:
         if ctx is not None:
             raise ValueError("pass ctx= or devices=, not both: devices= opens a context "
@@ -134,106 +133,66 @@ def stream_map(kernel: Any, batches: Iterable[np.ndarray], depth: int = 3, ctx: 
         if any(isinstance(v, DeviceArray) for v in extra):
             raise ValueError("a DeviceArray lives on one device; with devices=, pass "
                              "constants as host arrays or scalars")
-    return _StreamMap(kernel, batches, depth, prefetch, ctx, output, progress,
-                      tuple(extra), out, ids, backend).run()
+    return _run(kernel, batches, depth, prefetch, ctx, output, progress, tuple(extra), out,
+                ids, backend)
 
 
-def _device_ids(devices: Any, backend: str) -> Optional[List[int]]:
+def _lanes(ctx: Any, devices: Optional[List[int]], backend: str, depth: int, kernel: Any,
+           extra: Tuple[Any, ...]) -> List[DeviceLane]:
     if devices is None:
-        return None
-    if isinstance(devices, str):
-        if devices != "all":
-            raise ValueError(f'devices must be a count, a list of device ids or "all", '
-                             f"got {devices!r}")
-        from .backends import device_count
-
-        n = device_count(backend)
-        if n == 0:
-            raise BackendUnavailableError(f'devices="all": backend {backend!r} has no device')
-        return list(range(n))
-    if isinstance(devices, (list, tuple)):
-        ids = [int_arg(d, "a device id", 0) for d in devices]
-        if not ids:
-            raise ValueError("devices is empty: name at least one device")
-        if len(set(ids)) != len(ids):
-            raise ValueError(f"devices repeats a device: {list(devices)}")
-        return ids
-    return list(range(int_arg(devices, "devices", 1)))
+        return [DeviceLane(ctx, None, backend, depth, kernel, extra)]
+    lanes: List[DeviceLane] = []
+    try:
+        for d in devices:
+            lanes.append(DeviceLane(None, d, backend, depth, kernel, extra))
+    except BaseException:
+        for lane in lanes:
+            lane.close()
+        raise
+    return lanes
 
 
-class _StreamMap:
+def _run(kernel: Any, batches: Iterable[np.ndarray], depth: int, prefetch: int, ctx: Any,
+         output: OutputSpec, progress: bool, extra: Tuple[Any, ...], out: Any,
+         devices: Optional[List[int]], backend: str) -> Iterator[np.ndarray]:
     """One stream_map call: a lane per device, the staging and where results go."""
+    lanes = _lanes(ctx, devices, backend, depth, kernel, extra)
+    device = lanes[0].device
+    bar = _Progress(batches) if progress else None
+    cache = cache_of(device)  # pinned host memory serves every device
+    stager = Stager(device, cache)
+    sink = Sink(out, device, stager, cache.results)
 
-    def __init__(self, kernel: Any, batches: Iterable[np.ndarray], depth: int, prefetch: int,
-                 ctx: Any, output: OutputSpec, progress: bool, extra: Tuple[Any, ...],
-                 out: Any, devices: Optional[List[int]], backend: str) -> None:
-        self.kernel = kernel
-        self.batches = batches
-        self.depth = depth
-        self.prefetch = prefetch
-        self.ctx = ctx
-        self.output = output
-        self.progress = progress
-        self.extra = extra
-        self.out = out
-        self.devices = devices
-        self.backend = backend
+    def prepare(batch: np.ndarray, pos: int) -> _Prepared:
+        spec = _resolve_output(output, batch)
+        shape, dtype = spec if spec is not None else (batch.shape, batch.dtype)
+        return _Prepared(spec, sink.claim(pos, shape, dtype))
 
-    def _open(self) -> List[DeviceLane]:
-        if self.devices is None:
-            return [DeviceLane(self.ctx, None, self.backend, self.depth, self.kernel,
-                               self.extra)]
-        lanes: List[DeviceLane] = []
-        try:
-            for d in self.devices:
-                lanes.append(DeviceLane(None, d, self.backend, self.depth, self.kernel,
-                                        self.extra))
-        except BaseException:
-            for lane in lanes:
-                lane.close()
-            raise
-        return lanes
+    def submit(entry: Pulled) -> Tuple[DeviceLane, Any]:
+        lane = lanes[0] if len(lanes) == 1 else min(
+            lanes, key=lambda ln: (ln.expected_wait(), len(ln.queued)))
+        return lane, lane.submit(sink, entry, stager)
 
-    def run(self) -> Iterator[np.ndarray]:
-        lanes = self._open()
-        device = lanes[0].device
-        bar = _Progress(self.batches) if self.progress else None
-        cache = cache_of(device)  # pinned host memory serves every device
-        stager = Stager(device, cache)
-        sink = Sink(self.out, device, stager, cache.results)
-        output = self.output
+    def finish(handle: Tuple[DeviceLane, Any]) -> np.ndarray:
+        lane, q = handle
+        result = lane.finish(q, sink, stager)
+        if bar is not None:
+            bar.advance()
+        return result
 
-        def prepare(batch: np.ndarray, pos: int) -> _Prepared:
-            spec = _resolve_output(output, batch)
-            shape, dtype = spec if spec is not None else (batch.shape, batch.dtype)
-            return _Prepared(spec, sink.claim(pos, shape, dtype))
-
-        def submit(entry: Pulled) -> Tuple[DeviceLane, Any]:
-            lane = lanes[0] if len(lanes) == 1 else min(
-                lanes, key=lambda ln: (ln.expected_wait(), len(ln.queued)))
-            return lane, lane.submit(sink, entry, stager)
-
-        def finish(handle: Tuple[DeviceLane, Any]) -> np.ndarray:
-            lane, q = handle
-            result = lane.finish(q, sink, stager)
-            if bar is not None:
-                bar.advance()
-            return result
-
-        n = len(lanes)
-        try:
-            # batches staged ahead queue behind the ring's slots on the device (the GPU
-            # orders each slot's reuse), so host copies of several batches overlap
-            yield from read_ahead(self.batches, n * self.depth, self.prefetch, stager,
-                                  prepare, submit, finish, "stream_map: batch",
-                                  window=n * (self.depth + 1) + self.prefetch // 2,
-                                  max_bytes=n * _READ_AHEAD_BYTES)
-        finally:
-            stager.close()
-            for lane in lanes:
-                lane.close()
-            if bar is not None:
-                bar.close()
+    n = len(lanes)
+    try:
+        # batches staged ahead queue behind the ring's slots on the device (the GPU
+        # orders each slot's reuse), so host copies of several batches overlap
+        yield from read_ahead(batches, n * depth, prefetch, stager, prepare, submit, finish,
+                              "stream_map: batch", window=n * (depth + 1) + prefetch // 2,
+                              max_bytes=n * _READ_AHEAD_BYTES)
+    finally:
+        stager.close()
+        for lane in lanes:
+            lane.close()
+        if bar is not None:
+            bar.close()
 
 
 class _Progress:

@@ -32,13 +32,16 @@ class HostRanges:
         start, end = address_range(array)
         return any(s <= start and end <= e for s, e in ranges)
 
-    def overlap(self, start: int, end: int) -> bool:
-        return any(s < end and start < e for s, e in self.ranges)
-
-    def add(self, start: int, end: int) -> None:
+    def reserve(self, array: np.ndarray) -> Tuple[int, int]:
+        """Add ``array``'s range, or raise ValueError if part of it is registered."""
+        start, end = address_range(array)
         with self._lock:
+            if any(s < end and start < e for s, e in self.ranges):
+                raise ValueError("part of this memory is registered already (an overlapping "
+                                 "pg.register block is open)")
             self.ranges = self.ranges + ((start, end),)
             self.generation += 1
+        return start, end
 
     def remove(self, start: int, end: int) -> None:
         with self._lock:

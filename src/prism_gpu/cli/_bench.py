@@ -63,20 +63,19 @@ def bench(args: Any) -> int:
 
 
 def _device_ids(text: str, backend: str) -> List[int]:
-    from ..backends import device_count
+    """``--devices`` (a count, comma-separated ids or ``all``) as device ids."""
+    from .._args import device_ids
 
-    if text == "all":
-        return list(range(device_count(backend)))
-    parts = [p for p in text.split(",") if p.strip()]
-    try:
-        ids = [int(p) for p in parts]
-    except ValueError:
-        raise ValueError(f"--devices must be a count, comma-separated ids or all, got "
-                         f"{text!r}") from None
-    if len(ids) == 1 and "," not in text:
-        ids = list(range(ids[0]))
-    if not ids or any(i < 0 for i in ids) or len(set(ids)) != len(ids):
-        raise ValueError(f"--devices names no usable set of devices: {text!r}")
+    value: Any = text
+    if text != "all":
+        try:
+            value = [int(p) for p in text.split(",") if p.strip()] if "," in text \
+                else int(text)
+        except ValueError:
+            raise ValueError(f"--devices must be a count, comma-separated ids or all, got "
+                             f"{text!r}") from None
+    ids = device_ids(value, backend)
+    assert ids is not None
     return ids
 
 

@@ -9,7 +9,7 @@ from typing import Any, Callable, Dict, Tuple
 
 import numpy as np
 
-from .._hostranges import HostRanges, address_range
+from .._hostranges import HostRanges
 from ._event import CpuEvent
 from ._stream import CpuStream
 
@@ -84,12 +84,7 @@ class CpuDevice:
     def register_host(self, array: np.ndarray) -> Any:
         """Bookkeeping only (host memory is what this device computes on), so code
         that registers memory runs, and is checked, the same way as on a GPU."""
-        start, end = address_range(array)
-        if self._registered.overlap(start, end):
-            raise ValueError("part of this memory is registered already (an overlapping "
-                             "pg.register block is open)")
-        self._registered.add(start, end)
-        return start, end
+        return self._registered.reserve(array)
 
     def unregister_host(self, handle: Any) -> None:
         self._registered.remove(*handle)

@@ -8,7 +8,7 @@ from typing import Any, Dict, List, Tuple
 
 import numpy as np
 
-from .._hostranges import HostRanges, address_range
+from .._hostranges import HostRanges
 
 # host memory pinned in place (cuMemHostRegister), for every device of the process
 REGISTERED = HostRanges()
@@ -164,13 +164,13 @@ class PinnedAllocator:
 
 def register_host(driver: Any, check: Any, array: np.ndarray) -> Tuple[int, int]:
     """Page-lock ``array``'s memory in place (for every device); returns its range."""
-    start, end = address_range(array)
-    if REGISTERED.overlap(start, end):
-        raise ValueError("part of this memory is registered already (an overlapping "
-                         "pg.register block is open)")
+    start, end = REGISTERED.reserve(array)
     flags = _PORTABLE if array.flags.writeable else _PORTABLE | _READ_ONLY
-    check(driver.cuMemHostRegister(start, end - start, flags), "registering host memory")
-    REGISTERED.add(start, end)
+    try:
+        check(driver.cuMemHostRegister(start, end - start, flags), "registering host memory")
+    except BaseException:
+        REGISTERED.remove(start, end)
+        raise
     return start, end
 
 
