@@ -460,3 +460,50 @@ def test_out_as_a_mapping_and_a_device_array_batch_is_refused(
     with pytest.raises(pg.TransferError, match="numpy arrays") as info:
         list(pg.stream_map(add1(), [xs[0], d], ctx=ctx))
     assert info.value.batch_index == 1
+
+
+@pytest.mark.parametrize("k", [0, 3, 5])
+def test_a_kernel_failing_at_any_position_with_out(k: int, rng: np.random.Generator,
+                                                   no_thread_leaks: None) -> None:
+    xs = [np.full(300, i, F32) for i in range(6)]
+    out = np.full((6, 300), np.nan, F32)
+
+    def fail_at_k(x: Any) -> None:
+        if x[0] == k:
+            raise ArithmeticError(f"batch {k}")
+        x += F32(1)
+    seen = 0
+    with pg.ManagedGpuContext(backend="cpu") as ctx:
+        with pytest.raises(pg.KernelError) as info:
+            for _ in pg.stream_map(fail_at_k, xs, ctx=ctx, out=out):
+                seen += 1
+        assert info.value.batch_index == k and seen == k
+        for i in range(k):                       # the earlier rows are written
+            np.testing.assert_array_equal(out[i], xs[i] + F32(1))
+        # the context is still fine for the next call
+        (r,) = pg.stream_map(add1(), xs[:1], ctx=ctx, out=out[:1])
+        np.testing.assert_array_equal(r, xs[0] + F32(1))
+
+
+def test_two_threads_stream_into_their_own_out_on_one_context(
+        ctx: pg.ManagedGpuContext, rng: np.random.Generator) -> None:
+    import threading
+
+    xs = [[rng.standard_normal(2048).astype(F32) for _ in range(20)] for _ in range(2)]
+    outs = [np.full((20, 2048), np.nan, F32) for _ in range(2)]
+    errors: List[BaseException] = []
+
+    def work(t: int) -> None:
+        try:
+            with pg.register(outs[t], ctx=ctx) as pinned:   # each thread pins its own
+                list(pg.stream_map(add1(), xs[t], ctx=ctx, out=pinned))
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for t in range(2):
+        np.testing.assert_array_equal(outs[t], np.stack(xs[t]) + F32(1))
