@@ -185,11 +185,17 @@ def prism(iters: int, profile: bool) -> Dict[str, float]:
         buf.advance()
 
     out = {"prism_us_per_iteration": _per_iter(step, coord.synchronize_all, iters)}
-    with pg.trace() as tr:   # the same loop recorded: each op gets timing events
-        out["prism_traced_us_per_iteration"] = _per_iter(step, coord.synchronize_all, iters)
-    out["traced_ops"] = len(tr)
-    out["tracing_us_per_op"] = (out["prism_traced_us_per_iteration"]
-                                - out["prism_us_per_iteration"]) / 3
+    # the same loop recorded (each op gets timing events), in pairs with the plain loop
+    # so that drift of the machine's speed falls on both: the median pair's difference
+    plain, traced, ops = [], [], 0
+    for _ in range(7):
+        plain.append(_per_iter(step, coord.synchronize_all, iters, repeats=1))
+        with pg.trace() as tr:
+            traced.append(_per_iter(step, coord.synchronize_all, iters, repeats=1))
+        ops = len(tr)
+    out["prism_traced_us_per_iteration"] = statistics.median(traced)
+    out["traced_ops"] = ops
+    out["tracing_us_per_op"] = statistics.median(t - p for t, p in zip(traced, plain)) / 3
     if profile:
         prof = cProfile.Profile()
         prof.enable()

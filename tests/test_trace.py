@@ -128,6 +128,69 @@ def test_plot_writes_a_png(device: Any, rng: np.random.Generator, tmp_path: Any)
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
 
 
+def test_failures_inside_a_trace_reach_the_caller_and_the_timeline(
+        device: Any, rng: np.random.Generator) -> None:
+    """A traced op's closing record is its end time too: it must still carry a kernel's
+    failure to its dependents (and clear it for the work after), and still finish the
+    host half of pageable downloads."""
+    def boom(a: Any) -> None:
+        raise FloatingPointError("bad input")
+
+    n = 256
+    xs = [rand(rng, n) for _ in range(4)]
+    outs = [np.full(n, np.nan, F32) for _ in range(4)]
+    with pg.AsyncCoordinator(device) as coord:
+        coord.register_kernel("boom", boom)
+        buf = pg.TripleBuffer(device, n)
+        ids = []
+        with pg.trace() as tr:
+            for k, (x, out) in enumerate(zip(xs, outs)):
+                up = coord.queue_upload(x, buf)
+                comp = coord.queue_compute("boom" if k == 1 else "scale", [up])
+                ids.append((up, comp, coord.queue_download(buf, out)))
+                buf.advance()
+            for k in (0, 2, 3):
+                coord.wait(ids[k][2])
+            with pytest.raises(pg.KernelError) as info:
+                coord.wait(ids[1][1])
+            assert isinstance(info.value.__cause__, FloatingPointError)
+            with pytest.raises(pg.DependencyFailedError):
+                coord.wait(ids[1][2])
+        reports = coord.poll()
+        coord.synchronize_all()   # both failures were reported: nothing left to raise
+    for k in (0, 2, 3):
+        np.testing.assert_array_equal(outs[k], xs[k] * F32(2))
+    assert np.isnan(outs[1]).all()
+    assert reports and all(r.duration_ms is None for r in reports)  # timing not asked for
+    errors = {o.op_id: o.error for o in tr.ops}
+    assert len(errors) == 12
+    assert (errors[int(ids[1][1])] or "").startswith("KernelError")
+    assert (errors[int(ids[1][2])] or "").startswith("DependencyFailedError")
+    assert all(errors[int(i)] is None for k in (0, 2, 3) for i in ids[k])
+
+
+def test_a_timed_coordinator_inside_a_trace_keeps_its_durations(
+        device: Any, rng: np.random.Generator) -> None:
+    n = 1 << 16
+    with pg.AsyncCoordinator(device, timing=True) as coord:
+        buf = pg.TripleBuffer(device, n)
+        out = np.empty(n, F32)
+        x = rand(rng, n)
+        with pg.trace() as tr:
+            up = coord.queue_upload(x, buf)
+            comp = coord.queue_compute("spin", [up], extra=(500.0,))
+            coord.wait(coord.queue_download(buf, out))
+            buf.advance()
+        reports = {r.op_id: r for r in coord.poll()}
+    np.testing.assert_array_equal(out, x)
+    ops = {o.op_id: o for o in tr.ops}
+    assert set(ops) == set(reports) and len(ops) == 3
+    for oid, r in reports.items():
+        assert r.duration_ms is not None and r.duration_ms >= 0
+        assert r.duration_ms == pytest.approx(ops[oid].duration_ms, abs=1e-3)
+    assert reports[int(comp)].duration_ms >= 0.4   # the kernel spins 500 us
+
+
 def test_sync_mode_raises_from_the_queue_call(device: Any, rng: np.random.Generator,
                                               sync_off: None) -> None:
     def boom(a: Any) -> None:

@@ -55,6 +55,7 @@ class Engine:
         self._roots: "collections.OrderedDict[int, Tuple[BaseException, Root]]" = \
             collections.OrderedDict()
         self._harvesting = False
+        self._tracer: Any = None  # the trace this engine last recorded for
         self._callback_errors: List[BaseException] = []
         self.closed = False
 
@@ -71,6 +72,17 @@ class Engine:
         else:
             ev.close()
 
+    def give_timing_events(self, events: List[Event]) -> None:
+        """Give back timing events (a trace's, once it read their times)."""
+        pool = self._tpool
+        room = self._pool_cap - len(pool)
+        if room >= len(events):
+            pool.extend(events)
+            return
+        pool.extend(events[:max(0, room)])
+        for ev in events[max(0, room):]:
+            ev.close()
+
     @property
     def pooled_events(self) -> int:
         return len(self._pool) + len(self._tpool)
@@ -78,7 +90,7 @@ class Engine:
     def mark(self, lane: Lane) -> Event:
         """A timing event recorded now on ``lane`` (a stats window's reference)."""
         ev = self._tpool.pop() if self._tpool else self.device.create_event(True)
-        lane.stream.record(ev)
+        lane.stream.record(ev, stamp=True)
         return ev
 
     # submission -----------------------------------------------------------------
@@ -122,17 +134,19 @@ class Engine:
                     stream.wait(ev, propagate=False)
         tracer = _trace.ACTIVE
         if tracer is not None:
-            timed = self.timing if timing is None else timing  # asked for apart from tracing
-            timing = True
-            tracer.begin(self, lane)
+            # a traced op: a start stamp, and its closing record (a timing event) is its end
+            if self._tracer is not tracer:
+                tracer.begin(self, lane)
+                self._tracer = tracer
             op.trace = (tracer, _trace.current_index(),
-                        getattr(a, "nbytes", 0) if kind != LAUNCH else 0, timed)
+                        b.nbytes if kind == H2D else a.nbytes if kind == D2H else 0,
+                        self.timing if timing is None else timing)  # asked for apart
         mark = _nvtx.range_start(lane.name, op_type.value, name) if _nvtx.ON else None
         start = None
-        if self.timing if timing is None else timing:
+        if tracer is not None or (self.timing if timing is None else timing):
             pool = self._tpool
             start = op.start = pool.pop() if pool else self.device.create_event(True)
-            stream.record(start)
+            stream.record(start, stamp=True)
         table = self.table
         oid = table.next
         if root is not None:
@@ -154,14 +168,18 @@ class Engine:
                     raise
                 op.error = own_error(op, exc, oid)
                 self._note_root(exc, (oid, op.error))
-        if start is not None:
-            # Timing lives in events of its own: streams waiting on a timing event are
-            # slower, so the event others wait on never records time.
+        if tracer is not None:
             pool = self._tpool
-            end = op.end = pool.pop() if pool else self.device.create_event(True)
-            stream.record(end)
-        pool = self._pool
-        ev = op.event = pool.pop() if pool else self.device.create_event(False)
+            ev = op.event = op.end = pool.pop() if pool else self.device.create_event(True)
+        else:
+            if start is not None:
+                # Outside a trace timing lives in events of its own: streams waiting on a
+                # timing event are slower, so the event others wait on records no time.
+                pool = self._tpool
+                end = op.end = pool.pop() if pool else self.device.create_event(True)
+                stream.record(end, stamp=True)
+            pool = self._pool
+            ev = op.event = pool.pop() if pool else self.device.create_event(False)
         stream.record(ev)
         op.keep = keep
         op.on_done = on_done
@@ -221,10 +239,11 @@ class Engine:
                     if dep.error is not None:
                         err = op.error = dependency_error(op, root_of(dep))
                         break
-        self._pool.append(ev)
         start = op.start
         duration = None
         tr = op.trace
+        if tr is None:
+            self._pool.append(ev)
         if start is not None and (tr is None or tr[3]):
             duration = op.end.elapsed_ms(start)
         cb = op.on_done
@@ -235,8 +254,8 @@ class Engine:
                 self._callback_errors.append(exc)
             op.on_done = None
         if tr is not None:
-            # the trace reads its times from these events when it ends (off the hot
-            # path) and gives them back then
+            # the trace reads its times from these events later (every few hundred
+            # ops, and when it ends) and gives them back then
             tr[0].completed(self, op, tr[1], tr[2])
             op.trace = None
         elif start is not None:

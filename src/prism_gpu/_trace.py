@@ -132,18 +132,27 @@ class Trace:
         (the records are built when someone reads ``ops``)."""
         raw, self._raw = self._raw, []
         timed = self._timed
-        refs = self._refs
+        engine: Any = None
+        back: List[Any] = []
         for entry in raw:
-            engine, start, end = entry[0], entry[5], entry[6]
-            ref = refs[id(engine)]
-            if not engine.closed:
-                timed.append((entry, start.elapsed_ms(ref[1]), end.elapsed_ms(ref[1]), ref[2]))
-                engine.give_event(start)
-                engine.give_event(end)
+            if entry[0] is not engine:
+                if back:
+                    engine.give_timing_events(back)
+                    back = []
+                engine = entry[0]
+                _, ref, dev = self._refs[id(engine)]
+                alive = not engine.closed
+            start, end = entry[5], entry[6]
+            if alive:
+                timed.append((entry, start.elapsed_ms(ref), end.elapsed_ms(ref), dev))
+                back.append(start)
+                back.append(end)
             else:  # its device is gone: the times went with it
                 self.lost += 1
                 start.close()
                 end.close()
+        if back:
+            engine.give_timing_events(back)
 
     def _records(self) -> List[TraceOp]:
         self.read_times()

@@ -28,8 +28,8 @@ class Event(Protocol):
     def error(self) -> Optional[BaseException]:
         """Called once the most recent record is known complete. Finishes any host
         work that record completes (the host half of a pageable download) and
-        returns the failure of the work it closes: work since the previous record
-        of an ordering event on its stream, or a failure passed on by a
+        returns the failure of the work it closes: work since the previous closing
+        record on its stream, or a failure passed on by a
         propagating wait. None when that work succeeded. (Device faults are sticky
         errors, raised by :meth:`query` and :meth:`synchronize` instead.)"""
         ...
@@ -49,8 +49,8 @@ class Stream(Protocol):
         ...
 
     def copy_d2h(self, dst: np.ndarray, src: Any) -> None:
-        """Enqueue a device-to-host copy. ``dst`` holds the data once the next record
-        of an ordering event on this stream is complete and its ``error()`` was read."""
+        """Enqueue a device-to-host copy. ``dst`` holds the data once the next closing
+        record on this stream is complete and its ``error()`` was read."""
         ...
 
     def copy_d2d(self, dst: Any, src: Any) -> None:
@@ -61,9 +61,11 @@ class Stream(Protocol):
         """Enqueue ``kernel`` (what :meth:`Device.prepare_kernel` returned)."""
         ...
 
-    def record(self, event: Event) -> None:
-        """Record ``event`` here. A timing event only timestamps; an ordering event
-        also closes the work since the previous one (see :meth:`Event.error`)."""
+    def record(self, event: Event, *, stamp: bool = False) -> None:
+        """Record ``event`` here. The record closes the work since the previous closing
+        record on this stream (see :meth:`Event.error`), unless ``stamp``: then it only
+        timestamps (``event`` must be a timing event). A timing event may close work
+        too: a traced op's closing record is also its end time."""
         ...
 
     def wait(self, event: Event, *, propagate: bool = True) -> None:

@@ -1,8 +1,8 @@
 """A CPU stream: one worker thread draining a FIFO of tasks.
 
 A task that raises puts the stream in a fault; work after it is skipped until
-the next record of an ordering (non-timing) event, which carries the fault to
-whoever waits on it and clears it; records of timing events only timestamp.
+the next closing record, which carries the fault to whoever waits on it and
+clears it; ``stamp`` records only timestamp.
 Waits with ``propagate=True`` pass a fault that reached the awaited record on
 to this stream. That is how a failing kernel fails its dependents here.
 """
@@ -105,12 +105,12 @@ class CpuStream:
         else:
             self._put(_WORK, fn, (*arrays, *extra))
 
-    def record(self, event: CpuEvent) -> None:
-        """Record ``event``. A record of an ordering event carries the stream's fault
-        to whoever waits on it and clears it; a timing event's record only timestamps."""
+    def record(self, event: CpuEvent, *, stamp: bool = False) -> None:
+        """Record ``event``. A closing record carries the stream's fault to whoever
+        waits on it and clears it; a ``stamp`` record only timestamps."""
         rec = _Record()
         event._rec = rec
-        self._put(_STAMP if event.timing else _RECORD, rec)
+        self._put(_STAMP if stamp else _RECORD, rec)
 
     def wait(self, event: CpuEvent, *, propagate: bool = True) -> None:
         rec = event._rec

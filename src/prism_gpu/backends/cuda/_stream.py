@@ -191,7 +191,7 @@ class CudaStream:
         return self.interop_contexts(modules)
 
     # ordering -------------------------------------------------------------------
-    def record(self, event: CudaEvent) -> None:
+    def record(self, event: CudaEvent, *, stamp: bool = False) -> None:
         self._device._current()
         try:
             self._s.record(event._ev)
@@ -199,7 +199,7 @@ class CudaStream:
             raise from_cuda_exception(exc, "recording an event") from exc
         event._last = self
         event._err = None
-        if self._pending and not event.timing:
+        if self._pending and not stamp:
             event._finish, self._pending = self._pending, []
 
     def wait(self, event: CudaEvent, *, propagate: bool = True) -> None:
