@@ -74,13 +74,9 @@ class Engine:
 
     def give_timing_events(self, events: List[Event]) -> None:
         """Give back timing events (a trace's, once it read their times)."""
-        pool = self._tpool
-        room = self._pool_cap - len(pool)
-        if room >= len(events):
-            pool.extend(events)
-            return
-        pool.extend(events[:max(0, room)])
-        for ev in events[max(0, room):]:
+        keep = max(0, self._pool_cap - len(self._tpool))
+        self._tpool.extend(events[:keep])
+        for ev in events[keep:]:
             ev.close()
 
     @property
@@ -320,7 +316,6 @@ class Engine:
         if self._callback_errors:
             errs, self._callback_errors = self._callback_errors, []
             raise errs[0]
-
 
     def throttle(self) -> None:
         """Bring ops in flight under ``max_in_flight``, blocking on the oldest if need be."""
