@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import collections
 import time
 from typing import Any, Callable, Deque, Dict, Optional, Tuple
@@ -12,7 +13,7 @@ from . import _trace
 from ._buffers import TripleBuffer, ring_for
 from ._coordinator import AsyncCoordinator
 from ._copypool import Ticket
-from ._errors import InvalidOperationError
+from ._errors import InvalidOperationError, PrismGpuError
 from ._feed import Pulled
 from ._sink import Sink
 from ._staging import Stager
@@ -107,7 +108,7 @@ class DeviceLane:
         dst = None
         if entry.info.output is not None:
             shape, dtype = entry.info.output
-            dst = self._ring(device, "out", dtype, int(np.prod(shape, dtype=np.int64)))
+            dst = self._ring(device, "out", dtype, math.prod(shape))
         tracing = _trace.ACTIVE is not None
         if tracing:
             _trace.set_index(entry.pos)
@@ -123,10 +124,14 @@ class DeviceLane:
         """``q``'s result (the oldest batch queued here), once it is complete."""
         coord = self.coord
         self.queued.popleft()
-        coord.wait(q.up)
+        try:
+            coord.wait(q.down)  # retires the upload and compute before it too
+        except PrismGpuError:
+            coord.wait(q.up)    # the first failure of the chain is the batch's error
+            stager.recycle(q.raw)
+            coord.wait(q.comp)
+            raise
         stager.recycle(q.raw)
-        coord.wait(q.comp)
-        coord.wait(q.down)
         if not q.landed:
             self._landed(q)
         if q.ticket is None:
@@ -168,7 +173,7 @@ class DeviceLane:
         else:
             assert dst is not None
             shape, dtype = entry.info.output
-            n = int(np.prod(shape, dtype=np.int64))
+            n = math.prod(shape)
             comp = _rollback_on_error(src, lambda: coord.queue_compute(
                 self.kernel, [up], extra=extra, outputs=[(dst, n)]))
             src.retire()  # the input slot is done once the compute is (the GPU orders it)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Optional, Tuple
 
+import math
 import numpy as np
 
 from ._copypool import DONE, Ticket
@@ -50,7 +51,7 @@ class Sink:
         if final.dtype != dtype:
             raise TransferError(f"out[{pos}] has dtype {final.dtype}, result {pos} is {dtype}"
                                 " (prism-gpu never converts silently)")
-        size = int(np.prod(shape, dtype=np.int64))
+        size = math.prod(shape)
         if final.size != size:
             raise TransferError(f"out[{pos}] holds {final.size} elements (shape "
                                 f"{final.shape}), result {pos} has {size} (shape {shape})")

@@ -3,6 +3,7 @@ pageable batches on worker threads, and the pool results are downloaded into."""
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import threading
@@ -81,7 +82,7 @@ class ResultPool:
         self.allocations = 0
 
     def empty(self, device: Any, shape: Tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        nbytes = math.prod(shape) * dtype.itemsize
         size = max(4096, 1 << (max(1, nbytes) - 1).bit_length())
         with self._lock:
             entries = self._pool.setdefault(size, [])

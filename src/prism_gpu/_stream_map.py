@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterable, Iterator, List, NamedTuple, Optional, Tuple, Union
 
+import math
 import numpy as np
 
 from ._args import device_ids, int_arg
@@ -40,7 +41,7 @@ def _resolve_output(output: OutputSpec, batch: np.ndarray
     except (TypeError, ValueError) as exc:
         raise TypeError(f"output must be (shape, dtype) or a callable giving one, got "
                         f"{spec!r}") from exc
-    if any(d < 0 for d in shape) or int(np.prod(shape, dtype=np.int64)) == 0:
+    if any(d < 0 for d in shape) or math.prod(shape) == 0:
         raise ValueError(f"output shape {shape} holds no elements")
     if dt.hasobject:
         raise TypeError("output dtype must not be object")
