@@ -2,25 +2,47 @@
 
 Every bit of Python a worker runs needs the GIL, which the thread queuing
 device work also needs: a general executor (a Future, a condition and a few
-locks per task) made the workers and the queuing thread take turns. Here a
-worker takes a piece from a queue, copies it with the GIL released (numpy does
-that for plain copies), and counts it done; the last piece of a copy releases
-one lock the waiter blocks on.
+locks per task) made the workers and the queuing thread take turns. Where the
+native extension is built, plain copies (same dtype and shape, C-contiguous,
+not overlapping) run on native threads that never take the GIL; the rest, and
+everything where the extension is missing, on Python workers: a worker takes a
+piece from a queue, copies it with the GIL released (numpy does that for plain
+copies), and counts it done; the last piece of a copy releases one lock the
+waiter blocks on. ``PRISM_GPU_NATIVE_COPY=0`` turns the native threads off.
 """
 
 from __future__ import annotations
 
 import itertools
+import os
 import queue
 import threading
-from typing import Any, List, Optional
+from typing import Any, List, Optional, Protocol
 
 import numpy as np
 
-__all__ = ["CopyPool", "Ticket"]
+try:
+    from . import _hostcopy  # type: ignore[attr-defined]
+except ImportError:  # built without a C compiler: Python workers only
+    _hostcopy = None
+
+__all__ = ["CopyPool", "Ticket", "native"]
 
 
-class Ticket:
+def native() -> bool:
+    """Whether plain copies run on native threads (the extension is built and not
+    turned off with ``PRISM_GPU_NATIVE_COPY=0``)."""
+    return _hostcopy is not None and os.environ.get("PRISM_GPU_NATIVE_COPY", "1") != "0"
+
+
+class Ticket(Protocol):
+    """One copy in flight: :meth:`wait` blocks until it is complete and raises its error."""
+
+    def wait(self) -> None:
+        ...
+
+
+class _PyTicket:
     """One copy in flight, in ``pieces`` pieces. :meth:`wait` blocks until all are done
     and raises the first piece's error."""
 
@@ -46,7 +68,7 @@ class Ticket:
             raise self._error
 
 
-DONE = Ticket(1)
+DONE = _PyTicket(1)
 DONE._piece_done(None)
 
 
@@ -67,16 +89,30 @@ def _work(jobs: "queue.SimpleQueue[Any]") -> None:
 
 class CopyPool:
     """``workers`` threads, started on first use, copying pieces of at least ``chunk``
-    bytes; :meth:`close` waits for every queued copy and stops them."""
+    bytes (``native_workers`` native threads and pieces of ``native_chunk`` bytes for
+    plain copies); :meth:`close` waits for every queued copy and stops them."""
 
-    def __init__(self, workers: int, chunk: int) -> None:
+    def __init__(self, workers: int, chunk: int, native_workers: int = 0,
+                 native_chunk: int = 1 << 20) -> None:
         self.workers = workers
         self.chunk = chunk
         self._jobs: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
         self._threads: List[threading.Thread] = []
+        self._native = _hostcopy.Pool(native_workers) if native_workers and native() else None
+        self._native_pieces = (native_workers, native_chunk)
 
     def copy(self, dst: np.ndarray, src: np.ndarray) -> Ticket:
         """Start copying ``src`` into ``dst`` (same shape)."""
+        fast = self._native
+        if fast is not None and dst.dtype == src.dtype and dst.shape == src.shape \
+                and dst.flags.c_contiguous and src.flags.c_contiguous \
+                and dst.flags.writeable and not np.may_share_memory(dst, src):
+            workers, chunk = self._native_pieces
+            try:
+                return fast.copy(  # type: ignore[no-any-return]
+                    dst, src, max(1, min(workers, dst.nbytes // chunk)))
+            except (ValueError, TypeError, BufferError):
+                pass  # a dtype without a buffer format: numpy copies it below
         if not self._threads:
             for i in range(self.workers):
                 t = threading.Thread(target=_work, args=(self._jobs,), daemon=True,
@@ -85,19 +121,21 @@ class CopyPool:
                 self._threads.append(t)
         pieces = min(self.workers, dst.nbytes // self.chunk)
         if pieces < 2 or not (dst.flags.c_contiguous and src.flags.c_contiguous):
-            ticket = Ticket(1)
+            ticket = _PyTicket(1)
             self._jobs.put((ticket, dst, src))
             return ticket
         d, s = dst.reshape(-1), src.reshape(-1)
         step = -(-len(s) // pieces)
         starts = range(0, len(s), step)
-        ticket = Ticket(len(starts))
+        ticket = _PyTicket(len(starts))
         put = self._jobs.put
         for i in starts:
             put((ticket, d[i:i + step], s[i:i + step]))
         return ticket
 
     def close(self) -> None:
+        if self._native is not None:
+            self._native.close()  # after every queued piece: those finish first
         for _ in self._threads:
             self._jobs.put(None)  # after every queued piece: those finish first
         for t in self._threads:

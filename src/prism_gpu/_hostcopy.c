@@ -1,0 +1,346 @@
+/* Host memory copies on native worker threads that never take the GIL.
+ *
+ * The Python copy pool's workers need the GIL twice per piece (to take a job and
+ * to count it done), and so take turns with the thread queuing device work: a
+ * piece waits for the GIL longer than it takes to copy. Here the workers are
+ * plain threads running memmove, jobs are queued under a mutex, and only the
+ * caller's wait() releases and retakes the GIL.
+ *
+ * Pool(workers)            threads start on the first copy
+ * Pool.copy(dst, src, n)   -> Ticket; dst and src are C-contiguous buffers of the
+ *                            same size that do not overlap; n pieces
+ * Pool.close()             finishes every queued piece, then stops the threads
+ * Ticket.wait()            blocks (GIL released) until every piece is copied
+ * Ticket.done()            never blocks
+ * A ticket holds both buffers until its copy is complete; a ticket dropped early
+ * waits for its pieces before it lets go of them.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <pthread.h>
+#include <string.h>
+
+typedef struct {
+    PyObject_HEAD
+    pthread_mutex_t lock;
+    pthread_cond_t cond;
+    Py_ssize_t left;  /* pieces not copied yet */
+    int held;         /* the buffers below are held */
+    Py_buffer dst, src;
+} Ticket;
+
+typedef struct Job {
+    struct Job *next;
+    Ticket *ticket;
+    char *dst;
+    const char *src;
+    size_t n;
+} Job;
+
+typedef struct {
+    PyObject_HEAD
+    pthread_mutex_t lock;
+    pthread_cond_t cond;
+    Job *head, *tail;
+    int stop;
+    int workers;
+    int started;
+    pthread_t *threads;
+} Pool;
+
+static PyTypeObject TicketType;
+
+/* Ticket ------------------------------------------------------------------ */
+
+static void ticket_settle(Ticket *t) {
+    /* wait, without the GIL, until no worker will touch t again */
+    Py_BEGIN_ALLOW_THREADS
+    pthread_mutex_lock(&t->lock);
+    while (t->left > 0)
+        pthread_cond_wait(&t->cond, &t->lock);
+    pthread_mutex_unlock(&t->lock);
+    Py_END_ALLOW_THREADS
+    if (t->held) {
+        t->held = 0;
+        PyBuffer_Release(&t->dst);
+        PyBuffer_Release(&t->src);
+    }
+}
+
+static PyObject *ticket_wait(Ticket *t, PyObject *unused) {
+    ticket_settle(t);
+    Py_RETURN_NONE;
+}
+
+static PyObject *ticket_done(Ticket *t, PyObject *unused) {
+    Py_ssize_t left;
+    pthread_mutex_lock(&t->lock);
+    left = t->left;
+    pthread_mutex_unlock(&t->lock);
+    return PyBool_FromLong(left == 0);
+}
+
+static void ticket_dealloc(Ticket *t) {
+    ticket_settle(t);
+    pthread_mutex_destroy(&t->lock);
+    pthread_cond_destroy(&t->cond);
+    Py_TYPE(t)->tp_free((PyObject *)t);
+}
+
+static PyMethodDef ticket_methods[] = {
+    {"wait", (PyCFunction)ticket_wait, METH_NOARGS, "Block until the copy is complete."},
+    {"done", (PyCFunction)ticket_done, METH_NOARGS, "True once the copy is complete."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject TicketType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "prism_gpu._hostcopy.Ticket",
+    .tp_basicsize = sizeof(Ticket),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "One copy in flight.",
+    .tp_dealloc = (destructor)ticket_dealloc,
+    .tp_methods = ticket_methods,
+};
+
+/* Pool -------------------------------------------------------------------- */
+
+static void *worker(void *arg) {
+    Pool *p = (Pool *)arg;
+    for (;;) {
+        Job *job;
+        Ticket *t;
+        pthread_mutex_lock(&p->lock);
+        while (p->head == NULL && !p->stop)
+            pthread_cond_wait(&p->cond, &p->lock);
+        job = p->head;
+        if (job == NULL) {  /* stopping, and nothing is left */
+            pthread_mutex_unlock(&p->lock);
+            return NULL;
+        }
+        p->head = job->next;
+        if (p->head == NULL)
+            p->tail = NULL;
+        pthread_mutex_unlock(&p->lock);
+        memmove(job->dst, job->src, job->n);
+        t = job->ticket;
+        free(job);
+        pthread_mutex_lock(&t->lock);
+        if (--t->left == 0)
+            pthread_cond_broadcast(&t->cond);
+        pthread_mutex_unlock(&t->lock);  /* t may be freed from here on */
+    }
+}
+
+static int pool_init(Pool *p, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"workers", NULL};
+    int workers;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "i", kwlist, &workers))
+        return -1;
+    if (workers < 1 || workers > 256) {
+        PyErr_SetString(PyExc_ValueError, "workers must be between 1 and 256");
+        return -1;
+    }
+    if (p->threads != NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "a Pool is initialised once");
+        return -1;
+    }
+    p->threads = PyMem_Calloc((size_t)workers, sizeof(pthread_t));
+    if (p->threads == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    pthread_mutex_init(&p->lock, NULL);
+    pthread_cond_init(&p->cond, NULL);
+    p->workers = workers;
+    return 0;
+}
+
+static int pool_start(Pool *p) {
+    while (p->started < p->workers) {
+        if (pthread_create(&p->threads[p->started], NULL, worker, p) != 0) {
+            if (p->started > 0)
+                return 0;  /* fewer workers still copy everything */
+            PyErr_SetString(PyExc_RuntimeError, "could not start a copy thread");
+            return -1;
+        }
+        p->started++;
+    }
+    return 0;
+}
+
+static PyObject *pool_copy(Pool *p, PyObject *args) {
+    PyObject *dst_obj, *src_obj;
+    Py_ssize_t pieces, i, step;
+    Ticket *t;
+    Job *first = NULL, *last = NULL;
+    if (!PyArg_ParseTuple(args, "OOn", &dst_obj, &src_obj, &pieces))
+        return NULL;
+    if (p->threads == NULL || p->stop) {
+        PyErr_SetString(PyExc_RuntimeError, "the copy pool is closed");
+        return NULL;
+    }
+    t = PyObject_New(Ticket, &TicketType);
+    if (t == NULL)
+        return NULL;
+    t->held = 0;
+    t->left = 0;
+    pthread_mutex_init(&t->lock, NULL);
+    pthread_cond_init(&t->cond, NULL);
+    if (PyObject_GetBuffer(dst_obj, &t->dst, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) < 0) {
+        Py_DECREF(t);
+        return NULL;
+    }
+    if (PyObject_GetBuffer(src_obj, &t->src, PyBUF_C_CONTIGUOUS) < 0) {
+        PyBuffer_Release(&t->dst);
+        Py_DECREF(t);
+        return NULL;
+    }
+    t->held = 1;
+    if (t->dst.len != t->src.len) {
+        PyErr_SetString(PyExc_ValueError, "dst and src differ in size");
+        Py_DECREF(t);
+        return NULL;
+    }
+    {
+        const char *d = t->dst.buf, *s = t->src.buf;
+        if (t->dst.len > 0 && d < s + t->src.len && s < d + t->dst.len) {
+            PyErr_SetString(PyExc_ValueError, "dst and src overlap");
+            Py_DECREF(t);
+            return NULL;
+        }
+    }
+    if (t->dst.len == 0)
+        return (PyObject *)t;  /* nothing to copy: done already */
+    if (pool_start(p) < 0) {
+        Py_DECREF(t);
+        return NULL;
+    }
+    if (pieces < 1)
+        pieces = 1;
+    step = (t->dst.len + pieces - 1) / pieces;
+    step = (step + 63) & ~(Py_ssize_t)63;  /* pieces start on cache lines */
+    for (i = 0; i < t->dst.len; i += step) {
+        Job *job = malloc(sizeof(Job));
+        if (job == NULL) {
+            while (first != NULL) {
+                Job *next = first->next;
+                free(first);
+                first = next;
+            }
+            t->left = 0;
+            Py_DECREF(t);
+            return PyErr_NoMemory();
+        }
+        job->next = NULL;
+        job->ticket = t;
+        job->dst = (char *)t->dst.buf + i;
+        job->src = (const char *)t->src.buf + i;
+        job->n = (size_t)((t->dst.len - i) < step ? (t->dst.len - i) : step);
+        if (last == NULL)
+            first = job;
+        else
+            last->next = job;
+        last = job;
+        t->left++;
+    }
+    pthread_mutex_lock(&p->lock);
+    if (p->tail == NULL)
+        p->head = first;
+    else
+        p->tail->next = first;
+    p->tail = last;
+    if (t->left > 1)
+        pthread_cond_broadcast(&p->cond);
+    else
+        pthread_cond_signal(&p->cond);
+    pthread_mutex_unlock(&p->lock);
+    return (PyObject *)t;
+}
+
+static void pool_stop(Pool *p) {
+    int i, started = p->started;
+    if (p->threads == NULL || p->stop)
+        return;
+    pthread_mutex_lock(&p->lock);
+    p->stop = 1;
+    pthread_cond_broadcast(&p->cond);
+    pthread_mutex_unlock(&p->lock);
+    Py_BEGIN_ALLOW_THREADS
+    for (i = 0; i < started; i++)
+        pthread_join(p->threads[i], NULL);
+    Py_END_ALLOW_THREADS
+    p->started = 0;
+}
+
+static PyObject *pool_close(Pool *p, PyObject *unused) {
+    pool_stop(p);
+    Py_RETURN_NONE;
+}
+
+static PyObject *pool_get_closed(Pool *p, void *unused) {
+    return PyBool_FromLong(p->stop);
+}
+
+static void pool_dealloc(Pool *p) {
+    pool_stop(p);
+    if (p->threads != NULL) {
+        pthread_mutex_destroy(&p->lock);
+        pthread_cond_destroy(&p->cond);
+        PyMem_Free(p->threads);
+    }
+    Py_TYPE(p)->tp_free((PyObject *)p);
+}
+
+static PyMethodDef pool_methods[] = {
+    {"copy", (PyCFunction)pool_copy, METH_VARARGS,
+     "copy(dst, src, pieces) -> Ticket: start copying src into dst."},
+    {"close", (PyCFunction)pool_close, METH_NOARGS,
+     "Finish every queued piece, then stop the threads."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef pool_getset[] = {
+    {"closed", (getter)pool_get_closed, NULL, "True once closed.", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject PoolType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "prism_gpu._hostcopy.Pool",
+    .tp_basicsize = sizeof(Pool),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Native threads copying host memory without the GIL.",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)pool_init,
+    .tp_dealloc = (destructor)pool_dealloc,
+    .tp_methods = pool_methods,
+    .tp_getset = pool_getset,
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_hostcopy",
+    "Host memory copies on native threads that never take the GIL.", -1, NULL,
+};
+
+PyMODINIT_FUNC PyInit__hostcopy(void) {
+    PyObject *m;
+    if (PyType_Ready(&TicketType) < 0 || PyType_Ready(&PoolType) < 0)
+        return NULL;
+    m = PyModule_Create(&module);
+    if (m == NULL)
+        return NULL;
+    Py_INCREF(&PoolType);
+    if (PyModule_AddObject(m, "Pool", (PyObject *)&PoolType) < 0) {
+        Py_DECREF(&PoolType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    Py_INCREF(&TicketType);
+    if (PyModule_AddObject(m, "Ticket", (PyObject *)&TicketType) < 0) {
+        Py_DECREF(&TicketType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}
