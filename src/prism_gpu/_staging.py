@@ -31,13 +31,15 @@ class Stager:
     CHUNK_BYTES = 4 << 20
     WORKERS = 12  # past this, the workers' turns at the GIL slow the thread queuing work
     NATIVE_WORKERS = 16  # native threads take no GIL: as many as memory bandwidth rewards
+    NATIVE_CHUNK = 512 << 10  # 4 MiB batches ran fastest in 512 KiB pieces (H100 host)
 
     def __init__(self, device: Any, cache: "PinnedCache") -> None:
         self._device = device
         self._cache = cache
         cores = os.cpu_count() or 1
         self._pool = CopyPool(max(1, min(self.WORKERS, cores)), self.CHUNK_BYTES,
-                              native_workers=max(1, min(self.NATIVE_WORKERS, cores)))
+                              native_workers=max(1, min(self.NATIVE_WORKERS, cores)),
+                              native_chunk=self.NATIVE_CHUNK)
 
     def needs_staging(self, batch: np.ndarray) -> bool:
         return bool(batch.size) and (not batch.flags.c_contiguous
