@@ -192,3 +192,16 @@ def test_stream_map_out_with_and_without_native_copies(
         assert np.shares_memory(r, out[i])
     np.testing.assert_array_equal(out.reshape(-1), src * np.float32(2))
     assert _copypool.native() == (native == "1" and _hostcopy is not None)
+
+
+def test_host_address_matches_numpy_for_every_kind_of_view() -> None:
+    from prism_gpu.backends._hostranges import address_range, host_address
+
+    a = np.arange(4096, dtype=np.float32)
+    ro = a.copy()
+    ro.flags.writeable = False
+    views = [a, a[5:], a[::-2], a.reshape(64, 64)[:, 3:], ro, np.zeros(3, "M8[s]"),
+             np.zeros((2, 0)), np.zeros((), np.int16), np.zeros(5, [("x", "<i4"), ("y", "<f8")])]
+    for v in views:
+        assert host_address(v) == v.__array_interface__["data"][0]
+    assert address_range(a[10:20]) == (host_address(a) + 40, host_address(a) + 80)

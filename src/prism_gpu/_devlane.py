@@ -160,7 +160,7 @@ class DeviceLane:
         final = entry.info.final
         extra = self.extra or None
         try:
-            up = coord.queue_upload(entry.staged.reshape(-1), src)
+            up = coord.queue_upload(entry.staged, src)  # n-d batches are taken flat
         except BaseException:
             stager.recycle(entry.raw)
             raise

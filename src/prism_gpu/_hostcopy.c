@@ -12,6 +12,7 @@
  * Pool.close()             finishes every queued piece, then stops the threads
  * Ticket.wait()            blocks (GIL released) until every piece is copied
  * Ticket.done()            never blocks
+ * address(buffer)          the address of a buffer's first element
  * A ticket holds both buffers until its copy is complete; a ticket dropped early
  * waits for its pieces before it lets go of them.
  */
@@ -318,9 +319,26 @@ static PyTypeObject PoolType = {
     .tp_getset = pool_getset,
 };
 
+static PyObject *address(PyObject *mod, PyObject *obj) {
+    /* the address of a buffer's first element (numpy's data pointer) */
+    Py_buffer view;
+    PyObject *out;
+    if (PyObject_GetBuffer(obj, &view, PyBUF_STRIDES) < 0)
+        return NULL;
+    out = PyLong_FromVoidPtr(view.buf);
+    PyBuffer_Release(&view);
+    return out;
+}
+
+static PyMethodDef module_methods[] = {
+    {"address", (PyCFunction)address, METH_O,
+     "address(buffer) -> int: the address of its first element."},
+    {NULL, NULL, 0, NULL},
+};
+
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "_hostcopy",
-    "Host memory copies on native threads that never take the GIL.", -1, NULL,
+    "Host memory copies on native threads that never take the GIL.", -1, module_methods,
 };
 
 PyMODINIT_FUNC PyInit__hostcopy(void) {

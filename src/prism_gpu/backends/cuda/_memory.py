@@ -8,7 +8,7 @@ from typing import Any, Dict, List, Tuple
 
 import numpy as np
 
-from .._hostranges import HostRanges
+from .._hostranges import HostRanges, host_address
 
 # host memory pinned in place (cuMemHostRegister), for every device of the process
 REGISTERED = HostRanges()
@@ -180,7 +180,7 @@ def unregister_host(driver: Any, check: Any, span: Tuple[int, int]) -> None:
 
 
 def host_ptr(array: np.ndarray) -> int:
-    return array.__array_interface__["data"][0]
+    return host_address(array)
 
 
 class StagingPool:
