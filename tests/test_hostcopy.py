@@ -205,3 +205,25 @@ def test_host_address_matches_numpy_for_every_kind_of_view() -> None:
     for v in views:
         assert host_address(v) == v.__array_interface__["data"][0]
     assert address_range(a[10:20]) == (host_address(a) + 40, host_address(a) + 80)
+
+
+@needs_native
+def test_urgent_copies_are_taken_before_queued_ones(rng: np.random.Generator) -> None:
+    """One worker, 16 big copies queued, then an urgent one: the urgent one is done
+    long before the last of the others (about 128 MiB of copying behind it)."""
+    p = _hostcopy.Pool(1)
+    src = rng.integers(0, 255, 8 << 20, dtype=np.uint8)
+    dst = np.empty_like(src)
+    queued = [p.copy(dst, src, 1) for _ in range(16)]
+    small = rng.random(1000)
+    out = np.zeros_like(small)
+    p.copy(out, small, 1, True).wait()
+    assert not queued[-1].done()
+    np.testing.assert_array_equal(out, small)
+    for t in queued:
+        t.wait()
+    np.testing.assert_array_equal(dst, src)
+    later = [p.copy(np.empty(10), rng.random(10), 1, True) for _ in range(5)]
+    for t in later:
+        t.wait()
+    p.close()

@@ -101,8 +101,9 @@ class CopyPool:
         self._native = _hostcopy.Pool(native_workers) if native_workers and native() else None
         self._native_pieces = (native_workers, native_chunk)
 
-    def copy(self, dst: np.ndarray, src: np.ndarray) -> Ticket:
-        """Start copying ``src`` into ``dst`` (same shape)."""
+    def copy(self, dst: np.ndarray, src: np.ndarray, urgent: bool = False) -> Ticket:
+        """Start copying ``src`` into ``dst`` (same shape). ``urgent``: taken before the
+        other queued copies (native threads only), for one someone waits for next."""
         fast = self._native
         if fast is not None and dst.dtype == src.dtype and dst.shape == src.shape \
                 and dst.flags.c_contiguous and src.flags.c_contiguous \
@@ -110,7 +111,7 @@ class CopyPool:
             workers, chunk = self._native_pieces
             try:
                 return fast.copy(  # type: ignore[no-any-return]
-                    dst, src, max(1, min(workers, dst.nbytes // chunk)))
+                    dst, src, max(1, min(workers, dst.nbytes // chunk)), urgent)
             except (ValueError, TypeError, BufferError):
                 pass  # a dtype without a buffer format: numpy copies it below
         if not self._threads:

@@ -7,8 +7,10 @@
  * caller's wait() releases and retakes the GIL.
  *
  * Pool(workers)            threads start on the first copy
- * Pool.copy(dst, src, n)   -> Ticket; dst and src are C-contiguous buffers of the
- *                            same size that do not overlap; n pieces
+ * Pool.copy(dst, src, n, urgent=False)
+ *                          -> Ticket; dst and src are C-contiguous buffers of the
+ *                            same size that do not overlap; n pieces; urgent
+ *                            pieces are taken before the others (each kind in order)
  * Pool.close()             finishes every queued piece, then stops the threads
  * Ticket.wait()            blocks (GIL released) until every piece is copied
  * Ticket.done()            never blocks
@@ -42,7 +44,8 @@ typedef struct {
     PyObject_HEAD
     pthread_mutex_t lock;
     pthread_cond_t cond;
-    Job *head, *tail;
+    Job *head, *tail;    /* queued pieces, in order */
+    Job *uhead, *utail;  /* urgent ones: taken first, in order */
     int stop;
     int workers;
     int started;
@@ -112,16 +115,22 @@ static void *worker(void *arg) {
         Job *job;
         Ticket *t;
         pthread_mutex_lock(&p->lock);
-        while (p->head == NULL && !p->stop)
+        while (p->uhead == NULL && p->head == NULL && !p->stop)
             pthread_cond_wait(&p->cond, &p->lock);
-        job = p->head;
-        if (job == NULL) {  /* stopping, and nothing is left */
+        if (p->uhead != NULL) {
+            job = p->uhead;
+            p->uhead = job->next;
+            if (p->uhead == NULL)
+                p->utail = NULL;
+        } else if (p->head != NULL) {
+            job = p->head;
+            p->head = job->next;
+            if (p->head == NULL)
+                p->tail = NULL;
+        } else {  /* stopping, and nothing is left */
             pthread_mutex_unlock(&p->lock);
             return NULL;
         }
-        p->head = job->next;
-        if (p->head == NULL)
-            p->tail = NULL;
         pthread_mutex_unlock(&p->lock);
         memmove(job->dst, job->src, job->n);
         t = job->ticket;
@@ -173,9 +182,10 @@ static int pool_start(Pool *p) {
 static PyObject *pool_copy(Pool *p, PyObject *args) {
     PyObject *dst_obj, *src_obj;
     Py_ssize_t pieces, i, step;
+    int urgent = 0;
     Ticket *t;
     Job *first = NULL, *last = NULL;
-    if (!PyArg_ParseTuple(args, "OOn", &dst_obj, &src_obj, &pieces))
+    if (!PyArg_ParseTuple(args, "OOn|p", &dst_obj, &src_obj, &pieces, &urgent))
         return NULL;
     if (p->threads == NULL || p->stop) {
         PyErr_SetString(PyExc_RuntimeError, "the copy pool is closed");
@@ -246,11 +256,19 @@ static PyObject *pool_copy(Pool *p, PyObject *args) {
         t->left++;
     }
     pthread_mutex_lock(&p->lock);
-    if (p->tail == NULL)
-        p->head = first;
-    else
-        p->tail->next = first;
-    p->tail = last;
+    if (urgent) {
+        if (p->utail == NULL)
+            p->uhead = first;
+        else
+            p->utail->next = first;
+        p->utail = last;
+    } else {
+        if (p->tail == NULL)
+            p->head = first;
+        else
+            p->tail->next = first;
+        p->tail = last;
+    }
     if (t->left > 1)
         pthread_cond_broadcast(&p->cond);
     else
@@ -295,7 +313,7 @@ static void pool_dealloc(Pool *p) {
 
 static PyMethodDef pool_methods[] = {
     {"copy", (PyCFunction)pool_copy, METH_VARARGS,
-     "copy(dst, src, pieces) -> Ticket: start copying src into dst."},
+     "copy(dst, src, pieces, urgent=False) -> Ticket: start copying src into dst."},
     {"close", (PyCFunction)pool_close, METH_NOARGS,
      "Finish every queued piece, then stop the threads."},
     {NULL, NULL, 0, NULL},

@@ -73,7 +73,8 @@ class Sink:
         """Begin moving a complete download from ``dest`` into ``final``."""
         if final is None or dest is final:
             return DONE
-        return self._stager.copy(final, dest)
+        # results are waited for in order, staging copies only batches later
+        return self._stager.copy(final, dest, urgent=self._stager.URGENT_RESULTS)
 
     def deliver(self, dest: np.ndarray, final: Optional[np.ndarray],
                 ticket: Optional[Ticket] = None) -> np.ndarray:
