@@ -1,0 +1,85 @@
+"""Interleaved A/B of the host copies behind ``stream_map(out=)`` on pageable data.
+
+Variants run in turn, round after round, so drift of the machine (host memory
+bandwidth varies from run to run on shared hosts) falls on all of them alike:
+native copy threads or Python workers, piece size, results ahead of staging or
+not, against the threaded hand-written CuPy loops and the host-copy floor
+(``data_path.host_copies`` with 16 threads). Every output is checked. Run on a
+CUDA machine:
+
+    python benchmarks/copy_ab.py [--rounds 6] [--mib 4,16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from typing import Any, Callable, Dict, List
+
+import numpy as np
+
+import data_path as dp
+import prism_gpu as pg
+import prism_loops
+from prism_gpu import _staging
+
+
+def _prism(ctx: Any, d: dp.Data, kernel: Any, native: bool, chunk: int, urgent: bool
+           ) -> Callable[[], float]:
+    def run() -> float:
+        os.environ["PRISM_GPU_NATIVE_COPY"] = "1" if native else "0"
+        _staging.Stager.NATIVE_CHUNK = chunk
+        _staging.Stager.URGENT_RESULTS = urgent
+        t = time.perf_counter()
+        for _ in pg.stream_map(kernel, d.batches(), ctx=ctx, extra=(0.0,), out=d.dst):
+            pass
+        return time.perf_counter() - t
+    return run
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--mib", default="4,16")
+    args = ap.parse_args()
+    defaults = (_staging.Stager.NATIVE_CHUNK, _staging.Stager.URGENT_RESULTS)
+    ctx = pg.ManagedGpuContext(backend="cuda")
+    try:
+        for mib in (int(m) for m in args.mib.split(",")):
+            d = dp.Data(mib)
+            k = prism_loops.kernel(d.n)
+            variants: Dict[str, Callable[[], float]] = {
+                f"prism native, {c >> 10} KiB pieces, results first {u}":
+                    _prism(ctx, d, k, True, c, u)
+                for c in (512 << 10, 256 << 10, 128 << 10) for u in (True, False)}
+            variants["prism Python workers"] = _prism(ctx, d, k, False, *defaults)
+            variants["CuPy threaded, 8 threads"] = lambda: dp.cupy_threaded(d, 8)
+            variants["CuPy threaded, 16 threads"] = lambda: dp.cupy_threaded(d, 16)
+            secs: Dict[str, List[float]] = {name: [] for name in variants}
+            host: List[float] = []
+            for rnd in range(args.rounds + 1):   # the first round warms up
+                host.append(dp.host_copies(d, 16))
+                for name, fn in variants.items():
+                    d.dst.fill(np.nan)
+                    s = fn()
+                    if not d.check(d.dst):
+                        raise AssertionError(f"{name}: wrong output")
+                    if rnd:
+                        secs[name].append(s)
+            floor = min(host[1:])
+            print(f"--- {mib} MiB batches, 1 GiB: host-copy floor {d.gb / floor:.2f} GB/s")
+            for name, v in secs.items():
+                m = statistics.median(v)
+                print(f"{name:48s} {d.gb / m:6.2f} GB/s (best {d.gb / min(v):6.2f}), "
+                      f"{m / floor:.3f}x the floor's time", flush=True)
+    finally:
+        _staging.Stager.NATIVE_CHUNK, _staging.Stager.URGENT_RESULTS = defaults
+        os.environ.pop("PRISM_GPU_NATIVE_COPY", None)
+        ctx.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
