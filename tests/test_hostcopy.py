@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import gc
 import os
+import subprocess
+import sys
 import threading
+import weakref
 from typing import Any, Iterator
 
 import numpy as np
@@ -227,3 +230,214 @@ def test_urgent_copies_are_taken_before_queued_ones(rng: np.random.Generator) ->
     for t in later:
         t.wait()
     p.close()
+
+
+def _run_script(code: str) -> "subprocess.CompletedProcess[str]":
+    """``code`` in a fresh interpreter (20 s at most: a hang fails the test)."""
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=20)
+
+
+def test_object_dtypes_are_copied_with_their_references(pool: CopyPool) -> None:
+    """Arrays of Python objects (and numpy's strings, which point into an arena of the
+    array) are not plain bytes: copying their bytes would copy pointers without a
+    reference, freed once the source goes."""
+    marker = object()
+    src = np.array([marker] * 1000, dtype=object)
+    dst = np.empty(1000, dtype=object)
+    before = sys.getrefcount(marker)
+    pool.copy(dst, src).wait()
+    assert sys.getrefcount(marker) == before + 1000
+    assert all(x is marker for x in dst)
+    del src
+    assert sys.getrefcount(marker) == before
+    strings = getattr(getattr(np, "dtypes", None), "StringDType", None)  # numpy 2
+    if strings is not None:
+        words = np.array([f"word {i} " * 20 for i in range(100)], dtype=strings())
+        out = np.empty(100, dtype=strings())
+        pool.copy(out, words).wait()
+        expected = words.tolist()
+        del words
+        gc.collect()
+        assert out.tolist() == expected
+
+
+def test_dtypes_without_a_buffer_format_still_copy(pool: CopyPool) -> None:
+    for src in (np.arange(5000).astype("M8[s]"), np.arange(5000).astype("m8[ms]"),
+                np.zeros(5000, [("x", "<i4"), ("y", "<f8")]), np.arange(5000, dtype="e")):
+        dst = np.zeros_like(src)
+        pool.copy(dst, src).wait()
+        np.testing.assert_array_equal(dst, src)
+
+
+@needs_native
+def test_native_pool_refuses_buffers_of_python_objects() -> None:
+    p = _hostcopy.Pool(1)
+    with pytest.raises(ValueError, match="Python objects"):
+        p.copy(np.empty(10, object), np.array([None] * 10, object), 1)
+    with pytest.raises(ValueError, match="Python objects"):
+        p.copy(np.empty(4, [("a", "O"), ("b", "<i4")]), np.zeros(4, [("a", "O"), ("b", "<i4")]),
+               1)
+    p.close()
+
+
+@needs_native
+def test_huge_piece_counts_cost_no_memory() -> None:
+    """A piece count near the largest integer once overflowed into pieces of no bytes:
+    jobs were made until memory ran out (here: a cap on the address space)."""
+    done = _run_script(
+        "import resource, sys, numpy as np\n"
+        "from prism_gpu import _hostcopy\n"
+        "vm = [int(line.split()[1]) for line in open('/proc/self/status')\n"
+        "      if line.startswith('VmSize')][0] * 1024\n"
+        "p = _hostcopy.Pool(2)\n"
+        "a, b = np.arange(1000.0), np.zeros(1000)\n"
+        "p.copy(b, a, 1).wait()\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (vm + (512 << 20), resource.RLIM_INFINITY))\n"
+        "for n in (sys.maxsize, sys.maxsize - 500, 1 << 62, -sys.maxsize - 1, 0, 10**6):\n"
+        "    b[:] = 0\n"
+        "    p.copy(b, a, n).wait()\n"
+        "    assert (b == a).all(), n\n"
+        "p.close()\n"
+        "print('ok')\n")
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+def test_copies_after_close_are_refused_on_every_path(pool: CopyPool) -> None:
+    """Closed is closed: a copy after close (plain or not, native threads or not) raises
+    instead of starting threads that nobody stops (or queuing behind their stop)."""
+    pool.copy(np.zeros(1 << 17), np.ones(1 << 17)).wait()
+    pool.copy(np.zeros(1 << 18)[::2], np.ones(1 << 17)).wait()
+    pool.close()
+    before = _os_threads()
+    with pytest.raises(RuntimeError, match="closed"):
+        pool.copy(np.zeros(1 << 17)[::1], np.ones(1 << 17))
+    with pytest.raises(RuntimeError, match="closed"):
+        pool.copy(np.zeros(1 << 18)[::2], np.ones(1 << 17))
+    assert _os_threads() <= before  # (threads joined just now may still be ending)
+    pool.close()  # again: nothing to do
+
+
+def test_closing_from_several_threads_at_once(pool: CopyPool) -> None:
+    """Every close returns once the queued copies are complete, and a copy after them is
+    refused. (Closes at once queued a stop per worker each: the workers a later copy
+    started took the extra stops and exited, and that copy never completed.)"""
+    src = np.arange(1 << 22, dtype=np.float64)
+    dst = np.zeros_like(src)
+    pool.copy(dst, src)
+    pool.copy(np.zeros(1 << 23)[::2], src)
+    seen = []
+
+    def close() -> None:
+        pool.close()
+        seen.append(bool(dst[-1] == src[-1]))
+
+    closers = [threading.Thread(target=close) for _ in range(4)]
+    for t in closers:
+        t.start()
+    for t in closers:
+        t.join()
+    assert seen == [True] * 4
+    with pytest.raises(RuntimeError, match="closed"):
+        pool.copy(np.zeros(1 << 18)[::2], np.ones(1 << 17))
+
+
+def test_a_smaller_source_is_broadcast_not_copied_in_part(pool: CopyPool) -> None:
+    """Pieces are cut only from arrays of the same shape; anything else is numpy's."""
+    dst = np.zeros(1 << 20, np.uint8)
+    pool.copy(dst, np.ones(1, np.uint8)).wait()
+    assert (dst == 1).all()
+    with pytest.raises(ValueError):
+        pool.copy(np.zeros(1 << 20, np.uint8), np.ones(3, np.uint8)).wait()
+
+
+@needs_native
+def test_a_second_close_waits_for_the_queued_copies(rng: np.random.Generator) -> None:
+    """close() from a second thread, while the first is stopping the workers, returns
+    once every queued piece is copied too (it returned at once). About 256 MiB are
+    queued behind one worker: the first close is still waiting for them."""
+    p = _hostcopy.Pool(1)
+    src = rng.integers(0, 255, 8 << 20, dtype=np.uint8)
+    dst = np.empty_like(src)
+    queued = [p.copy(dst, src, 1) for _ in range(32)]
+    first = threading.Thread(target=p.close)
+    first.start()
+    while not p.closed:
+        pass
+    p.close()
+    assert all(t.done() for t in queued)
+    first.join()
+    np.testing.assert_array_equal(dst, src)
+
+
+@needs_native
+def test_a_forked_child_neither_hangs_nor_copies_with_threads_it_lacks() -> None:
+    """After fork the child has the pool but not its threads: closing it, dropping it and
+    its tickets, and exiting must not wait for threads that are not there; a copy the
+    child starts is refused; a copy still in flight at the fork is not complete there."""
+    done = _run_script(
+        "import os, sys, numpy as np\n"
+        "from prism_gpu import _hostcopy\n"
+        "p = _hostcopy.Pool(1)\n"
+        "src = np.ones(8 << 20, np.uint8)\n"
+        "dst = np.zeros_like(src)\n"
+        "p.copy(dst, src, 1).wait()\n"
+        "queued = [p.copy(dst, src, 1) for _ in range(32)]\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    try:\n"
+        "        queued[-1].wait()\n"
+        "        sys.exit(3)\n"
+        "    except RuntimeError:\n"
+        "        pass\n"
+        "    queued[-1].done()\n"
+        "    try:\n"
+        "        p.copy(np.zeros(10), np.ones(10), 1)\n"
+        "        sys.exit(4)\n"
+        "    except RuntimeError:\n"
+        "        pass\n"
+        "    p.close()\n"
+        "    sys.exit(0)  # a normal exit: the pool and its tickets are freed here\n"
+        "_, status = os.waitpid(pid, 0)\n"
+        "for t in queued:\n"
+        "    t.wait()\n"
+        "p.close()\n"
+        "print(os.waitstatus_to_exitcode(status), int(dst.min()))\n")
+    assert done.returncode == 0 and done.stdout.split() == ["0", "1"], (done.stdout,
+                                                                       done.stderr)
+
+
+@needs_native
+@pytest.mark.skipif(sys.version_info < (3, 12),
+                    reason="Python classes export buffers from 3.12 on")
+def test_a_pool_closed_while_a_buffer_is_exported_takes_no_copy() -> None:
+    """Exporting a buffer may run Python code (a class's __buffer__), which may close the
+    pool: the copy is refused then, not queued for threads that are gone."""
+    p = _hostcopy.Pool(2)
+    p.copy(np.zeros(10), np.ones(10), 1).wait()
+    before = _os_threads()
+
+    class Closing:
+        def __init__(self) -> None:
+            self.data = bytearray(1 << 16)
+
+        def __buffer__(self, flags: int) -> memoryview:
+            p.close()
+            return memoryview(self.data)
+
+    with pytest.raises(RuntimeError, match="closed"):
+        p.copy(Closing(), bytes(1 << 16), 2)
+    assert _os_threads() <= before
+
+
+def test_workers_let_go_of_the_arrays_once_the_copy_is_complete(pool: CopyPool) -> None:
+    """A worker kept its last piece's arrays until its next job: the result pool, which
+    reuses a buffer only once nothing else refers to it, saw it as still in use."""
+    for shape in ((1 << 10,), (1 << 20,), (1 << 11, 2)):
+        src = np.ones(shape)
+        dst = np.zeros(shape)
+        alive = [weakref.ref(src), weakref.ref(dst)]
+        pool.copy(dst if len(shape) == 1 else dst[:, :1], src if len(shape) == 1
+                  else src[:, :1]).wait()
+        del src, dst
+        assert [r() for r in alive] == [None, None], shape

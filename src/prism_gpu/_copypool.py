@@ -4,7 +4,8 @@ Every bit of Python a worker runs needs the GIL, which the thread queuing
 device work also needs: a general executor (a Future, a condition and a few
 locks per task) made the workers and the queuing thread take turns. Where the
 native extension is built, plain copies (same dtype and shape, C-contiguous,
-not overlapping) run on native threads that never take the GIL; the rest, and
+not overlapping) run on native threads that never take the GIL (arrays of Python objects,
+numpy's strings included, are not plain bytes: never there); the rest, and
 everything where the extension is missing, on Python workers: a worker takes a
 piece from a queue, copies it with the GIL released (numpy does that for plain
 copies), and counts it done; the last piece of a copy releases one lock the
@@ -79,18 +80,23 @@ def _work(jobs: "queue.SimpleQueue[Any]") -> None:
         if job is None:
             return
         ticket, dst, src = job
+        error = None
         try:
             copyto(dst, src)
         except BaseException as exc:  # noqa: BLE001 - reported by the ticket's wait
-            ticket._piece_done(exc)
-        else:
-            ticket._piece_done(None)
+            error = exc
+        # let go of the arrays before the waiter wakes (the result pool reuses a
+        # buffer only once nothing else refers to it), not at the next job
+        del job, dst, src
+        ticket._piece_done(error)
+        del ticket, error
 
 
 class CopyPool:
     """``workers`` threads, started on first use, copying pieces of at least ``chunk``
     bytes (``native_workers`` native threads and pieces of ``native_chunk`` bytes for
-    plain copies); :meth:`close` waits for every queued copy and stops them."""
+    plain copies); :meth:`close` waits for every queued copy and stops them, and
+    copies after it raise RuntimeError."""
 
     def __init__(self, workers: int, chunk: int, native_workers: int = 0,
                  native_chunk: int = 1 << 20) -> None:
@@ -100,12 +106,15 @@ class CopyPool:
         self._threads: List[threading.Thread] = []
         self._native = _hostcopy.Pool(native_workers) if native_workers and native() else None
         self._native_pieces = (native_workers, native_chunk)
+        self._lock = threading.Lock()  # closing against queuing on the Python workers
+        self._closed = False
 
     def copy(self, dst: np.ndarray, src: np.ndarray, urgent: bool = False) -> Ticket:
         """Start copying ``src`` into ``dst`` (same shape). ``urgent``: taken before the
         other queued copies (native threads only), for one someone waits for next."""
         fast = self._native
         if fast is not None and dst.dtype == src.dtype and dst.shape == src.shape \
+                and not dst.dtype.hasobject \
                 and dst.flags.c_contiguous and src.flags.c_contiguous \
                 and dst.flags.writeable and not np.may_share_memory(dst, src):
             workers, chunk = self._native_pieces
@@ -114,31 +123,37 @@ class CopyPool:
                     dst, src, max(1, min(workers, dst.nbytes // chunk)), urgent)
             except (ValueError, TypeError, BufferError):
                 pass  # a dtype without a buffer format: numpy copies it below
-        if not self._threads:
-            for i in range(self.workers):
-                t = threading.Thread(target=_work, args=(self._jobs,), daemon=True,
-                                     name=f"prism-gpu-copy-{i}")
-                t.start()
-                self._threads.append(t)
-        pieces = min(self.workers, dst.nbytes // self.chunk)
-        if pieces < 2 or not (dst.flags.c_contiguous and src.flags.c_contiguous):
-            ticket = _PyTicket(1)
-            self._jobs.put((ticket, dst, src))
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the copy pool is closed")
+            if not self._threads:
+                for i in range(self.workers):
+                    t = threading.Thread(target=_work, args=(self._jobs,), daemon=True,
+                                         name=f"prism-gpu-copy-{i}")
+                    t.start()
+                    self._threads.append(t)
+            pieces = min(self.workers, dst.nbytes // self.chunk)
+            if pieces < 2 or dst.shape != src.shape \
+                    or not (dst.flags.c_contiguous and src.flags.c_contiguous):
+                ticket = _PyTicket(1)
+                self._jobs.put((ticket, dst, src))
+                return ticket
+            d, s = dst.reshape(-1), src.reshape(-1)
+            step = -(-len(s) // pieces)
+            starts = range(0, len(s), step)
+            ticket = _PyTicket(len(starts))
+            put = self._jobs.put
+            for i in starts:
+                put((ticket, d[i:i + step], s[i:i + step]))
             return ticket
-        d, s = dst.reshape(-1), src.reshape(-1)
-        step = -(-len(s) // pieces)
-        starts = range(0, len(s), step)
-        ticket = _PyTicket(len(starts))
-        put = self._jobs.put
-        for i in starts:
-            put((ticket, d[i:i + step], s[i:i + step]))
-        return ticket
 
     def close(self) -> None:
+        with self._lock:  # no copy is queued on the Python workers after this
+            first, self._closed = not self._closed, True
         if self._native is not None:
             self._native.close()  # after every queued piece: those finish first
-        for _ in self._threads:
-            self._jobs.put(None)  # after every queued piece: those finish first
-        for t in self._threads:
+        if first:
+            for _ in self._threads:
+                self._jobs.put(None)  # after every queued piece: those finish first
+        for t in self._threads:  # a second close, from another thread, waits too
             t.join()
-        self._threads.clear()

@@ -12,16 +12,21 @@
  *                            same size that do not overlap; n pieces; urgent
  *                            pieces are taken before the others (each kind in order)
  * Pool.close()             finishes every queued piece, then stops the threads
+ *                          (a second close, from another thread, waits for them too)
  * Ticket.wait()            blocks (GIL released) until every piece is copied
  * Ticket.done()            never blocks
  * address(buffer)          the address of a buffer's first element
  * A ticket holds both buffers until its copy is complete; a ticket dropped early
- * waits for its pieces before it lets go of them.
+ * waits for its pieces before it lets go of them. Buffers of Python objects (format
+ * 'O') are refused: their bytes are references. After fork the child has the pool
+ * but not its threads: there, the pool takes no copy and a ticket waits for nothing
+ * (wait() raises if its copy was not complete at the fork).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <pthread.h>
 #include <string.h>
+#include <unistd.h>
 
 typedef struct {
     PyObject_HEAD
@@ -29,6 +34,7 @@ typedef struct {
     pthread_cond_t cond;
     Py_ssize_t left;  /* pieces not copied yet */
     int held;         /* the buffers below are held */
+    pid_t pid;        /* the process whose threads copy the pieces */
     Py_buffer dst, src;
 } Ticket;
 
@@ -48,7 +54,9 @@ typedef struct {
     Job *uhead, *utail;  /* urgent ones: taken first, in order */
     int stop;
     int workers;
-    int started;
+    int started;         /* threads started and not joined yet */
+    int running;         /* threads not finished yet (under lock) */
+    pid_t pid;           /* the process that started them */
     pthread_t *threads;
 } Pool;
 
@@ -56,28 +64,42 @@ static PyTypeObject TicketType;
 
 /* Ticket ------------------------------------------------------------------ */
 
-static void ticket_settle(Ticket *t) {
-    /* wait, without the GIL, until no worker will touch t again */
-    Py_BEGIN_ALLOW_THREADS
-    pthread_mutex_lock(&t->lock);
-    while (t->left > 0)
-        pthread_cond_wait(&t->cond, &t->lock);
-    pthread_mutex_unlock(&t->lock);
-    Py_END_ALLOW_THREADS
+static int ticket_settle(Ticket *t) {
+    /* wait, without the GIL, until no worker will touch t again; 0 when t came
+       here through fork with pieces left: no thread of this process copies them */
+    int complete = 1;
+    if (t->pid != getpid()) {
+        complete = t->left == 0;  /* no lock: it may have been held at the fork */
+    } else {
+        Py_BEGIN_ALLOW_THREADS
+        pthread_mutex_lock(&t->lock);
+        while (t->left > 0)
+            pthread_cond_wait(&t->cond, &t->lock);
+        pthread_mutex_unlock(&t->lock);
+        Py_END_ALLOW_THREADS
+    }
     if (t->held) {
         t->held = 0;
         PyBuffer_Release(&t->dst);
         PyBuffer_Release(&t->src);
     }
+    return complete;
 }
 
 static PyObject *ticket_wait(Ticket *t, PyObject *unused) {
-    ticket_settle(t);
+    if (!ticket_settle(t)) {
+        PyErr_SetString(PyExc_RuntimeError,
+                        "this copy was in flight when the process forked: it is not "
+                        "complete in the child");
+        return NULL;
+    }
     Py_RETURN_NONE;
 }
 
 static PyObject *ticket_done(Ticket *t, PyObject *unused) {
     Py_ssize_t left;
+    if (t->pid != getpid())
+        return PyBool_FromLong(t->left == 0);
     pthread_mutex_lock(&t->lock);
     left = t->left;
     pthread_mutex_unlock(&t->lock);
@@ -128,6 +150,8 @@ static void *worker(void *arg) {
             if (p->head == NULL)
                 p->tail = NULL;
         } else {  /* stopping, and nothing is left */
+            if (--p->running == 0)
+                pthread_cond_broadcast(&p->cond);  /* for pool_stop */
             pthread_mutex_unlock(&p->lock);
             return NULL;
         }
@@ -167,16 +191,25 @@ static int pool_init(Pool *p, PyObject *args, PyObject *kwds) {
 }
 
 static int pool_start(Pool *p) {
-    while (p->started < p->workers) {
-        if (pthread_create(&p->threads[p->started], NULL, worker, p) != 0) {
-            if (p->started > 0)
-                return 0;  /* fewer workers still copy everything */
-            PyErr_SetString(PyExc_RuntimeError, "could not start a copy thread");
-            return -1;
-        }
+    if (p->started == 0)
+        p->pid = getpid();
+    pthread_mutex_lock(&p->lock);
+    while (p->started < p->workers
+           && pthread_create(&p->threads[p->started], NULL, worker, p) == 0) {
         p->started++;
+        p->running++;
+    }
+    pthread_mutex_unlock(&p->lock);
+    if (p->started == 0) {  /* fewer workers still copy everything; none do not */
+        PyErr_SetString(PyExc_RuntimeError, "could not start a copy thread");
+        return -1;
     }
     return 0;
+}
+
+static int pool_forked(Pool *p) {
+    /* the threads were started by the parent of this (forked) process */
+    return p->pid != 0 && p->pid != getpid();
 }
 
 static PyObject *pool_copy(Pool *p, PyObject *args) {
@@ -187,27 +220,39 @@ static PyObject *pool_copy(Pool *p, PyObject *args) {
     Job *first = NULL, *last = NULL;
     if (!PyArg_ParseTuple(args, "OOn|p", &dst_obj, &src_obj, &pieces, &urgent))
         return NULL;
-    if (p->threads == NULL || p->stop) {
-        PyErr_SetString(PyExc_RuntimeError, "the copy pool is closed");
-        return NULL;
-    }
     t = PyObject_New(Ticket, &TicketType);
     if (t == NULL)
         return NULL;
     t->held = 0;
     t->left = 0;
+    t->pid = getpid();
     pthread_mutex_init(&t->lock, NULL);
     pthread_cond_init(&t->cond, NULL);
-    if (PyObject_GetBuffer(dst_obj, &t->dst, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) < 0) {
+    if (PyObject_GetBuffer(dst_obj, &t->dst,
+                           PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE | PyBUF_FORMAT) < 0) {
         Py_DECREF(t);
         return NULL;
     }
-    if (PyObject_GetBuffer(src_obj, &t->src, PyBUF_C_CONTIGUOUS) < 0) {
+    if (PyObject_GetBuffer(src_obj, &t->src, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0) {
         PyBuffer_Release(&t->dst);
         Py_DECREF(t);
         return NULL;
     }
     t->held = 1;
+    /* checked after the exports, which may run Python code (that may close p) */
+    if (p->threads == NULL || p->stop || pool_forked(p)) {
+        PyErr_SetString(PyExc_RuntimeError, p->stop || p->threads == NULL
+                        ? "the copy pool is closed"
+                        : "the copy pool's threads are in the parent process (fork)");
+        Py_DECREF(t);
+        return NULL;
+    }
+    if ((t->dst.format != NULL && strchr(t->dst.format, 'O') != NULL)
+        || (t->src.format != NULL && strchr(t->src.format, 'O') != NULL)) {
+        PyErr_SetString(PyExc_ValueError, "buffers of Python objects are not plain bytes");
+        Py_DECREF(t);
+        return NULL;
+    }
     if (t->dst.len != t->src.len) {
         PyErr_SetString(PyExc_ValueError, "dst and src differ in size");
         Py_DECREF(t);
@@ -229,6 +274,8 @@ static PyObject *pool_copy(Pool *p, PyObject *args) {
     }
     if (pieces < 1)
         pieces = 1;
+    if (pieces > t->dst.len)  /* and no overflow below */
+        pieces = t->dst.len;
     step = (t->dst.len + pieces - 1) / pieces;
     step = (step + 63) & ~(Py_ssize_t)63;  /* pieces start on cache lines */
     for (i = 0; i < t->dst.len; i += step) {
@@ -278,18 +325,28 @@ static PyObject *pool_copy(Pool *p, PyObject *args) {
 }
 
 static void pool_stop(Pool *p) {
+    /* returns once every queued piece is copied, also while another thread closes */
     int i, started = p->started;
-    if (p->threads == NULL || p->stop)
+    if (p->threads == NULL)
         return;
+    if (pool_forked(p)) {  /* no thread to stop or wait for in this process */
+        p->stop = 1;
+        p->started = p->running = 0;
+        return;
+    }
     pthread_mutex_lock(&p->lock);
     p->stop = 1;
     pthread_cond_broadcast(&p->cond);
     pthread_mutex_unlock(&p->lock);
+    p->started = 0;  /* joined by this caller; a concurrent one waits below */
     Py_BEGIN_ALLOW_THREADS
     for (i = 0; i < started; i++)
         pthread_join(p->threads[i], NULL);
+    pthread_mutex_lock(&p->lock);
+    while (p->running > 0)
+        pthread_cond_wait(&p->cond, &p->lock);
+    pthread_mutex_unlock(&p->lock);
     Py_END_ALLOW_THREADS
-    p->started = 0;
 }
 
 static PyObject *pool_close(Pool *p, PyObject *unused) {
@@ -313,7 +370,8 @@ static void pool_dealloc(Pool *p) {
 
 static PyMethodDef pool_methods[] = {
     {"copy", (PyCFunction)pool_copy, METH_VARARGS,
-     "copy(dst, src, pieces, urgent=False) -> Ticket: start copying src into dst."},
+     "copy(dst, src, pieces, urgent=False) -> Ticket: start copying src into dst\n"
+     "(arguments by position only)."},
     {"close", (PyCFunction)pool_close, METH_NOARGS,
      "Finish every queued piece, then stop the threads."},
     {NULL, NULL, 0, NULL},
