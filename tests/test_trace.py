@@ -258,3 +258,22 @@ def test_nvtx_range_names() -> None:
         pytest.skip("PRISM_GPU_NVTX=0")
     mark = _nvtx.range_start("MainCompute", "compute", "affine")
     _nvtx.range_end(mark)
+
+
+def test_a_dropped_trace_is_not_kept_alive_by_the_coordinators_it_saw(
+        device: Any, rng: np.random.Generator) -> None:
+    import gc
+    import weakref
+
+    with pg.AsyncCoordinator(device) as coord:
+        buf = pg.TripleBuffer(device, 64)
+        with pg.trace() as tr:
+            _pattern1(coord, buf, [rand(rng, 64)], [np.empty(64, F32)])
+        assert len(tr.ops) == 3
+        ref = weakref.ref(tr)
+        del tr
+        gc.collect()
+        assert ref() is None
+        with pg.trace() as tr2:   # the same coordinator, recorded by the next trace
+            _pattern1(coord, buf, [rand(rng, 64)], [np.empty(64, F32)])
+        assert len(tr2.ops) == 3

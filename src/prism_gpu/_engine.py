@@ -9,6 +9,7 @@ are bounded: past ``max_in_flight`` a submit blocks on the oldest.
 from __future__ import annotations
 
 import collections
+import weakref
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from ._errors import (InvalidOperationError, PrismGpuError)
@@ -20,8 +21,6 @@ from ._optable import OpTable, scrub
 from .backends._protocol import Device, Event
 
 __all__ = ["Engine", "Lane", "Op", "Root", "H2D", "D2H", "LAUNCH"]
-
-_COMPUTE = OpType.COMPUTE
 
 
 class Engine:
@@ -55,7 +54,7 @@ class Engine:
         self._roots: "collections.OrderedDict[int, Tuple[BaseException, Root]]" = \
             collections.OrderedDict()
         self._harvesting = False
-        self._tracer: Any = None  # the trace this engine last recorded for
+        self._tracer: Any = None  # a weak reference to the trace last recorded for
         self._callback_errors: List[BaseException] = []
         self.closed = False
 
@@ -131,9 +130,9 @@ class Engine:
         tracer = _trace.ACTIVE
         if tracer is not None:
             # a traced op: a start stamp, and its closing record (a timing event) is its end
-            if self._tracer is not tracer:
+            if self._tracer is None or self._tracer() is not tracer:
                 tracer.begin(self, lane)
-                self._tracer = tracer
+                self._tracer = weakref.ref(tracer)  # a dropped trace is not kept alive
             op.trace = (tracer, _trace.current_index(),
                         b.nbytes if kind == H2D else a.nbytes if kind == D2H else 0,
                         self.timing if timing is None else timing)  # asked for apart
