@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import math
 import collections
+import math
 import time
 from typing import Any, Callable, Deque, Dict, Optional, Tuple
 

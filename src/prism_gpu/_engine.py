@@ -127,6 +127,7 @@ class Engine:
                 ev = dep.event
                 if ev is not None:
                     stream.wait(ev, propagate=False)
+        timed = self.timing if timing is None else timing  # asked for, apart from tracing
         tracer = _trace.ACTIVE
         if tracer is not None:
             # a traced op: a start stamp, and its closing record (a timing event) is its end
@@ -134,11 +135,10 @@ class Engine:
                 tracer.begin(self, lane)
                 self._tracer = weakref.ref(tracer)  # a dropped trace is not kept alive
             op.trace = (tracer, _trace.current_index(),
-                        b.nbytes if kind == H2D else a.nbytes if kind == D2H else 0,
-                        self.timing if timing is None else timing)  # asked for apart
+                        b.nbytes if kind == H2D else a.nbytes if kind == D2H else 0, timed)
         mark = _nvtx.range_start(lane.name, op_type.value, name) if _nvtx.ON else None
         start = None
-        if tracer is not None or (self.timing if timing is None else timing):
+        if timed or tracer is not None:
             pool = self._tpool
             start = op.start = pool.pop() if pool else self.device.create_event(True)
             stream.record(start, stamp=True)

@@ -154,7 +154,7 @@ class PinnedAllocator:
         hit = cls._info.get(key)
         if hit is not None and hit[0]() is array and hit[3] == REGISTERED.generation:
             return hit[1], hit[2]
-        info = (host_ptr(array), cls.is_pinned(array))
+        info = (host_address(array), cls.is_pinned(array))
         cache = cls._info
         if len(cache) > 4096:
             cache.clear()
@@ -177,10 +177,6 @@ def register_host(driver: Any, check: Any, array: np.ndarray) -> Tuple[int, int]
 def unregister_host(driver: Any, check: Any, span: Tuple[int, int]) -> None:
     REGISTERED.remove(*span)
     check(driver.cuMemHostUnregister(span[0]), "unregistering host memory")
-
-
-def host_ptr(array: np.ndarray) -> int:
-    return host_address(array)
 
 
 class StagingPool:
@@ -235,4 +231,4 @@ def device_alloc(dev: Any, stream: Any, nbytes: int, device_id: int) -> DeviceAr
     return DeviceArray(int(buf.handle), (int(nbytes),), np.dtype(np.uint8), buf, device_id)
 
 
-__all__ = ["DeviceArray", "PinnedAllocator", "StagingPool", "device_alloc", "host_ptr"]
+__all__ = ["DeviceArray", "PinnedAllocator", "StagingPool", "device_alloc"]

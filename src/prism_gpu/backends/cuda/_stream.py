@@ -8,7 +8,8 @@ from typing import Any, Callable, Iterable, List, Optional, Sequence
 import numpy as np
 
 from ._driver import SUCCESS, check, driver, error, from_cuda_exception
-from ._memory import DeviceArray, host_ptr
+from .._hostranges import host_address
+from ._memory import DeviceArray
 
 _memcpy = driver.cuMemcpyAsync
 
@@ -117,7 +118,7 @@ class CudaStream:
             # may change ``src`` as soon as this returns.
             cls, stage = dev.staging.take(nbytes)
             np.copyto(stage[:nbytes].view(src.dtype).reshape(src.shape), src)
-            (err,) = _memcpy(dst.ptr, host_ptr(stage), nbytes, self._h)
+            (err,) = _memcpy(dst.ptr, host_address(stage), nbytes, self._h)
             ev = dev.create_event(False)
             self.record(ev)
             dev.staging.give_back_after(cls, stage, ev)
@@ -135,7 +136,7 @@ class CudaStream:
                 raise error(err, "device-to-host copy")
             return
         cls, stage = dev.staging.take(nbytes)
-        (err,) = _memcpy(host_ptr(stage), src.ptr, nbytes, self._h)
+        (err,) = _memcpy(host_address(stage), src.ptr, nbytes, self._h)
         if err != SUCCESS:
             dev.staging.give_back(cls, stage)
             raise error(err, "device-to-host copy")
