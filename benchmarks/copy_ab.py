@@ -2,9 +2,9 @@
 
 Variants run in turn, round after round, so drift of the machine (host memory
 bandwidth varies from run to run on shared hosts) falls on all of them alike:
-native copy threads or Python workers, piece size, results ahead of staging or
-not, against the threaded hand-written CuPy loops and the host-copy floor
-(``data_path.host_copies`` with 16 threads). Every output is checked. Run on a
+native copy threads or Python workers, how many, piece size, non-temporal
+stores or memmove, against the threaded hand-written CuPy loops and the
+host-copy floor (``data_path.host_copies`` with 16 threads). Every output is checked. Run on a
 CUDA machine:
 
     python benchmarks/copy_ab.py [--rounds 6] [--mib 4,16]
@@ -26,12 +26,15 @@ import prism_loops
 from prism_gpu import _staging
 
 
-def _prism(ctx: Any, d: dp.Data, kernel: Any, native: bool, chunk: int, urgent: bool
+SETTINGS = ("NATIVE_WORKERS", "NATIVE_CHUNK", "NATIVE_STREAM", "URGENT_RESULTS")
+
+
+def _prism(ctx: Any, d: dp.Data, kernel: Any, native: bool, **settings: Any
            ) -> Callable[[], float]:
     def run() -> float:
         os.environ["PRISM_GPU_NATIVE_COPY"] = "1" if native else "0"
-        _staging.Stager.NATIVE_CHUNK = chunk
-        _staging.Stager.URGENT_RESULTS = urgent
+        for k, v in settings.items():
+            setattr(_staging.Stager, k, v)
         t = time.perf_counter()
         for _ in pg.stream_map(kernel, d.batches(), ctx=ctx, extra=(0.0,), out=d.dst):
             pass
@@ -44,17 +47,20 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--mib", default="4,16")
     args = ap.parse_args()
-    defaults = (_staging.Stager.NATIVE_CHUNK, _staging.Stager.URGENT_RESULTS)
+    defaults = {k: getattr(_staging.Stager, k) for k in SETTINGS}
     ctx = pg.ManagedGpuContext(backend="cuda")
     try:
         for mib in (int(m) for m in args.mib.split(",")):
             d = dp.Data(mib)
             k = prism_loops.kernel(d.n)
             variants: Dict[str, Callable[[], float]] = {
-                f"prism native, {c >> 10} KiB pieces, results first {u}":
-                    _prism(ctx, d, k, True, c, u)
-                for c in (512 << 10, 256 << 10, 128 << 10) for u in (True, False)}
-            variants["prism Python workers"] = _prism(ctx, d, k, False, *defaults)
+                f"prism native, {w} threads, {c >> 10} KiB, stream {st}":
+                    _prism(ctx, d, k, True, NATIVE_WORKERS=w, NATIVE_CHUNK=c,
+                           NATIVE_STREAM=st, URGENT_RESULTS=True)
+                for w, c, st in ((16, 256 << 10, False), (16, 256 << 10, True),
+                                 (12, 256 << 10, True), (16, 1 << 20, True),
+                                 (24, 256 << 10, True))}
+            variants["prism Python workers"] = _prism(ctx, d, k, False, **defaults)
             variants["CuPy threaded, 8 threads"] = lambda: dp.cupy_threaded(d, 8)
             variants["CuPy threaded, 16 threads"] = lambda: dp.cupy_threaded(d, 16)
             secs: Dict[str, List[float]] = {name: [] for name in variants}
@@ -75,7 +81,8 @@ def main() -> int:
                 print(f"{name:48s} {d.gb / m:6.2f} GB/s (best {d.gb / min(v):6.2f}), "
                       f"{m / floor:.3f}x the floor's time", flush=True)
     finally:
-        _staging.Stager.NATIVE_CHUNK, _staging.Stager.URGENT_RESULTS = defaults
+        for key, v in defaults.items():
+            setattr(_staging.Stager, key, v)
         os.environ.pop("PRISM_GPU_NATIVE_COPY", None)
         ctx.close()
     return 0

@@ -95,16 +95,17 @@ def _work(jobs: "queue.SimpleQueue[Any]") -> None:
 class CopyPool:
     """``workers`` threads, started on first use, copying pieces of at least ``chunk``
     bytes (``native_workers`` native threads and pieces of ``native_chunk`` bytes for
-    plain copies); :meth:`close` waits for every queued copy and stops them, and
-    copies after it raise RuntimeError."""
+    plain copies, written with non-temporal stores if ``native_stream``); :meth:`close`
+    waits for every queued copy and stops them, and copies after it raise RuntimeError."""
 
     def __init__(self, workers: int, chunk: int, native_workers: int = 0,
-                 native_chunk: int = 1 << 20) -> None:
+                 native_chunk: int = 1 << 20, native_stream: bool = False) -> None:
         self.workers = workers
         self.chunk = chunk
         self._jobs: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
         self._threads: List[threading.Thread] = []
-        self._native = _hostcopy.Pool(native_workers) if native_workers and native() else None
+        self._native = _hostcopy.Pool(native_workers, native_stream) \
+            if native_workers and native() else None
         self._native_pieces = (native_workers, native_chunk)
         self._lock = threading.Lock()  # closing against queuing on the Python workers
         self._closed = False

@@ -6,7 +6,12 @@
  * plain threads running memmove, jobs are queued under a mutex, and only the
  * caller's wait() releases and retakes the GIL.
  *
- * Pool(workers)            threads start on the first copy
+ * Pool(workers, stream=False)
+ *                          threads start on the first copy; stream: pieces of
+ *                          64 KiB and more are written with non-temporal stores
+ *                          (x86-64), which skip reading the destination into the
+ *                          cache first: a third less memory traffic per copy,
+ *                          what memmove itself does only for copies of megabytes
  * Pool.copy(dst, src, n, urgent=False)
  *                          -> Ticket; dst and src are C-contiguous buffers of the
  *                            same size that do not overlap; n pieces; urgent
@@ -26,7 +31,12 @@
 #include <Python.h>
 #include <pthread.h>
 #include <string.h>
+#include <stdint.h>
 #include <unistd.h>
+#if defined(__x86_64__) || defined(_M_X64)
+#include <emmintrin.h>
+#define HAVE_STREAM 1
+#endif
 
 typedef struct {
     PyObject_HEAD
@@ -54,6 +64,7 @@ typedef struct {
     Job *uhead, *utail;  /* urgent ones: taken first, in order */
     int stop;
     int workers;
+    int stream;          /* non-temporal stores for large pieces */
     int started;         /* threads started and not joined yet */
     int running;         /* threads not finished yet (under lock) */
     pid_t pid;           /* the process that started them */
@@ -131,6 +142,38 @@ static PyTypeObject TicketType = {
 
 /* Pool -------------------------------------------------------------------- */
 
+#define STREAM_MIN (64 * 1024)
+
+static void copy_piece(char *dst, const char *src, size_t n, int stream) {
+#ifdef HAVE_STREAM
+    if (stream && n >= STREAM_MIN) {
+        size_t head = (16 - ((uintptr_t)dst & 15)) & 15;  /* to 16-byte alignment */
+        size_t blocks;
+        memcpy(dst, src, head);
+        dst += head;
+        src += head;
+        n -= head;
+        for (blocks = n / 64; blocks; blocks--) {
+            __m128i a = _mm_loadu_si128((const __m128i *)src);
+            __m128i b = _mm_loadu_si128((const __m128i *)(src + 16));
+            __m128i c = _mm_loadu_si128((const __m128i *)(src + 32));
+            __m128i d = _mm_loadu_si128((const __m128i *)(src + 48));
+            _mm_stream_si128((__m128i *)dst, a);
+            _mm_stream_si128((__m128i *)(dst + 16), b);
+            _mm_stream_si128((__m128i *)(dst + 32), c);
+            _mm_stream_si128((__m128i *)(dst + 48), d);
+            src += 64;
+            dst += 64;
+        }
+        memcpy(dst, src, n & 63);
+        _mm_sfence();  /* the stores are visible before the piece is counted done */
+        return;
+    }
+#endif
+    (void)stream;
+    memmove(dst, src, n);
+}
+
 static void *worker(void *arg) {
     Pool *p = (Pool *)arg;
     for (;;) {
@@ -156,7 +199,7 @@ static void *worker(void *arg) {
             return NULL;
         }
         pthread_mutex_unlock(&p->lock);
-        memmove(job->dst, job->src, job->n);
+        copy_piece(job->dst, job->src, job->n, p->stream);
         t = job->ticket;
         free(job);
         pthread_mutex_lock(&t->lock);
@@ -167,9 +210,9 @@ static void *worker(void *arg) {
 }
 
 static int pool_init(Pool *p, PyObject *args, PyObject *kwds) {
-    static char *kwlist[] = {"workers", NULL};
-    int workers;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "i", kwlist, &workers))
+    static char *kwlist[] = {"workers", "stream", NULL};
+    int workers, stream = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "i|p", kwlist, &workers, &stream))
         return -1;
     if (workers < 1 || workers > 256) {
         PyErr_SetString(PyExc_ValueError, "workers must be between 1 and 256");
@@ -187,6 +230,7 @@ static int pool_init(Pool *p, PyObject *args, PyObject *kwds) {
     pthread_mutex_init(&p->lock, NULL);
     pthread_cond_init(&p->cond, NULL);
     p->workers = workers;
+    p->stream = stream;
     return 0;
 }
 

@@ -33,6 +33,7 @@ class Stager:
     NATIVE_WORKERS = 16  # native threads take no GIL: as many as memory bandwidth rewards
     NATIVE_CHUNK = 256 << 10  # small pieces: one batch's copy spreads over all the threads
     URGENT_RESULTS = True     # results (waited for in order) go ahead of staging copies
+    NATIVE_STREAM = True      # non-temporal stores: no read of the destination first
 
     def __init__(self, device: Any, cache: "PinnedCache") -> None:
         self._device = device
@@ -40,7 +41,8 @@ class Stager:
         cores = os.cpu_count() or 1
         self._pool = CopyPool(max(1, min(self.WORKERS, cores)), self.CHUNK_BYTES,
                               native_workers=max(1, min(self.NATIVE_WORKERS, cores)),
-                              native_chunk=self.NATIVE_CHUNK)
+                              native_chunk=self.NATIVE_CHUNK,
+                              native_stream=self.NATIVE_STREAM)
 
     def needs_staging(self, batch: np.ndarray) -> bool:
         return bool(batch.size) and (not batch.flags.c_contiguous
