@@ -4,7 +4,8 @@ Variants run in turn, round after round, so drift of the machine (host memory
 bandwidth varies from run to run on shared hosts) falls on all of them alike:
 native copy threads or Python workers, how many, piece size, non-temporal
 stores or memmove, against the threaded hand-written CuPy loops and the
-host-copy floor (``data_path.host_copies`` with 16 threads). Every output is checked. Run on a
+host-copy floor (the faster of ``data_path.host_copies`` and
+``host_copies_streaming``, 16 threads). Every output is checked. Run on a
 CUDA machine:
 
     python benchmarks/copy_ab.py [--rounds 6] [--mib 4,16]
@@ -66,7 +67,7 @@ def main() -> int:
             secs: Dict[str, List[float]] = {name: [] for name in variants}
             host: List[float] = []
             for rnd in range(args.rounds + 1):   # the first round warms up
-                host.append(dp.host_copies(d, 16))
+                host.append(min(dp.host_copies(d, 16), dp.host_copies_streaming(d, 16)))
                 for name, fn in variants.items():
                     d.dst.fill(np.nan)
                     s = fn()
