@@ -1,6 +1,6 @@
 """Interleaved A/B of the host copies behind ``stream_map(out=)`` on pageable data.
 
-Variants run in turn, round after round, so drift of the machine (host memory
+Variants run in turn (shuffled), round after round, so drift of the machine (host memory
 bandwidth varies from run to run on shared hosts) falls on all of them alike:
 native copy threads or Python workers, how many, piece size, non-temporal
 stores or memmove, against the threaded hand-written CuPy loops and the
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import statistics
 import time
 from typing import Any, Callable, Dict, List
@@ -30,14 +31,15 @@ from prism_gpu import _staging
 SETTINGS = ("NATIVE_WORKERS", "NATIVE_CHUNK", "NATIVE_STREAM", "URGENT_RESULTS")
 
 
-def _prism(ctx: Any, d: dp.Data, kernel: Any, native: bool, **settings: Any
-           ) -> Callable[[], float]:
+def _prism(ctx: Any, d: dp.Data, kernel: Any, native: bool, prefetch: int = 4,
+           **settings: Any) -> Callable[[], float]:
     def run() -> float:
         os.environ["PRISM_GPU_NATIVE_COPY"] = "1" if native else "0"
         for k, v in settings.items():
             setattr(_staging.Stager, k, v)
         t = time.perf_counter()
-        for _ in pg.stream_map(kernel, d.batches(), ctx=ctx, extra=(0.0,), out=d.dst):
+        for _ in pg.stream_map(kernel, d.batches(), ctx=ctx, extra=(0.0,), out=d.dst,
+                               prefetch=prefetch):
             pass
         return time.perf_counter() - t
     return run
@@ -55,12 +57,11 @@ def main() -> int:
             d = dp.Data(mib)
             k = prism_loops.kernel(d.n)
             variants: Dict[str, Callable[[], float]] = {
-                f"prism native, {w} threads, {c >> 10} KiB, stream {st}":
-                    _prism(ctx, d, k, True, NATIVE_WORKERS=w, NATIVE_CHUNK=c,
+                f"prism native, {w} threads, stream {st}, prefetch {pf}":
+                    _prism(ctx, d, k, True, pf, NATIVE_WORKERS=w, NATIVE_CHUNK=256 << 10,
                            NATIVE_STREAM=st, URGENT_RESULTS=True)
-                for w, c, st in ((16, 256 << 10, False), (16, 256 << 10, True),
-                                 (12, 256 << 10, True), (16, 1 << 20, True),
-                                 (24, 256 << 10, True))}
+                for w, st, pf in ((16, False, 8), (16, True, 8), (16, True, 6),
+                                  (16, True, 4), (15, True, 4))}
             variants["prism Python workers"] = _prism(ctx, d, k, False, **defaults)
             variants["CuPy threaded, 8 threads"] = lambda: dp.cupy_threaded(d, 8)
             variants["CuPy threaded, 16 threads"] = lambda: dp.cupy_threaded(d, 16)
@@ -68,7 +69,9 @@ def main() -> int:
             host: List[float] = []
             for rnd in range(args.rounds + 1):   # the first round warms up
                 host.append(min(dp.host_copies(d, 16), dp.host_copies_streaming(d, 16)))
-                for name, fn in variants.items():
+                order = list(variants.items())
+                random.Random(rnd).shuffle(order)  # no variant always runs first
+                for name, fn in order:
                     d.dst.fill(np.nan)
                     s = fn()
                     if not d.check(d.dst):

@@ -50,7 +50,7 @@ def _resolve_output(output: OutputSpec, batch: np.ndarray
 
 def stream_map(kernel: Any, batches: Iterable[np.ndarray], depth: int = 3, ctx: Any = None,
                output: OutputSpec = None, progress: bool = False,
-               extra: Tuple[Any, ...] = (), *, prefetch: int = 8,
+               extra: Tuple[Any, ...] = (), *, prefetch: int = 4,
                out: Any = None, devices: Any = None,
                backend: str = "auto") -> Iterator[np.ndarray]:
     """Push every batch through ``kernel`` on the device; yield results in input order.
@@ -79,7 +79,7 @@ def stream_map(kernel: Any, batches: Iterable[np.ndarray], depth: int = 3, ctx: 
         Show a progress bar with batches/s (rich).
     prefetch:
         Batches pulled from the iterable beyond the ``depth`` on the device, so
-        their staging copies overlap the device and each other (default 8, fewer
+        their staging copies overlap the device and each other (default 4, fewer
         for big batches: past ``depth + 1`` batches, pulling stops while the
         batches held reach 256 MiB; each holds a pinned staging buffer and a
         pinned result of its size). The read-ahead contract: while the loop body
