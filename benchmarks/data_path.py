@@ -3,8 +3,9 @@ written into a preallocated pageable array of the same size.
 
 Measured in one run: the pageable floor (host copies with several threads, both
 directions at once, the faster of numpy's copies and native threads writing with
-non-temporal stores; PCIe copies; the two kinds of copies at once, as host
-memory serves both; compute), the naive CuPy loop, a hand-written
+non-temporal stores; PCIe copies; compute; the host and PCIe copies at once are
+shown apart, not as a floor term: queued all at once they ran slower than
+stream_map itself), the naive CuPy loop, a hand-written
 CuPy loop with a pinned ring and three streams, the threaded hand-written CuPy
 loop (a pool of threads, each with its own stream and pinned input/output
 pair), and prism-gpu's ``stream_map`` with ``out=`` on pageable, pinned and
@@ -173,8 +174,9 @@ def host_copies_streaming(d: Data, threads: int, with_pcie: bool = False) -> flo
 
     ``with_pcie``: the PCIe copies of the same bytes (H2D and D2H of every batch,
     between pinned and device memory, on two streams) run at the same time, as
-    they must in any pageable pipeline: host memory serves both, so this is the
-    least time for the host and PCIe copies together."""
+    they do in any pageable pipeline (host memory serves both). Every copy is
+    queued at once, with no pacing, and that ran slower than stream_map: the
+    result is shown, not used as a floor."""
     from prism_gpu._copypool import CopyPool, native
 
     if not native():
@@ -310,8 +312,6 @@ def workload(ctx: Any, batch_mib: int, repeats: int, bw: Any) -> Dict[str, Any]:
     floor_terms = {
         "host copies both ways, best of threads and copy kinds (s)": min(
             min(best_host.values()), best_streaming),
-        # host memory serves the host copies and the DMA of the PCIe copies alike
-        "host and PCIe copies at once (s)": min(joint[1:]),
         "PCIe H2D (s)": d.gb / h2d,
         "PCIe D2H (s)": d.gb / d2h,
         "PCIe both directions (s)": 2 * d.gb / bidirectional,
@@ -319,8 +319,6 @@ def workload(ctx: Any, batch_mib: int, repeats: int, bw: Any) -> Dict[str, Any]:
     }
     floor_s = max(floor_terms.values())
     pinned_terms = {k: v for k, v in floor_terms.items() if not k.startswith("host")}
-    joint_key = "host and PCIe copies at once (s)"
-    separate_s = max(v for k, v in floor_terms.items() if k != joint_key)
     rows = []
     for name, secs in samples.items():
         gbs = [d.gb / s for s in secs]
@@ -328,9 +326,7 @@ def workload(ctx: Any, batch_mib: int, repeats: int, bw: Any) -> Dict[str, Any]:
         floor = max(pinned_terms.values()) if page_locked else floor_s
         rows.append({"name": name, "median": statistics.median(gbs), "min": min(gbs),
                      "max": max(gbs), "verified": ok[name], "its": d.count / statistics.median(
-                         secs), "vs_floor": statistics.median(secs) / floor,
-                     "vs_separate_terms": statistics.median(secs) / (
-                         floor if page_locked else separate_s)})
+                         secs), "vs_floor": statistics.median(secs) / floor})
     peers = [r["median"] for r in rows if "hand-written" in r["name"]]
     for r in rows:
         r["vs_best_peer"] = max(peers) / r["median"]
@@ -345,16 +341,14 @@ def workload(ctx: Any, batch_mib: int, repeats: int, bw: Any) -> Dict[str, Any]:
                  f"floor is {d.gb / floor_s:.2f} GB/s: the largest of "
                  + ", ".join(f"{k} {v:.4f}" for k, v in floor_terms.items())
                  + "; pinned and registered rows are judged against the PCIe/compute terms "
-                 f"alone ({d.gb / max(pinned_terms.values()):.2f} GB/s). Without the "
-                 f"joint term (host and PCIe copies timed apart) the pageable floor would "
-                 f"be {d.gb / separate_s:.2f} GB/s."),
+                 f"alone ({d.gb / max(pinned_terms.values()):.2f} GB/s)."),
         "extra": {"host copies both ways (GB/s of input, by threads)": ", ".join(
             f"{t}: {d.gb / s:.2f}" for t, s in best_host.items()) + (
             "; native threads, non-temporal stores: " + ", ".join(
                 f"{t}: {d.gb / min(v[1:]):.2f}" for t, v in streaming.items())
             + " (the floor takes the fastest)"),
                   "registration": ", ".join(f"{k} {v:.3f}" for k, v in reg.items()),
-                  "vs the separate terms (host and PCIe copies timed apart)": ", ".join(
-                      f"{r['name']} {r['vs_separate_terms']:.3f}" for r in rows
-                      if "out=" in r["name"])},
+                  "host and PCIe copies at once (GB/s of input)": (
+                      f"{d.gb / min(joint[1:]):.2f} (every copy queued at once: not a floor, "
+                      "stream_map beat it at 16 MiB; shown for the memory traffic DMA adds)")},
     }
