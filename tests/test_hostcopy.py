@@ -125,21 +125,23 @@ def test_native_pool_rejects_bad_buffers_at_the_call(rng: np.random.Generator) -
 def test_native_copies_exact_at_every_size_and_alignment(rng: np.random.Generator,
                                                           stream: bool) -> None:
     # non-temporal stores take the pieces of 64 KiB and more: an unaligned head, whole
-    # 64-byte blocks, a tail; every byte must land, and nothing past the destination
-    p = _hostcopy.Pool(3, stream)
-    for n in (1, 63, 64, (1 << 16) - 1, 1 << 16, (1 << 16) + 1, 3 << 18, (3 << 20) + 13):
-        for off in (0, 1, 8, 15):
-            src = rng.integers(0, 256, n + off, dtype=np.uint8)[off:]
-            guard = rng.integers(0, 256, n + 32, dtype=np.uint8)
-            before = guard.copy()
-            dst = guard[off:off + n]
-            p.copy(dst, src, 3).wait()
-            np.testing.assert_array_equal(dst, src)
-            np.testing.assert_array_equal(guard[:off], before[:off])
-            np.testing.assert_array_equal(guard[off + n:], before[off + n:])
+    # 64-byte blocks, a tail; every byte must land, and nothing past the destination.
+    # One piece, so the sizes around 64 KiB reach that path, and source and
+    # destination offsets apart, so the source stays unaligned after the head.
+    p = _hostcopy.Pool(3, stream=stream)
+    for n in (1, 63, 64, (1 << 16) - 1, 1 << 16, (1 << 16) + 1, (1 << 16) + 127,
+              3 << 18, (3 << 20) + 13):
+        for src_off, dst_off in ((0, 0), (1, 0), (0, 1), (3, 8), (15, 7), (8, 15)):
+            for pieces in (1, 3):
+                src = rng.integers(0, 256, n + src_off, dtype=np.uint8)[src_off:]
+                guard = rng.integers(0, 256, n + 32, dtype=np.uint8)
+                before = guard.copy()
+                dst = guard[dst_off:dst_off + n]
+                p.copy(dst, src, pieces).wait()
+                np.testing.assert_array_equal(dst, src)
+                np.testing.assert_array_equal(guard[:dst_off], before[:dst_off])
+                np.testing.assert_array_equal(guard[dst_off + n:], before[dst_off + n:])
     p.close()
-    with pytest.raises(TypeError):
-        _hostcopy.Pool(2, "yes", 3)
 
 
 @needs_native

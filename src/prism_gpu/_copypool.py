@@ -95,7 +95,8 @@ def _work(jobs: "queue.SimpleQueue[Any]") -> None:
 class CopyPool:
     """``workers`` threads, started on first use, copying pieces of at least ``chunk``
     bytes (``native_workers`` native threads and pieces of ``native_chunk`` bytes for
-    plain copies, written with non-temporal stores if ``native_stream``); :meth:`close`
+    plain copies; with ``native_stream``, pieces of 64 KiB and more are written with
+    non-temporal stores on x86-64); :meth:`close`
     waits for every queued copy and stops them, and copies after it raise RuntimeError."""
 
     def __init__(self, workers: int, chunk: int, native_workers: int = 0,
