@@ -507,3 +507,72 @@ def test_two_threads_stream_into_their_own_out_on_one_context(
     assert not errors, errors
     for t in range(2):
         np.testing.assert_array_equal(outs[t], np.stack(xs[t]) + F32(1))
+
+
+# ---------------------------------------------------------------------------- hostile review
+def test_a_batch_whose_staging_fails_raises_at_its_turn(ctx: pg.ManagedGpuContext,
+                                                        backend: str) -> None:
+    bads = [np.zeros(4, dtype=[])]  # elements of no bytes
+    if backend == "cpu":  # a 16 TiB staging buffer: the allocation fails
+        bads.append(np.broadcast_to(F32(1), (1 << 42,)))
+    for bad in bads:
+        xs = [np.full(8, i, F32) for i in range(2)] + [bad, np.ones(8, F32)]
+        got = []
+        with pytest.raises(Exception) as info:
+            for r in pg.stream_map(add1(), xs, ctx=ctx, prefetch=4):
+                got.append(r.copy())
+        assert info.value.batch_index == 2  # type: ignore[attr-defined]
+        assert [r[0] for r in got] == [1, 2]  # the earlier results first
+    xs = [np.full(8, 3, F32)]
+    assert [r[0] for r in pg.stream_map(add1(), xs, ctx=ctx)] == [4]  # still usable
+
+
+def test_the_read_ahead_cap_counts_the_staging_buffers(ctx: pg.ManagedGpuContext,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from prism_gpu import _stream_map
+
+    monkeypatch.setattr(_stream_map, "_READ_AHEAD_BYTES", 64 << 10)
+    pulled = [0]
+
+    def tiny() -> Any:
+        while pulled[0] < 5000:
+            pulled[0] += 1
+            yield np.ones(4, F32)  # 16 bytes of data, a staging buffer of 4 KiB or more
+
+    it = pg.stream_map(add1(), tiny(), ctx=ctx, depth=2, prefetch=1000)
+    np.testing.assert_array_equal(next(it), np.full(4, 2, F32))
+    it.close()
+    assert pulled[0] <= 2 + 1 + (64 << 10) // 4096 + 2  # not the 1000 of prefetch
+
+
+def test_host_memory_takes_only_an_open_context(backend: str) -> None:
+    ctx = pg.ManagedGpuContext(backend=backend)
+    coord = pg.AsyncCoordinator(ctx.device)
+    try:
+        for bad in ("x", ctx.device, coord):
+            with pytest.raises(TypeError, match="ctx"):
+                pg.pinned_empty(4, ctx=bad)
+            with pytest.raises(TypeError, match="ctx"):
+                with pg.register(np.zeros(4, F32), ctx=bad):
+                    pass
+            with pytest.raises(TypeError, match="ctx"):
+                pg.stream_map(add1(), [np.ones(4, F32)], ctx=bad)
+    finally:
+        coord.close()
+        ctx.close()
+    with pytest.raises(pg.InvalidOperationError):
+        pg.pinned_empty(4, ctx=ctx)
+
+
+def test_to_device_keeps_the_shape_of_0d_and_matrix_input(ctx: pg.ManagedGpuContext) -> None:
+    x = np.array(3.5, F32)
+    d = ctx.to_device(x)
+    assert d.shape == () and d.to_host().shape == ()
+    assert d.to_host() == x
+    with pytest.warns(PendingDeprecationWarning):
+        m = np.matrix([[1.0, 2.0], [3.0, 4.0]], dtype=F32)
+    dm = ctx.to_device(m)
+    assert dm.shape == (2, 2)
+    np.testing.assert_array_equal(dm.to_host(), np.asarray(m))
+    d.close()
+    dm.close()

@@ -115,7 +115,9 @@ def to_device(device: Any, array: Any) -> DeviceArray:
         raise TransferError(f"to_device takes a numpy array, got {type(array).__name__}")
     if array.dtype.hasobject:
         raise TransferError(f"dtype {array.dtype} cannot go to the device (object array)")
-    host = np.ascontiguousarray(array)
+    host = np.asarray(array)  # a subclass (np.matrix) would reshape its own way
+    if not host.flags.c_contiguous:
+        host = np.ascontiguousarray(host)  # keeps the shape (0-d stays 0-d here)
     out = empty_device(device, host.shape, host.dtype)
     if host.size:
         _blocking_copy(device, "h2d", _flat(out.backend_array()), host.reshape(-1))

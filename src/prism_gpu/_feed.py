@@ -47,6 +47,9 @@ def check_batch(batch: Any, pos: int) -> None:
                             "to the device (convert to a numeric dtype)")
     if batch.size == 0:
         raise TransferError(f"batch {pos} is empty: there is nothing to transfer")
+    if batch.itemsize == 0:
+        raise TransferError(f"batch {pos} has dtype {batch.dtype!r}, whose elements hold no "
+                            "bytes: there is nothing to transfer")
 
 
 def batch_error(exc: BaseException, pos: int, what: str = "batch") -> BaseException:
@@ -77,11 +80,11 @@ def _pull(it: Iterator[Any], pos: int, stager: Stager,
     try:
         check_batch(batch, pos)
         info = prepare(batch, pos)
+        if stager.needs_staging(batch):  # its pinned buffer may not be had, too
+            staged, raw, copies = stager.start(batch)
+            return Pulled(pos, batch, staged, raw, copies, info, None)
     except Exception as exc:  # noqa: BLE001 - raised at the batch's turn
         return Pulled(pos, None, None, None, None, None, exc)
-    if stager.needs_staging(batch):
-        staged, raw, copies = stager.start(batch)
-        return Pulled(pos, batch, staged, raw, copies, info, None)
     return Pulled(pos, batch, batch, None, None, info, None)
 
 
@@ -126,7 +129,9 @@ def read_ahead(batches: Iterable[Any], depth: int, prefetch: int, stager: Stager
                     exhausted = True
                     break
                 ahead.append(entry)
-                nbytes = getattr(entry.batch, "nbytes", 0)
+                # what the batch holds: its pinned staging buffer where it has one
+                nbytes = max(getattr(entry.batch, "nbytes", 0),
+                             0 if entry.raw is None else entry.raw.nbytes)
                 held.append(nbytes)
                 held_bytes += nbytes
                 pulled += 1

@@ -11,7 +11,19 @@ import numpy as np
 from ._args import typed_empty
 from ._errors import TransferError
 
-__all__ = ["pinned_empty", "register", "default_device"]
+__all__ = ["pinned_empty", "register", "default_device", "context_device"]
+
+
+def context_device(ctx: Any) -> Any:
+    """The device of ``ctx`` (a ManagedGpuContext, checked open), or the default one."""
+    if ctx is None:
+        return default_device()
+    from ._context import ManagedGpuContext
+
+    if not isinstance(ctx, ManagedGpuContext):
+        raise TypeError(f"ctx must be a ManagedGpuContext, got {type(ctx).__name__}")
+    ctx.check()
+    return ctx.device
 
 
 def pinned_empty(shape: Any, dtype: Any = np.float32, *, ctx: Any = None) -> np.ndarray:
@@ -20,7 +32,7 @@ def pinned_empty(shape: Any, dtype: Any = np.float32, *, ctx: Any = None) -> np.
     Producers that write batches straight into such arrays skip the staging
     copy of :func:`stream_map`. Without ``ctx``, the default device is used.
     """
-    device = ctx.device if ctx is not None else default_device()
+    device = context_device(ctx)
     return typed_empty(device.allocate_pinned, shape, dtype, "page-locked memory")
 
 
@@ -55,9 +67,7 @@ def register(array: Any, *, ctx: Any = None) -> Iterator[np.ndarray]:
     ...     for out in pg.stream_map(kernel, np.array_split(pinned, 64)):
     ...         use(out)
     """
-    device = ctx.device if ctx is not None else default_device()
-    if ctx is not None:
-        ctx.check()
+    device = context_device(ctx)
     if not isinstance(array, np.ndarray):
         raise TransferError(f"register takes a numpy array, got {type(array).__name__}")
     if array.dtype.hasobject:

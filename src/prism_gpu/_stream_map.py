@@ -8,6 +8,7 @@ import math
 import numpy as np
 
 from ._args import device_ids, int_arg
+from ._context import ManagedGpuContext
 from ._devarray import DeviceArray
 from ._devlane import DeviceLane
 from ._feed import Pulled, read_ahead
@@ -123,7 +124,7 @@ def stream_map(kernel: Any, batches: Iterable[np.ndarray], depth: int = 3, ctx: 
     if output is not None and not callable(output) and not isinstance(output, (tuple, list)):
         raise TypeError(f"output must be (shape, dtype) or a callable giving one, got "
                         f"{output!r}")
-    if ctx is not None and not hasattr(ctx, "device"):
+    if ctx is not None and not isinstance(ctx, ManagedGpuContext):
         raise TypeError(f"ctx must be a ManagedGpuContext, got {type(ctx).__name__}")
     check_out(out)
     ids = device_ids(devices, backend)
