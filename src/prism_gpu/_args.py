@@ -39,7 +39,10 @@ def check_timeout(timeout: Any) -> Optional[float]:
     t = float(timeout)
     if math.isnan(t) or t < 0:
         raise ValueError(f"timeout must be >= 0 seconds, got {timeout!r}")
-    return None if math.isinf(t) else t
+    return None if t > _FOREVER else t  # past a century: no limit (and no clock overflow)
+
+
+_FOREVER = 100 * 365.25 * 86400.0
 
 
 def resolve_device(device: Any) -> Tuple[Any, bool]:

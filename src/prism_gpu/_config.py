@@ -58,7 +58,10 @@ class LaunchConfig:
     @classmethod
     def for_elements(cls, n: int, block: int = 256) -> "LaunchConfig":
         """One thread per element (at least one block)."""
-        return cls(grid=max(1, -(-int(n) // int(block))), block=block)
+        from ._args import int_arg
+
+        n, block = int_arg(n, "n", 0), int_arg(block, "block", 1)
+        return cls(grid=max(1, -(-n // block)), block=block)
 
 
 @dataclass

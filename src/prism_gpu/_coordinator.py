@@ -1,8 +1,5 @@
-"""AsyncCoordinator: upload, compute and download ops over three streams.
-
-A thin client of the core (op table, engine, kernel registry, rings with their hazards):
-it checks a call completely, then queues.
-"""
+"""AsyncCoordinator: upload, compute and download ops over three streams. A thin client
+of the core (op table, engine, kernels, rings with their hazards): checks, then queues."""
 
 from __future__ import annotations
 
@@ -10,13 +7,12 @@ import sys
 from threading import get_ident
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
-from ._args import LIVE as _LIVE
-from ._args import check_timeout, int_arg, resolve_device, sequence_arg
+from ._args import LIVE as _LIVE, check_timeout, int_arg, resolve_device, sequence_arg
 from ._buffers import FREE_I, PROCESSING_I, UPLOADING_I, TripleBuffer
 from ._config import LaunchConfig
 from ._devarray import backend_values
 from ._engine import D2H, H2D, LAUNCH, Engine
-from ._failures import root_of
+from ._failures import raisable, refuse_in_callback, root_of
 from ._errors import (BufferUnavailableError, InvalidOperationError,
                       SynchronizationError, TransferError)
 from ._kernels import Kernel
@@ -286,7 +282,7 @@ class AsyncCoordinator:
         self._engine.wait(oid)
         err = self._table.error(oid)
         if err is not None:
-            raise err
+            raise raisable(err)
 
     # checks and slot bookkeeping -----------------------------------------------
     def _default_config(self, n: int) -> LaunchConfig:
@@ -302,9 +298,8 @@ class AsyncCoordinator:
         """Ops completed since the last poll (never blocks)."""
         self.check()
         self._engine.harvest()
-        reports = self._table.take_reports()
-        self._engine.raise_callback_errors()
-        return reports
+        self._engine.raise_callback_errors()  # before the reports are taken: kept for the next
+        return self._table.take_reports()
 
     def wait(self, op_id: int, timeout: Optional[float] = None) -> None:
         """Block until op ``op_id`` completes; raise its error if it failed.
@@ -319,7 +314,7 @@ class AsyncCoordinator:
             raise SynchronizationError(f"op {oid} did not complete within {timeout} s")
         err = self._table.error(oid)
         if err is not None:
-            raise err
+            raise raisable(err)
         self._engine.raise_callback_errors()
 
     def is_complete(self, op_id: int) -> bool:
@@ -360,7 +355,10 @@ class AsyncCoordinator:
     # lifetime -------------------------------------------------------------------
     def close(self) -> None:
         """Wait for in-flight work, free streams and events, then raise the failures
-        no call has reported yet. Idempotent."""
+        no call has reported yet. Idempotent. Not from another thread, nor a callback."""
+        if not self.closed and (get_ident() != self._owner or self._engine.in_callback):
+            self._check_slow()  # another thread's call: refused
+            refuse_in_callback()
         raise_failures(self.close_collecting(), "close")
 
     def close_collecting(self) -> List[BaseException]:

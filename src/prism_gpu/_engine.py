@@ -1,10 +1,9 @@
 """The engine: streams, pooled events, submission with waits, harvest and throttle.
 
-The only caller of a backend's stream and event protocol. Every op of every
-client ends with a pooled event; events go back to the pool only once their op
-is known complete, so depending on op N always waits for op N. Ops in flight
-are bounded: past ``max_in_flight`` a submit blocks on the oldest.
-"""
+The only caller of a backend's stream and event protocol. Every op of every client ends
+with a pooled event; events go back to the pool only once their op is known complete,
+so depending on op N always waits for op N. Past ``max_in_flight`` ops in flight a
+submit blocks on the oldest."""
 
 from __future__ import annotations
 
@@ -12,9 +11,9 @@ import collections
 import weakref
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from ._errors import (InvalidOperationError, PrismGpuError)
-from ._ops import OpType
 from . import _nvtx, _trace
+from ._errors import InvalidOperationError, PrismGpuError
+from ._ops import OpType
 from ._failures import dependency_error, own_error, refuse_in_callback, root_of
 from ._inflight import D2H, H2D, LAUNCH, Lane, Op, Root
 from ._optable import OpTable, scrub
@@ -245,8 +244,8 @@ class Engine:
         if cb is not None:
             try:
                 cb(op, duration)
-            except Exception as exc:  # raised by the call that harvested, after bookkeeping
-                self._callback_errors.append(exc)
+            except BaseException as exc:  # noqa: BLE001 - raised by the call that harvested,
+                self._callback_errors.append(exc)  # after the bookkeeping (Ctrl-C too)
             op.on_done = None
         if tr is not None:
             # the trace reads its times from these events later (every few hundred
@@ -308,10 +307,12 @@ class Engine:
         finally:
             self._harvesting = False
 
+    @property
+    def in_callback(self) -> bool:
+        return self._harvesting
+
     def raise_callback_errors(self) -> None:
-        """Raise (once) the first error an ``on_done`` callback raised since the last call.
-        Public calls raise it when they are done; internal waits never do, so a
-        callback's error cannot interrupt an op half queued."""
+        """Raise (once) the first ``on_done`` error since the last call (public calls)."""
         if self._callback_errors:
             errs, self._callback_errors = self._callback_errors, []
             raise errs[0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Optional
 
 from ._errors import (DependencyFailedError, InvalidOperationError, KernelError, PrismGpuError,
@@ -9,7 +10,21 @@ from ._errors import (DependencyFailedError, InvalidOperationError, KernelError,
 from ._inflight import Op, Root
 from ._ops import OpType
 
-__all__ = ["root_of", "dependency_error", "own_error", "refuse_in_callback"]
+__all__ = ["root_of", "dependency_error", "own_error", "refuse_in_callback", "raisable"]
+
+
+def raisable(err: BaseException) -> BaseException:
+    """A kept failure, to raise again: a copy with the same class, message, attributes
+    and cause. Raising the kept object itself would add the caller's frames to its
+    traceback at every raise (a chain that grows, and keeps the caller's arrays alive
+    as long as the failure is kept)."""
+    try:
+        new = copy.copy(err)
+    except Exception:  # noqa: BLE001 - an exception type copy cannot rebuild
+        return err.with_traceback(None)
+    new.__cause__ = err.__cause__
+    new.__suppress_context__ = err.__suppress_context__
+    return new.with_traceback(None)
 
 
 def root_of(op: Op) -> Root:

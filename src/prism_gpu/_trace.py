@@ -9,6 +9,7 @@ device, starting at 0 at the first traced op.
 from __future__ import annotations
 
 import json
+import os
 import threading
 from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
@@ -248,6 +249,8 @@ class Trace:
 
     def save(self, path: str) -> None:
         """Write the Chrome trace JSON to ``path``."""
+        if not isinstance(path, (str, os.PathLike)):  # an int would be a file descriptor
+            raise TypeError(f"path must be a str or a path, got {type(path).__name__}")
         with open(path, "w") as f:
             json.dump(self.chrome(), f)
 
@@ -285,11 +288,17 @@ class trace:
             ACTIVE = self._trace
         return self._trace
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
         global ACTIVE
         with _lock:
             ACTIVE = None
-        self._trace.finish()
+        try:
+            self._trace.finish()
+        except Exception:
+            if exc_type is None:
+                raise
+            # the block's own exception is what the caller needs to see
+            self._trace.closed = True
 
 
 def active() -> Optional[Trace]:

@@ -1,0 +1,138 @@
+"""Findings of a hostile review of the core (coordinator, callbacks, traces, arguments),
+each a regression test: failures that could be lost, grow, hang or mask another."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+from typing import Any, List
+
+import numpy as np
+import pytest
+
+import prism_gpu as pg
+from _support import Boom, boom
+
+
+def _failed_op(coord: pg.AsyncCoordinator) -> Any:
+    op = coord.queue_compute(boom, [], args=[])
+    with pytest.raises(pg.KernelError):
+        coord.wait(op)
+    return op
+
+
+def test_waiting_again_on_a_failed_op_grows_nothing_and_keeps_no_caller_memory(
+        coord: pg.AsyncCoordinator) -> None:
+    op = _failed_op(coord)
+
+    def waiter() -> "weakref.ref[np.ndarray]":
+        big = np.ones(1 << 20, np.float32)
+        try:
+            coord.wait(op)
+        except pg.KernelError:
+            pass
+        return weakref.ref(big)
+
+    depth = []
+    for _ in range(2000):
+        try:
+            coord.wait(op)
+        except pg.KernelError as exc:
+            n, tb = 0, exc.__traceback__
+            while tb is not None:
+                n, tb = n + 1, tb.tb_next
+            depth.append(n)
+            assert isinstance(exc.__cause__, Boom)  # the kernel's own error stays its cause
+            del exc
+    assert max(depth) == depth[0]  # every raise starts afresh: no chain that grows
+    ref = waiter()
+    gc.collect()
+    assert ref() is None  # the kept failure holds none of the caller's frames
+
+
+def test_poll_keeps_a_kernel_failure_when_a_callback_raises(
+        coord: pg.AsyncCoordinator) -> None:
+    def bad_callback(report: Any, ms: Any) -> None:
+        raise ValueError("callback")
+
+    coord.queue_compute(boom, [], args=[])
+    coord.queue_compute("noop", [], args=[], on_done=bad_callback)
+    coord.compute_stream().synchronize()
+    with pytest.raises(ValueError, match="callback"):
+        coord.poll()
+    with pytest.raises(pg.KernelError):  # the kernel's failure still reaches the caller
+        coord.synchronize_all()
+
+
+def test_a_base_exception_from_on_done_leaves_the_op_recorded(
+        coord: pg.AsyncCoordinator) -> None:
+    def interrupt(report: Any, ms: Any) -> None:
+        raise KeyboardInterrupt
+
+    op = coord.queue_compute(boom, [], args=[], on_done=interrupt)
+    coord.compute_stream().synchronize()
+    with pytest.raises(KeyboardInterrupt):
+        coord.poll()
+    assert isinstance(coord.error(op), pg.KernelError)
+    with pytest.raises(pg.KernelError):
+        coord.wait(op)
+    assert coord.statistics().in_flight == 0
+
+
+def test_close_from_a_callback_or_a_kernel_thread_is_refused(backend: str) -> None:
+    coord = pg.AsyncCoordinator(pg.open_device(backend))
+    seen: List[BaseException] = []
+
+    def closer(report: Any, ms: Any) -> None:
+        try:
+            coord.close()
+        except pg.InvalidOperationError as exc:
+            seen.append(exc)
+
+    op = coord.queue_compute("noop", [], args=[], on_done=closer)
+    coord.wait(op)
+    assert len(seen) == 1 and not coord.closed
+    if backend == "cpu":  # CPU kernels run on the stream's thread: close from there
+        def kernel_closing() -> None:
+            coord.close()
+
+        op = coord.queue_compute(kernel_closing, [], args=[])
+        with pytest.raises(pg.KernelError, match="thread"):
+            coord.wait(op)  # refused (no deadlock), and the op reports it
+    assert not coord.closed
+    ok = coord.queue_compute("noop", [], args=[])
+    coord.wait(ok)
+    coord.close()  # its failure was reported by wait: not again
+    assert coord.closed
+
+
+def test_leaving_a_trace_keeps_the_exception_of_the_block() -> None:
+    ctx = pg.ManagedGpuContext(backend="cpu")
+    coord = pg.AsyncCoordinator(ctx)
+    with pytest.raises(KeyError, match="the block's own"):
+        with pg.trace():
+            coord.queue_compute("noop", [], args=[])
+            ctx.close()  # the trace cannot finish cleanly now
+            raise KeyError("the block's own")
+    coord.close_collecting()
+
+
+@pytest.mark.parametrize("timeout", [1e20, 2.0 ** 64, 1e300, float("inf")])
+def test_huge_timeouts_mean_no_limit(coord: pg.AsyncCoordinator, timeout: float) -> None:
+    op = coord.queue_compute("noop", [], args=[])
+    coord.wait(op, timeout=timeout)
+    assert coord.is_complete(op)
+
+
+def test_launch_config_and_trace_save_check_their_arguments(tmp_path: Any) -> None:
+    with pytest.raises(ValueError, match="block"):
+        pg.LaunchConfig.for_elements(4, block=0)
+    with pytest.raises(TypeError, match="n must be an int"):
+        pg.LaunchConfig.for_elements(float("inf"))
+    assert pg.LaunchConfig.for_elements(np.int64(1000)).grid == (4, 1, 1)
+    with pg.trace() as tr:
+        pass
+    with pytest.raises(TypeError, match="path"):
+        tr.save(1)  # type: ignore[arg-type]  # a file descriptor: never written and closed
+    tr.save(tmp_path / "t.json")
+    assert (tmp_path / "t.json").read_text().startswith("{")
