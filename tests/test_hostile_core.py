@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import prism_gpu as pg
-from _support import Boom, boom
+from _support import Boom, affine, boom
 
 
 def _failed_op(coord: pg.AsyncCoordinator) -> Any:
@@ -136,3 +136,48 @@ def test_launch_config_and_trace_save_check_their_arguments(tmp_path: Any) -> No
         tr.save(1)  # type: ignore[arg-type]  # a file descriptor: never written and closed
     tr.save(tmp_path / "t.json")
     assert (tmp_path / "t.json").read_text().startswith("{")
+
+
+def test_a_closed_ring_refuses_computes_and_downloads_before_queueing(
+        backend: str) -> None:
+    with pg.ManagedGpuContext(backend=backend) as ctx:
+        coord = ctx.async_coordinator()
+        assert coord is not None
+        buf = ctx.create_triple_buffer(8)
+        up = coord.queue_upload(np.arange(8, dtype=np.float32), buf)
+        coord.wait(up)
+        buf.close()
+        issued = coord.statistics().issued
+        with pytest.raises(pg.InvalidOperationError, match="closed"):
+            coord.queue_compute("scale", [up])
+        with pytest.raises(pg.InvalidOperationError, match="closed"):
+            coord.queue_download(buf, np.empty(8, np.float32))
+        assert coord.statistics().issued == issued  # nothing was queued
+        coord.synchronize_all()
+
+
+def test_an_iteration_refused_in_a_callback_takes_no_slot(backend: str) -> None:
+    with pg.ManagedGpuContext(backend=backend) as ctx:
+        coord = ctx.async_coordinator()
+        assert coord is not None
+        pipe = pg.PipelineStageManager(coord, depth=1)
+        b0, b1 = pipe.add_buffer(4), pipe.add_buffer(4)
+        pipe.add_stage(pg.GpuPipelineStage("s", [b0], [b1], kernel=affine(),
+                                           extra=(2.0, 0.0)))
+        x = np.random.default_rng().standard_normal(4).astype(np.float32)
+        refused: List[BaseException] = []
+
+        def callback(report: Any, ms: Any) -> None:
+            try:
+                pipe.execute_iteration(inputs={b0: x})
+            except pg.InvalidOperationError as exc:
+                refused.append(exc)
+
+        coord.wait(coord.queue_compute("noop", [], args=[], on_done=callback))
+        assert len(refused) == 1
+        assert pipe.buffer(b0).get_states() == [pg.BufferState.FREE]
+        for _ in range(3):  # the depth-1 ring still works
+            y = np.zeros(4, np.float32)
+            pipe.execute_iteration(inputs={b0: x}, outputs={b1: y}).wait()
+            np.testing.assert_array_equal(y, x * np.float32(2))
+        pipe.close()

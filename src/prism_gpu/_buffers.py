@@ -214,6 +214,8 @@ class TripleBuffer:
 
     def peek(self, which: int, ahead: int = 0) -> Optional[Slot]:
         """The slot the ``ahead``-th next take at cursor ``which`` would return, or None."""
+        if self._closed:
+            raise InvalidOperationError("this TripleBuffer is closed")
         slot = self._slots[(self._cursor[which] + ahead) % self.depth]
         return slot if slot.state is _CYCLE[which] else None
 

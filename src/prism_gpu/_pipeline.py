@@ -15,7 +15,7 @@ from ._args import int_arg
 from ._buffers import FREE_I, UPLOADING_I, Slot, TripleBuffer
 from ._coordinator import AsyncCoordinator
 from ._engine import D2H, H2D, LAUNCH, Engine, Lane, Op
-from ._failures import root_of
+from ._failures import refuse_in_callback, root_of
 from ._errors import BufferUnavailableError, InvalidOperationError
 from ._ops import OpType
 from ._optable import raise_failures
@@ -155,6 +155,8 @@ class PipelineStageManager:
         self._check()
         coord = self._coord
         coord.check()
+        if self._engine.in_callback:  # refused before any slot is taken
+            refuse_in_callback()
         fed = check_inputs(self, inputs)
         if outputs is not None and not isinstance(outputs, Mapping):
             raise TypeError(f"outputs must map buffer indices to arrays, got "

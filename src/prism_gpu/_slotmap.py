@@ -95,6 +95,9 @@ def output_slots(outputs: Sequence[Any], device: Any) -> List[Tuple[Slot, int]]:
 def pending_uploads(slots: List[Slot]) -> List[Slot]:
     """Slots still UPLOADING, checked to be the oldest uploads of their buffers (computes
     consume uploads in ring order; the order of the dependencies does not matter)."""
+    for s in slots:
+        if s.buffer.closed:
+            raise InvalidOperationError("a dependency's TripleBuffer is closed: its data is gone")
     pending = [s for s in slots if s.state is _UPLOADING]
     by_buffer: Dict[int, List[Slot]] = {}
     for s in pending:
