@@ -181,3 +181,33 @@ def test_an_iteration_refused_in_a_callback_takes_no_slot(backend: str) -> None:
             pipe.execute_iteration(inputs={b0: x}, outputs={b1: y}).wait()
             np.testing.assert_array_equal(y, x * np.float32(2))
         pipe.close()
+
+
+def test_every_callback_error_reaches_the_caller(backend: str) -> None:
+    def raiser(tag: str) -> Any:
+        def callback(report: Any, ms: Any) -> None:
+            raise ValueError(tag)
+        return callback
+
+    # two in one harvest: both, as a group
+    coord = pg.AsyncCoordinator(pg.open_device(backend))
+    coord.queue_compute("noop", [], args=[], on_done=raiser("a"))
+    coord.queue_compute("noop", [], args=[], on_done=raiser("b"))
+    coord.compute_stream().synchronize()
+    with pytest.raises(ExceptionGroup) as info:
+        coord.poll()
+    assert sorted(str(e) for e in info.value.exceptions) == ["a", "b"]
+    coord.poll()  # raised once: not again
+    # one run by close itself: raised by close
+    coord.queue_compute("noop", [], args=[], on_done=raiser("at close"))
+    with pytest.raises(ValueError, match="at close"):
+        coord.close()
+    # behind a kernel failure raised first: still raised, by close
+    coord = pg.AsyncCoordinator(pg.open_device(backend))
+    coord.queue_compute(boom, [], args=[])
+    coord.queue_compute("noop", [], args=[], on_done=raiser("behind"))
+    coord.compute_stream().synchronize()
+    with pytest.raises(pg.KernelError):
+        coord.synchronize_all()
+    with pytest.raises(ValueError, match="behind"):
+        coord.close()

@@ -370,7 +370,7 @@ class AsyncCoordinator:
         errors: List[BaseException] = []
         try:
             eng.close(wait=not sys.is_finalizing())
-            errors = self._table.take_unobserved()
+            errors = self._table.take_unobserved() + eng.take_callback_errors()
         finally:
             self._kernels.clear()
             self._slots.clear()

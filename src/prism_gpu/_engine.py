@@ -52,7 +52,7 @@ class Engine:
         # dependent op (CPU streams pass it through waits) to its root op
         self._roots: "collections.OrderedDict[int, Tuple[BaseException, Root]]" = \
             collections.OrderedDict()
-        self._harvesting = False
+        self.in_callback = False
         self._tracer: Any = None  # a weak reference to the trace last recorded for
         self._callback_errors: List[BaseException] = []
         self.closed = False
@@ -106,7 +106,7 @@ class Engine:
         callables on the host) fails the op. ``keep`` stays alive until the op
         completes; ``on_done(op, ms)`` runs then.
         """
-        if self._harvesting:
+        if self.in_callback:
             refuse_in_callback()
         inflight = self.inflight
         if len(inflight) >= self.max_in_flight:
@@ -295,9 +295,9 @@ class Engine:
     def harvest(self, upto: Optional[Op] = None) -> None:
         """Complete every op known done (through ``upto`` on its lane, known done).
         Re-entrant calls (from an ``on_done`` callback) do nothing."""
-        if self._harvesting:
+        if self.in_callback:
             return
-        self._harvesting = True
+        self.in_callback = True
         try:
             if upto is not None:
                 self._harvest_lane(upto.lane, upto)
@@ -305,17 +305,17 @@ class Engine:
                 if lane.ops:
                     self._harvest_lane(lane)
         finally:
-            self._harvesting = False
-
-    @property
-    def in_callback(self) -> bool:
-        return self._harvesting
+            self.in_callback = False
 
     def raise_callback_errors(self) -> None:
-        """Raise (once) the first ``on_done`` error since the last call (public calls)."""
-        if self._callback_errors:
-            errs, self._callback_errors = self._callback_errors, []
-            raise errs[0]
+        """Raise (once) what ``on_done`` callbacks raised since the last call (public calls)."""
+        errs = self.take_callback_errors()
+        if errs:
+            raise errs[0] if len(errs) == 1 else BaseExceptionGroup("on_done raised", errs)
+
+    def take_callback_errors(self) -> List[BaseException]:
+        errs, self._callback_errors = self._callback_errors, []
+        return errs
 
     def throttle(self) -> None:
         """Bring ops in flight under ``max_in_flight``, blocking on the oldest if need be."""
@@ -327,7 +327,7 @@ class Engine:
 
     def wait(self, oid: int, timeout: Optional[float] = None) -> bool:
         """Block until op ``oid`` completes (False if ``timeout`` passed first)."""
-        if self._harvesting:
+        if self.in_callback:
             refuse_in_callback()
         op = self.inflight.get(oid)
         if op is None:
@@ -338,8 +338,7 @@ class Engine:
         return True
 
     def wait_ops(self, ops: Sequence[Op]) -> None:
-        """Block until ``ops`` completed: ours are retired, another engine's (a ring
-        shared by several coordinators) are waited on through their events."""
+        """Block until ``ops`` completed (another engine's, of a shared ring, by events)."""
         for op in ops:
             ev = op.event
             if ev is not None:
@@ -349,7 +348,7 @@ class Engine:
                     ev.synchronize()
 
     def is_done(self, oid: int) -> bool:
-        if self._harvesting:
+        if self.in_callback:
             refuse_in_callback()
         op = self.inflight.get(oid)
         if op is None:
@@ -369,8 +368,7 @@ class Engine:
         if self.closed:
             raise InvalidOperationError("this coordinator is closed")
         if self.device.closed:
-            raise InvalidOperationError(
-                "the device (or the context) this coordinator runs on was closed")
+            raise InvalidOperationError("the device (or context) of this coordinator is closed")
 
     def close(self, wait: bool = True) -> None:
         """Finish what is queued (when ``wait``), then free streams and events."""
@@ -380,7 +378,7 @@ class Engine:
             if wait and not self.device.closed:
                 for lane in self.lanes:
                     lane.stream.synchronize()
-            self._harvesting = True  # callbacks during close do not re-enter
+            self.in_callback = True  # callbacks during close do not re-enter
             for lane in self.lanes:
                 while lane.ops:
                     self._complete(lane.ops.popleft())
@@ -388,8 +386,7 @@ class Engine:
             if tracer is not None:  # it holds timing events of ours: read them now
                 tracer.read_times()
         finally:
-            self._harvesting = False
-            self._callback_errors.clear()
+            self.in_callback = False
             self.closed = True
             for lane in self.lanes:
                 lane.stream.close()
