@@ -211,3 +211,11 @@ def test_every_callback_error_reaches_the_caller(backend: str) -> None:
         coord.synchronize_all()
     with pytest.raises(ValueError, match="behind"):
         coord.close()
+
+
+def test_kernel_defaults_and_report_backlog_are_checked() -> None:
+    with pytest.raises(TypeError, match="defaults"):
+        pg.Kernel.from_callable(lambda a: None, defaults=5)  # type: ignore[arg-type]
+    assert pg.Kernel.from_callable(lambda a: None, defaults=[2.0]).defaults == (2.0,)
+    with pytest.raises(ValueError, match="report_backlog"):
+        pg.AsyncCoordinator(pg.open_device("cpu"), report_backlog=2 ** 70)

@@ -6,6 +6,7 @@ import inspect
 import weakref
 from typing import Any, Callable, Mapping, Optional, Sequence
 
+from ._args import sequence_arg
 from ._config import LaunchConfig
 
 __all__ = ["Kernel"]
@@ -64,7 +65,7 @@ class Kernel:
         self.config = config
         self.cpu = cpu
         self.uses_arrays = uses_arrays
-        self.defaults = tuple(defaults)
+        self.defaults = sequence_arg(defaults, "defaults") or ()
         self.options = dict(options or {})
         target = fn if fn is not None else cpu
         self.accepts_stream = target is not None and _accepts_stream(target)

@@ -44,8 +44,8 @@ class OpTable:
     """
 
     def __init__(self, report_backlog: int = 16384, keep_failures: int = 4096) -> None:
-        if int(report_backlog) < 1:
-            raise ValueError("report_backlog must be >= 1")
+        if not 1 <= int(report_backlog) <= 1 << 31:
+            raise ValueError(f"report_backlog must be between 1 and 2**31, got {report_backlog}")
         self.id_type = id_type()
         self.next = 0
         self._reports: Deque[Tuple[int, OpType, Optional[float], Optional[BaseException]]] = \
