@@ -219,3 +219,16 @@ def test_kernel_defaults_and_report_backlog_are_checked() -> None:
     assert pg.Kernel.from_callable(lambda a: None, defaults=[2.0]).defaults == (2.0,)
     with pytest.raises(ValueError, match="report_backlog"):
         pg.AsyncCoordinator(pg.open_device("cpu"), report_backlog=2 ** 70)
+
+
+def test_an_absurd_depth_is_refused_before_anything_is_allocated(backend: str) -> None:
+    with pg.ManagedGpuContext(backend=backend) as ctx:
+        for make in (lambda d: ctx.create_triple_buffer(8, depth=d),
+                     lambda d: ctx.create_pipeline_manager(depth=d),
+                     lambda d: pg.stream_map("noop", [np.ones(8, np.float32)], ctx=ctx,
+                                             depth=d)):
+            with pytest.raises(ValueError, match="depth must be <= 1024"):
+                make(10 ** 12)
+        buf = ctx.create_triple_buffer(8, depth=1024)  # the largest allowed still works
+        assert buf.depth == 1024
+        buf.close()

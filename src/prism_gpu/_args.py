@@ -62,12 +62,17 @@ def resolve_device(device: Any) -> Tuple[Any, bool]:
     return dev, False
 
 
-def int_arg(value: Any, what: str, minimum: int) -> int:
+MAX_DEPTH = 1024  # device slots of one ring: each is allocated up front
+
+
+def int_arg(value: Any, what: str, minimum: int, maximum: Optional[int] = None) -> int:
     if isinstance(value, bool) or not hasattr(value, "__index__"):
         raise TypeError(f"{what} must be an int, got {type(value).__name__}")
     v = value.__index__()
     if v < minimum:
         raise ValueError(f"{what} must be >= {minimum}, got {v}")
+    if maximum is not None and v > maximum:
+        raise ValueError(f"{what} must be <= {maximum}, got {v}")
     return v
 
 

@@ -13,7 +13,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from ._args import int_arg, resolve_device
+from ._args import MAX_DEPTH, int_arg, resolve_device
 from ._errors import InvalidOperationError
 
 __all__ = ["BufferState", "Slot", "TripleBuffer", "GpuTripleBuffer", "ring_for"]
@@ -102,7 +102,7 @@ class Slot:
 
 
 class TripleBuffer:
-    """A ring of ``depth`` device slots of ``size`` elements of ``dtype``.
+    """A ring of ``depth`` (1 to 1024) device slots of ``size`` elements of ``dtype``.
 
     Slots move ``FREE -> UPLOADING -> PROCESSING -> DOWNLOADING -> FREE``, each
     role in ring order (its own FIFO cursor), so iteration k of an upload /
@@ -114,7 +114,7 @@ class TripleBuffer:
     """
 
     def __init__(self, device: Any, size: int, dtype: Any = np.float32, depth: int = 3) -> None:
-        size, depth = int_arg(size, "size", 1), int_arg(depth, "depth", 1)
+        size, depth = int_arg(size, "size", 1), int_arg(depth, "depth", 1, MAX_DEPTH)
         if device is None:
             raise TypeError("device must be a prism-gpu device (ctx.device) or a context")
         self.device = device = resolve_device(device)[0]

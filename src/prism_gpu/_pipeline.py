@@ -11,7 +11,7 @@ from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Set, 
 import numpy as np
 
 from . import _trace
-from ._args import int_arg
+from ._args import MAX_DEPTH, int_arg
 from ._buffers import FREE_I, UPLOADING_I, Slot, TripleBuffer
 from ._coordinator import AsyncCoordinator
 from ._engine import D2H, H2D, LAUNCH, Engine, Lane, Op
@@ -51,7 +51,7 @@ class PipelineStageManager:
                  _owns_coordinator: bool = False) -> None:
         if not isinstance(coordinator, AsyncCoordinator):
             raise TypeError("PipelineStageManager needs an AsyncCoordinator")
-        depth = int_arg(depth, "depth", 1)
+        depth = int_arg(depth, "depth", 1, MAX_DEPTH)
         coordinator.check()
         self._coord = coordinator
         self._engine: Engine = coordinator.engine

@@ -7,7 +7,7 @@ from typing import Any, Callable, Iterable, Iterator, List, NamedTuple, Optional
 import math
 import numpy as np
 
-from ._args import device_ids, int_arg
+from ._args import MAX_DEPTH, device_ids, int_arg
 from ._context import ManagedGpuContext
 from ._devarray import DeviceArray
 from ._devlane import DeviceLane
@@ -68,9 +68,9 @@ def stream_map(kernel: Any, batches: Iterable[np.ndarray], depth: int = 3, ctx: 
         staged through pinned memory by worker threads; arrays from
         :func:`pinned_empty` go straight through.
     depth:
-        Device slots in the ring: at most ``depth`` batches are on the device at
-        once; staged batches queue behind them (up to ``prefetch // 2 + 1`` more,
-        each starting when its slot is free).
+        Device slots in the ring (1 to 1024, each allocated up front): at most
+        ``depth`` batches are on the device at once; staged batches queue behind
+        them (up to ``prefetch // 2 + 1`` more, each starting when its slot is free).
     ctx:
         A :class:`ManagedGpuContext`; default: a private one on ``backend="auto"``.
     output:
@@ -115,7 +115,7 @@ def stream_map(kernel: Any, batches: Iterable[np.ndarray], depth: int = 3, ctx: 
     >>> for out in stream_map(lambda x: np.sqrt(x, out=x), batches):   # doctest: +SKIP
     ...     use(out)
     """
-    depth, prefetch = int_arg(depth, "depth", 1), int_arg(prefetch, "prefetch", 0)
+    depth, prefetch = int_arg(depth, "depth", 1, MAX_DEPTH), int_arg(prefetch, "prefetch", 0)
     if not isinstance(kernel, (Kernel, str)) and not callable(kernel):
         raise TypeError(f"kernel must be a Kernel, a callable or a kernel name, got "
                         f"{type(kernel).__name__}")

@@ -150,9 +150,9 @@ def stream_map(client: Any, kernel: Any, partitions: Iterable[Any], depth: int =
     its turn, after every earlier result, with ``partition_index``; the later
     ones are cancelled.
     """
-    from ._args import int_arg
+    from ._args import MAX_DEPTH, int_arg
 
-    depth = int_arg(depth, "depth", 1)
+    depth = int_arg(depth, "depth", 1, MAX_DEPTH)
     dist = _distributed()
     if not isinstance(client, dist.Client):
         raise TypeError(f"client must be a dask.distributed.Client, got "
