@@ -232,3 +232,21 @@ def test_an_absurd_depth_is_refused_before_anything_is_allocated(backend: str) -
         buf = ctx.create_triple_buffer(8, depth=1024)  # the largest allowed still works
         assert buf.depth == 1024
         buf.close()
+
+
+def test_a_dependency_failure_raised_again_is_a_fresh_copy(coord: pg.AsyncCoordinator) -> None:
+    root = coord.queue_compute(boom, [], args=[])
+    dep = coord.queue_compute("noop", [root], args=[])
+    with pytest.raises(pg.DependencyFailedError):
+        coord.wait(dep)
+    kept = coord.error(dep)
+    assert isinstance(kept, pg.DependencyFailedError)
+    raised = []
+    for _ in range(3):
+        with pytest.raises(pg.DependencyFailedError) as info:
+            coord.wait(dep)
+        raised.append(info.value)
+    assert all(e is not kept and e.root_op == kept.root_op for e in raised)
+    assert all(str(e) == str(kept) for e in raised)
+    assert kept.__traceback__ is None  # the kept one never took a caller's frames
+    coord.synchronize_all()  # the root counts as reported through its dependent

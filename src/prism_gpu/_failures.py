@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from typing import Optional
 
 from ._errors import (DependencyFailedError, InvalidOperationError, KernelError, PrismGpuError,
@@ -18,9 +17,10 @@ def raisable(err: BaseException) -> BaseException:
     and cause. Raising the kept object itself would add the caller's frames to its
     traceback at every raise (a chain that grows, and keeps the caller's arrays alive
     as long as the failure is kept)."""
-    try:
-        new = copy.copy(err)
-    except Exception:  # noqa: BLE001 - an exception type copy cannot rebuild
+    try:  # not through __init__: some take keyword-only arguments args does not hold
+        new = type(err).__new__(type(err), *err.args)
+        new.__dict__.update(err.__dict__)
+    except Exception:  # noqa: BLE001 - an exception type that cannot be rebuilt so
         return err.with_traceback(None)
     new.__cause__ = err.__cause__
     new.__suppress_context__ = err.__suppress_context__
