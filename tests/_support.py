@@ -289,6 +289,25 @@ class CudaLatch:
         return True
 
 
+def in_threads(fn: Callable[..., None], args: List[Tuple[Any, ...]]) -> List[BaseException]:
+    """Run ``fn(*a)`` for every ``a`` in ``args``, each on a thread of its own, all at
+    once; returns what they raised."""
+    errors: List[BaseException] = []
+
+    def run(*a: Any) -> None:
+        try:
+            fn(*a)
+        except BaseException as exc:  # noqa: BLE001 - returned to the test
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=a) for a in args]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return errors
+
+
 @contextlib.contextmanager
 def release_timer(latch: Any, delay: float = 0.1) -> Iterator[threading.Timer]:
     """A timer that releases ``latch`` after ``delay`` seconds once started; on exit the

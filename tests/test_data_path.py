@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import prism_gpu as pg
-from _support import add1
+from _support import add1, in_threads
 
 F32 = np.float32
 
@@ -487,23 +487,13 @@ def test_a_kernel_failing_at_any_position_with_out(k: int, rng: np.random.Genera
 
 def test_two_threads_stream_into_their_own_out_on_one_context(
         ctx: pg.ManagedGpuContext, rng: np.random.Generator) -> None:
-    import threading
-
     xs = [[rng.standard_normal(2048).astype(F32) for _ in range(20)] for _ in range(2)]
     outs = [np.full((20, 2048), np.nan, F32) for _ in range(2)]
-    errors: List[BaseException] = []
 
     def work(t: int) -> None:
-        try:
-            with pg.register(outs[t], ctx=ctx) as pinned:   # each thread pins its own
-                list(pg.stream_map(add1(), xs[t], ctx=ctx, out=pinned))
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
-    threads = [threading.Thread(target=work, args=(t,)) for t in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+        with pg.register(outs[t], ctx=ctx) as pinned:   # each thread pins its own
+            list(pg.stream_map(add1(), xs[t], ctx=ctx, out=pinned))
+    errors = in_threads(work, [(0,), (1,)])
     assert not errors, errors
     for t in range(2):
         np.testing.assert_array_equal(outs[t], np.stack(xs[t]) + F32(1))

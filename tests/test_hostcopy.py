@@ -17,6 +17,7 @@ import pytest
 import prism_gpu as pg
 from prism_gpu import _copypool
 from prism_gpu._copypool import CopyPool
+from _support import in_threads
 
 try:
     from prism_gpu import _hostcopy  # type: ignore[attr-defined]
@@ -160,20 +161,12 @@ def test_native_copies_from_several_threads(rng: np.random.Generator) -> None:
     p = _hostcopy.Pool(4)
     srcs = [rng.random(1 << 18) for _ in range(8)]
     outs = [np.zeros_like(s) for s in srcs]
-    errors = []
 
     def run(k: int) -> None:
-        try:
-            for _ in range(20):
-                p.copy(outs[k], srcs[k], 3).wait()
-        except BaseException as exc:  # noqa: BLE001
-            errors.append(exc)
+        for _ in range(20):
+            p.copy(outs[k], srcs[k], 3).wait()
 
-    ts = [threading.Thread(target=run, args=(k,)) for k in range(8)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join()
+    errors = in_threads(run, [(k,) for k in range(8)])
     p.close()
     assert not errors
     for s, o in zip(srcs, outs):

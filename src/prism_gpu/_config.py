@@ -7,6 +7,8 @@ from typing import Any, Callable, Sequence, Tuple, Union
 
 import numpy as np
 
+from ._args import int_arg
+
 __all__ = ["LaunchConfig", "StepConfig", "Dim3"]
 
 Dim3 = Tuple[int, int, int]
@@ -58,8 +60,6 @@ class LaunchConfig:
     @classmethod
     def for_elements(cls, n: int, block: int = 256) -> "LaunchConfig":
         """One thread per element (at least one block)."""
-        from ._args import int_arg
-
         n, block = int_arg(n, "n", 0), int_arg(block, "block", 1)
         return cls(grid=max(1, -(-n // block)), block=block)
 

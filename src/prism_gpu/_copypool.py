@@ -117,14 +117,15 @@ class CopyPool:
         fast = self._native
         if fast is not None and dst.dtype == src.dtype and dst.shape == src.shape \
                 and not dst.dtype.hasobject \
-                and dst.flags.c_contiguous and src.flags.c_contiguous \
-                and dst.flags.writeable and not np.may_share_memory(dst, src):
+                and dst.flags.c_contiguous and src.flags.c_contiguous:
             workers, chunk = self._native_pieces
             try:
                 return fast.copy(  # type: ignore[no-any-return]
                     dst, src, max(1, min(workers, dst.nbytes // chunk)), urgent)
             except (ValueError, TypeError, BufferError):
-                pass  # a dtype without a buffer format: numpy copies it below
+                # refused there (read-only or overlapping memory, which the native side
+                # checks itself, or a dtype without a buffer format): numpy copies it
+                pass
         with self._lock:
             if self._closed:
                 raise RuntimeError("the copy pool is closed")

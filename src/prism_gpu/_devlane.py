@@ -105,15 +105,16 @@ class DeviceLane:
         batch = entry.batch
         device = self.coord.device
         src = self._ring(device, "in", batch.dtype, batch.size)
-        dst = None
+        dst, n = None, 0
         if entry.info.output is not None:
             shape, dtype = entry.info.output
-            dst = self._ring(device, "out", dtype, math.prod(shape))
+            n = math.prod(shape)
+            dst = self._ring(device, "out", dtype, n)
         tracing = _trace.ACTIVE is not None
         if tracing:
             _trace.set_index(entry.pos)
         try:
-            q = self._queue(sink, entry, stager, src, dst)
+            q = self._queue(sink, entry, stager, src, dst, n)
         finally:
             if tracing:
                 _trace.set_index(None)
@@ -154,7 +155,8 @@ class DeviceLane:
         return ring_for(self.rings, (key, dtype.str), device, dtype, n, self.depth)
 
     def _queue(self, sink: Sink, entry: Pulled, stager: Stager, src: TripleBuffer,
-               dst: Optional[TripleBuffer]) -> _Queued:
+               dst: Optional[TripleBuffer], n: int) -> _Queued:
+        """Queue ``entry``'s ops; ``dst`` (``n`` elements written) when it has an output."""
         coord = self.coord
         batch = entry.batch
         final = entry.info.final
@@ -173,7 +175,6 @@ class DeviceLane:
         else:
             assert dst is not None
             shape, dtype = entry.info.output
-            n = math.prod(shape)
             comp = _rollback_on_error(src, lambda: coord.queue_compute(
                 self.kernel, [up], extra=extra, outputs=[(dst, n)]))
             src.retire()  # the input slot is done once the compute is (the GPU orders it)

@@ -42,7 +42,8 @@ class SlotMap:
 
     def data_slots(self, dep_ids: Sequence[int]) -> List[Slot]:
         """The slots holding data of ops ``dep_ids`` (each once, in order) that a
-        compute can still consume (UPLOADING or PROCESSING)."""
+        compute can still consume (UPLOADING or PROCESSING); refused if a slot's ring
+        was closed (its memory is gone)."""
         slots: List[Slot] = []
         m = self._map
         for d in dep_ids:
@@ -51,6 +52,9 @@ class SlotMap:
                 s = r()
                 if s is not None and s not in slots and (s.state is _UPLOADING
                                                          or s.state is _PROCESSING):
+                    if s.full is None:  # set by TripleBuffer.close, nothing else
+                        raise InvalidOperationError(
+                            "a dependency's TripleBuffer is closed: its data is gone")
                     slots.append(s)
         return slots
 
@@ -95,9 +99,6 @@ def output_slots(outputs: Sequence[Any], device: Any) -> List[Tuple[Slot, int]]:
 def pending_uploads(slots: List[Slot]) -> List[Slot]:
     """Slots still UPLOADING, checked to be the oldest uploads of their buffers (computes
     consume uploads in ring order; the order of the dependencies does not matter)."""
-    for s in slots:
-        if s.buffer.closed:
-            raise InvalidOperationError("a dependency's TripleBuffer is closed: its data is gone")
     pending = [s for s in slots if s.state is _UPLOADING]
     by_buffer: Dict[int, List[Slot]] = {}
     for s in pending:
