@@ -17,7 +17,6 @@ import argparse
 import os
 import random
 import statistics
-import time
 from typing import Any, Callable, Dict, List
 
 import numpy as np
@@ -37,11 +36,7 @@ def _prism(ctx: Any, d: dp.Data, kernel: Any, native: bool, prefetch: int = 4,
         os.environ["PRISM_GPU_NATIVE_COPY"] = "1" if native else "0"
         for k, v in settings.items():
             setattr(_staging.Stager, k, v)
-        t = time.perf_counter()
-        for _ in pg.stream_map(kernel, d.batches(), ctx=ctx, extra=(0.0,), out=d.dst,
-                               prefetch=prefetch):
-            pass
-        return time.perf_counter() - t
+        return dp.prism_out(ctx, d, kernel, d.src, d.dst, prefetch=prefetch)
     return run
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from typing import Any, Callable, Dict, List
 
 import host_overhead as ho
@@ -87,13 +86,7 @@ def main() -> int:
     res: Dict[str, List[float]] = {name: [] for name in variants}
     for _ in range(args.rounds):
         for name, step in variants.items():
-            step(0)
-            sync()
-            t = time.perf_counter()
-            for i in range(args.iterations):
-                step(i)
-            res[name].append((time.perf_counter() - t) / args.iterations * 1e6)
-            sync()
+            res[name].append(ho._per_iter(step, sync, args.iterations, repeats=1))
     base = statistics.median(res["closing records plain"])
     for name, v in res.items():
         m = statistics.median(v)

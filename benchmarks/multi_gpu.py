@@ -14,18 +14,16 @@ import datetime as _dt
 import json
 import os
 import statistics
-import sys
 import time
 from typing import Any, Dict, List
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(__file__))
-import prism_gpu as pg  # noqa: E402
-from prism_gpu.backends import device_count  # noqa: E402
-from prism_gpu.bench import Workload  # noqa: E402
-from prism_gpu.bench._multi import run_multi  # noqa: E402
-from prism_gpu.bench._peers_cuda import SPIN_SCALE_SOURCE, spin_scale_grid  # noqa: E402
+import prism_gpu as pg
+from prism_gpu.backends import device_count
+from prism_gpu.bench import Workload
+from prism_gpu.bench._multi import run_multi
+from prism_gpu.bench._peers_cuda import SPIN_SCALE_SOURCE, spin_scale_grid
 
 
 def spin_kernel(n: int, us: float) -> pg.Kernel:
