@@ -57,11 +57,15 @@ typedef struct Job {
 } Job;
 
 typedef struct {
+    Job *head, *tail;    /* pieces in order */
+} Queue;
+
+typedef struct {
     PyObject_HEAD
     pthread_mutex_t lock;
     pthread_cond_t cond;
-    Job *head, *tail;    /* queued pieces, in order */
-    Job *uhead, *utail;  /* urgent ones: taken first, in order */
+    Queue queue;         /* queued pieces */
+    Queue urgent;        /* urgent ones: taken first */
     int stop;
     int workers;
     int stream;          /* non-temporal stores for large pieces */
@@ -142,6 +146,24 @@ static PyTypeObject TicketType = {
 
 /* Pool -------------------------------------------------------------------- */
 
+static Job *queue_pop(Queue *q) {
+    Job *job = q->head;
+    if (job != NULL) {
+        q->head = job->next;
+        if (q->head == NULL)
+            q->tail = NULL;
+    }
+    return job;
+}
+
+static void queue_push(Queue *q, Job *first, Job *last) {
+    if (q->tail == NULL)
+        q->head = first;
+    else
+        q->tail->next = first;
+    q->tail = last;
+}
+
 #define STREAM_MIN (64 * 1024)
 
 static void copy_piece(char *dst, const char *src, size_t n, int stream) {
@@ -180,19 +202,12 @@ static void *worker(void *arg) {
         Job *job;
         Ticket *t;
         pthread_mutex_lock(&p->lock);
-        while (p->uhead == NULL && p->head == NULL && !p->stop)
+        while (p->urgent.head == NULL && p->queue.head == NULL && !p->stop)
             pthread_cond_wait(&p->cond, &p->lock);
-        if (p->uhead != NULL) {
-            job = p->uhead;
-            p->uhead = job->next;
-            if (p->uhead == NULL)
-                p->utail = NULL;
-        } else if (p->head != NULL) {
-            job = p->head;
-            p->head = job->next;
-            if (p->head == NULL)
-                p->tail = NULL;
-        } else {  /* stopping, and nothing is left */
+        job = queue_pop(&p->urgent);
+        if (job == NULL)
+            job = queue_pop(&p->queue);
+        if (job == NULL) {  /* stopping, and nothing is left */
             if (--p->running == 0)
                 pthread_cond_broadcast(&p->cond);  /* for pool_stop */
             pthread_mutex_unlock(&p->lock);
@@ -273,14 +288,11 @@ static PyObject *pool_copy(Pool *p, PyObject *args) {
     pthread_mutex_init(&t->lock, NULL);
     pthread_cond_init(&t->cond, NULL);
     if (PyObject_GetBuffer(dst_obj, &t->dst,
-                           PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE | PyBUF_FORMAT) < 0) {
-        Py_DECREF(t);
-        return NULL;
-    }
+                           PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE | PyBUF_FORMAT) < 0)
+        goto fail;
     if (PyObject_GetBuffer(src_obj, &t->src, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0) {
         PyBuffer_Release(&t->dst);
-        Py_DECREF(t);
-        return NULL;
+        goto fail;
     }
     t->held = 1;
     /* checked after the exports, which may run Python code (that may close p) */
@@ -288,34 +300,28 @@ static PyObject *pool_copy(Pool *p, PyObject *args) {
         PyErr_SetString(PyExc_RuntimeError, p->stop || p->threads == NULL
                         ? "the copy pool is closed"
                         : "the copy pool's threads are in the parent process (fork)");
-        Py_DECREF(t);
-        return NULL;
+        goto fail;
     }
     if ((t->dst.format != NULL && strchr(t->dst.format, 'O') != NULL)
         || (t->src.format != NULL && strchr(t->src.format, 'O') != NULL)) {
         PyErr_SetString(PyExc_ValueError, "buffers of Python objects are not plain bytes");
-        Py_DECREF(t);
-        return NULL;
+        goto fail;
     }
     if (t->dst.len != t->src.len) {
         PyErr_SetString(PyExc_ValueError, "dst and src differ in size");
-        Py_DECREF(t);
-        return NULL;
+        goto fail;
     }
     {
         const char *d = t->dst.buf, *s = t->src.buf;
         if (t->dst.len > 0 && d < s + t->src.len && s < d + t->dst.len) {
             PyErr_SetString(PyExc_ValueError, "dst and src overlap");
-            Py_DECREF(t);
-            return NULL;
+            goto fail;
         }
     }
     if (t->dst.len == 0)
         return (PyObject *)t;  /* nothing to copy: done already */
-    if (pool_start(p) < 0) {
-        Py_DECREF(t);
-        return NULL;
-    }
+    if (pool_start(p) < 0)
+        goto fail;
     if (pieces < 1)
         pieces = 1;
     if (pieces > t->dst.len)  /* and no overflow below */
@@ -331,8 +337,8 @@ static PyObject *pool_copy(Pool *p, PyObject *args) {
                 first = next;
             }
             t->left = 0;
-            Py_DECREF(t);
-            return PyErr_NoMemory();
+            PyErr_NoMemory();
+            goto fail;
         }
         job->next = NULL;
         job->ticket = t;
@@ -347,25 +353,16 @@ static PyObject *pool_copy(Pool *p, PyObject *args) {
         t->left++;
     }
     pthread_mutex_lock(&p->lock);
-    if (urgent) {
-        if (p->utail == NULL)
-            p->uhead = first;
-        else
-            p->utail->next = first;
-        p->utail = last;
-    } else {
-        if (p->tail == NULL)
-            p->head = first;
-        else
-            p->tail->next = first;
-        p->tail = last;
-    }
+    queue_push(urgent ? &p->urgent : &p->queue, first, last);
     if (t->left > 1)
         pthread_cond_broadcast(&p->cond);
     else
         pthread_cond_signal(&p->cond);
     pthread_mutex_unlock(&p->lock);
     return (PyObject *)t;
+fail:  /* the ticket releases whatever buffers it holds */
+    Py_DECREF(t);
+    return NULL;
 }
 
 static void pool_stop(Pool *p) {
