@@ -402,12 +402,14 @@ def test_a_forked_child_neither_hangs_nor_copies_with_threads_it_lacks() -> None
         "queued = [p.copy(dst, src, 1) for _ in range(32)]\n"
         "pid = os.fork()\n"
         "if pid == 0:\n"
+        "    in_flight = not queued[-1].done()  # as it was at the fork\n"
         "    try:\n"
         "        queued[-1].wait()\n"
-        "        sys.exit(3)\n"
+        "        if in_flight:\n"
+        "            sys.exit(3)\n"
         "    except RuntimeError:\n"
-        "        pass\n"
-        "    queued[-1].done()\n"
+        "        if not in_flight:\n"
+        "            sys.exit(5)\n"
         "    try:\n"
         "        p.copy(np.zeros(10), np.ones(10), 1)\n"
         "        sys.exit(4)\n"
@@ -422,6 +424,29 @@ def test_a_forked_child_neither_hangs_nor_copies_with_threads_it_lacks() -> None
         "print(os.waitstatus_to_exitcode(status), int(dst.min()))\n")
     assert done.returncode == 0 and done.stdout.split() == ["0", "1"], (done.stdout,
                                                                        done.stderr)
+
+
+@needs_native
+def test_a_forked_child_frees_a_pool_whose_threads_were_idle() -> None:
+    """The parent's idle workers wait on the pool's condition at the fork; the child's
+    copy of it counts them, and freeing the pool must not wait for them (it did, for
+    ever, when every queued copy had finished before the fork)."""
+    done = _run_script(
+        "import gc, os, time, numpy as np\n"
+        "from prism_gpu import _hostcopy\n"
+        "p = _hostcopy.Pool(2)\n"
+        "t = p.copy(np.zeros(1 << 20), np.ones(1 << 20), 2)\n"
+        "t.wait()\n"
+        "time.sleep(0.2)  # the workers are asleep on the condition now\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    del p, t\n"
+        "    gc.collect()\n"
+        "    os._exit(0)\n"
+        "_, status = os.waitpid(pid, 0)\n"
+        "p.close()\n"
+        "print(os.waitstatus_to_exitcode(status))\n")
+    assert done.returncode == 0 and done.stdout.split() == ["0"], (done.stdout, done.stderr)
 
 
 @needs_native

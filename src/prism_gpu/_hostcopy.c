@@ -123,8 +123,10 @@ static PyObject *ticket_done(Ticket *t, PyObject *unused) {
 
 static void ticket_dealloc(Ticket *t) {
     ticket_settle(t);
-    pthread_mutex_destroy(&t->lock);
-    pthread_cond_destroy(&t->cond);
+    if (t->pid == getpid()) {  /* after fork: the parent's waiters are counted (above) */
+        pthread_mutex_destroy(&t->lock);
+        pthread_cond_destroy(&t->cond);
+    }
     Py_TYPE(t)->tp_free((PyObject *)t);
 }
 
@@ -400,10 +402,15 @@ static PyObject *pool_get_closed(Pool *p, void *unused) {
 }
 
 static void pool_dealloc(Pool *p) {
+    int forked = pool_forked(p);
     pool_stop(p);
     if (p->threads != NULL) {
-        pthread_mutex_destroy(&p->lock);
-        pthread_cond_destroy(&p->cond);
+        /* after fork the copied condition counts the parent's waiting workers, which
+           this process lacks: destroying it would wait for them forever */
+        if (!forked) {
+            pthread_mutex_destroy(&p->lock);
+            pthread_cond_destroy(&p->cond);
+        }
         PyMem_Free(p->threads);
     }
     Py_TYPE(p)->tp_free((PyObject *)p);
