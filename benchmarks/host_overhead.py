@@ -40,21 +40,27 @@ def _per_iter(fn: Callable[[int], None], sync: Callable[[], None], iters: int,
     return statistics.median(samples)
 
 
-def raw_cuda_core(iters: int) -> Dict[str, float]:
+def _raw_parts() -> Any:
     from cuda.core import Device, LaunchConfig, LegacyPinnedMemoryResource, Program, \
-        ProgramOptions, launch
+        ProgramOptions
 
     dev = Device(0)
     dev.set_current()
-    up, comp, down = (dev.create_stream() for _ in range(3))
+    streams = [dev.create_stream() for _ in range(3)]
     prog = Program('extern "C" __global__ void noop() {}', "c++",
                    ProgramOptions(arch=f"sm_{dev.arch}"))
     k = prog.compile("cubin").get_kernel("noop")
-    cfg = LaunchConfig(grid=1, block=1)
     mr = LegacyPinnedMemoryResource()
     h_in, h_out = mr.allocate(N * 4), mr.allocate(N * 4)
-    d = [dev.allocate(N * 4, stream=up) for _ in range(3)]
-    up.sync()
+    d = [dev.allocate(N * 4, stream=streams[0]) for _ in range(3)]
+    streams[0].sync()
+    return dev, streams, k, LaunchConfig(grid=1, block=1), h_in, h_out, d
+
+
+def raw_cuda_core(iters: int) -> Dict[str, float]:
+    from cuda.core import launch
+
+    dev, (up, comp, down), k, cfg, h_in, h_out, d = _raw_parts()
     ev = [[dev.create_event() for _ in range(3)] for _ in range(3)]
 
     def step(i: int) -> None:
@@ -74,6 +80,72 @@ def raw_cuda_core(iters: int) -> Dict[str, float]:
         for s in (up, comp, down):
             s.sync()
     return {"raw_cuda_core_us_per_iteration": _per_iter(step, sync, iters)}
+
+
+def raw_cuda_core_traced(iters: int) -> Dict[str, float]:
+    """The raw loop with what a timeline needs from the driver: each op between a
+    start stamp and a closing timing event, both read (against a reference event)
+    once the op is done. Against the plain raw loop, in pairs: the driver's share of
+    tracing, per op."""
+    from cuda.core import EventOptions, launch
+
+    dev, (up, comp, down), k, cfg, h_in, h_out, d = _raw_parts()
+    plain_ev = [[dev.create_event() for _ in range(3)] for _ in range(3)]
+    timing = EventOptions(timing_enabled=True)
+    ring = 64  # iterations whose events are in use; the oldest is read before reuse
+    ev = [[[dev.create_event(timing) for _ in range(2)] for _ in range(3)] for _ in range(ring)]
+    ref = dev.create_event(timing)
+    up.record(ref)
+    used = [False] * ring
+    times: list = []
+
+    def plain(i: int) -> None:
+        s = i % 3
+        e_up, e_c, e_dn = plain_ev[s]
+        up.wait(e_dn)
+        d[s].copy_from(h_in, stream=up)
+        up.record(e_up)
+        comp.wait(e_up)
+        launch(comp, cfg, k)
+        comp.record(e_c)
+        down.wait(e_c)
+        d[s].copy_to(h_out, stream=down)
+        down.record(e_dn)
+
+    def traced(i: int) -> None:
+        r = i % ring
+        (s_up, e_up), (s_c, e_c), (s_dn, e_dn) = ev[r]
+        if used[r]:
+            e_dn.sync()  # long done: read the times of the ring's oldest iteration
+            for a, b in ev[r]:
+                times.append((a - ref, b - ref))
+            if len(times) > 4096:
+                times.clear()
+        used[r] = True
+        s = i % 3
+        up.wait(ev[(i - 3) % ring][2][1])
+        up.record(s_up)
+        d[s].copy_from(h_in, stream=up)
+        up.record(e_up)
+        comp.wait(e_up)
+        comp.record(s_c)
+        launch(comp, cfg, k)
+        comp.record(e_c)
+        down.wait(e_c)
+        down.record(s_dn)
+        d[s].copy_to(h_out, stream=down)
+        down.record(e_dn)
+
+    def sync() -> None:
+        for st in (up, comp, down):
+            st.sync()
+    plains, traceds = [], []
+    for _ in range(7):
+        plains.append(_per_iter(plain, sync, iters, repeats=1))
+        traceds.append(_per_iter(traced, sync, iters, repeats=1))
+    return {"raw_traced_us_per_iteration": statistics.median(traceds),
+            "raw_tracing_us_per_op":
+                statistics.median(t - p for t, p in zip(traceds, plains)) / 3}
 
 
 def _backend_parts() -> Any:
@@ -215,6 +287,7 @@ def main() -> int:
     args = ap.parse_args()
     res: Dict[str, Any] = {}
     res.update(raw_cuda_core(args.iterations))
+    res.update(raw_cuda_core_traced(args.iterations))
     res.update(backend_only(args.iterations))
     res.update(lean_python(args.iterations))
     res.update(prism(args.iterations, args.profile))

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import prism_gpu as pg
-from _support import F32, affine, rand
+from _support import F32, add1, affine, rand
 
 
 @pytest.fixture
@@ -277,3 +277,36 @@ def test_a_dropped_trace_is_not_kept_alive_by_the_coordinators_it_saw(
         with pg.trace() as tr2:   # the same coordinator, recorded by the next trace
             _pattern1(coord, buf, [rand(rng, 64)], [np.empty(64, F32)])
         assert len(tr2.ops) == 3
+
+
+def test_a_long_trace_reads_every_op_and_gives_its_events_back(
+        device: Any, rng: np.random.Generator) -> None:
+    # more ops than a trace holds before it reads their times, on every lane
+    n, rounds = 256, 400
+    with pg.AsyncCoordinator(device) as coord:
+        coord.register_kernel("add1", add1())
+        buf = pg.TripleBuffer(device, n)
+        xs = [rand(rng, n) for _ in range(rounds)]
+        outs = [np.empty(n, F32) for _ in range(rounds)]
+        with pg.trace() as tr:
+            for x, out in zip(xs, outs):
+                coord.queue_compute("add1", [coord.queue_upload(x, buf)])
+                coord.queue_download(buf, out)
+                buf.advance()
+        ops = tr.ops
+        assert len(ops) == 3 * rounds and tr.lost == 0
+        assert sorted(o.op_id for o in ops) == list(range(ops[0].op_id,
+                                                          ops[0].op_id + 3 * rounds))
+        assert all(0 <= o.start_ms <= o.end_ms for o in ops)
+        for x, out in zip(xs, outs):
+            np.testing.assert_array_equal(out, x + 1)
+        # the trace read its ops' times in batches of 256 and gave both events of each
+        # back to the coordinator's pool (had it kept them, the pool would hold only
+        # the few untimed events of the ops in flight)
+        assert coord.statistics().events_pooled >= 2 * 256
+        # a later trace on the same coordinator starts from an empty timeline
+        with pg.trace() as tr2:
+            coord.queue_compute("add1", [coord.queue_upload(xs[0], buf)])
+            coord.queue_download(buf, outs[0])
+            buf.advance()
+        assert len(tr2.ops) == 3 and len(tr) == 3 * rounds

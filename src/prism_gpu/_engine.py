@@ -1,14 +1,11 @@
-"""The engine: streams, pooled events, submission with waits, harvest and throttle.
-
-The only caller of a backend's stream and event protocol. Every op of every client ends
-with a pooled event; events go back to the pool only once their op is known complete,
-so depending on op N always waits for op N. Past ``max_in_flight`` ops in flight a
-submit blocks on the oldest."""
+"""The engine: streams, pooled events, submission with waits, harvest and throttle. The
+only caller of a backend's stream and event protocol. Every op ends with a pooled event,
+pooled again only once the op is known complete, so depending on op N always waits for
+op N. Past ``max_in_flight`` ops in flight a submit blocks on the oldest."""
 
 from __future__ import annotations
 
 import collections
-import weakref
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from . import _nvtx, _trace
@@ -28,14 +25,13 @@ class Engine:
     Parameters
     ----------
     device:
-        The backend device.
+        The backend device (the engine is the only caller of its streams and events).
     table:
         Where ids come from and completions go.
     max_in_flight:
         Ops submitted and not known complete; past it, submitting waits for the oldest.
     timing:
-        Default for whether ops carry start/end timing events.
-    """
+        Default for whether ops carry start/end timing events."""
 
     def __init__(self, device: Device, table: OpTable, *, max_in_flight: int = 1024,
                  timing: bool = False) -> None:
@@ -53,7 +49,8 @@ class Engine:
         self._roots: "collections.OrderedDict[int, Tuple[BaseException, Root]]" = \
             collections.OrderedDict()
         self.in_callback = False
-        self._tracer: Any = None  # a weak reference to the trace last recorded for
+        self._tracer: Any = None  # the trace recording our ops, and the list of completed
+        self._traced: Any = None  # ones it reads their times from
         self._callback_errors: List[BaseException] = []
         self.closed = False
 
@@ -76,6 +73,10 @@ class Engine:
         self._tpool.extend(events[:keep])
         for ev in events[keep:]:
             ev.close()
+
+    def trace_ended(self) -> None:
+        """The trace recording this engine's ops ended: later completions are not its."""
+        self._tracer = self._traced = None
 
     @property
     def pooled_events(self) -> int:
@@ -102,9 +103,9 @@ class Engine:
         ``c`` and extra ``d``. If a dependency is known to have failed (or
         ``root`` names such a failure), nothing runs and the op fails with
         DependencyFailedError. A launch rejected while queueing raises (after
-        waits that only order); a callable that raises while queued (CUDA runs
-        callables on the host) fails the op. ``keep`` stays alive until the op
-        completes; ``on_done(op, ms)`` runs then.
+        waits that only order); a callable that raises while queued (CUDA runs callables
+        on the host) fails the op. ``keep`` lives until the op completes; ``on_done(op,
+        ms)`` runs then.
         """
         if self.in_callback:
             refuse_in_callback()
@@ -113,27 +114,25 @@ class Engine:
             self.throttle()
         op = Op(op_type, lane, name)
         stream = lane.stream
-        if deps:
-            op.deps = deps
-            for dep in deps:
-                ev = dep.event
-                if ev is not None:
-                    stream.wait(ev)
-                if root is None and dep.error is not None:
-                    root = root_of(dep)
-        if quiet:
-            for dep in quiet:
-                ev = dep.event
-                if ev is not None:
-                    stream.wait(ev, propagate=False)
+        op.deps = deps
+        for dep in deps:
+            ev = dep.event
+            if ev is not None:
+                stream.wait(ev)
+            if root is None and dep.error is not None:
+                root = root_of(dep)
+        for dep in quiet:
+            ev = dep.event
+            if ev is not None:
+                stream.wait(ev, propagate=False)
         timed = self.timing if timing is None else timing  # asked for, apart from tracing
         tracer = _trace.ACTIVE
         if tracer is not None:
             # a traced op: a start stamp, and its closing record (a timing event) is its end
-            if self._tracer is None or self._tracer() is not tracer:
-                tracer.begin(self, lane)
-                self._tracer = weakref.ref(tracer)  # a dropped trace is not kept alive
-            op.trace = (tracer, _trace.current_index(),
+            if self._tracer is not tracer:
+                self._traced = tracer.begin(self, lane)  # where completed ops go
+                self._tracer = tracer
+            op.trace = (_trace.STATE.index,
                         b.nbytes if kind == H2D else a.nbytes if kind == D2H else 0, timed)
         mark = _nvtx.range_start(lane.name, op_type.value, name) if _nvtx.ON else None
         start = None
@@ -238,7 +237,7 @@ class Engine:
         tr = op.trace
         if tr is None:
             self._pool.append(ev)
-        if start is not None and (tr is None or tr[3]):
+        if start is not None and (tr is None or tr[2]):
             duration = op.end.elapsed_ms(start)
         cb = op.on_done
         if cb is not None:
@@ -247,15 +246,19 @@ class Engine:
             except BaseException as exc:  # noqa: BLE001 - raised by the call that harvested,
                 self._callback_errors.append(exc)  # after the bookkeeping (Ctrl-C too)
             op.on_done = None
-        if tr is not None:
-            # the trace reads its times from these events later (every few hundred
-            # ops, and when it ends) and gives them back then
-            tr[0].completed(self, op, tr[1], tr[2])
-            op.trace = None
-        elif start is not None:
-            self.give_event(start)
-            self.give_event(op.end)
-        op.start = op.end = None
+        held = self._traced if tr is not None else None
+        if held is not None:
+            # the trace reads the times later (in batches, and at its end), then gives back
+            held.append(op)
+            if len(held) >= _trace.Trace.HELD_EVENTS:
+                self._tracer.read_times()
+        else:
+            if start is not None:
+                self.give_event(start)
+                self.give_event(op.end)
+            elif tr is not None:  # traced, but its trace ended: the times are not wanted
+                self.give_event(ev)
+            op.start = op.end = op.trace = None
         self.table.complete(op.id, op.type, duration, err)
         op.keep = op.event = None
         op.deps = ()  # completed ops keep no chain of earlier ops alive

@@ -15,7 +15,13 @@ from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 __all__ = ["Trace", "TraceOp", "TraceSummary", "trace", "active", "set_index"]
 
-_state = threading.local()
+
+
+class _State(threading.local):
+    index: Optional[int] = None  # the batch or iteration index of this thread's next ops
+
+
+STATE = _State()  # read by the engine on every traced submit
 ACTIVE: Optional["Trace"] = None   # read by the engine on every submit
 _lock = threading.Lock()
 
@@ -97,71 +103,61 @@ class Trace:
 
     def __init__(self) -> None:
         self._ops: List[TraceOp] = []
-        self._raw: List[Tuple[Any, ...]] = []    # completed ops whose times are unread
         self._timed: List[Tuple[Any, ...]] = []  # ops with times, not yet TraceOps
         self.lost = 0                             # ops whose device closed before the end
-        self._refs: Dict[int, Tuple[Any, Any, str]] = {}   # id(engine) -> (engine, ref, dev)
+        # id(engine) -> (engine, reference event, device name, its completed ops whose
+        # times are unread: the engine appends to that list)
+        self._refs: Dict[int, Tuple[Any, Any, str, List[Any]]] = {}
         self._lanes: Dict[int, str] = {}                    # id(lane) -> unique lane name
         self.closed = False
 
     # called by the engine -------------------------------------------------------
-    def begin(self, engine: Any, lane: Any) -> Any:
-        """The reference event of ``engine``'s device (recorded on ``lane`` when first
-        needed: before the first traced op there)."""
+    def begin(self, engine: Any, lane: Any) -> List[Any]:
+        """Start recording ``engine``'s ops: returns the list it appends its completed
+        traced ops to (their timing events are the trace's until it reads their times).
+        The device's reference event is recorded on ``lane`` when first needed."""
         key = id(engine)
         hit = self._refs.get(key)
         if hit is None:
             dev = engine.device
-            for eng, ref, name in self._refs.values():
+            for eng, ref, name, _ in self._refs.values():
                 if eng.device is dev:   # one clock per device
-                    hit = self._refs[key] = (engine, ref, name)
                     break
             else:
-                ref = engine.mark(lane)
-                hit = self._refs[key] = (engine, ref, f"{dev.kind}:{dev.ordinal}")
-        return hit[1]
-
-    def completed(self, engine: Any, op: Any, index: Optional[int], nbytes: int) -> None:
-        """``op`` completed; its timing events are the trace's until their times are read."""
-        self._raw.append((engine, op.id, op.type, op.lane, op.name, op.start, op.end, nbytes,
-                          index, op.error))
-        if len(self._raw) >= self.HELD_EVENTS:
-            self.read_times()
+                ref, name = engine.mark(lane), f"{dev.kind}:{dev.ordinal}"
+            hit = self._refs[key] = (engine, ref, name, [])
+        return hit[3]
 
     def read_times(self) -> None:
         """Read the times of completed ops and give their events back to their engines
         (the records are built when someone reads ``ops``)."""
-        raw, self._raw = self._raw, []
         timed = self._timed
-        engine: Any = None
-        back: List[Any] = []
-        for entry in raw:
-            if entry[0] is not engine:
-                if back:
-                    engine.give_timing_events(back)
-                    back = []
-                engine = entry[0]
-                _, ref, dev = self._refs[id(engine)]
-                alive = not engine.closed
-            start, end = entry[5], entry[6]
-            if alive:
-                timed.append((entry, start.elapsed_ms(ref), end.elapsed_ms(ref), dev))
-                back.append(start)
-                back.append(end)
-            else:  # its device is gone: the times went with it
-                self.lost += 1
-                start.close()
-                end.close()
-        if back:
+        for engine, ref, dev, held in self._refs.values():
+            if not held:
+                continue
+            ops = held[:]
+            held.clear()  # in place: the engine appends to this list
+            if engine.closed:  # its device is gone: the times went with it
+                self.lost += len(ops)
+                for op in ops:
+                    op.start.close()
+                    op.end.close()
+                continue
+            timed.extend([(op, op.start.elapsed_ms(ref), op.end.elapsed_ms(ref), dev)
+                          for op in ops])
+            back = [op.start for op in ops]
+            back.extend([op.end for op in ops])
             engine.give_timing_events(back)
 
     def _records(self) -> List[TraceOp]:
         self.read_times()
         timed, self._timed = self._timed, []
-        for (_, oid, op_type, lane, name, _s, _e, nbytes, index, error), t0, t1, dev in timed:
+        for op, t0, t1, dev in timed:
+            index, nbytes, _ = op.trace
+            error = op.error
             err = None if error is None else f"{type(error).__name__}: {error}"
-            self._ops.append(TraceOp(oid, op_type.value, self._lane_name(lane),
-                                     name or op_type.value, t0, t1, nbytes, index, dev, err))
+            self._ops.append(TraceOp(op.id, op.type.value, self._lane_name(op.lane),
+                                     op.name or op.type.value, t0, t1, nbytes, index, dev, err))
         return self._ops
 
     def _lane_name(self, lane: Any) -> str:
@@ -176,10 +172,12 @@ class Trace:
 
     def finish(self) -> None:
         """Wait for the traced ops still in flight and read every op's times."""
-        for engine, _, _ in self._refs.values():
+        for engine, _, _, _ in self._refs.values():
             if not engine.closed:
                 engine.synchronize()
         self.read_times()
+        for engine, _, _, _ in self._refs.values():
+            engine.trace_ended()
         self.closed = True
 
     # the timeline ---------------------------------------------------------------
@@ -261,7 +259,7 @@ class Trace:
         plot([(title or "", self)], path)
 
     def __len__(self) -> int:
-        return len(self._ops) + len(self._timed) + len(self._raw)
+        return len(self._ops) + len(self._timed) + sum(len(h[3]) for h in self._refs.values())
 
     def __repr__(self) -> str:
         return f"Trace({len(self)} ops)"
@@ -307,8 +305,8 @@ def active() -> Optional[Trace]:
 
 def set_index(index: Optional[int]) -> None:
     """The batch or iteration index that ops queued next on this thread belong to."""
-    _state.index = index
+    STATE.index = index
 
 
 def current_index() -> Optional[int]:
-    return getattr(_state, "index", None)
+    return STATE.index
