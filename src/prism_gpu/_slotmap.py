@@ -99,6 +99,12 @@ def output_slots(outputs: Sequence[Any], device: Any) -> List[Tuple[Slot, int]]:
 def pending_uploads(slots: List[Slot]) -> List[Slot]:
     """Slots still UPLOADING, checked to be the oldest uploads of their buffers (computes
     consume uploads in ring order; the order of the dependencies does not matter)."""
+    if len(slots) == 1:  # the common case: one upload, its buffer's oldest
+        s = slots[0]
+        if s.state is not _UPLOADING:
+            return []
+        if s.buffer.peek(UPLOADING_I) is s:
+            return slots
     pending = [s for s in slots if s.state is _UPLOADING]
     by_buffer: Dict[int, List[Slot]] = {}
     for s in pending:
