@@ -15,12 +15,7 @@ from cuda.core import LaunchConfig as _CoreLaunchConfig
 from cuda.core import launch as _launch
 
 from ..._errors import KernelError, PrismGpuError
-from ._driver import SUCCESS, driver, error, from_cuda_exception
-
-try:  # launches packed in C; without the extension, cuda.core's launch
-    from . import _launch as _native  # type: ignore[attr-defined]
-except ImportError:  # built without a C compiler
-    _native = None
+from ._driver import from_cuda_exception
 
 _SIG = r"__global__\s+(?:__launch_bounds__\s*\([^)]*\)\s*)?void\s+{name}\s*\(([^)]*)\)"
 
@@ -57,30 +52,6 @@ _SCALARS: Dict[str, Any] = {
     "unsigned char": np.uint8, "uint8_t": np.uint8, "bool": np.bool_,
 }
 _POINTEES = {k: np.dtype(v) for k, v in _SCALARS.items()}
-# the native launch's code for each scalar type (a half has none: cuda.core launches it)
-_CODES: Dict[Any, bytes] = {
-    np.float32: b"f", np.float64: b"d", np.int32: b"i", np.uint32: b"I", np.int64: b"q",
-    np.uint64: b"Q", np.int16: b"h", np.uint16: b"H", np.int8: b"b", np.uint8: b"B",
-    np.bool_: b"?"}
-
-
-def _native_form(kernel: Any, params: Optional[Tuple[str, ...]]) -> Tuple[Any, Any]:
-    """(function handle, parameter codes) for launches from C, or (None, None) where the
-    extension, the driver or a parameter type is missing. Call with the kernel's
-    context current: the function handle belongs to it."""
-    if _native is None or params is None or len(params) > 64 \
-            or os.environ.get("PRISM_GPU_NATIVE_LAUNCH", "1") == "0":
-        return None, None
-    codes = [b"P" if p.endswith("*") else _CODES.get(_SCALARS.get(p)) for p in params]
-    if any(c is None for c in codes) or not _native.available():
-        return None, None
-    try:
-        err, function = driver.cuKernelGetFunction(kernel.handle)
-    except Exception:  # noqa: BLE001 - a cuda.core without .handle: launch through it
-        return None, None
-    if err != SUCCESS:
-        return None, None
-    return int(function), b"".join(c for c in codes if c is not None)
 
 
 def _converter(ctype: str, kernel: str, index: int) -> Callable[[Any], Any]:
@@ -179,8 +150,7 @@ class SourceKernel:
                       if params is not None else None)
         self._pointee: List[Any] = ([_POINTEES.get(p[:-1].strip()) if p.endswith("*")
                                      else None for p in params] if params is not None else [])
-        self._configs: Dict[int, Tuple[Any, Any, Any]] = {}
-        self._function, self._codes = _native_form(self._k, params)
+        self._configs: Dict[int, Tuple[Any, Any]] = {}
         # per array count: whether every array maps to (T*, size_t n) (the fast path)
         self._layouts: Dict[int, bool] = {}
         self._ext: Any = None  # (extra tuple, array count, converted values): the last used
@@ -195,19 +165,18 @@ class SourceKernel:
             self._layouts[na] = ok
         return ok
 
-    def _config(self, config: Any) -> Tuple[Any, Any, Any]:
-        """(config, cuda.core's form, (grid, block, shared memory)), checked once."""
+    def _config(self, config: Any) -> Any:
+        # keyed by identity: hashing a dataclass costs more than the lookup saves
         hit = self._configs.get(id(config))
         if hit is not None and hit[0] is config:
-            return hit
+            return hit[1]
         self._device.check_launch_config(config, self.name)
         cfg = _CoreLaunchConfig(grid=config.grid, block=config.block,
                                 shmem_size=config.shared_mem_bytes)
         if len(self._configs) > 256:
             self._configs.clear()
-        hit = self._configs[id(config)] = (
-            config, cfg, (tuple(config.grid), tuple(config.block), config.shared_mem_bytes))
-        return hit
+        self._configs[id(config)] = (config, cfg)
+        return cfg
 
     def arguments(self, arrays: Sequence[Any], extra: Sequence[Any]) -> List[Any]:
         na = len(arrays)
@@ -272,13 +241,7 @@ class SourceKernel:
     def launch(self, stream: Any, config: Any, arrays: Sequence[Any], extra: Sequence[Any]
                ) -> None:
         args = self.arguments(arrays, extra) if (arrays or extra) else ()
-        _, cfg, dims = self._config(config)
-        if self._function is not None:
-            err = _native.launch(stream.handle, self._function, dims[0], dims[1], dims[2],
-                                 self._codes, tuple(args))
-            if err:
-                raise error(driver.CUresult(err), f"launching kernel {self.name!r}")
-            return
+        cfg = self._config(config)
         try:
             _launch(stream._s, cfg, self._k, *args)
         except PrismGpuError:
