@@ -189,3 +189,73 @@ def test_stream_map_on_gpu_random_sizes():
         results = list(pg.stream_map("scale", batches, ctx=ctx, extra=(5.0,)))
     for r, b in zip(results, batches):
         np.testing.assert_array_equal(r, b * np.float32(5.0))
+
+
+EVERY_TYPE = r"""
+extern "C" __global__ void every_type(double* out, size_t n, float f, double d, int i,
+                                      unsigned int u, long long q, unsigned long long Q,
+                                      short h, unsigned short H, signed char b,
+                                      unsigned char B, bool t, long l) {
+    if (threadIdx.x == 0 && blockIdx.x == 0 && n >= 12) {
+        out[0] = f; out[1] = d; out[2] = i; out[3] = u; out[4] = (double)q;
+        out[5] = (double)Q; out[6] = h; out[7] = H; out[8] = b; out[9] = B; out[10] = t;
+        out[11] = (double)l;
+    }
+}
+"""
+
+
+def test_every_scalar_parameter_type_reaches_the_kernel():
+    # each C type passed exactly: negative values, values past 32 bits, a float's rounding
+    rng = np.random.default_rng(5)
+    vals = [np.float32(rng.standard_normal()), float(rng.standard_normal()) * 1e10,
+            -int(rng.integers(1, 2**31)), int(rng.integers(2**31, 2**32)),
+            -int(rng.integers(2**40, 2**52)), int(rng.integers(2**52, 2**53)),
+            -int(rng.integers(1, 2**15)), int(rng.integers(2**15, 2**16)),
+            -int(rng.integers(1, 128)), int(rng.integers(128, 256)), True,
+            -int(rng.integers(2**40, 2**53))]
+    dev = pg.open_device("cuda")
+    try:
+        with pg.AsyncCoordinator(dev) as coord:
+            k = pg.Kernel.from_source(EVERY_TYPE, "every_type",
+                                      config=pg.LaunchConfig(grid=1, block=32))
+            buf = pg.TripleBuffer(dev, 12, dtype=np.float64)
+            out = np.full(12, np.nan)
+            up = coord.queue_upload(np.zeros(12), buf)
+            coord.queue_compute(k, [up], extra=tuple(vals))
+            coord.wait(coord.queue_download(buf, out))
+            buf.advance()
+    finally:
+        dev.close()
+    expect = [float(np.float32(vals[0])), vals[1]] + [float(v) for v in vals[2:]]
+    assert out.tolist() == expect
+
+
+BOUNDED = r"""
+extern "C" __global__ void __launch_bounds__(32) bounded(float* x, size_t n) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) x[i] += 1.0f;
+}
+"""
+
+
+def test_a_launch_the_driver_rejects_raises_from_the_queue_call():
+    # 1024 threads pass the device's limits but not the kernel's launch bounds: the
+    # driver refuses the launch itself, and the queue call raises, the ring unchanged
+    dev = pg.open_device("cuda")
+    try:
+        with pg.AsyncCoordinator(dev) as coord:
+            k = pg.Kernel.from_source(BOUNDED, "bounded", config=pg.LaunchConfig(block=1024))
+            buf = pg.TripleBuffer(dev, 64)
+            up = coord.queue_upload(np.ones(64, np.float32), buf)
+            with pytest.raises(pg.KernelError, match="launching kernel 'bounded'"):
+                coord.queue_compute(k, [up])
+            fine = pg.Kernel.from_source(BOUNDED, "bounded", config=pg.LaunchConfig(block=32,
+                                                                                     grid=2))
+            coord.queue_compute(fine, [up])  # the upload is still there to compute on
+            out = np.full(64, np.nan, np.float32)
+            coord.wait(coord.queue_download(buf, out))
+            buf.advance()
+    finally:
+        dev.close()
+    np.testing.assert_array_equal(out, np.full(64, 2.0, np.float32))
