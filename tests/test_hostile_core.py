@@ -106,6 +106,40 @@ def test_close_from_a_callback_or_a_kernel_thread_is_refused(backend: str) -> No
     assert coord.closed
 
 
+@pytest.mark.parametrize("nested", ["queue", "wait", "close"])
+def test_a_kernel_cannot_reenter_its_coordinator(backend: str, nested: str) -> None:
+    dev = pg.open_device(backend)
+    coord = pg.AsyncCoordinator(dev)
+    buf = pg.TripleBuffer(dev, 16)
+    first = coord.queue_compute("noop", [], args=[])
+    coord.wait(first)
+
+    def reenter() -> None:
+        if nested == "queue":
+            coord.queue_upload(np.ones(16, np.float32), buf)
+        elif nested == "wait":
+            coord.wait(first)
+        else:
+            coord.close()
+
+    # CUDA runs a callable inside queue_compute, which refuses the nested call there (it
+    # would have reused the op id being queued, or closed the streams under it); the CPU
+    # backend runs it on the stream's thread, where the thread guard refuses it
+    with pytest.raises((pg.InvalidOperationError, pg.KernelError),
+                       match="a kernel may not|thread"):
+        coord.wait(coord.queue_compute(reenter, [], args=[]))
+    assert not coord.closed
+    assert buf.get_states() == [pg.BufferState.FREE] * 3  # the nested upload took no slot
+    up = coord.queue_upload(np.arange(16, dtype=np.float32), buf)  # still fully usable
+    coord.queue_compute("scale", [up], extra=(2.0,))
+    out = np.full(16, np.nan, np.float32)
+    coord.wait(coord.queue_download(buf, out))
+    buf.advance()
+    np.testing.assert_array_equal(out, np.arange(16, dtype=np.float32) * 2)
+    coord.close()
+    dev.close()
+
+
 def test_leaving_a_trace_keeps_the_exception_of_the_block() -> None:
     ctx = pg.ManagedGpuContext(backend="cpu")
     coord = pg.AsyncCoordinator(ctx)

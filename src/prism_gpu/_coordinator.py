@@ -358,7 +358,7 @@ class AsyncCoordinator:
         no call has reported yet. Idempotent. Not from another thread, nor a callback."""
         if not self.closed and (get_ident() != self._owner or self._engine.in_callback):
             self._check_slow()  # another thread's call: refused
-            refuse_in_callback()
+            refuse_in_callback(self._engine.in_callback)
         raise_failures(self.close_collecting(), "close")
 
     def close_collecting(self) -> List[BaseException]:

@@ -11,7 +11,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 from . import _nvtx, _trace
 from ._errors import InvalidOperationError, PrismGpuError
 from ._ops import OpType
-from ._failures import dependency_error, own_error, refuse_in_callback, root_of
+from ._failures import KERNEL, dependency_error, own_error, refuse_in_callback, root_of
 from ._inflight import D2H, H2D, LAUNCH, Lane, Op, Root
 from ._optable import OpTable, scrub
 from .backends._protocol import Device, Event
@@ -48,7 +48,7 @@ class Engine:
         # dependent op (CPU streams pass it through waits) to its root op
         self._roots: "collections.OrderedDict[int, Tuple[BaseException, Root]]" = \
             collections.OrderedDict()
-        self.in_callback = False
+        self.in_callback: Any = False  # True in callbacks and close, KERNEL in a launch
         self._tracer: Any = None  # the trace recording our ops, and the list of completed
         self._traced: Any = None  # ones it reads their times from
         self._callback_errors: List[BaseException] = []
@@ -102,13 +102,12 @@ class Engine:
         ``a``, LAUNCH launches prepared kernel ``a`` with config ``b``, arrays
         ``c`` and extra ``d``. If a dependency is known to have failed (or
         ``root`` names such a failure), nothing runs and the op fails with
-        DependencyFailedError. A launch rejected while queueing raises (after
-        waits that only order); a callable that raises while queued (CUDA runs callables
-        on the host) fails the op. ``keep`` lives until the op completes; ``on_done(op,
-        ms)`` runs then.
-        """
+        DependencyFailedError. A launch rejected while queueing raises (after waits that
+        only order); a callable raising while queued (CUDA runs them here) fails the
+        op, and may not re-enter the engine. ``keep`` lives until the op completes;
+        ``on_done(op, ms)`` runs then."""
         if self.in_callback:
-            refuse_in_callback()
+            refuse_in_callback(self.in_callback)
         inflight = self.inflight
         if len(inflight) >= self.max_in_flight:
             self.throttle()
@@ -147,27 +146,26 @@ class Engine:
         else:
             try:
                 if kind == LAUNCH:
+                    self.in_callback = KERNEL  # a callable runs here on CUDA: no re-entry
                     stream.launch(a, b, c, d)
                 elif kind == H2D:
                     stream.copy_h2d(a, b)
                 else:
                     stream.copy_d2h(a, b)
-            except PrismGpuError:
-                self._drop_start(op, mark)
-                raise
             except Exception as exc:
-                if kind != LAUNCH:
+                if kind != LAUNCH or isinstance(exc, PrismGpuError):  # refused: raised here
                     self._drop_start(op, mark)
                     raise
                 op.error = own_error(op, exc, oid)
                 self._note_root(exc, (oid, op.error))
+            finally:
+                self.in_callback = False
         if tracer is not None:
             pool = self._tpool
             ev = op.event = op.end = pool.pop() if pool else self.device.create_event(True)
         else:
             if start is not None:
-                # Outside a trace timing lives in events of its own: streams waiting on a
-                # timing event are slower, so the event others wait on records no time.
+                # untimed events for others to wait on: waits on timing events are slower
                 pool = self._tpool
                 end = op.end = pool.pop() if pool else self.device.create_event(True)
                 stream.record(end, stamp=True)
@@ -331,7 +329,7 @@ class Engine:
     def wait(self, oid: int, timeout: Optional[float] = None) -> bool:
         """Block until op ``oid`` completes (False if ``timeout`` passed first)."""
         if self.in_callback:
-            refuse_in_callback()
+            refuse_in_callback(self.in_callback)
         op = self.inflight.get(oid)
         if op is None:
             return True
@@ -352,7 +350,7 @@ class Engine:
 
     def is_done(self, oid: int) -> bool:
         if self.in_callback:
-            refuse_in_callback()
+            refuse_in_callback(self.in_callback)
         op = self.inflight.get(oid)
         if op is None:
             return True
@@ -377,6 +375,8 @@ class Engine:
         """Finish what is queued (when ``wait``), then free streams and events."""
         if self.closed:
             return
+        if self.in_callback:
+            refuse_in_callback(self.in_callback)
         try:
             if wait and not self.device.closed:
                 for lane in self.lanes:

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 from ._errors import (DependencyFailedError, InvalidOperationError, KernelError, PrismGpuError,
                       TransferError)
 from ._inflight import Op, Root
 from ._ops import OpType
 
-__all__ = ["root_of", "dependency_error", "own_error", "refuse_in_callback", "raisable"]
+__all__ = ["root_of", "dependency_error", "own_error", "refuse_in_callback", "raisable",
+           "KERNEL"]
 
 
 def raisable(err: BaseException) -> BaseException:
@@ -59,9 +60,17 @@ def own_error(op: Op, exc: BaseException, oid: Optional[int] = None) -> PrismGpu
     return err
 
 
-def refuse_in_callback() -> None:
-    """An ``on_done`` callback tried to queue or wait: refused (it runs while completed
-    ops are being retired, and re-entering that would corrupt the lanes)."""
+def refuse_in_callback(where: Any = True) -> None:
+    """An ``on_done`` callback, or a kernel running inside the queue call (a callable on
+    CUDA, where ``where`` is KERNEL), tried to queue, wait or close: refused
+    (re-entering the call that runs it would corrupt the lanes and op ids)."""
+    if where is KERNEL:
+        raise InvalidOperationError(
+            "a kernel may not queue, wait for or close ops of its coordinator (a callable "
+            "kernel runs inside queue_compute); queue further work after that call returns")
     raise InvalidOperationError(
         "an on_done callback may not queue or wait for ops (it runs while completed ops "
         "are being retired); record what it needs and act after the call that ran it")
+
+
+KERNEL = "kernel"  # the engine's in_callback while a launch runs (a callable runs there)

@@ -156,7 +156,7 @@ class PipelineStageManager:
         coord = self._coord
         coord.check()
         if self._engine.in_callback:  # refused before any slot is taken
-            refuse_in_callback()
+            refuse_in_callback(self._engine.in_callback)
         fed = check_inputs(self, inputs)
         if outputs is not None and not isinstance(outputs, Mapping):
             raise TypeError(f"outputs must map buffer indices to arrays, got "
