@@ -12,7 +12,7 @@ from ._buffers import FREE_I, PROCESSING_I, UPLOADING_I, TripleBuffer
 from ._config import LaunchConfig
 from ._devarray import backend_values
 from ._engine import D2H, H2D, LAUNCH, Engine
-from ._failures import raisable, refuse_in_callback, root_of
+from ._failures import KERNEL, raisable, refuse_in_callback, root_of
 from ._errors import (BufferUnavailableError, InvalidOperationError,
                       SynchronizationError, TransferError)
 from ._kernels import Kernel
@@ -110,9 +110,11 @@ class AsyncCoordinator:
         return self._kernels.resolve(kernel)
 
     def check(self) -> None:
-        """Raise unless this coordinator may be used now, from this thread."""
-        if get_ident() != self._owner or self._engine.closed or self._device.closed:
+        """Raise unless this coordinator may be used now, here (not in one of its kernels)."""
+        if get_ident() != self._owner or self._engine.closed or self._device.closed \
+                or self._engine.in_callback is KERNEL:
             self._check_slow()
+            refuse_in_callback(KERNEL)
 
     def _check_slow(self) -> None:
         self._engine.check_open()

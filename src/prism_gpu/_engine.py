@@ -132,7 +132,8 @@ class Engine:
                 self._traced = tracer.begin(self, lane)  # where completed ops go
                 self._tracer = tracer
             op.trace = (_trace.STATE.index,
-                        b.nbytes if kind == H2D else a.nbytes if kind == D2H else 0, timed)
+                        b.nbytes if kind == H2D else a.nbytes if kind == D2H else 0, timed,
+                        tracer)
         mark = _nvtx.range_start(lane.name, op_type.value, name) if _nvtx.ON else None
         start = None
         if timed or tracer is not None:
@@ -244,22 +245,20 @@ class Engine:
             except BaseException as exc:  # noqa: BLE001 - raised by the call that harvested,
                 self._callback_errors.append(exc)  # after the bookkeeping (Ctrl-C too)
             op.on_done = None
-        held = self._traced if tr is not None else None
+        held = self._traced if tr is not None and tr[3] is self._tracer else None
         if held is not None:
             # the trace reads the times later (in batches, and at its end), then gives back
             held.append(op)
-            if len(held) >= _trace.Trace.HELD_EVENTS:
-                self._tracer.read_times()
-        else:
+        else:  # untraced, or its trace ended (its times are not wanted)
             if start is not None:
                 self.give_event(start)
                 self.give_event(op.end)
-            elif tr is not None:  # traced, but its trace ended: the times are not wanted
-                self.give_event(ev)
             op.start = op.end = op.trace = None
         self.table.complete(op.id, op.type, duration, err)
         op.keep = op.event = None
         op.deps = ()  # completed ops keep no chain of earlier ops alive
+        if held is not None and len(held) >= _trace.Trace.HELD_EVENTS:
+            self._tracer.read_times(force=False)
 
     def _harvest_lane(self, lane: Lane, upto: Optional[Op] = None) -> None:
         """Complete the done ops at the head of ``lane`` (through ``upto``, known done).

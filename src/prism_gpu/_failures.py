@@ -69,8 +69,8 @@ def refuse_in_callback(where: Any = True) -> None:
             "a kernel may not queue, wait for or close ops of its coordinator (a callable "
             "kernel runs inside queue_compute); queue further work after that call returns")
     raise InvalidOperationError(
-        "an on_done callback may not queue or wait for ops (it runs while completed ops "
-        "are being retired); record what it needs and act after the call that ran it")
+        "an on_done callback may not queue, wait for or close ops (it runs while completed "
+        "ops are being retired); record what it needs and act after the call that ran it")
 
 
 KERNEL = "kernel"  # the engine's in_callback while a launch runs (a callable runs there)

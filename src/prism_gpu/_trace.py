@@ -115,36 +115,47 @@ class Trace:
     def begin(self, engine: Any, lane: Any) -> List[Any]:
         """Start recording ``engine``'s ops: returns the list it appends its completed
         traced ops to (their timing events are the trace's until it reads their times).
-        The device's reference event is recorded on ``lane`` when first needed."""
+        The device's reference event is recorded on ``lane`` when first needed; device
+        objects of one kind and ordinal share it (one clock)."""
         key = id(engine)
         hit = self._refs.get(key)
         if hit is None:
             dev = engine.device
-            for eng, ref, name, _ in self._refs.values():
-                if eng.device is dev:   # one clock per device
+            for eng, ref, name, _ in list(self._refs.values()):
+                if eng.device.kind == dev.kind and eng.device.ordinal == dev.ordinal:
                     break
             else:
                 ref, name = engine.mark(lane), f"{dev.kind}:{dev.ordinal}"
             hit = self._refs[key] = (engine, ref, name, [])
         return hit[3]
 
-    def read_times(self) -> None:
+    def read_times(self, force: bool = True) -> None:
         """Read the times of completed ops and give their events back to their engines
-        (the records are built when someone reads ``ops``)."""
+        (the records are built when someone reads ``ops``). Unless ``force``, ops whose
+        reference event has not completed yet (its lane still runs work queued before
+        the trace) are left for a later call, which never blocks."""
         timed = self._timed
-        for engine, ref, dev, held in self._refs.values():
+        for engine, ref, dev, held in list(self._refs.values()):  # other threads add
             if not held:
                 continue
+            if not force and not ref.query():
+                continue
             ops = held[:]
-            held.clear()  # in place: the engine appends to this list
-            if engine.closed:  # its device is gone: the times went with it
-                self.lost += len(ops)
+            del held[:len(ops)]  # in place: the engine appends to this list, maybe now
+            for op in ops:  # the op (a ring slot may keep it) lets go of the trace
+                op.trace = op.trace[:2]
+            try:
+                if engine.closed:  # its device is gone: the times went with it
+                    raise LookupError
+                ref.synchronize()  # done already unless forced
+                timed.extend([(op, op.start.elapsed_ms(ref), op.end.elapsed_ms(ref), dev)
+                              for op in ops])
+            except Exception:  # noqa: BLE001 - unreadable (a closed device, a lost
+                self.lost += len(ops)  # context): counted, the events closed
                 for op in ops:
                     op.start.close()
                     op.end.close()
                 continue
-            timed.extend([(op, op.start.elapsed_ms(ref), op.end.elapsed_ms(ref), dev)
-                          for op in ops])
             back = [op.start for op in ops]
             back.extend([op.end for op in ops])
             engine.give_timing_events(back)
@@ -153,7 +164,7 @@ class Trace:
         self.read_times()
         timed, self._timed = self._timed, []
         for op, t0, t1, dev in timed:
-            index, nbytes, _ = op.trace
+            index, nbytes = op.trace[0], op.trace[1]
             error = op.error
             err = None if error is None else f"{type(error).__name__}: {error}"
             self._ops.append(TraceOp(op.id, op.type.value, self._lane_name(op.lane),
@@ -171,14 +182,23 @@ class Trace:
         return name
 
     def finish(self) -> None:
-        """Wait for the traced ops still in flight and read every op's times."""
-        for engine, _, _, _ in self._refs.values():
-            if not engine.closed:
-                engine.synchronize()
-        self.read_times()
-        for engine, _, _, _ in self._refs.values():
-            engine.trace_ended()
-        self.closed = True
+        """Wait for the traced ops still in flight and read every op's times; the
+        engines are told the trace ended even if waiting fails (the error is raised)."""
+        errors: List[BaseException] = []
+        try:
+            for engine, _, _, _ in list(self._refs.values()):
+                if not engine.closed:
+                    try:
+                        engine.synchronize()
+                    except Exception as exc:  # noqa: BLE001 - the others still finish
+                        errors.append(exc)
+            self.read_times()
+        finally:
+            for engine, _, _, _ in list(self._refs.values()):
+                engine.trace_ended()
+            self.closed = True
+        if errors:
+            raise errors[0]
 
     # the timeline ---------------------------------------------------------------
     @property
@@ -259,7 +279,8 @@ class Trace:
         plot([(title or "", self)], path)
 
     def __len__(self) -> int:
-        return len(self._ops) + len(self._timed) + sum(len(h[3]) for h in self._refs.values())
+        held = sum(len(h[3]) for h in list(self._refs.values()))
+        return len(self._ops) + len(self._timed) + held
 
     def __repr__(self) -> str:
         return f"Trace({len(self)} ops)"

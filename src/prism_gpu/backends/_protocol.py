@@ -129,5 +129,10 @@ class Device(Protocol):
     def synchronize(self) -> None:
         ...
 
+    def on_own_thread(self) -> bool:
+        """True on a thread of the device's own (where a CPU kernel runs): waiting for
+        the device there would wait for itself, so closing is refused."""
+        ...
+
     def close(self) -> None:
         ...

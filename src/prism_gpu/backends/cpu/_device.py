@@ -117,6 +117,9 @@ class CpuDevice:
             if not stream._closed:
                 stream.synchronize()
 
+    def on_own_thread(self) -> bool:
+        return any(s.runs_here() for s in list(self._streams))
+
     def close(self) -> None:
         if self._closed:
             return

@@ -118,9 +118,18 @@ class CpuStream:
             return
         self._put(_WAIT if propagate else _WAIT_QUIET, rec)
 
+    def runs_here(self) -> bool:
+        """True on this stream's worker thread (inside one of its kernels)."""
+        return threading.current_thread() is self._thread
+
     def synchronize(self) -> None:
         if sys.is_finalizing():
             return  # worker threads no longer run: waiting would never end
+        if self.runs_here():
+            from ..._errors import InvalidOperationError
+
+            raise InvalidOperationError(  # it would wait for itself for ever
+                "a kernel may not wait for its own stream (it runs on the stream's thread)")
         rec = _Record()
         self._put(_MARK, rec)
         rec.done.wait()

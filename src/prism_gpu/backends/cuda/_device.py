@@ -144,6 +144,9 @@ class CudaDevice:
         self._current()
         return prepare(self, kernel)
 
+    def on_own_thread(self) -> bool:
+        return False  # kernels (callables too) run on the thread that queues them
+
     def synchronize(self) -> None:
         self._current()
         try:
