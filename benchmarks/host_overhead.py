@@ -57,10 +57,12 @@ def _raw_parts() -> Any:
     return dev, streams, k, LaunchConfig(grid=1, block=1), h_in, h_out, d
 
 
-def raw_cuda_core(iters: int) -> Dict[str, float]:
+def _raw_step(parts: Any) -> Callable[[int], None]:
+    """The nine raw calls of a Pattern-1 iteration (a wait, the work and a record per
+    op), on ``parts`` from :func:`_raw_parts`, with untimed events."""
     from cuda.core import launch
 
-    dev, (up, comp, down), k, cfg, h_in, h_out, d = _raw_parts()
+    dev, (up, comp, down), k, cfg, h_in, h_out, d = parts
     ev = [[dev.create_event() for _ in range(3)] for _ in range(3)]
 
     def step(i: int) -> None:
@@ -75,11 +77,20 @@ def raw_cuda_core(iters: int) -> Dict[str, float]:
         down.wait(e_c)
         d[s].copy_to(h_out, stream=down)
         down.record(e_dn)
+    return step
 
+
+def _raw_sync(parts: Any) -> Callable[[], None]:
     def sync() -> None:
-        for s in (up, comp, down):
+        for s in parts[1]:
             s.sync()
-    return {"raw_cuda_core_us_per_iteration": _per_iter(step, sync, iters)}
+    return sync
+
+
+def raw_cuda_core(iters: int) -> Dict[str, float]:
+    parts = _raw_parts()
+    return {"raw_cuda_core_us_per_iteration":
+            _per_iter(_raw_step(parts), _raw_sync(parts), iters)}
 
 
 def raw_cuda_core_traced(iters: int) -> Dict[str, float]:
@@ -89,8 +100,9 @@ def raw_cuda_core_traced(iters: int) -> Dict[str, float]:
     tracing, per op."""
     from cuda.core import EventOptions, launch
 
-    dev, (up, comp, down), k, cfg, h_in, h_out, d = _raw_parts()
-    plain_ev = [[dev.create_event() for _ in range(3)] for _ in range(3)]
+    parts = _raw_parts()
+    dev, (up, comp, down), k, cfg, h_in, h_out, d = parts
+    plain = _raw_step(parts)
     timing = EventOptions(timing_enabled=True)
     ring = 64  # iterations whose events are in use; the oldest is read before reuse
     ev = [[[dev.create_event(timing) for _ in range(2)] for _ in range(3)] for _ in range(ring)]
@@ -98,19 +110,6 @@ def raw_cuda_core_traced(iters: int) -> Dict[str, float]:
     up.record(ref)
     used = [False] * ring
     times: list = []
-
-    def plain(i: int) -> None:
-        s = i % 3
-        e_up, e_c, e_dn = plain_ev[s]
-        up.wait(e_dn)
-        d[s].copy_from(h_in, stream=up)
-        up.record(e_up)
-        comp.wait(e_up)
-        launch(comp, cfg, k)
-        comp.record(e_c)
-        down.wait(e_c)
-        d[s].copy_to(h_out, stream=down)
-        down.record(e_dn)
 
     def traced(i: int) -> None:
         r = i % ring
@@ -136,9 +135,7 @@ def raw_cuda_core_traced(iters: int) -> Dict[str, float]:
         d[s].copy_to(h_out, stream=down)
         down.record(e_dn)
 
-    def sync() -> None:
-        for st in (up, comp, down):
-            st.sync()
+    sync = _raw_sync(parts)
     plains, traceds = [], []
     for _ in range(7):
         plains.append(_per_iter(plain, sync, iters, repeats=1))
