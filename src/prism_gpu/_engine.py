@@ -258,7 +258,7 @@ class Engine:
         op.keep = op.event = None
         op.deps = ()  # completed ops keep no chain of earlier ops alive
         if held is not None and len(held) >= _trace.Trace.HELD_EVENTS:
-            self._tracer.read_times(force=False)
+            tr[3].read_times(force=False)  # its trace (which may end meanwhile)
 
     def _harvest_lane(self, lane: Lane, upto: Optional[Op] = None) -> None:
         """Complete the done ops at the head of ``lane`` (through ``upto``, known done).

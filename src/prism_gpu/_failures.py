@@ -10,7 +10,7 @@ from ._inflight import Op, Root
 from ._ops import OpType
 
 __all__ = ["root_of", "dependency_error", "own_error", "refuse_in_callback", "raisable",
-           "KERNEL"]
+           "KERNEL", "refuse_close"]
 
 
 def raisable(err: BaseException) -> BaseException:
@@ -74,3 +74,14 @@ def refuse_in_callback(where: Any = True) -> None:
 
 
 KERNEL = "kernel"  # the engine's in_callback while a launch runs (a callable runs there)
+
+
+def refuse_close(engine: Any) -> None:
+    """Raise, before anything changes, if closing what runs on ``engine`` now would
+    corrupt it (from its callback or kernel) or wait for itself (on a thread of the
+    device's own: a CPU kernel)."""
+    if engine.in_callback:
+        refuse_in_callback(engine.in_callback)
+    if engine.device.on_own_thread():
+        raise InvalidOperationError("a kernel may not close what it runs on (its stream "
+                                    "would be waited for from inside it)")

@@ -15,7 +15,7 @@ from ._args import MAX_DEPTH, int_arg
 from ._buffers import FREE_I, UPLOADING_I, Slot, TripleBuffer
 from ._coordinator import AsyncCoordinator
 from ._engine import D2H, H2D, LAUNCH, Engine, Lane, Op
-from ._failures import refuse_in_callback, root_of
+from ._failures import refuse_close, refuse_in_callback, root_of
 from ._errors import BufferUnavailableError, InvalidOperationError
 from ._ops import OpType
 from ._optable import raise_failures
@@ -351,6 +351,8 @@ class PipelineStageManager:
         """Close; return (instead of raising) the failures not yet raised."""
         if self._closed:
             return []
+        if not self._coord.closed:
+            refuse_close(self._engine)  # from a callback or kernel of its: nothing changes
         self._closed = True
         errors: List[BaseException] = []
         try:

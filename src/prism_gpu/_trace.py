@@ -108,6 +108,7 @@ class Trace:
         # id(engine) -> (engine, reference event, device name, its completed ops whose
         # times are unread: the engine appends to that list)
         self._refs: Dict[int, Tuple[Any, Any, str, List[Any]]] = {}
+        self._reading = threading.Lock()  # one reader of the lists at a time (threads)
         self._lanes: Dict[int, str] = {}                    # id(lane) -> unique lane name
         self.closed = False
 
@@ -134,31 +135,40 @@ class Trace:
         (the records are built when someone reads ``ops``). Unless ``force``, ops whose
         reference event has not completed yet (its lane still runs work queued before
         the trace) are left for a later call, which never blocks."""
-        timed = self._timed
-        for engine, ref, dev, held in list(self._refs.values()):  # other threads add
-            if not held:
-                continue
+        if not self._reading.acquire(blocking=force):
+            return  # another thread reads now: these ops wait for the next batch
+        try:
+            for engine, ref, dev, held in list(self._refs.values()):  # other threads add
+                if held:
+                    self._read(engine, ref, dev, held, force)
+        finally:
+            self._reading.release()
+
+    def _read(self, engine: Any, ref: Any, dev: str, held: List[Any], force: bool) -> None:
+        try:
             if not force and not ref.query():
-                continue
-            ops = held[:]
-            del held[:len(ops)]  # in place: the engine appends to this list, maybe now
-            for op in ops:  # the op (a ring slot may keep it) lets go of the trace
-                op.trace = op.trace[:2]
-            try:
-                if engine.closed:  # its device is gone: the times went with it
-                    raise LookupError
-                ref.synchronize()  # done already unless forced
-                timed.extend([(op, op.start.elapsed_ms(ref), op.end.elapsed_ms(ref), dev)
-                              for op in ops])
-            except Exception:  # noqa: BLE001 - unreadable (a closed device, a lost
-                self.lost += len(ops)  # context): counted, the events closed
-                for op in ops:
-                    op.start.close()
-                    op.end.close()
-                continue
-            back = [op.start for op in ops]
-            back.extend([op.end for op in ops])
-            engine.give_timing_events(back)
+                return
+        except Exception:  # noqa: BLE001 - a lost context: the read below counts the loss
+            pass
+        ops = held[:]
+        del held[:len(ops)]  # in place: the engine appends to this list, maybe now
+        for op in ops:  # the op (a ring slot may keep it) lets go of the trace
+            op.trace = op.trace[:2]
+        try:
+            if engine.closed:  # its device is gone: the times went with it
+                raise LookupError
+            ref.synchronize()  # done already unless forced
+            self._timed.extend([(op, op.start.elapsed_ms(ref), op.end.elapsed_ms(ref), dev)
+                                for op in ops])
+        except Exception:  # noqa: BLE001 - unreadable (a closed device, a lost
+            self.lost += len(ops)  # context): counted, the events closed
+            for op in ops:
+                op.start.close()
+                op.end.close()
+            return
+        back = [op.start for op in ops]
+        back.extend([op.end for op in ops])
+        engine.give_timing_events(back)
 
     def _records(self) -> List[TraceOp]:
         self.read_times()
@@ -187,7 +197,10 @@ class Trace:
         errors: List[BaseException] = []
         try:
             for engine, _, _, _ in list(self._refs.values()):
-                if not engine.closed:
+                if engine.device.closed:  # its traced ops in flight will never complete
+                    self.lost += sum(1 for op in list(engine.inflight.values())
+                                     if op.trace is not None and op.trace[3] is self)
+                elif not engine.closed:
                     try:
                         engine.synchronize()
                     except Exception as exc:  # noqa: BLE001 - the others still finish

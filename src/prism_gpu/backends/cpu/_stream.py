@@ -126,10 +126,7 @@ class CpuStream:
         if sys.is_finalizing():
             return  # worker threads no longer run: waiting would never end
         if self.runs_here():
-            from ..._errors import InvalidOperationError
-
-            raise InvalidOperationError(  # it would wait for itself for ever
-                "a kernel may not wait for its own stream (it runs on the stream's thread)")
+            return  # from one of its kernels: everything queued before it is done
         rec = _Record()
         self._put(_MARK, rec)
         rec.done.wait()
