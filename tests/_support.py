@@ -347,3 +347,15 @@ def checked_round(coord: pg.AsyncCoordinator, buf: pg.TripleBuffer,
     coord.wait(coord.queue_download(buf, out))
     assert buf.advance() is True
     np.testing.assert_array_equal(out, x * F32(2))
+
+
+def refusal_recorder(action: Callable[[], Any], seen: List[BaseException]
+                     ) -> Callable[[Any, Any], None]:
+    """An ``on_done`` callback running ``action`` and keeping the InvalidOperationError
+    it raises in ``seen`` (what a callback may not do is refused, not fatal)."""
+    def callback(report: Any, ms: Any) -> None:
+        try:
+            action()
+        except pg.InvalidOperationError as exc:
+            seen.append(exc)
+    return callback

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import prism_gpu as pg
-from _support import Boom, affine, boom
+from _support import Boom, affine, boom, refusal_recorder
 
 
 def _failed_op(coord: pg.AsyncCoordinator) -> Any:
@@ -83,13 +83,7 @@ def test_close_from_a_callback_or_a_kernel_thread_is_refused(backend: str) -> No
     coord = pg.AsyncCoordinator(pg.open_device(backend))
     seen: List[BaseException] = []
 
-    def closer(report: Any, ms: Any) -> None:
-        try:
-            coord.close()
-        except pg.InvalidOperationError as exc:
-            seen.append(exc)
-
-    op = coord.queue_compute("noop", [], args=[], on_done=closer)
+    op = coord.queue_compute("noop", [], args=[], on_done=refusal_recorder(coord.close, seen))
     coord.wait(op)
     assert len(seen) == 1 and not coord.closed
     if backend == "cpu":  # CPU kernels run on the stream's thread: close from there

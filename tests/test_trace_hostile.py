@@ -13,14 +13,14 @@ import numpy as np
 import pytest
 
 import prism_gpu as pg
+from _support import refusal_recorder
 
 
-def test_a_trace_shared_by_threads_loses_nothing() -> None:
-    # each thread joins the trace with its own coordinator while others' batches of
-    # completed ops are being read: no "dictionary changed size", no op lost
+def _traced_threads(threads: int, n: int, stagger: float = 0.0) -> Any:
+    """``threads`` threads, each queuing ``n`` ops on a coordinator of its own (polling
+    now and then), inside one trace: (the trace, what the threads raised)."""
     dev = pg.open_device("cpu")
     errors: List[BaseException] = []
-    n, threads = 600, 6
 
     def worker() -> None:
         try:
@@ -31,24 +31,33 @@ def test_a_trace_shared_by_threads_loses_nothing() -> None:
                     coord.poll()
             coord.synchronize_all()
             coord.close()
-        except BaseException as exc:  # noqa: BLE001 - reported by the assert
+        except BaseException as exc:  # noqa: BLE001 - reported by the caller's assert
             errors.append(exc)
 
-    old = sys.getswitchinterval()
-    sys.setswitchinterval(1e-5)  # switch threads often: the race shows every run
     try:
         with pg.trace() as tr:
             ts = [threading.Thread(target=worker) for _ in range(threads)]
             for t in ts:
                 t.start()
-                time.sleep(0.005)
+                time.sleep(stagger)
             for t in ts:
                 t.join()
     finally:
-        sys.setswitchinterval(old)
         dev.close()
+    return tr, errors
+
+
+def test_a_trace_shared_by_threads_loses_nothing() -> None:
+    # each thread joins the trace with its own coordinator while others' batches of
+    # completed ops are being read: no "dictionary changed size", no op lost
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # switch threads often: the race shows every run
+    try:
+        tr, errors = _traced_threads(6, 600, stagger=0.005)
+    finally:
+        sys.setswitchinterval(old)
     assert errors == []
-    assert len(tr.ops) == n * threads and tr.lost == 0
+    assert len(tr.ops) == 6 * 600 and tr.lost == 0
 
 
 def test_ops_of_an_ended_trace_stay_out_of_the_next() -> None:
@@ -87,12 +96,7 @@ def test_closing_a_pipeline_from_its_callback_or_kernel_is_refused() -> None:
                                                        kernel="s"))])
     pipe.execute_iteration().wait()
 
-    def closer(report: Any, ms: Any) -> None:
-        try:
-            pipe.close()
-        except pg.InvalidOperationError as exc:
-            seen.append(exc)
-
+    closer = refusal_recorder(pipe.close, seen)
     coord.wait(coord.queue_compute("noop", [], args=[], on_done=closer))
     assert len(seen) == 1 and "callback" in str(seen[0])
     seen[:] = ["kernel"]
@@ -145,12 +149,7 @@ def test_closing_a_context_from_its_callback_is_refused_and_changes_nothing() ->
     assert coord is not None
     seen: List[BaseException] = []
 
-    def closer(report: Any, ms: Any) -> None:
-        try:
-            ctx.close()
-        except pg.InvalidOperationError as exc:
-            seen.append(exc)
-
+    closer = refusal_recorder(ctx.close, seen)
     coord.wait(coord.queue_compute("noop", [], args=[], on_done=closer))
     assert len(seen) == 1 and "close" in str(seen[0])
     assert not ctx.closed and not ctx.device.closed and not coord.closed
@@ -185,37 +184,15 @@ def test_threads_reading_one_trace_at_once_read_each_op_once() -> None:
                                                                           "_read"):
             time.sleep(0.002)
 
-    dev = pg.open_device("cpu")
-    errors: List[BaseException] = []
-    n, threads = 600, 4
-
-    def worker() -> None:
-        try:
-            c = pg.AsyncCoordinator(dev)
-            for i in range(n):
-                c.queue_compute("noop", [], args=[])
-                if i % 16 == 0:
-                    c.poll()
-            c.synchronize_all()
-            c.close()
-        except BaseException as exc:  # noqa: BLE001 - reported by the assert
-            errors.append(exc)
-
     threading.setprofile(hook)
     try:
-        with pg.trace() as tr:
-            ts = [threading.Thread(target=worker) for _ in range(threads)]
-            for t in ts:
-                t.start()
-            for t in ts:
-                t.join()
+        tr, errors = _traced_threads(4, 600)
     finally:
         threading.setprofile(None)  # type: ignore[arg-type]
     ops = tr.ops
     assert errors == []
     copies = collections.Counter((o.lane, o.op_id) for o in ops)
-    assert len(ops) == n * threads and max(copies.values()) == 1 and tr.lost == 0
-    dev.close()
+    assert len(ops) == 4 * 600 and max(copies.values()) == 1 and tr.lost == 0
 
 
 def test_a_cpu_kernel_may_synchronize_its_own_stream() -> None:
