@@ -16,7 +16,6 @@ from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 __all__ = ["Trace", "TraceOp", "TraceSummary", "trace", "active", "set_index"]
 
 
-
 class _State(threading.local):
     index: Optional[int] = None  # the batch or iteration index of this thread's next ops
 
