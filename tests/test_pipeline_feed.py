@@ -192,3 +192,27 @@ def test_stats_window_reference_behind_a_busy_stage_is_waited_for() -> None:
         assert stats is not None
         for o in outs:
             np.testing.assert_array_equal(o, x)
+
+
+def test_run_sizes_a_short_batch_by_what_reaches_the_output() -> None:
+    # in(16) -> mid(8) -> out(16): the short length stops at the 8-element buffer, so
+    # the output holds 16 valid elements, as execute_iteration says (run sized it 4)
+    with pg.ManagedGpuContext(backend="cpu") as ctx:
+        pipe = ctx.create_pipeline_manager()
+        bi, bm, bo = pipe.add_buffer(16), pipe.add_buffer(8), pipe.add_buffer(16)
+
+        def down(x: np.ndarray, y: np.ndarray) -> None:
+            y[:] = np.pad(x, (0, len(y) - len(x))) if len(x) < len(y) else x[:len(y)]
+
+        def up(x: np.ndarray, y: np.ndarray) -> None:
+            y[:len(x)] = x
+            y[len(x):] = -1
+
+        pipe.add_stage(pg.GpuPipelineStage("down", [bi], [bm],
+                                           kernel=pg.Kernel.from_callable(down, "down")))
+        pipe.add_stage(pg.GpuPipelineStage("up", [bm], [bo],
+                                           kernel=pg.Kernel.from_callable(up, "up")))
+        x = np.arange(1, 5, dtype=np.float32)
+        (got,) = [r.copy() for r in pipe.run([x], input=bi, output=bo)]
+    expect = np.concatenate([x, np.zeros(4, np.float32), np.full(8, -1, np.float32)])
+    np.testing.assert_array_equal(got, expect)

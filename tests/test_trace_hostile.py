@@ -211,3 +211,41 @@ def test_a_cpu_kernel_may_synchronize_its_own_stream() -> None:
         coord.wait(coord.queue_compute(pg.Kernel.from_callable(syncs), [], args=[]),
                    timeout=30)
         assert len(got) == 1 and got[0].tolist() == [3.0]
+
+
+def test_a_cpu_kernel_reading_a_constant_or_pinning_memory_does_not_hang() -> None:
+    # the kernel waits for "the device" (to_host, leaving pg.register): from its own
+    # stream's thread that wait returned never (the download queued behind it waits for
+    # the kernel); now what it depends on is done and the rest is not waited for
+    got: List[np.ndarray] = []
+
+    def run() -> None:
+        with pg.ManagedGpuContext(backend="cpu") as ctx:
+            w = ctx.to_device(np.float32([2.0]))
+            scratch = np.zeros(16)
+
+            def scale(x: np.ndarray) -> None:
+                with pg.register(scratch, ctx=ctx):
+                    x *= w.to_host()[0]
+
+            xs = [np.full(8, i, np.float32) for i in range(6)]
+            got.extend(r.copy() for r in pg.stream_map(pg.Kernel.from_callable(scale), xs,
+                                                       ctx=ctx))
+
+    t = threading.Thread(target=run, daemon=True)  # a hang fails the test, not the run
+    t.start()
+    t.join(60)
+    assert not t.is_alive() and len(got) == 6
+    for i, r in enumerate(got):
+        np.testing.assert_array_equal(r, np.full(8, 2 * i, np.float32))
+
+
+def test_device_arrays_of_many_contexts_leave_nothing_behind() -> None:
+    from prism_gpu import _devarray
+
+    for i in range(200):
+        with pg.ManagedGpuContext(backend="cpu") as ctx:
+            a = ctx.to_device(np.float32([i]))
+            assert a.to_host()[0] == i
+    # the one-off copy stream of each closed device is let go (it was kept for ever)
+    assert len(_devarray._STREAMS) <= 1

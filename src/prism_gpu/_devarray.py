@@ -133,6 +133,15 @@ _STREAMS_LOCK = threading.Lock()
 
 def _blocking_copy(device: Any, direction: str, dst: Any, src: Any) -> None:
     with _STREAMS_LOCK:
+        # an entry's stream refers to its device, so the weak keys never die by
+        # themselves: the entries of closed devices go here
+        for gone in [d for d in _STREAMS if d.closed]:
+            stale = _STREAMS.pop(gone)
+            for obj in stale[:2]:
+                try:
+                    obj.close()
+                except Exception:  # noqa: BLE001 - its device is gone: nothing to free
+                    pass
         entry = _STREAMS.get(device)
         if entry is None:
             entry = _STREAMS[device] = (device.create_stream(), device.create_event(False),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, Iterator, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -55,7 +55,7 @@ def check_inputs(pipe: Any, inputs: Any) -> Dict[int, Tuple[np.ndarray, int]]:
     return out
 
 def valid_lengths(plan: Sequence[Any], bufs: Sequence[TripleBuffer],
-                  fed: Dict[int, Tuple[np.ndarray, int]]) -> Dict[int, int]:
+                  fed: Mapping[int, Tuple[Any, int]]) -> Dict[int, int]:
     """Valid elements per buffer this iteration: a short input's length flows to
     every buffer a stage writes from buffers of the same size."""
     valid = {b: n for b, (_, n) in fed.items()}
@@ -70,14 +70,14 @@ def valid_lengths(plan: Sequence[Any], bufs: Sequence[TripleBuffer],
 
 
 def run_pipeline(pipe: Any, batches: Iterable[np.ndarray], b_in: int, b_out: int,
-                 in_buf: TripleBuffer, out_buf: TripleBuffer, prefetch: int, out: Any
-                 ) -> Iterator[np.ndarray]:
-    """The generator behind :meth:`PipelineStageManager.run` (arguments checked)."""
+                 in_buf: TripleBuffer, out_buf: TripleBuffer, prefetch: int, out: Any,
+                 out_valid: Callable[[int], int]) -> Iterator[np.ndarray]:
+    """The generator behind :meth:`PipelineStageManager.run` (arguments checked);
+    ``out_valid(n)``: the elements a batch of ``n`` leaves in buffer ``b_out``."""
     device = pipe.coordinator().device
     cache = cache_of(device)
     stager = Stager(device, cache)
     sink = Sink(out, device, stager, cache.results)
-    same = in_buf.capacity == out_buf.capacity
     queued: Dict[int, PipelineIteration] = {}
 
     def prepare(batch: np.ndarray, pos: int) -> Tuple[Tuple[int, ...], Optional[np.ndarray]]:
@@ -87,10 +87,8 @@ def run_pipeline(pipe: Any, batches: Iterable[np.ndarray], b_in: int, b_out: int
         if batch.size > in_buf.capacity:
             raise TransferError(f"batch {pos} has {batch.size} elements, buffer {b_in}'s "
                                 f"slots hold {in_buf.capacity}")
-        if same:
-            shape = batch.shape if batch.dtype == out_buf.dtype else (batch.size,)
-        else:
-            shape = (out_buf.capacity,)
+        n = out_valid(batch.size)  # a short batch's length flows through equal sizes
+        shape = batch.shape if n == batch.size and batch.dtype == out_buf.dtype else (n,)
         return shape, sink.claim(pos, shape, out_buf.dtype)
 
     def submit(entry: Pulled) -> Tuple[PipelineIteration, np.ndarray, Any, Any]:

@@ -316,8 +316,12 @@ class PipelineStageManager:
         check_out(out)
         if int(output) not in self._flow(self._current_plan(), (int(input),)):
             raise InvalidOperationError(f"output buffer {output} is not written by any stage")
-        return run_pipeline(self, batches, int(input), int(output), in_buf, out_buf, ahead,
-                            out)
+        b_in, b_out = int(input), int(output)
+
+        def out_valid(n: int) -> int:  # the elements a batch of n leaves in the output
+            lengths = valid_lengths(self._current_plan(), self._buffers, {b_in: (None, n)})
+            return lengths.get(b_out, out_buf.capacity)
+        return run_pipeline(self, batches, b_in, b_out, in_buf, out_buf, ahead, out, out_valid)
 
     def get_stats(self) -> PipelineStats:
         """Statistics of the window; waits for the window's queued iterations first and

@@ -113,6 +113,8 @@ class CpuDevice:
         return fn, bool(kernel.accepts_stream)
 
     def synchronize(self) -> None:
+        if self.on_own_thread():
+            return  # from a kernel: what it depends on is done; the rest may wait for it
         for stream in list(self._streams):
             if not stream._closed:
                 stream.synchronize()
