@@ -142,7 +142,7 @@ def test_bench_devices_cpu_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert d["scaling"] == pytest.approx(d["aggregate_its"] / d["per_device_its"]["0"])
 
 
-@pytest.mark.parametrize("text", ["0", "x", "1,1", "-1", ","])
+@pytest.mark.parametrize("text", ["0", "x", "1,1", "-1", ",", "99999999999999999999", ""])
 def test_bench_devices_rejects(text: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["bench", "--backend", "cpu", "--devices", text]) == 2
     assert "devices" in capsys.readouterr().err
@@ -154,3 +154,19 @@ def test_info_lists_every_device(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["info", "--backend", "cpu", "--json"]) == 0
     d = json.loads(capsys.readouterr().out)
     assert [x["index"] for x in d["devices"]] == list(range(device_count("cpu")))
+
+
+@pytest.mark.parametrize("bad", ["folder", "", "/proc/no-such-dir-here/x.json"])
+def test_bench_trace_to_an_unwritable_path_is_refused_before_running(
+        bad: str, tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    path = str(tmp_path) if bad == "folder" else bad
+    assert main(["bench", "--backend", "cpu", "--iterations", "3", "--trace", path]) == 2
+    err = capsys.readouterr().err
+    assert "cannot write" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("extra", [["--trace", "t.json"], ["--plot", "p.png"], ["--peers"]])
+def test_bench_options_of_the_one_device_run_are_refused_with_devices(
+        extra: list, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "--backend", "cpu", "--devices", "2", *extra]) == 2
+    assert "not with --devices" in capsys.readouterr().err

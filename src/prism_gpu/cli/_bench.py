@@ -21,11 +21,14 @@ def bench(args: Any) -> int:
     if not 2 <= args.iterations <= MAX_ITERATIONS:
         raise ValueError(f"--iterations must be from 2 to {MAX_ITERATIONS:,}, "
                          f"got {args.iterations}")
-    if getattr(args, "devices", None):
+    if getattr(args, "devices", None) is not None:
+        if args.trace is not None or args.plot is not None or args.peers:
+            raise ValueError("--trace, --plot and --peers apply to the one-device run, not "
+                             "with --devices")
         return _bench_devices(args, work)
     for path in (args.trace, args.plot):
-        if path is not None and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
-            raise ValueError(f"cannot write {path!r}: its folder does not exist")
+        if path is not None:
+            _check_writable(path)
     if args.plot is not None:
         from .._gantt import _pyplot
 
@@ -62,6 +65,22 @@ def bench(args: Any) -> int:
     return 0
 
 
+def _check_writable(path: str) -> None:
+    """Refuse, before anything is measured, a path the results could not be written to."""
+    if not path or os.path.isdir(path):
+        raise ValueError(f"cannot write {path!r}: name a file, not a folder")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        raise ValueError(f"cannot write {path!r}: its folder does not exist")
+    existed = os.path.exists(path)
+    try:
+        with open(path, "ab"):
+            pass
+    except OSError as exc:
+        raise ValueError(f"cannot write {path!r}: {exc.strerror or exc}") from None
+    if not existed:
+        os.remove(path)  # written once the run is done
+
+
 def _device_ids(text: str, backend: str) -> List[int]:
     """``--devices`` (a count, comma-separated ids or ``all``) as device ids."""
     from .._args import device_ids
@@ -74,7 +93,10 @@ def _device_ids(text: str, backend: str) -> List[int]:
         except ValueError:
             raise ValueError(f"--devices must be a count, comma-separated ids or all, got "
                              f"{text!r}") from None
-    ids = device_ids(value, backend)
+    try:
+        ids = device_ids(value, backend)
+    except OverflowError:
+        raise ValueError(f"--devices {text!r} is out of range") from None
     assert ids is not None
     return ids
 
