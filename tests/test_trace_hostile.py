@@ -249,3 +249,23 @@ def test_device_arrays_of_many_contexts_leave_nothing_behind() -> None:
             assert a.to_host()[0] == i
     # the one-off copy stream of each closed device is let go (it was kept for ever)
     assert len(_devarray._STREAMS) <= 1
+
+
+@pytest.mark.parametrize("make", [
+    lambda ctx: ctx.empty_device((2**62, 4), np.float64),
+    lambda ctx: ctx.empty_device((2**64,), np.uint8),
+    lambda ctx: pg.pinned_empty((2**61, 8), np.float64, ctx=ctx),
+    lambda ctx: ctx.create_triple_buffer(2**62, np.float64),
+])
+def test_sizes_past_any_memory_are_refused_by_name(make: Any) -> None:
+    with pg.ManagedGpuContext(backend="cpu") as ctx:
+        with pytest.raises(ValueError, match="more than any memory"):
+            make(ctx)
+
+
+@pytest.mark.parametrize("make", [lambda ctx: ctx.empty_device(3, "V0"),
+                                  lambda ctx: ctx.to_device(np.zeros(3, "V0"))])
+def test_elements_of_no_bytes_are_refused(make: Any) -> None:
+    with pg.ManagedGpuContext(backend="cpu") as ctx:
+        with pytest.raises(TypeError, match="no bytes"):
+            make(ctx)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import atexit
 import math
+import sys
 import weakref
 from typing import Any, List, Optional, Tuple
 
@@ -106,7 +107,11 @@ def typed_empty(allocate: Any, shape: Any, dtype: Any, where: str) -> Any:
     dt = np.dtype(dtype)
     if dt.hasobject:
         raise TypeError(f"object dtypes cannot live in {where}")
-    nbytes = int(np.prod(dims, dtype=np.int64)) * dt.itemsize
+    if dt.itemsize == 0:
+        raise TypeError(f"dtype {dt!r} has elements of no bytes: nothing can live in {where}")
+    nbytes = math.prod(dims) * dt.itemsize  # Python ints: a huge shape cannot wrap around
+    if nbytes > sys.maxsize:
+        raise ValueError(f"shape {dims} of {dt} needs {nbytes} bytes, more than any memory")
     return allocate(max(1, nbytes))[:nbytes].view(dt).reshape(dims)
 
 

@@ -6,6 +6,7 @@ slot's last event (set by the coordinator), so state changes never block.
 
 from __future__ import annotations
 
+import sys
 import threading
 import weakref
 from enum import Enum
@@ -124,6 +125,9 @@ class TripleBuffer:
         self._size = int(size)
         self.depth = depth
         nbytes = self._size * self.dtype.itemsize
+        if nbytes > sys.maxsize:
+            raise ValueError(f"a slot of {size} elements of {self.dtype} needs {nbytes} bytes, "
+                             "more than any memory")
         self._slots = [Slot(self, i, device.allocate(nbytes).view(self.dtype))
                        for i in range(self.depth)]
         self._lock = threading.Lock()
