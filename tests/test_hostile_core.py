@@ -280,3 +280,17 @@ def test_a_dependency_failure_raised_again_is_a_fresh_copy(coord: pg.AsyncCoordi
     assert all(str(e) == str(kept) for e in raised)
     assert kept.__traceback__ is None  # the kept one never took a caller's frames
     coord.synchronize_all()  # the root counts as reported through its dependent
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.float64])
+def test_builtin_scale_takes_float32_on_every_backend(backend: str, dtype: Any) -> None:
+    # the CPU version multiplied any dtype (int32 by 2.5 gave x2); CUDA's kernel is
+    # float*: both refuse now (CUDA at the queue call, the CPU when the op runs)
+    dev = pg.open_device(backend)
+    coord = pg.AsyncCoordinator(dev)
+    buf = pg.TripleBuffer(dev, 8, dtype=dtype)
+    up = coord.queue_upload(np.arange(8, dtype=dtype), buf)
+    with pytest.raises(pg.KernelError, match="float"):
+        coord.wait(coord.queue_compute("scale", [up], extra=(2.5,)))
+    coord.close_collecting()
+    dev.close()

@@ -53,16 +53,20 @@ def _spin_cpu(us: float) -> None:
 
 
 def _scale_cpu(*args: Any) -> None:
+    # the CUDA kernel's contract exactly: one float32 array, a float factor
     *arrays, factor = args
-    for a in arrays:
-        np.multiply(a, a.dtype.type(factor), out=a)
+    if len(arrays) != 1 or getattr(arrays[0], "dtype", None) != np.float32:
+        got = ", ".join(str(getattr(a, "dtype", type(a).__name__)) for a in arrays) or "none"
+        raise TypeError(f"kernel 'scale' takes one float32 array (float* x), got {got}")
+    np.multiply(arrays[0], np.float32(factor), out=arrays[0])
 
 
 def builtin_kernels() -> Dict[str, Kernel]:
     """Fresh built-in kernels.
 
     ``spin`` takes microseconds (``extra=(us,)``) and ignores data; ``scale``
-    multiplies its float32 arrays in place by ``factor`` (default 2).
+    multiplies its one float32 array in place by ``factor`` (default 2), on every
+    backend (the CPU version refuses what the CUDA kernel cannot take).
     """
     one = LaunchConfig(grid=1, block=1)
     return {
