@@ -269,3 +269,15 @@ def test_elements_of_no_bytes_are_refused(make: Any) -> None:
     with pg.ManagedGpuContext(backend="cpu") as ctx:
         with pytest.raises(TypeError, match="no bytes"):
             make(ctx)
+
+
+@pytest.mark.parametrize("bad", [None, 5, "batches"])
+def test_batches_that_are_not_an_iterable_are_named(bad: Any) -> None:
+    with pg.ManagedGpuContext(backend="cpu") as ctx:
+        with pytest.raises(TypeError, match="batches must be an iterable"):
+            pg.stream_map("scale", bad, ctx=ctx)
+        pipe = ctx.create_pipeline_manager()
+        b = pipe.add_buffer(8)
+        pipe.add_stage(pg.GpuPipelineStage("s", [b], [b], kernel="scale"))
+        with pytest.raises(TypeError, match="batches must be an iterable"):
+            pipe.run(bad, input=b, output=b)

@@ -311,6 +311,9 @@ class PipelineStageManager:
         ``batch_index``.
         """
         self._check()
+        if not hasattr(batches, "__iter__") or isinstance(batches, (str, bytes)):
+            raise TypeError(f"batches must be an iterable of numpy arrays, got "
+                            f"{type(batches).__name__}")
         in_buf, out_buf = self.buffer(input), self.buffer(output)
         ahead = int_arg(prefetch, "prefetch", 0)
         check_out(out)
