@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+import prism_gpu as pg
 from prism_gpu.bench import Bandwidth, Workload, run_workload
 from prism_gpu.cli import main
 
@@ -170,3 +171,27 @@ def test_bench_options_of_the_one_device_run_are_refused_with_devices(
         extra: list, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["bench", "--backend", "cpu", "--devices", "2", *extra]) == 2
     assert "not with --devices" in capsys.readouterr().err
+
+
+def test_concurrent_bandwidth_stays_within_a_quarter_of_host_memory(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # --devices measured with 256 MiB buffers, four per device, whatever the count:
+    # 16 devices took 8.5 GB of a 24 GB machine, 64 were killed
+    from prism_gpu.bench import _multi, _workload
+
+    sizes = []
+    monkeypatch.setattr(_workload, "host_memory", lambda: 256 << 20)
+    real = pg.TripleBuffer.__init__
+
+    def spy(self: Any, device: Any, size: int, *a: Any, **k: Any) -> None:
+        sizes.append(size * 4)
+        real(self, device, size, *a, **k)
+
+    monkeypatch.setattr(pg.TripleBuffer, "__init__", spy)
+    devices = [pg.open_device("cpu", i) for i in range(4)]
+    try:
+        assert _multi.concurrent_bandwidth(devices, repeats=1) > 0
+    finally:
+        for d in devices:
+            d.close()
+    assert sizes and 4 * max(sizes) * len(devices) <= (256 << 20) // 4 + (4 << 20)

@@ -22,8 +22,13 @@ def concurrent_bandwidth(devices: List[Any], nbytes: int = 256 << 20, repeats: i
     (pinned memory, one thread per device)."""
     from .._buffers import TripleBuffer
     from .._coordinator import AsyncCoordinator
+    from ._workload import host_memory
 
+    host = host_memory()  # four buffers per device (rings are host memory on the CPU):
+    if host > 0:           # a quarter of the host's memory at most, however many devices
+        nbytes = min(nbytes, max(1 << 20, host // (16 * len(devices))))
     n = nbytes // 4
+    nbytes = n * 4
     setups = []
     for dev in devices:
         up, down = TripleBuffer(dev, n, np.float32, 1), TripleBuffer(dev, n, np.float32, 1)

@@ -96,7 +96,7 @@ def calibrate(bw: Bandwidth, work: Workload, itemsize: int = 4) -> Tuple[int, in
     return max(up, 1), max(down, 1)
 
 
-def _host_memory() -> int:
+def host_memory() -> int:
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
@@ -110,7 +110,7 @@ def check_footprint(device: Any, work: Workload, bw: Bandwidth, n_up: int, n_dow
     (one pinned input and output)."""
     copy = (n_up + n_down) * itemsize
     checks = (("device", depth * copy, int(device.properties.get("total_memory") or 0)),
-              ("host", copy, _host_memory()))
+              ("host", copy, host_memory()))
     for where, need, total in checks:
         if total > 0 and need > total // 4:
             raise ValueError(
