@@ -93,48 +93,65 @@ def raw_cuda_core(iters: int) -> Dict[str, float]:
             _per_iter(_raw_step(parts), _raw_sync(parts), iters)}
 
 
+def timeline_step(parts: Any, stamp_start: bool, timing_close: bool, reads: int
+                  ) -> Callable[[int], None]:
+    """The raw Pattern-1 iteration on ``parts`` with the events of one timeline design:
+    ``stamp_start``, a timing stamp before each op's work; ``timing_close``, the
+    closing event others wait on is the timing end (else a timing end stamp and an
+    untimed closing event); ``reads``, times read per op once it is done (end, start).
+    Events cycle through a ring of 64 iterations; the oldest is read before reuse."""
+    from cuda.core import EventOptions, launch
+
+    dev, (up, comp, down), k, cfg, h_in, h_out, d = parts
+    timing = EventOptions(timing_enabled=True)
+    ring = 64
+    tev = [[[dev.create_event(timing) for _ in range(2)] for _ in range(3)]
+           for _ in range(ring)]
+    nev = [[dev.create_event() for _ in range(3)] for _ in range(ring)]
+    ref = dev.create_event(timing)
+    up.record(ref)
+    used = [False] * ring
+    sink: list = []
+
+    def step(i: int) -> None:
+        r = i % ring
+        t3, n3 = tev[r], nev[r]
+        if used[r]:
+            (t3[2][1] if timing_close else n3[2]).sync()  # long done
+            for j in range(3):
+                if reads >= 1:
+                    sink.append(t3[j][1] - ref)
+                if reads >= 2:
+                    sink.append(t3[j][0] - ref)
+            if len(sink) > 4096:
+                sink.clear()
+        used[r] = True
+        s = i % 3
+        works = ((up, lambda: d[s].copy_from(h_in, stream=up)),
+                 (comp, lambda: launch(comp, cfg, k)),
+                 (down, lambda: d[s].copy_to(h_out, stream=down)))
+        wait_on = tev[(i - 3) % ring][2][1] if timing_close else nev[(i - 3) % ring][2]
+        for j, (st, work) in enumerate(works):
+            st.wait(wait_on)
+            if stamp_start:
+                st.record(t3[j][0])
+            work()
+            st.record(t3[j][1])
+            if timing_close:
+                wait_on = t3[j][1]
+            else:
+                st.record(n3[j])
+                wait_on = n3[j]
+    return step
+
+
 def raw_cuda_core_traced(iters: int) -> Dict[str, float]:
     """The raw loop with what a timeline needs from the driver: each op between a
     start stamp and a closing timing event, both read (against a reference event)
     once the op is done. Against the plain raw loop, in pairs: the driver's share of
     tracing, per op."""
-    from cuda.core import EventOptions, launch
-
     parts = _raw_parts()
-    dev, (up, comp, down), k, cfg, h_in, h_out, d = parts
-    plain = _raw_step(parts)
-    timing = EventOptions(timing_enabled=True)
-    ring = 64  # iterations whose events are in use; the oldest is read before reuse
-    ev = [[[dev.create_event(timing) for _ in range(2)] for _ in range(3)] for _ in range(ring)]
-    ref = dev.create_event(timing)
-    up.record(ref)
-    used = [False] * ring
-    times: list = []
-
-    def traced(i: int) -> None:
-        r = i % ring
-        (s_up, e_up), (s_c, e_c), (s_dn, e_dn) = ev[r]
-        if used[r]:
-            e_dn.sync()  # long done: read the times of the ring's oldest iteration
-            for a, b in ev[r]:
-                times.append((a - ref, b - ref))
-            if len(times) > 4096:
-                times.clear()
-        used[r] = True
-        s = i % 3
-        up.wait(ev[(i - 3) % ring][2][1])
-        up.record(s_up)
-        d[s].copy_from(h_in, stream=up)
-        up.record(e_up)
-        comp.wait(e_up)
-        comp.record(s_c)
-        launch(comp, cfg, k)
-        comp.record(e_c)
-        down.wait(e_c)
-        down.record(s_dn)
-        d[s].copy_to(h_out, stream=down)
-        down.record(e_dn)
-
+    plain, traced = _raw_step(parts), timeline_step(parts, True, True, 2)
     sync = _raw_sync(parts)
     plains, traceds = [], []
     for _ in range(7):

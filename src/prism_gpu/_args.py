@@ -14,6 +14,7 @@ import numpy as np
 from ._errors import BackendUnavailableError, InvalidOperationError
 
 __all__ = ["check_timeout", "resolve_device", "int_arg", "sequence_arg", "shape_arg", "typed_empty",
+           "iterable_arg",
            "device_ids", "LIVE"]
 
 LIVE: "weakref.WeakSet[Any]" = weakref.WeakSet()
@@ -98,6 +99,14 @@ def shape_arg(shape: Any) -> Tuple[int, ...]:
         if d.__index__() < 0:
             raise ValueError(f"shape must not be negative, got {shape!r}")
     return tuple(d.__index__() for d in dims)
+
+
+def iterable_arg(value: Any, what: str) -> Any:
+    """``value`` if it is an iterable (not a string), else a TypeError naming ``what``."""
+    if not hasattr(value, "__iter__") or isinstance(value, (str, bytes)):
+        raise TypeError(f"{what} must be an iterable of numpy arrays, got "
+                        f"{type(value).__name__}")
+    return value
 
 
 def typed_empty(allocate: Any, shape: Any, dtype: Any, where: str) -> Any:

@@ -12,7 +12,7 @@ from ._config import StepConfig
 from ._coordinator import AsyncCoordinator
 from ._devarray import DeviceArray, empty_device, to_device
 from ._errors import InvalidOperationError
-from ._failures import refuse_close
+from ._failures import refuse_in_callback
 from ._ops import CompletedOp
 from ._validate import download_destination, host_array
 
@@ -226,8 +226,8 @@ class ManagedGpuContext:
                                         "stream the close would wait for)")
         coords = [p.coordinator() for p in list(self._pipelines)] + [self._coord]
         for c in coords:  # from inside their callback or kernel: refused, nothing changed
-            if c is not None and not c.closed:
-                refuse_close(c.engine)
+            if c is not None and not c.closed and c.engine.in_callback:
+                refuse_in_callback(c.engine.in_callback)
         self._closed = True
         errors: List[BaseException] = []
         try:

@@ -358,17 +358,17 @@ class AsyncCoordinator:
     def close(self) -> None:
         """Wait for in-flight work, free streams and events, then raise the failures
         no call has reported yet. Idempotent. Not from another thread, nor a callback."""
-        if not self.closed and (get_ident() != self._owner or self._engine.in_callback):
-            self._check_slow()  # another thread's call: refused
-            refuse_in_callback(self._engine.in_callback)
+        if not self.closed and get_ident() != self._owner:
+            self._check_slow()  # another thread's call: refused (a callback's: below)
         raise_failures(self.close_collecting(), "close")
 
     def close_collecting(self) -> List[BaseException]:
-        """Close like :meth:`close`, but return the unreported failures instead of
-        raising them (for owners that report them their own way)."""
+        """Close like :meth:`close`, returning the unreported failures (for owners)."""
         eng = self._engine
         if eng.closed:
             return []
+        if eng.in_callback:  # from its callback or kernel: refused, nothing changed
+            refuse_in_callback(eng.in_callback)
         errors: List[BaseException] = []
         try:
             eng.close(wait=not sys.is_finalizing())

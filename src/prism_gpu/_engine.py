@@ -148,7 +148,10 @@ class Engine:
             try:
                 if kind == LAUNCH:
                     self.in_callback = KERNEL  # a callable runs here on CUDA: no re-entry
-                    stream.launch(a, b, c, d)
+                    try:
+                        stream.launch(a, b, c, d)
+                    finally:
+                        self.in_callback = False
                 elif kind == H2D:
                     stream.copy_h2d(a, b)
                 else:
@@ -159,8 +162,6 @@ class Engine:
                     raise
                 op.error = own_error(op, exc, oid)
                 self._note_root(exc, (oid, op.error))
-            finally:
-                self.in_callback = False
         if tracer is not None:
             pool = self._tpool
             ev = op.event = op.end = pool.pop() if pool else self.device.create_event(True)
@@ -245,14 +246,13 @@ class Engine:
             except BaseException as exc:  # noqa: BLE001 - raised by the call that harvested,
                 self._callback_errors.append(exc)  # after the bookkeeping (Ctrl-C too)
             op.on_done = None
-        held = self._traced if tr is not None and tr[3] is self._tracer else None
-        if held is not None:
-            # the trace reads the times later (in batches, and at its end), then gives back
+        held = None
+        if tr is not None and tr[3] is self._tracer:
+            held = self._traced  # the trace reads the times later (in batches), gives back
             held.append(op)
-        else:  # untraced, or its trace ended (its times are not wanted)
-            if start is not None:
-                self.give_event(start)
-                self.give_event(op.end)
+        elif start is not None:  # untimed ops have no events but their closing one
+            self.give_event(start)  # (an op whose trace ended: its times are not wanted)
+            self.give_event(op.end)
             op.start = op.end = op.trace = None
         self.table.complete(op.id, op.type, duration, err)
         op.keep = op.event = None
@@ -374,8 +374,6 @@ class Engine:
         """Finish what is queued (when ``wait``), then free streams and events."""
         if self.closed:
             return
-        if self.in_callback:
-            refuse_in_callback(self.in_callback)
         try:
             if wait and not self.device.closed:
                 for lane in self.lanes:
@@ -384,9 +382,8 @@ class Engine:
             for lane in self.lanes:
                 while lane.ops:
                     self._complete(lane.ops.popleft())
-            tracer = _trace.ACTIVE
-            if tracer is not None:  # it holds timing events of ours: read them now
-                tracer.read_times()
+            if self._tracer is not None:  # it holds timing events of ours: read them now
+                self._tracer.read_times()
         finally:
             self.in_callback = False
             self.closed = True

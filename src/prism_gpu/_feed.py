@@ -130,8 +130,8 @@ def read_ahead(batches: Iterable[Any], depth: int, prefetch: int, stager: Stager
                     break
                 ahead.append(entry)
                 # what the batch holds: its pinned staging buffer where it has one
-                nbytes = max(getattr(entry.batch, "nbytes", 0),
-                             0 if entry.raw is None else entry.raw.nbytes)
+                nbytes = getattr(entry.batch, "nbytes", 0) if entry.raw is None \
+                    else entry.raw.nbytes  # a staging buffer: at least the batch
                 held.append(nbytes)
                 held_bytes += nbytes
                 pulled += 1

@@ -46,7 +46,7 @@ class Op:
         self.error: Optional[BaseException] = None
         self.keep: Any = None
         self.on_done: Optional[Callable[["Op", Optional[float]], None]] = None
-        self.deps: Sequence["Op"] = ()
+        self.deps: Sequence["Op"]  # set by the engine's submit, for every op
         self.trace: Any = None  # (trace, index, bytes) while a trace records it
 
     def times_since(self, ref: Event) -> Tuple[float, float]:

@@ -11,7 +11,7 @@ from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Set, 
 import numpy as np
 
 from . import _trace
-from ._args import MAX_DEPTH, int_arg
+from ._args import MAX_DEPTH, int_arg, iterable_arg
 from ._buffers import FREE_I, UPLOADING_I, Slot, TripleBuffer
 from ._coordinator import AsyncCoordinator
 from ._engine import D2H, H2D, LAUNCH, Engine, Lane, Op
@@ -311,9 +311,7 @@ class PipelineStageManager:
         ``batch_index``.
         """
         self._check()
-        if not hasattr(batches, "__iter__") or isinstance(batches, (str, bytes)):
-            raise TypeError(f"batches must be an iterable of numpy arrays, got "
-                            f"{type(batches).__name__}")
+        iterable_arg(batches, "batches")
         in_buf, out_buf = self.buffer(input), self.buffer(output)
         ahead = int_arg(prefetch, "prefetch", 0)
         check_out(out)
@@ -322,6 +320,8 @@ class PipelineStageManager:
         b_in, b_out = int(input), int(output)
 
         def out_valid(n: int) -> int:  # the elements a batch of n leaves in the output
+            if n == in_buf.capacity:  # a full batch fills every buffer it flows into
+                return out_buf.capacity
             lengths = valid_lengths(self._current_plan(), self._buffers, {b_in: (None, n)})
             return lengths.get(b_out, out_buf.capacity)
         return run_pipeline(self, batches, b_in, b_out, in_buf, out_buf, ahead, out, out_valid)

@@ -7,7 +7,7 @@ from typing import Any, Callable, Iterable, Iterator, List, NamedTuple, Optional
 import math
 import numpy as np
 
-from ._args import MAX_DEPTH, device_ids, int_arg
+from ._args import MAX_DEPTH, device_ids, int_arg, iterable_arg
 from ._context import ManagedGpuContext
 from ._devarray import DeviceArray
 from ._devlane import DeviceLane
@@ -119,9 +119,7 @@ def stream_map(kernel: Any, batches: Iterable[np.ndarray], depth: int = 3, ctx: 
     if not isinstance(kernel, (Kernel, str)) and not callable(kernel):
         raise TypeError(f"kernel must be a Kernel, a callable or a kernel name, got "
                         f"{type(kernel).__name__}")
-    if not hasattr(batches, "__iter__") or isinstance(batches, (str, bytes)):
-        raise TypeError(f"batches must be an iterable of numpy arrays, got "
-                        f"{type(batches).__name__}")
+    iterable_arg(batches, "batches")
     if not isinstance(extra, (tuple, list)):
         raise TypeError(f"extra must be a tuple, got {type(extra).__name__}")
     if output is not None and not callable(output) and not isinstance(output, (tuple, list)):
