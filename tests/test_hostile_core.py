@@ -294,3 +294,40 @@ def test_builtin_scale_takes_float32_on_every_backend(backend: str, dtype: Any) 
         coord.wait(coord.queue_compute("scale", [up], extra=(2.5,)))
     coord.close_collecting()
     dev.close()
+
+
+@pytest.mark.parametrize("us, error", [(float("inf"), ValueError), (float("nan"), ValueError),
+                                       (-1.0, ValueError), (1e12, ValueError),
+                                       ("5", TypeError), (True, TypeError)])
+def test_spin_refuses_a_duration_the_device_could_not_end(backend: str, us: Any,
+                                                           error: Any) -> None:
+    # an infinite, NaN or negative spin ran the CUDA kernel for ever (the device cannot
+    # be interrupted); each is refused when queued, on every backend, queueing nothing
+    dev = pg.open_device(backend)
+    coord = pg.AsyncCoordinator(dev)
+    with pytest.raises(error, match="spin"):
+        coord.queue_compute("spin", [], extra=(us,))
+    with pytest.raises(error, match="spin"):
+        coord.queue_compute("spin", [], args=[us])
+    pipe = pg.PipelineStageManager(coord)
+    b = pipe.add_buffer(8)
+    pipe.add_stage(pg.GpuPipelineStage("s", [], [b], kernel="spin", extra=(us,)))
+    with pytest.raises(error, match="spin"):
+        pipe.execute_iteration()
+    assert coord.in_flight == 0
+    coord.wait(coord.queue_compute("spin", [], extra=(1.0,)))  # a finite spin runs
+    pipe.close()
+    coord.close_collecting()
+    dev.close()
+
+
+def test_a_kernel_check_sees_the_values_after_the_arrays(coord: pg.AsyncCoordinator) -> None:
+    seen: List[Any] = []
+    k = pg.Kernel("k", fn=lambda *a: None, defaults=(3,), check=seen.append)
+    buf = pg.TripleBuffer(coord.device, 4)
+    up = coord.queue_upload(np.ones(4, np.float32), buf)
+    coord.wait(coord.queue_compute(k, [up]))
+    coord.wait(coord.queue_compute(k, [], args=[7, 8]))
+    assert [tuple(v) for v in seen] == [(3,), (7, 8)]
+    with pytest.raises(TypeError, match="check"):
+        pg.Kernel("k", fn=lambda: None, check=5)  # type: ignore[arg-type]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Dict
+from typing import Any, Dict, Sequence
 
 import numpy as np
 
@@ -52,6 +52,25 @@ def _spin_cpu(us: float) -> None:
         time.sleep(left)
 
 
+SPIN_MAX_US = 60e6
+
+
+def _check_spin(values: Sequence[Any]) -> None:
+    """``spin`` takes one duration: finite, 0 to a minute (the device cannot be
+    interrupted, so an infinite or huge spin would hold it for ever)."""
+    if len(values) != 1:
+        raise TypeError(f"kernel 'spin' takes one duration in microseconds, got "
+                        f"{len(values)} values")
+    us = values[0]
+    if isinstance(us, (bool, np.bool_)) or not isinstance(us, (int, float, np.integer,
+                                                                 np.floating)):
+        raise TypeError(f"kernel 'spin' takes a duration in microseconds (a real number), "
+                        f"got {type(us).__name__}")
+    if not 0 <= us <= SPIN_MAX_US:  # NaN fails this too
+        raise ValueError(f"kernel 'spin' takes 0 to {SPIN_MAX_US:.0f} microseconds, "
+                         f"got {us}")
+
+
 def _scale_cpu(*args: Any) -> None:
     # the CUDA kernel's contract exactly: one float32 array, a float factor
     *arrays, factor = args
@@ -64,7 +83,8 @@ def _scale_cpu(*args: Any) -> None:
 def builtin_kernels() -> Dict[str, Kernel]:
     """Fresh built-in kernels.
 
-    ``spin`` takes microseconds (``extra=(us,)``) and ignores data; ``scale``
+    ``spin`` takes microseconds (``extra=(us,)``, 0 to a minute: other values are
+    refused when queued, as the device cannot be interrupted) and ignores data; ``scale``
     multiplies its one float32 array in place by ``factor`` (default 2), on every
     backend (the CPU version refuses what the CUDA kernel cannot take).
     """
@@ -73,7 +93,8 @@ def builtin_kernels() -> Dict[str, Kernel]:
         "noop": Kernel("noop", source=NOOP_SOURCE, entry="noop", cpu=_noop_cpu,
                        uses_arrays=False, config=one),
         "spin": Kernel("spin", source=SPIN_SOURCE, entry="spin", cpu=_spin_cpu,
-                       uses_arrays=False, config=one, defaults=(0,)),
+                       uses_arrays=False, config=one, defaults=(0,),
+                       check=_check_spin),
         "scale": Kernel("scale", source=SCALE_SOURCE, entry="scale", cpu=_scale_cpu,
                         defaults=(2.0,)),
     }

@@ -201,6 +201,8 @@ class AsyncCoordinator:
             else:
                 arrays = [s.array for s in slots]
             ext = backend_values(extra, self._device) if extra is not None else kernel.defaults
+        if kernel.check is not None:
+            kernel.check(ext)
         if config is None:
             config = kernel.config or self._default_config(len(arrays[0]) if arrays else 1)
         # data flows from each dependency and each slot's writer; a slot rewritten in

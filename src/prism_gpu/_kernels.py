@@ -42,22 +42,26 @@ class Kernel:
 
     Callables are called ``fn(*arrays, *extra)``; CUDA C++ kernels get each
     array as a pointer followed by its element count (``size_t n``), then the
-    extra scalars.
+    extra scalars. ``check``, if given, is called with the values a launch passes after
+    the arrays (``extra``, its defaults, or ``args``) when the launch is queued, on
+    every backend, and raises for values the kernel cannot take (nothing is queued).
     """
 
     __slots__ = ("name", "fn", "source", "entry", "config", "cpu", "uses_arrays",
-                 "defaults", "accepts_stream", "options", "__weakref__")
+                 "defaults", "accepts_stream", "options", "check", "__weakref__")
 
     def __init__(self, name: str, *, fn: Optional[Callable[..., Any]] = None,
                  source: Optional[str] = None, entry: Optional[str] = None,
                  config: Optional[LaunchConfig] = None,
                  cpu: Optional[Callable[..., Any]] = None, uses_arrays: bool = True,
-                 defaults: Sequence[Any] = (), options: Optional[Mapping[str, Any]] = None
-                 ) -> None:
+                 defaults: Sequence[Any] = (), options: Optional[Mapping[str, Any]] = None,
+                 check: Optional[Callable[[Sequence[Any]], None]] = None) -> None:
         if (fn is None) == (source is None):
             raise ValueError("a Kernel has exactly one of fn= or source=")
         if config is not None and not isinstance(config, LaunchConfig):
             raise TypeError(f"config must be a LaunchConfig, got {type(config).__name__}")
+        if check is not None and not callable(check):
+            raise TypeError("check= must be a callable")
         self.name = name
         self.fn = fn
         self.source = source
@@ -67,6 +71,7 @@ class Kernel:
         self.uses_arrays = uses_arrays
         self.defaults = sequence_arg(defaults, "defaults") or ()
         self.options = dict(options or {})
+        self.check = check
         target = fn if fn is not None else cpu
         self.accepts_stream = target is not None and _accepts_stream(target)
 

@@ -59,6 +59,8 @@ def make_plan(order: List[int], stages: Sequence[GpuPipelineStage], buffers: Seq
     plan = []
     for i, (kernel, prepared), extra in zip(order, resolved, extras):
         st = stages[i]
+        if kernel.check is not None:
+            kernel.check(kernel.defaults if extra is None else extra)
         first = (*st.input_buffers, *st.output_buffers)
         config = st.config or kernel.config or LaunchConfig.for_elements(
             buffers[first[0]].capacity if first else 1)
