@@ -408,6 +408,43 @@ def test_device_array_bad_input_closed_and_foreign(ctx: pg.ManagedGpuContext,
     coord.wait(coord.queue_download(buf, out))
 
 
+def test_a_device_array_is_a_handle_not_host_data(ctx: pg.ManagedGpuContext) -> None:
+    # a copy escaped the context's close (and on CUDA would read freed memory); pickle
+    # failed on an internal weakref; np.asarray wrapped it in an object array; shape
+    # could be rebound so to_host() failed
+    import copy
+    import pickle
+
+    d = ctx.to_device(np.arange(6, dtype=F32))
+    for attempt in (lambda: copy.copy(d), lambda: copy.deepcopy(d),
+                    lambda: pickle.dumps(d), lambda: np.asarray(d)):
+        with pytest.raises(TypeError, match="DeviceArray"):
+            attempt()
+    with pytest.raises(AttributeError):
+        d.shape = (3,)  # type: ignore[misc]
+    with pytest.raises(AttributeError):
+        d.dtype = np.dtype(np.int32)  # type: ignore[misc]
+    np.testing.assert_array_equal(d.to_host(), np.arange(6, dtype=F32))
+
+
+def test_a_pipeline_refuses_a_device_array_closed_after_its_first_run(
+        ctx: pg.ManagedGpuContext, rng: np.random.Generator) -> None:
+    w = rng.standard_normal(64).astype(F32)
+    dw = ctx.to_device(w)
+    pipe = ctx.create_pipeline_manager()
+    a = pipe.add_buffer(64)
+    pipe.add_stage(pg.GpuPipelineStage("w", [a], [], kernel=weighted(),
+                                       extra=(dw, np.uint32(64))))
+    x = rand64(rng)
+    (r,) = [y.copy() for y in pipe.run([x], input=a, output=a)]
+    np.testing.assert_array_equal(r, expect_weighted(x, w))
+    dw.close()  # the plan made at the first run keeps the memory: it ran on before
+    with pytest.raises(pg.InvalidOperationError, match="closed"):
+        list(pipe.run([x], input=a, output=a))
+    with pytest.raises(pg.InvalidOperationError, match="closed"):
+        pipe.execute_iteration({a: x})
+
+
 def rand64(rng: np.random.Generator) -> np.ndarray:
     return rng.standard_normal(64).astype(F32)
 

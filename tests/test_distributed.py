@@ -76,6 +76,7 @@ def test_a_failing_partition_raises_at_its_turn(client: Any) -> None:
             got.append(r)
     assert info.value.partition_index == 7
     assert "partition 7" in str(info.value)
+    assert "batch 0" not in str(info.value)  # the worker's one-batch run is not the user's
     assert [float(r[0]) for r in got] == [1.0 * (i + 1) for i in range(7)]
     # the cluster is still fine afterwards
     (r,) = pgd.stream_map(client, "scale", [np.ones(8, F32)], backend="cpu")
@@ -108,3 +109,67 @@ def test_a_bad_partition_is_reported_with_its_index(client: Any) -> None:
         for r in pgd.stream_map(client, "scale", parts, backend="cpu"):
             got.append(r)
     assert info.value.partition_index == 1 and len(got) == 1
+
+
+def test_results_before_a_failing_source_or_submission_come_first(client: Any) -> None:
+    # the iterable's error (or an unpicklable partition) raised at once, throwing away
+    # the results of the partitions already sent
+    def source() -> Iterator[np.ndarray]:
+        yield np.ones(4, F32)
+        yield np.full(4, 2, F32)
+        raise RuntimeError("source failed at item 2")
+
+    got = []
+    with pytest.raises(RuntimeError, match="item 2") as info:
+        for r in pgd.stream_map(client, "scale", source(), backend="cpu"):
+            got.append(r)
+    assert [float(r[0]) for r in got] == [2.0, 4.0]
+    assert info.value.partition_index == 2
+
+    import threading
+
+    parts = [np.ones(4, F32), np.ones(4, F32), threading.Lock()]  # a lock will not pickle
+    got = []
+    with pytest.raises(Exception) as info2:
+        for r in pgd.stream_map(client, "scale", parts, backend="cpu"):
+            got.append(r)
+    assert len(got) == 2 and info2.value.partition_index == 2
+
+
+def test_map_blocks_keeps_a_0d_array_0d(client: Any) -> None:
+    x = da.from_array(np.array(3.0, F32))
+    y = pgd.map_blocks("scale", x, backend="cpu")
+    r = y.compute()
+    assert y.shape == () and r.shape == () and float(r) == 6.0
+
+
+def test_arguments_are_checked_at_the_call() -> None:
+    with pytest.raises(TypeError, match="n_workers"):
+        pgd.local_cluster(n_workers="2", backend="cpu")
+    with pytest.raises(TypeError, match="threads_per_worker"):
+        pgd.local_cluster(n_workers=1, backend="cpu", threads_per_worker="2")
+    with pytest.raises(ValueError, match="n_workers"):
+        pgd.local_cluster(n_workers=0, backend="cpu")
+    with pytest.raises(TypeError, match="backend"):
+        pgd.local_cluster(n_workers=1, backend=5)
+
+
+def test_stream_map_arguments_are_checked_before_any_partition(client: Any) -> None:
+    parts = [np.ones(4, F32)]
+    with pytest.raises(TypeError, match="partitions"):
+        pgd.stream_map(client, "scale", None)
+    with pytest.raises(TypeError, match="kernel"):
+        pgd.stream_map(client, 5, parts)
+    with pytest.raises(ValueError, match="backend"):
+        pgd.stream_map(client, "scale", parts, backend="gpu")
+    with pytest.raises(TypeError, match="output"):
+        pgd.stream_map(client, "scale", parts, output=((2.5,), F32))
+
+
+@pytest.mark.cuda
+def test_local_cluster_keeps_within_the_visible_gpus(monkeypatch: Any) -> None:
+    from prism_gpu.backends import device_count
+
+    n = device_count("cuda")
+    with pytest.raises(ValueError, match="one worker per GPU"):
+        pgd.local_cluster(n_workers=n + 1, backend="cuda")

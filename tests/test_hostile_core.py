@@ -331,3 +331,34 @@ def test_a_kernel_check_sees_the_values_after_the_arrays(coord: pg.AsyncCoordina
     assert [tuple(v) for v in seen] == [(3,), (7, 8)]
     with pytest.raises(TypeError, match="check"):
         pg.Kernel("k", fn=lambda: None, check=5)  # type: ignore[arg-type]
+
+
+def test_shapes_and_dtypes_are_checked_by_name() -> None:
+    # an integer array shape, a sub-array dtype and 100 dimensions gave numpy's own
+    # errors naming neither argument; an output spec of floats or bools was truncated
+    with pg.ManagedGpuContext(backend="cpu") as ctx:
+        assert ctx.empty_device(np.array([2, 3]), np.float32).shape == (2, 3)
+        assert pg.pinned_empty(np.array([4]), np.float32, ctx=ctx).shape == (4,)
+        with pytest.raises(TypeError, match="sub-array"):
+            ctx.empty_device(3, "(2,)f4")
+        with pytest.raises(ValueError, match="dimensions"):
+            ctx.empty_device((1,) * 100, np.float32)
+        with pytest.raises(TypeError, match="not a numpy dtype"):
+            ctx.empty_device(3, "float32 ")
+        x = np.arange(16, dtype=np.float32)
+        for spec in [((2.9,), np.float32), ((4.0, 2.5), np.float32), ((True,), np.float32),
+                     ("16", np.float32), ((16,), "float32 "), (16,)]:
+            with pytest.raises(TypeError, match="output"):
+                pg.stream_map(lambda a, b: None, [x], ctx=ctx, output=spec)
+        with pytest.raises(ValueError, match="output"):
+            pg.stream_map(lambda a, b: None, [x], ctx=ctx, output=((-1,), np.float32))
+
+
+def test_use_stream_takes_only_a_prism_gpu_stream(coord: pg.AsyncCoordinator) -> None:
+    # anything was accepted and silently switched nothing (a CuPy or PyTorch stream too)
+    for wrong in (5, None, object(), "stream"):
+        with pytest.raises(TypeError, match="prism-gpu stream"):
+            with pg.interop.use_stream(wrong):
+                pass
+    with pg.interop.use_stream(coord.compute_stream()) as s:
+        assert s is coord.compute_stream()

@@ -13,8 +13,8 @@ import numpy as np
 
 from ._errors import BackendUnavailableError, InvalidOperationError
 
-__all__ = ["check_timeout", "resolve_device", "int_arg", "sequence_arg", "shape_arg", "typed_empty",
-           "iterable_arg",
+__all__ = ["check_timeout", "resolve_device", "int_arg", "sequence_arg", "shape_arg",
+           "dtype_arg", "typed_empty", "iterable_arg",
            "device_ids", "LIVE"]
 
 LIVE: "weakref.WeakSet[Any]" = weakref.WeakSet()
@@ -64,6 +64,7 @@ def resolve_device(device: Any) -> Tuple[Any, bool]:
     return dev, False
 
 
+MAX_DIMS = 64  # numpy's limit on an array's dimensions
 MAX_DEPTH = 1024  # device slots of one ring: each is allocated up front
 
 
@@ -89,16 +90,33 @@ def sequence_arg(value: Any, what: str) -> Optional[Tuple[Any, ...]]:
 
 def shape_arg(shape: Any) -> Tuple[int, ...]:
     """An array shape: an int or an iterable of non-negative ints."""
+    if isinstance(shape, np.ndarray):  # np.empty takes an integer array as a shape too
+        shape = shape.tolist()
     dims = (shape,) if isinstance(shape, int) or hasattr(shape, "__index__") else shape
     if isinstance(dims, (str, bytes)) or not hasattr(dims, "__iter__"):
         raise TypeError(f"shape must be an int or a tuple of ints, got {shape!r}")
     dims = tuple(dims)
+    if len(dims) > MAX_DIMS:
+        raise ValueError(f"shape has {len(dims)} dimensions; arrays have at most {MAX_DIMS}")
     for d in dims:
         if isinstance(d, bool) or not hasattr(d, "__index__"):
             raise TypeError(f"shape must hold ints, got {shape!r}")
         if d.__index__() < 0:
             raise ValueError(f"shape must not be negative, got {shape!r}")
     return tuple(d.__index__() for d in dims)
+
+
+def dtype_arg(dtype: Any) -> np.dtype:
+    """A numpy dtype of plain elements (not a sub-array dtype such as ``'(2,)f4'``,
+    which would change the shape)."""
+    try:
+        dt = np.dtype(dtype)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"dtype {dtype!r} is not a numpy dtype: {exc}") from None
+    if dt.subdtype is not None:
+        raise TypeError(f"dtype {dtype!r} is a sub-array dtype; give its element type and "
+                        "put the sub-array in the shape")
+    return dt
 
 
 def iterable_arg(value: Any, what: str) -> Any:
@@ -113,7 +131,7 @@ def typed_empty(allocate: Any, shape: Any, dtype: Any, where: str) -> Any:
     """An uninitialised array of ``shape`` and ``dtype`` carved from ``allocate(nbytes)``
     (1-D uint8 memory: host or device), checked first."""
     dims = shape_arg(shape)
-    dt = np.dtype(dtype)
+    dt = dtype_arg(dtype)
     if dt.hasobject:
         raise TypeError(f"object dtypes cannot live in {where}")
     if dt.itemsize == 0:

@@ -29,13 +29,22 @@ class DeviceArray:
     keeps the memory alive until it is done.
     """
 
-    __slots__ = ("_data", "_device", "shape", "dtype", "__weakref__")
+    __slots__ = ("_data", "_device", "_shape", "_dtype", "_copier", "__weakref__")
 
     def __init__(self, device: Any, data: Any, shape: Tuple[int, ...], dtype: np.dtype) -> None:
         self._device = device
         self._data = data
-        self.shape = shape
-        self.dtype = dtype
+        self._shape = shape
+        self._dtype = dtype
+        self._copier: Optional[_Copier] = None  # the stream of blocking copies, once used
+
+    @property
+    def shape(self) -> Tuple[int, ...]:
+        return self._shape
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self._dtype
 
     @property
     def size(self) -> int:
@@ -72,8 +81,13 @@ class DeviceArray:
         out = np.empty(self.shape, self.dtype)
         if self.size:
             self._device.synchronize()
-            _blocking_copy(self._device, "d2h", out.reshape(-1), _flat(data))
+            self._blocking_copy("d2h", out.reshape(-1), _flat(data))
         return out
+
+    def _blocking_copy(self, direction: str, dst: Any, src: Any) -> None:
+        if self._copier is None:
+            self._copier = _copier(self._device)
+        self._copier.copy(direction, dst, src)
 
     @property
     def __cuda_array_interface__(self) -> Dict[str, Any]:
@@ -91,10 +105,26 @@ class DeviceArray:
     def __dlpack_device__(self) -> Tuple[int, int]:
         return self.backend_array().__dlpack_device__()
 
+    def __array__(self, *args: Any, **kwargs: Any) -> np.ndarray:
+        raise TypeError("a DeviceArray lives on the device: numpy cannot read it in place; "
+                        "call to_host() for a copy")
+
+    def __reduce__(self) -> Any:
+        raise TypeError("a DeviceArray lives on one device and cannot be pickled or copied; "
+                        "send or copy the numpy array (to_host()) and to_device() it there")
+
+    def __copy__(self) -> "DeviceArray":
+        self.__reduce__()
+        return self  # not reached
+
+    def __deepcopy__(self, memo: Any) -> "DeviceArray":
+        return self.__copy__()
+
     def close(self) -> None:
         """Drop the device memory (ops already queued keep it until they are done).
         Idempotent; any later use raises :class:`InvalidOperationError`."""
         self._data = None
+        self._copier = None
 
     def __repr__(self) -> str:
         state = "closed" if self._data is None else self._device.kind
@@ -120,43 +150,58 @@ def to_device(device: Any, array: Any) -> DeviceArray:
         host = np.ascontiguousarray(host)  # keeps the shape (0-d stays 0-d here)
     out = empty_device(device, host.shape, host.dtype)
     if host.size:
-        _blocking_copy(device, "h2d", _flat(out.backend_array()), host.reshape(-1))
+        out._blocking_copy("h2d", _flat(out.backend_array()), host.reshape(-1))
     return out
 
 
 # One stream per device for these one-off, blocking copies: queued work goes through
-# the engine; a constant's upload or a final read-back waits here instead.
-_STREAMS: "weakref.WeakKeyDictionary[Any, Tuple[Any, Any, threading.Lock]]" = \
-    weakref.WeakKeyDictionary()
-_STREAMS_LOCK = threading.Lock()
+# the engine; a constant's upload or a final read-back waits here instead. The entry
+# lives while a DeviceArray of its device does (they hold it; the table holds it
+# weakly), so a device dropped with its arrays takes its copy stream with it.
+class _Copier:
+    __slots__ = ("device", "stream", "event", "lock", "__weakref__")
+
+    def __init__(self, device: Any) -> None:
+        self.device = device
+        self.stream = device.create_stream()
+        self.event = device.create_event(False)
+        self.lock = threading.Lock()
+        # a stream lives until closed (a CPU stream's thread holds it): closed with us
+        weakref.finalize(self, _close_quietly, self.stream, self.event)
+
+    def copy(self, direction: str, dst: Any, src: Any) -> None:
+        with self.lock:
+            if self.device.closed:
+                raise InvalidOperationError("the device of this DeviceArray is closed")
+            if direction == "h2d":
+                self.stream.copy_h2d(dst, src)
+            else:
+                self.stream.copy_d2h(dst, src)
+            self.stream.record(self.event)
+            self.event.synchronize()
+            err: Optional[BaseException] = self.event.error()
+        if err is not None:
+            raise err
 
 
-def _blocking_copy(device: Any, direction: str, dst: Any, src: Any) -> None:
-    with _STREAMS_LOCK:
-        # an entry's stream refers to its device, so the weak keys never die by
-        # themselves: the entries of closed devices go here
-        for gone in [d for d in _STREAMS if d.closed]:
-            stale = _STREAMS.pop(gone)
-            for obj in stale[:2]:
-                try:
-                    obj.close()
-                except Exception:  # noqa: BLE001 - its device is gone: nothing to free
-                    pass
-        entry = _STREAMS.get(device)
-        if entry is None:
-            entry = _STREAMS[device] = (device.create_stream(), device.create_event(False),
-                                        threading.Lock())
-    stream, event, lock = entry
-    with lock:
-        if direction == "h2d":
-            stream.copy_h2d(dst, src)
-        else:
-            stream.copy_d2h(dst, src)
-        stream.record(event)
-        event.synchronize()
-        err: Optional[BaseException] = event.error()
-    if err is not None:
-        raise err
+def _close_quietly(*objs: Any) -> None:
+    for obj in objs:
+        try:
+            obj.close()
+        except Exception:  # noqa: BLE001 - its device is gone: nothing left to free
+            pass
+
+
+_COPIERS: "weakref.WeakValueDictionary[int, _Copier]" = weakref.WeakValueDictionary()
+_COPIERS_LOCK = threading.Lock()
+
+
+def _copier(device: Any) -> _Copier:
+    with _COPIERS_LOCK:
+        entry = _COPIERS.get(id(device))  # alive: it holds its device, so the id is its
+        if entry is None or entry.device is not device:
+            entry = _COPIERS[id(device)] = _Copier(device)
+        return entry
 
 
 def backend_values(values: Sequence[Any], device: Any) -> Sequence[Any]:

@@ -23,7 +23,7 @@ from ._stage import GpuPipelineStage, PipelineIteration, PipelineStats
 from ._stage import indices as _indices
 from ._pipefeed import check_inputs, run_pipeline, valid_lengths, written_buffers
 from ._plan import Step as _Step
-from ._plan import make_plan
+from ._plan import check_open, make_plan
 from ._sink import check_out
 from ._stats import Window
 from ._sync import sync_mode
@@ -124,6 +124,8 @@ class PipelineStageManager:
         if not self._plan:
             self._plan = self._make_plan(list(range(len(self._stages))) if self._order is None
                                          else self._order)
+        else:
+            check_open(self._plan)
         return self._plan
 
     def _lane(self, key: Any, name: str) -> Lane:

@@ -5,12 +5,12 @@ from __future__ import annotations
 from typing import Any, Callable, List, NamedTuple, Sequence, Tuple
 
 from ._config import LaunchConfig
-from ._devarray import backend_values
+from ._devarray import DeviceArray, backend_values
 from ._errors import InvalidOperationError
 from ._inflight import Lane
 from ._stage import GpuPipelineStage
 
-__all__ = ["Step", "make_plan"]
+__all__ = ["Step", "make_plan", "check_open"]
 
 
 class Step(NamedTuple):
@@ -24,6 +24,17 @@ class Step(NamedTuple):
     lane: Lane
     reads: Tuple[int, ...]
     writes: Tuple[int, ...]
+    constants: Tuple[DeviceArray, ...]  # the DeviceArrays of extra: checked open per run
+
+
+def check_open(plan: Sequence[Step]) -> None:
+    """Refuse a plan whose DeviceArrays were closed since it was made (it keeps their
+    memory, but a closed array is one the user gave back)."""
+    for step in plan:
+        for d in step.constants:
+            if d.closed:
+                raise InvalidOperationError(
+                    f"stage {step.stage.name!r} reads a DeviceArray in extra that is closed")
 
 
 def make_plan(order: List[int], stages: Sequence[GpuPipelineStage], buffers: Sequence[Any],
@@ -66,5 +77,6 @@ def make_plan(order: List[int], stages: Sequence[GpuPipelineStage], buffers: Seq
             buffers[first[0]].capacity if first else 1)
         plan.append(Step(st, prepared, config, kernel.uses_arrays,
                          kernel.defaults if extra is None else extra,
-                         lane(i, st.name), tuple(st.input_buffers), tuple(st.output_buffers)))
+                         lane(i, st.name), tuple(st.input_buffers), tuple(st.output_buffers),
+                         tuple(v for v in st.extra or () if type(v) is DeviceArray)))
     return plan

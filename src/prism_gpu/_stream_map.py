@@ -7,7 +7,7 @@ from typing import Any, Callable, Iterable, Iterator, List, NamedTuple, Optional
 import math
 import numpy as np
 
-from ._args import MAX_DEPTH, device_ids, int_arg, iterable_arg
+from ._args import MAX_DEPTH, device_ids, dtype_arg, int_arg, iterable_arg, shape_arg
 from ._context import ManagedGpuContext
 from ._devarray import DeviceArray
 from ._devlane import DeviceLane
@@ -29,20 +29,22 @@ class _Prepared(NamedTuple):
     final: Optional[np.ndarray]
 
 
-def _resolve_output(output: OutputSpec, batch: np.ndarray
+def _resolve_output(output: OutputSpec, batch: Optional[np.ndarray]
                     ) -> Optional[Tuple[Tuple[int, ...], np.dtype]]:
     if output is None:
         return None
-    spec = output(batch) if callable(output) else output
-    try:
-        shape, dtype = spec
-        shape = (int(shape),) if isinstance(shape, (int, np.integer)) else tuple(
-            int(d) for d in shape)
-        dt = np.dtype(dtype)
-    except (TypeError, ValueError) as exc:
+    spec = output(batch) if callable(output) and batch is not None else output
+    if not isinstance(spec, (tuple, list)) or len(spec) != 2:
         raise TypeError(f"output must be (shape, dtype) or a callable giving one, got "
-                        f"{spec!r}") from exc
-    if any(d < 0 for d in shape) or math.prod(shape) == 0:
+                        f"{spec!r}")
+    try:
+        shape, dt = shape_arg(spec[0]), dtype_arg(spec[1])
+    except TypeError as exc:
+        raise TypeError(f"output must be (shape, dtype) or a callable giving one, got "
+                        f"{spec!r}: {exc}") from None
+    except ValueError as exc:
+        raise ValueError(f"output {spec!r}: {exc}") from None
+    if math.prod(shape) == 0:
         raise ValueError(f"output shape {shape} holds no elements")
     if dt.hasobject:
         raise TypeError("output dtype must not be object")
@@ -125,6 +127,8 @@ def stream_map(kernel: Any, batches: Iterable[np.ndarray], depth: int = 3, ctx: 
     if output is not None and not callable(output) and not isinstance(output, (tuple, list)):
         raise TypeError(f"output must be (shape, dtype) or a callable giving one, got "
                         f"{output!r}")
+    if output is not None and not callable(output):
+        _resolve_output(output, None)  # a fixed spec is checked now, not at batch 0
     if ctx is not None and not isinstance(ctx, ManagedGpuContext):
         raise TypeError(f"ctx must be a ManagedGpuContext, got {type(ctx).__name__}")
     check_out(out)

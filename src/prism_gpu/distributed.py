@@ -124,7 +124,14 @@ def run_partition(kernel: Any, part: np.ndarray, output: Any, backend: str) -> n
     if not isinstance(part, np.ndarray):
         part = np.asarray(part)
     out = [np.empty(part.shape, part.dtype)] if output is None else None
-    (res,) = _stream_map(kernel, [part], ctx=ctx, output=output, out=out)
+    try:
+        (res,) = _stream_map(kernel, [part], ctx=ctx, output=output, out=out)
+    except Exception as exc:
+        cause = exc.__cause__
+        if getattr(exc, "batch_index", None) == 0 and isinstance(cause, Exception):
+            # the partition's own error, not "batch 0 failed": the client names the partition
+            raise cause from None
+        raise
     return res if output is None else res.copy()
 
 
@@ -150,14 +157,30 @@ def stream_map(client: Any, kernel: Any, partitions: Iterable[Any], depth: int =
     its turn, after every earlier result, with ``partition_index``; the later
     ones are cancelled.
     """
-    from ._args import MAX_DEPTH, int_arg
+    from ._args import MAX_DEPTH, int_arg, iterable_arg
+    from ._kernels import Kernel
+    from ._stream_map import _resolve_output
 
     depth = int_arg(depth, "depth", 1, MAX_DEPTH)
     dist = _distributed()
     if not isinstance(client, dist.Client):
         raise TypeError(f"client must be a dask.distributed.Client, got "
                         f"{type(client).__name__}")
+    if not isinstance(kernel, (Kernel, str)) and not callable(kernel):
+        raise TypeError(f"kernel must be a Kernel, a callable or a kernel name, got "
+                        f"{type(kernel).__name__}")
+    iterable_arg(partitions, "partitions")
+    _backend_arg(backend)
+    if output is not None and not callable(output):
+        _resolve_output(output, None)
     return _stream(client, kernel, partitions, depth, output, backend)
+
+
+def _backend_arg(backend: Any) -> None:
+    """Checked here, not resolved: the workers may have a GPU this process lacks."""
+    if backend not in ("auto", "cuda", "cpu"):
+        raise (TypeError if not isinstance(backend, str) else ValueError)(
+            f"backend must be 'auto', 'cuda' or 'cpu', got {backend!r}")
 
 
 def _stream(client: Any, kernel: Any, partitions: Iterable[Any], depth: int, output: Any,
@@ -165,20 +188,36 @@ def _stream(client: Any, kernel: Any, partitions: Iterable[Any], depth: int, out
     _register(client, backend)
     workers = max(1, len(client.scheduler_info().get("workers", {})))
     limit = depth * workers
+    # (index, future) in flight, then at most one (index, error): the partitions'
+    # iterable or the submission failed there; raised at its turn, after every result
     pending: Deque[Tuple[int, Any]] = collections.deque()
+    failed: Optional[Tuple[int, Exception]] = None
     it = iter(partitions)
     index = 0
     try:
         while True:
-            while len(pending) < limit:
+            while failed is None and len(pending) < limit:
                 try:
                     part = next(it)
                 except StopIteration:
                     break
-                fut = client.submit(run_partition, kernel, part, output, backend, pure=False)
+                except Exception as exc:  # noqa: BLE001 - the iterable's own error
+                    failed = (index, exc)
+                    break
+                try:
+                    fut = client.submit(run_partition, kernel, part, output, backend,
+                                        pure=False)
+                except Exception as exc:  # noqa: BLE001 - e.g. a partition that won't pickle
+                    failed = (index, exc)
+                    break
                 pending.append((index, fut))
                 index += 1
             if not pending:
+                if failed is not None:
+                    i, err = failed
+                    err.partition_index = i  # type: ignore[attr-defined]
+                    err.add_note(f"raised by partition {i} before it reached a worker")
+                    raise err
                 return
             i, fut = pending.popleft()
             try:
@@ -196,7 +235,9 @@ def _stream(client: Any, kernel: Any, partitions: Iterable[Any], depth: int, out
 def _block(block: np.ndarray, kernel: Any, backend: str) -> np.ndarray:
     if block.size == 0:
         return block.copy()
-    return run_partition(kernel, np.ascontiguousarray(block), None, backend)
+    if not block.flags.c_contiguous:  # np.ascontiguousarray would make a 0-d block 1-d
+        block = block.copy(order="C")
+    return run_partition(kernel, block, None, backend)
 
 
 def map_blocks(kernel: Any, dask_array: Any, backend: str = "auto") -> Any:
@@ -222,19 +263,27 @@ def local_cluster(n_workers: Optional[int] = None, backend: str = "auto",
     """A cluster on this machine with one worker process per device: on CUDA each
     worker sees only its GPU (``CUDA_VISIBLE_DEVICES``); ``n_workers`` defaults to
     every device. ``kwargs`` go to the scheduler (e.g. ``dashboard_address``)."""
-    dist = _distributed()
+    from ._args import int_arg
     from .backends import device_count, resolve_backend
 
+    _backend_arg(backend)
+    threads = int_arg(threads_per_worker, "threads_per_worker", 1)
+    dist = _distributed()
     kind = resolve_backend(backend)
-    n = device_count(backend) if n_workers is None else n_workers
-    if n < 1:
-        raise ValueError(f"n_workers must be >= 1, got {n}")
+    count = device_count(kind)
+    n = count if n_workers is None else int_arg(n_workers, "n_workers", 1)
+    if kind == "cuda" and n > count:
+        raise ValueError(f"n_workers={n}, but this machine shows {count} CUDA device(s): "
+                         "one worker per GPU")
+    # worker i gets the i-th GPU this process sees: an existing mask is kept
+    mask = os.environ.get("CUDA_VISIBLE_DEVICES")
+    visible = [v.strip() for v in mask.split(",")] if mask else [str(i) for i in range(n)]
     workers = {}
     for i in range(n):
-        env = {"CUDA_VISIBLE_DEVICES": str(i)} if kind == "cuda" else {}
+        env = {"CUDA_VISIBLE_DEVICES": visible[i]} if kind == "cuda" else {}
         env["PRISM_GPU_BACKEND"] = kind
         workers[f"prism-gpu-{i}"] = {"cls": dist.Nanny, "options": {
-            "nthreads": threads_per_worker, "env": env, "host": "127.0.0.1"}}
+            "nthreads": threads, "env": env, "host": "127.0.0.1"}}
     scheduler = {"cls": dist.Scheduler, "options": {"host": "127.0.0.1",
                                                      "dashboard_address": None, **kwargs}}
     return dist.SpecCluster(workers=workers, scheduler=scheduler)

@@ -11,6 +11,8 @@ import contextlib
 import sys
 from typing import Any, Iterator
 
+from .backends._protocol import Stream
+
 __all__ = ["use_stream"]
 
 
@@ -20,6 +22,9 @@ def use_stream(stream: Any) -> Iterator[Any]:
 
     On the CPU backend there is no device stream to share and this does nothing.
     """
+    if not isinstance(stream, Stream):  # a CuPy/PyTorch stream would switch nothing
+        raise TypeError(f"use_stream takes a prism-gpu stream (e.g. coord.compute_stream()), "
+                        f"got {type(stream).__name__}")
     enter = getattr(stream, "_interop_enter", None)
     if enter is None:
         yield stream
