@@ -373,6 +373,12 @@ def test_device_array_round_trip_and_interop(ctx: pg.ManagedGpuContext,
 
         np.testing.assert_array_equal(cupy.asarray(d).get(), a)
         np.testing.assert_array_equal(cupy.from_dlpack(d).get(), a)
+        # DLPack: a copy or another device asked for is refused, never a silent alias
+        with pytest.raises(BufferError, match="copy"):
+            d.__dlpack__(copy=True)
+        with pytest.raises(BufferError, match="device"):
+            d.__dlpack__(dl_device=(1, 0))
+        d.__dlpack__(copy=False, dl_device=d.__dlpack_device__())
 
 
 def test_device_array_bad_input_closed_and_foreign(ctx: pg.ManagedGpuContext,

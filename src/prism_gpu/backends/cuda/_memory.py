@@ -94,6 +94,13 @@ class DeviceArray:
                    copy: Any = None) -> Any:
         from ._dlpack import to_capsule
 
+        # the DLPack contract: never a silent alias where a copy or another device was asked
+        if copy:
+            raise BufferError("a device array exports its own memory (copy=True is not "
+                              "supported): copy it on the consumer's side")
+        if dl_device is not None and tuple(dl_device) != self.__dlpack_device__():
+            raise BufferError(f"this array lives on device {self.__dlpack_device__()}, "
+                              f"not {tuple(dl_device)}")
         return to_capsule(self)
 
     def __repr__(self) -> str:
