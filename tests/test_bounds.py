@@ -574,3 +574,26 @@ def test_soak_fresh_kernels_failures_and_rings_stay_bounded(
         grown = mem_end - mem_half
         assert grown < SOAK_RSS_LIMIT, \
             f"memory grew by {grown >> 20} MiB in the second {SOAK_HALF} iterations"
+
+
+def test_unobserved_failures_stay_bounded_and_the_dropped_are_counted(
+        coord: pg.AsyncCoordinator, monkeypatch: Any) -> None:
+    # past 4096 unobserved failures every new one rescanned them all (quadratic) and
+    # they were kept without bound; now a pass per quarter of the limit drops the oldest
+    # unobserved ones and the raise counts them
+    from prism_gpu import _optable
+
+    passes = []
+    forget = _optable.OpTable._forget
+    monkeypatch.setattr(_optable.OpTable, "_forget",
+                        lambda self: (passes.append(1), forget(self))[1])
+    n = 10000
+    for _ in range(n):
+        coord.queue_compute(boom, [], args=[])
+    with pytest.raises(ExceptionGroup) as info:
+        coord.synchronize_all()
+    kept = len(info.value.exceptions)
+    assert kept <= 4096 and len(passes) <= n // 1024 + 1
+    notes = " ".join(getattr(info.value.exceptions[0], "__notes__", []))
+    assert f"and {n - kept} older failures, not kept" in notes
+    coord.synchronize_all()  # told once

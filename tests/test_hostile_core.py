@@ -362,3 +362,118 @@ def test_use_stream_takes_only_a_prism_gpu_stream(coord: pg.AsyncCoordinator) ->
                 pass
     with pg.interop.use_stream(coord.compute_stream()) as s:
         assert s is coord.compute_stream()
+
+
+@pytest.mark.parametrize("second", ["callback", "kernel"])
+def test_an_interrupt_from_a_callback_is_raised_with_the_other_failures(second: str) -> None:
+    # close() raised ValueError (an empty group) for two SystemExits, and dropped a
+    # KeyboardInterrupt grouped with a kernel failure
+    coord = pg.AsyncCoordinator(pg.open_device("cpu"))
+
+    def stop(report: Any, ms: Any) -> None:
+        raise KeyboardInterrupt("from on_done")
+
+    coord.queue_compute("noop", [], args=[], on_done=stop)
+    if second == "kernel":
+        coord.queue_compute(boom, [], args=[])
+    else:
+        coord.queue_compute("noop", [], args=[], on_done=stop)
+    with pytest.raises(BaseExceptionGroup) as info:
+        coord.close()
+    kinds = {type(e) for e in info.value.exceptions}
+    assert KeyboardInterrupt in kinds and len(info.value.exceptions) == 2
+    assert not isinstance(info.value, ExceptionGroup)  # an interrupt is not an Exception
+
+
+def test_an_interrupt_while_closing_one_stream_still_closes_the_others() -> None:
+    # a second Ctrl-C landing in one stream's join skipped the other streams' stop: their
+    # threads ran for good
+    import threading
+
+    dev = pg.open_device("cpu")
+    before = threading.active_count()
+    coord = pg.AsyncCoordinator(dev)
+    coord.wait(coord.queue_compute("noop", [], args=[]))
+    lanes = coord._engine.lanes
+    assert len(lanes) >= 3
+    first = lanes[0].stream
+    real_close = first.close
+
+    def interrupted_close() -> None:
+        real_close()
+        raise KeyboardInterrupt
+
+    first.close = interrupted_close  # type: ignore[method-assign]
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            coord.close()
+    finally:
+        first.close = real_close  # type: ignore[method-assign]
+    assert coord.closed
+    assert threading.active_count() <= before  # every stream's thread stopped
+    dev.close()
+
+
+def test_an_op_torn_out_of_the_table_by_an_interrupt_does_not_break_completion() -> None:
+    # a Ctrl-C between an op's two table entries in submit made synchronize_all raise
+    # KeyError for ever
+    coord = pg.AsyncCoordinator(pg.open_device("cpu"))
+    op = coord.queue_compute("noop", [], args=[])
+    del coord._engine.inflight[int(op)]  # the state such an interrupt leaves
+    coord.synchronize_all()
+    coord.wait(coord.queue_compute("noop", [], args=[]))
+    coord.close()
+
+
+def test_generator_and_async_kernels_are_refused(coord: pg.AsyncCoordinator) -> None:
+    # they "ran" and did nothing (the async one only warned that it was never awaited)
+    def gen(x: Any) -> Any:
+        yield x
+
+    async def coro(x: Any) -> None:
+        x += 1
+
+    for k in (gen, coro):
+        with pytest.raises(TypeError, match="generator or async"):
+            coord.queue_compute(k, [], args=[np.ones(2, np.float32)])
+        with pytest.raises(TypeError, match="generator or async"):
+            pg.stream_map(k, [np.ones(2, np.float32)])
+    assert coord.in_flight == 0
+
+
+def _in_thread(fn: Any) -> BaseException:
+    import threading
+
+    got: List[BaseException] = []
+
+    def run() -> None:
+        try:
+            fn()
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            got.append(exc)
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join(30)
+    assert not t.is_alive() and got, "the call from another thread was not refused"
+    return got[0]
+
+
+def test_a_context_or_pipeline_is_changed_only_from_its_own_thread() -> None:
+    # ctx.close() from another thread raced the owner (a bare RuntimeError from deep in
+    # the engine in half the trials); a stage added from another thread mid-run changed
+    # the results silently
+    with pg.ManagedGpuContext(backend="cpu") as ctx:
+        pipe = ctx.create_pipeline_manager()
+        a = pipe.add_buffer(8)
+        pipe.add_stage(pg.GpuPipelineStage("s", [a], [], kernel="scale"))
+        for call in (ctx.close, pipe.close, pipe.reset_stats, pipe.get_stats,
+                     lambda: pipe.add_buffer(8),
+                     lambda: pipe.add_stage(pg.GpuPipelineStage("t", [a], [], kernel="noop")),
+                     lambda: pipe.set_order([0])):
+            err = _in_thread(call)
+            assert isinstance(err, pg.InvalidOperationError) and "thread" in str(err)
+        assert not ctx.closed
+        x = np.arange(8, dtype=np.float32)
+        (r,) = [y.copy() for y in pipe.run([x], input=a, output=a)]
+        np.testing.assert_array_equal(r, x * 2)  # one stage: nothing was added

@@ -216,6 +216,10 @@ class ManagedGpuContext:
         failures no call has reported yet. Idempotent."""
         from ._optable import raise_failures
 
+        coord = self._coord
+        if coord is not None and not coord.closed and not self._closed \
+                and not coord.engine.in_callback and not self._device.on_own_thread():
+            coord.check()  # not from another thread: its coordinator is not thread-safe
         raise_failures(self.close_collecting(), "closing the context")
 
     def close_collecting(self) -> List[BaseException]:

@@ -93,11 +93,15 @@ class DeviceLane:
         q.landed = True
 
     def close(self) -> None:
-        self.coord.close_collecting()  # failures after the first raised one are moot
-        for ring in self.rings.values():
-            ring.close()
-        if self.own_ctx:
-            self.ctx.close_collecting()
+        try:
+            self.coord.close_collecting()  # failures after the first raised one are moot
+        finally:  # an interrupt while it waits still closes what this lane opened
+            try:
+                for ring in self.rings.values():
+                    ring.close()
+            finally:
+                if self.own_ctx:
+                    self.ctx.close_collecting()
 
     # queue ------------------------------------------------------------------------
     def submit(self, sink: Sink, entry: Pulled, stager: Stager) -> _Queued:

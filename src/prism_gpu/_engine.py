@@ -78,9 +78,7 @@ class Engine:
         """The trace recording this engine's ops ended: later completions are not its."""
         self._tracer = self._traced = None
 
-    @property
-    def pooled_events(self) -> int:
-        return len(self._pool) + len(self._tpool)
+    pooled_events = property(lambda self: len(self._pool) + len(self._tpool))
 
     def mark(self, lane: Lane) -> Event:
         """A timing event recorded now on ``lane`` (a stats window's reference)."""
@@ -220,7 +218,7 @@ class Engine:
         return err
 
     def _complete(self, op: Op) -> None:
-        del self.inflight[op.id]
+        self.inflight.pop(op.id, None)  # (absent if a Ctrl-C cut its submit short)
         ev = op.event
         err = op.error
         if err is None:
@@ -387,10 +385,15 @@ class Engine:
         finally:
             self.in_callback = False
             self.closed = True
+            interrupted = None  # a second Ctrl-C in one stream's close: the rest close first
             for lane in self.lanes:
-                lane.stream.close()
+                try:
+                    lane.stream.close()
+                except BaseException as exc:  # noqa: BLE001 - raised below
+                    interrupted = interrupted or exc
             for ev in self._pool + self._tpool:
                 ev.close()
-            self._pool.clear()
-            self._tpool.clear()
+            self._pool, self._tpool = [], []
             self._roots.clear()
+        if interrupted is not None:
+            raise interrupted

@@ -62,6 +62,11 @@ class Kernel:
             raise TypeError(f"config must be a LaunchConfig, got {type(config).__name__}")
         if check is not None and not callable(check):
             raise TypeError("check= must be a callable")
+        for f in (fn, cpu):
+            if f is not None and (inspect.isgeneratorfunction(f) or inspect.iscoroutinefunction(f)
+                                  or inspect.isasyncgenfunction(f)):
+                raise TypeError(f"kernel {name!r} is a generator or async function: calling it "
+                                "runs none of its body; a kernel does its work when called")
         self.name = name
         self.fn = fn
         self.source = source

@@ -40,7 +40,9 @@ class OpTable:
         and counted, so a program that never polls stays bounded.
     keep_failures:
         Failures kept after they were observed (so ``wait``/``error`` on an old
-        failed id still answer); the oldest observed ones are forgotten first.
+        failed id still answer); the oldest observed ones are forgotten first. With none
+        observed, the oldest unobserved ones are dropped too, and the next raise of
+        unobserved failures says how many.
     """
 
     def __init__(self, report_backlog: int = 16384, keep_failures: int = 4096) -> None:
@@ -56,6 +58,7 @@ class OpTable:
         self._keep = int(keep_failures)
         self.failed_total = 0
         self.forgotten_failures = 0
+        self.dropped_unobserved = 0  # unobserved failures past keep_failures, not yet told
 
     # ids (``next`` is the next id; the engine issues them as it queues ops) --------
 
@@ -115,15 +118,21 @@ class OpTable:
                 self._forget()
 
     def _forget(self) -> None:
-        """Forget the oldest observed failures (unobserved ones are kept to be raised)."""
-        excess = len(self._failed) - self._keep
-        for oid in list(self._failed):
-            if excess <= 0:
-                break
-            if oid not in self._unobserved:
-                del self._failed[oid]
-                self.forgotten_failures += 1
-                excess -= 1
+        """Down to three quarters of ``keep_failures`` (so a pass comes once per quarter:
+        constant time per failure): the oldest observed failures first, then, if the
+        unobserved ones alone are too many, the oldest of those, counted so that the
+        next raise says how many were dropped."""
+        failed, unobserved = self._failed, self._unobserved
+        excess = len(failed) - (self._keep - self._keep // 4)
+        for oid in [o for o in failed if o not in unobserved][:max(0, excess)]:
+            del failed[oid]
+            self.forgotten_failures += 1
+        excess = len(failed) - (self._keep - self._keep // 4)
+        for oid in list(failed)[:max(0, excess)]:  # unobserved, every one
+            del failed[oid]
+            del unobserved[oid]
+            self.forgotten_failures += 1
+            self.dropped_unobserved += 1
 
     def error(self, oid: int, observe: bool = True) -> Optional[BaseException]:
         err = self._failed.get(oid)
@@ -173,6 +182,11 @@ class OpTable:
                     continue
             roots.add(oid)
             errs.append(err)
+        if errs and self.dropped_unobserved:
+            errs[0].add_note(f"and {self.dropped_unobserved} older failures, not kept: more "
+                             f"than {self._keep} failed ops went unobserved (never waited "
+                             "on, polled or raised)")
+            self.dropped_unobserved = 0
         return errs
 
     @property
@@ -185,10 +199,11 @@ class OpTable:
 
 
 def raise_failures(errors: List[BaseException], what: str) -> None:
-    """Raise one failure as itself, several as an ExceptionGroup."""
+    """Raise one failure as itself, several as an ExceptionGroup (a BaseExceptionGroup
+    where one is not an Exception: a KeyboardInterrupt from a callback is kept)."""
     if not errors:
         return
     if len(errors) == 1:
         raise errors[0]
-    raise ExceptionGroup(f"{len(errors)} ops failed unobserved ({what})",
-                         [e for e in errors if isinstance(e, Exception)])
+    # BaseExceptionGroup gives an ExceptionGroup when every error is an Exception
+    raise BaseExceptionGroup(f"{len(errors)} ops failed unobserved ({what})", errors)

@@ -156,7 +156,6 @@ class PipelineStageManager:
         """
         self._check()
         coord = self._coord
-        coord.check()
         if self._engine.in_callback:  # refused before any slot is taken
             refuse_in_callback(self._engine.in_callback)
         fed = check_inputs(self, inputs)
@@ -350,10 +349,14 @@ class PipelineStageManager:
     def _check(self) -> None:
         if self._closed:
             raise InvalidOperationError("this PipelineStageManager is closed")
+        self._coord.check()  # its coordinator's thread (it is not thread-safe), open
 
     def close(self) -> None:
         """Wait for queued iterations, free the buffers (and an owned coordinator), then
         raise a failure not yet raised."""
+        if not self._closed and not self._coord.closed:
+            refuse_close(self._engine)  # from its callback or kernel: said as such
+            self._coord.check()  # another thread's close is refused, as the coordinator's
         raise_failures(self.close_collecting(), "closing the pipeline")
 
     def close_collecting(self) -> List[BaseException]:

@@ -118,9 +118,11 @@ def stream_map(kernel: Any, batches: Iterable[np.ndarray], depth: int = 3, ctx: 
     ...     use(out)
     """
     depth, prefetch = int_arg(depth, "depth", 1, MAX_DEPTH), int_arg(prefetch, "prefetch", 0)
-    if not isinstance(kernel, (Kernel, str)) and not callable(kernel):
-        raise TypeError(f"kernel must be a Kernel, a callable or a kernel name, got "
-                        f"{type(kernel).__name__}")
+    if not isinstance(kernel, (Kernel, str)):
+        if not callable(kernel):
+            raise TypeError(f"kernel must be a Kernel, a callable or a kernel name, got "
+                            f"{type(kernel).__name__}")
+        Kernel.from_callable(kernel)  # its checks, now rather than at the first batch
     iterable_arg(batches, "batches")
     if not isinstance(extra, (tuple, list)):
         raise TypeError(f"extra must be a tuple, got {type(extra).__name__}")
