@@ -5,7 +5,8 @@ op N. Past ``max_in_flight`` ops in flight a submit blocks on the oldest."""
 
 from __future__ import annotations
 
-import collections
+import threading
+from collections import OrderedDict
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from . import _nvtx, _trace
@@ -46,13 +47,13 @@ class Engine:
         self._pool_cap = 2 * self.max_in_flight + 64
         # id(exception) -> (exception, root): attributes a failure carried to a
         # dependent op (CPU streams pass it through waits) to its root op
-        self._roots: "collections.OrderedDict[int, Tuple[BaseException, Root]]" = \
-            collections.OrderedDict()
+        self._roots: "OrderedDict[int, Tuple[BaseException, Root]]" = OrderedDict()
         self.in_callback: Any = False  # True in callbacks and close, KERNEL in a launch
         self._tracer: Any = None  # the trace recording our ops, and the list of completed
         self._traced: Any = None  # ones it reads their times from
         self._callback_errors: List[BaseException] = []
         self.closed = False
+        self.owner = threading.get_ident()  # the thread whose calls drive it
 
     # lanes and events -----------------------------------------------------------
     def lane(self, name: str, priority: int = 0) -> Lane:

@@ -107,6 +107,9 @@ class Trace:
         # id(engine) -> (engine, reference event, device name, its completed ops whose
         # times are unread: the engine appends to that list)
         self._refs: Dict[int, Tuple[Any, Any, str, List[Any]]] = {}
+        # (kind, ordinal) -> (reference event, device name): one clock per device, kept
+        # when the engines that used it close and leave
+        self._clocks: Dict[Tuple[str, int], Tuple[Any, str]] = {}
         self._reading = threading.Lock()  # one reader of the lists at a time (threads)
         self._lanes: Dict[int, str] = {}                    # id(lane) -> unique lane name
         self.closed = False
@@ -121,12 +124,11 @@ class Trace:
         hit = self._refs.get(key)
         if hit is None:
             dev = engine.device
-            for eng, ref, name, _ in list(self._refs.values()):
-                if eng.device.kind == dev.kind and eng.device.ordinal == dev.ordinal:
-                    break
-            else:
-                ref, name = engine.mark(lane), f"{dev.kind}:{dev.ordinal}"
-            hit = self._refs[key] = (engine, ref, name, [])
+            clock = self._clocks.get((dev.kind, dev.ordinal))
+            if clock is None:
+                clock = self._clocks[(dev.kind, dev.ordinal)] = (
+                    engine.mark(lane), f"{dev.kind}:{dev.ordinal}")
+            hit = self._refs[key] = (engine, clock[0], clock[1], [])
         return hit[3]
 
     def read_times(self, force: bool = True) -> None:
@@ -137,9 +139,11 @@ class Trace:
         if not self._reading.acquire(blocking=force):
             return  # another thread reads now: these ops wait for the next batch
         try:
-            for engine, ref, dev, held in list(self._refs.values()):  # other threads add
+            for key, (engine, ref, dev, held) in list(self._refs.items()):  # threads add
                 if held:
                     self._read(engine, ref, dev, held, force)
+                if engine.closed and not held:  # it adds nothing more: let it go
+                    self._refs.pop(key, None)
         finally:
             self._reading.release()
 
@@ -194,9 +198,12 @@ class Trace:
         """Wait for the traced ops still in flight and read every op's times; the
         engines are told the trace ended even if waiting fails (the error is raised)."""
         errors: List[BaseException] = []
+        here = threading.get_ident()
         try:
             for engine, _, _, _ in list(self._refs.values()):
-                if engine.device.closed:  # its traced ops in flight will never complete
+                if engine.device.closed or engine.owner != here:
+                    # its traced ops in flight: never complete (a closed device), or are
+                    # another thread's to complete (an engine is not thread-safe)
                     self.lost += sum(1 for op in list(engine.inflight.values())
                                      if op.trace is not None and op.trace[3] is self)
                 elif not engine.closed:
