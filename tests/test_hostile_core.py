@@ -477,3 +477,33 @@ def test_a_context_or_pipeline_is_changed_only_from_its_own_thread() -> None:
         x = np.arange(8, dtype=np.float32)
         (r,) = [y.copy() for y in pipe.run([x], input=a, output=a)]
         np.testing.assert_array_equal(r, x * 2)  # one stage: nothing was added
+
+
+@pytest.mark.parametrize("call", ["upload", "download"])
+def test_a_ring_closed_by_another_thread_mid_call_is_refused_cleanly(call: str) -> None:
+    # the ring is thread-safe, but a close landing between a call's reservation and its
+    # read of the slot's memory gave a TypeError, or an op queued on no memory that
+    # failed later with an AttributeError; the window is forced here
+    coord = pg.AsyncCoordinator(pg.open_device("cpu"))
+    buf = pg.TripleBuffer(coord.device, 64)
+    x = np.random.default_rng().random(64, dtype=np.float32)
+    if call == "download":
+        coord.queue_compute("noop", [coord.queue_upload(x, buf)])
+    name = "take" if call == "upload" else "peek"
+    real = getattr(buf, name)
+
+    def then_closed(*args: Any) -> Any:
+        slot = real(*args)
+        buf.close()
+        return slot
+
+    setattr(buf, name, then_closed)
+    before = coord.in_flight
+    with pytest.raises(pg.InvalidOperationError, match="closed"):
+        if call == "upload":
+            coord.queue_upload(x, buf)
+        else:
+            coord.queue_download(buf, np.empty(64, np.float32))
+    coord.synchronize_all()
+    assert coord.in_flight <= before
+    coord.close()

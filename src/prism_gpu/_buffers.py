@@ -65,7 +65,16 @@ class Slot:
 
     @property
     def array(self) -> Any:
-        return self.full if self.valid == self.capacity else self.full[: self.valid]
+        """The slot's valid elements (refused once its ring is closed: read it once)."""
+        return self.head(self.valid)
+
+    def head(self, n: int) -> Any:
+        """The slot's first ``n`` elements; refused once its ring is closed (another
+        thread may close it: the memory is read once, and then kept by the op)."""
+        full = self.full
+        if full is None:
+            raise InvalidOperationError("this TripleBuffer is closed")
+        return full if n == self.capacity else full[:n]
 
     def write_hazards(self) -> Sequence[Any]:
         """Ops a new write must follow on the device: every reader since the last write

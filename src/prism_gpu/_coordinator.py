@@ -145,12 +145,11 @@ class AsyncCoordinator:
             raise BufferUnavailableError(
                 f"no FREE slot to upload into (states: {buffer.get_states()}); download and "
                 "advance() a slot first, or use a deeper buffer")
-        full = slot.full
         try:
+            view = slot.head(n)  # (closed by another thread since the take: refused)
             op = self._engine.submit(
-                self._up, _UPLOAD, None, (), slot.write_hazards(), H2D,
-                full if n == slot.capacity else full[:n],
-                data if data.ndim == 1 else data.reshape(-1), keep=full, on_done=done)
+                self._up, _UPLOAD, None, (), slot.write_hazards(), H2D, view,
+                data if data.ndim == 1 else data.reshape(-1), keep=view, on_done=done)
         except BaseException:
             buffer.untake(slot, FREE_I)
             raise
@@ -197,7 +196,7 @@ class AsyncCoordinator:
             if not kernel.uses_arrays:
                 arrays = ()
             elif outs:
-                arrays = [s.array for s in slots] + [s.full[:n] for s, n in outs]
+                arrays = [s.array for s in slots] + [s.head(n) for s, n in outs]
             else:
                 arrays = [s.array for s in slots]
             ext = backend_values(extra, self._device) if extra is not None else kernel.defaults
@@ -269,17 +268,16 @@ class AsyncCoordinator:
                 "compute on an upload first")
         view = download_destination(dst, buffer.dtype, slot.valid)
         done = self._table.reporter(on_done) if on_done is not None else None
-        w = slot.writer
+        w, src = slot.writer, slot.array
         op = self._engine.submit(self._down, _DOWNLOAD, None, (w,) if w is not None else (),
-                                 (), D2H, view, slot.array, keep=(slot.full, dst),
-                                 on_done=done, root=slot.failed)
+                                 (), D2H, view, src, keep=(src, dst), on_done=done,
+                                 root=slot.failed)
         buffer.take(PROCESSING_I)
-        oid = op.id
         slot.read(op)
-        self._slots.touched(oid, (slot,))
+        self._slots.touched(op.id, (slot,))
         if sync_mode():
-            self._settle(oid)
-        return self._table.id_type(oid)
+            self._settle(op.id)
+        return self._table.id_type(op.id)
 
     def _settle(self, oid: int) -> None:
         """Sync mode: wait for op ``oid`` and raise its error here, at the queue call."""

@@ -212,11 +212,10 @@ class PipelineStageManager:
         for b, (x, n) in fed.items():
             slot = bufs[b].take(FREE_I)
             assert slot is not None
-            full = slot.full
+            view = slot.head(n)
             op = eng.submit(self._lane("upload", "upload"), _UPLOAD, None, (),
-                            slot.write_hazards(), H2D, full if n == slot.capacity else full[:n],
-                            x, keep=full, on_done=self._timer("upload", it, False),
-                            timing=True)
+                            slot.write_hazards(), H2D, view, x, keep=view,
+                            on_done=self._timer("upload", it, False), timing=True)
             slot.filled(op, n)
             bufs[b].take(UPLOADING_I)
             slots[b] = slot
@@ -230,10 +229,10 @@ class PipelineStageManager:
             ops.append(op.id)
         for b, dst in downs:
             slot = slots[b]
-            w = slot.writer
+            w, src = slot.writer, slot.array
             op = eng.submit(self._lane("download", "download"), _DOWNLOAD, None,
-                            (w,) if w is not None else (), (), D2H, dst, slot.array,
-                            keep=(slot.full, dst), root=slot.failed,
+                            (w,) if w is not None else (), (), D2H, dst, src,
+                            keep=(src, dst), root=slot.failed,
                             on_done=self._timer("download", it, b == downs[-1][0]),
                             timing=True)
             slot.read(op)
