@@ -507,3 +507,13 @@ def test_a_ring_closed_by_another_thread_mid_call_is_refused_cleanly(call: str) 
     coord.synchronize_all()
     assert coord.in_flight <= before
     coord.close()
+
+
+def test_a_stream_map_iterator_moved_to_another_thread_says_so() -> None:
+    # it failed as "batch 1 failed: AsyncCoordinator is not thread-safe ..." (a batch
+    # blamed, a coordinator the user never made)
+    it = pg.stream_map("scale", [np.ones(4, np.float32) for _ in range(6)], backend="cpu")
+    np.testing.assert_array_equal(next(it), np.full(4, 2, np.float32))
+    err = _in_thread(lambda: next(it))
+    assert isinstance(err, pg.InvalidOperationError) and "started on another thread" in \
+        str(err) and not hasattr(err, "batch_index")

@@ -9,7 +9,8 @@ threads while earlier batches run on the device.
 from __future__ import annotations
 
 import collections
-from typing import Any, Callable, Deque, Iterable, Iterator, NamedTuple, Optional, Tuple
+from typing import (Any, Callable, Deque, Generator, Iterable, Iterator, NamedTuple, Optional,
+                    Tuple)
 
 import numpy as np
 
@@ -93,7 +94,7 @@ def read_ahead(batches: Iterable[Any], depth: int, prefetch: int, stager: Stager
                submit: Callable[[Pulled], Any],
                finish: Callable[[Any], Any], what: str = "batch",
                window: Optional[int] = None, max_bytes: Optional[int] = None
-               ) -> Iterator[Any]:
+               ) -> Generator[Any, None, None]:
     """Results of ``finish(submit(batch))`` for every batch, in input order.
 
     Up to ``window`` batches (default ``depth + 1``) are submitted before the oldest

@@ -5,12 +5,14 @@ from __future__ import annotations
 from typing import Any, Callable, Iterable, Iterator, List, NamedTuple, Optional, Tuple, Union
 
 import math
+import threading
 import numpy as np
 
 from ._args import MAX_DEPTH, device_ids, dtype_arg, int_arg, iterable_arg, shape_arg
 from ._context import ManagedGpuContext
 from ._devarray import DeviceArray
 from ._devlane import DeviceLane
+from ._errors import InvalidOperationError
 from ._feed import Pulled, read_ahead
 from ._hostmem import pinned_empty
 from ._kernels import Kernel
@@ -193,9 +195,19 @@ def _run(kernel: Any, batches: Iterable[np.ndarray], depth: int, prefetch: int, 
     try:
         # batches staged ahead queue behind the ring's slots on the device (the GPU
         # orders each slot's reuse), so host copies of several batches overlap
-        yield from read_ahead(batches, n * depth, prefetch, stager, prepare, submit, finish,
-                              "stream_map: batch", window=n * (depth + 1) + prefetch // 2,
-                              max_bytes=n * _READ_AHEAD_BYTES)
+        results = read_ahead(batches, n * depth, prefetch, stager, prepare, submit, finish,
+                             "stream_map: batch", window=n * (depth + 1) + prefetch // 2,
+                             max_bytes=n * _READ_AHEAD_BYTES)
+        owner = threading.get_ident()
+        try:
+            for result in results:
+                yield result
+                if threading.get_ident() != owner:  # said as such, not as a batch's error
+                    raise InvalidOperationError(
+                        "a stream_map iterator was started on another thread: its "
+                        "coordinators are that thread's; iterate it where it started")
+        finally:
+            results.close()
     finally:
         stager.close()
         for lane in lanes:
