@@ -597,3 +597,9 @@ def test_unobserved_failures_stay_bounded_and_the_dropped_are_counted(
     notes = " ".join(getattr(info.value.exceptions[0], "__notes__", []))
     assert f"and {n - kept} older failures, not kept" in notes
     coord.synchronize_all()  # told once
+    # a dropped failure still fails its waits, said as such, and its dependents
+    with pytest.raises(pg.KernelError, match="not kept"):
+        coord.wait(0)
+    assert coord.error(0) is not None
+    with pytest.raises(pg.DependencyFailedError):
+        coord.wait(coord.queue_compute("noop", [0], args=[]))

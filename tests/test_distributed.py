@@ -77,6 +77,7 @@ def test_a_failing_partition_raises_at_its_turn(client: Any) -> None:
     assert info.value.partition_index == 7
     assert "partition 7" in str(info.value)
     assert "batch 0" not in str(info.value)  # the worker's one-batch run is not the user's
+    assert isinstance(info.value, pg.KernelError)  # its type crosses to the client
     assert [float(r[0]) for r in got] == [1.0 * (i + 1) for i in range(7)]
     # the cluster is still fine afterwards
     (r,) = pgd.stream_map(client, "scale", [np.ones(8, F32)], backend="cpu")

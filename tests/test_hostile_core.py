@@ -298,7 +298,9 @@ def test_builtin_scale_takes_float32_on_every_backend(backend: str, dtype: Any) 
 
 @pytest.mark.parametrize("us, error", [(float("inf"), ValueError), (float("nan"), ValueError),
                                        (-1.0, ValueError), (1e12, ValueError),
-                                       ("5", TypeError), (True, TypeError)])
+                                       pytest.param(10 ** 400, ValueError, id="huge-int"),
+                                       ("5", TypeError),
+                                       (True, TypeError), (None, TypeError)])
 def test_spin_refuses_a_duration_the_device_could_not_end(backend: str, us: Any,
                                                            error: Any) -> None:
     # an infinite, NaN or negative spin ran the CUDA kernel for ever (the device cannot
@@ -316,6 +318,10 @@ def test_spin_refuses_a_duration_the_device_could_not_end(backend: str, us: Any,
         pipe.execute_iteration()
     assert coord.in_flight == 0
     coord.wait(coord.queue_compute("spin", [], extra=(1.0,)))  # a finite spin runs
+    from fractions import Fraction
+
+    for ok in (Fraction(1, 2), np.float32(3), 0):  # real numbers, as before
+        coord.wait(coord.queue_compute("spin", [], extra=(ok,)))
     pipe.close()
     coord.close_collecting()
     dev.close()
@@ -433,7 +439,11 @@ def test_generator_and_async_kernels_are_refused(coord: pg.AsyncCoordinator) -> 
     async def coro(x: Any) -> None:
         x += 1
 
-    for k in (gen, coro):
+    class GenCall:
+        def __call__(self, x: Any) -> Any:
+            yield x
+
+    for k in (gen, coro, GenCall()):
         with pytest.raises(TypeError, match="generator or async"):
             coord.queue_compute(k, [], args=[np.ones(2, np.float32)])
         with pytest.raises(TypeError, match="generator or async"):
@@ -517,3 +527,26 @@ def test_a_stream_map_iterator_moved_to_another_thread_says_so() -> None:
     err = _in_thread(lambda: next(it))
     assert isinstance(err, pg.InvalidOperationError) and "started on another thread" in \
         str(err) and not hasattr(err, "batch_index")
+
+
+def test_objects_whose_thread_ended_may_be_closed_from_another() -> None:
+    # made in a set-up thread that has finished: their close was refused for ever
+    import threading
+
+    made: List[Any] = []
+
+    def setup() -> None:
+        ctx = pg.ManagedGpuContext(backend="cpu")
+        made.extend([ctx, ctx.create_pipeline_manager(),
+                     pg.AsyncCoordinator(pg.open_device("cpu"))])
+
+    t = threading.Thread(target=setup)
+    t.start()
+    t.join(30)
+    ctx, pipe, coord = made
+    with pytest.raises(pg.InvalidOperationError, match="PipelineStageManager is not"):
+        pipe.add_buffer(8)  # use is still refused: only closing is safe
+    pipe.close()
+    coord.close()
+    ctx.close()
+    assert ctx.closed and coord.closed

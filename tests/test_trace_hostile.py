@@ -344,3 +344,56 @@ def test_a_trace_lets_closed_coordinators_go() -> None:
         gc.collect()
         assert sum(r() is not None for r in refs) <= 1  # the last one is let go at the end
     assert len(tr.ops) == 20 and {o.device for o in tr.ops} == {"cpu:0"}
+
+
+def test_lanes_keep_their_names_when_closed_engines_go() -> None:
+    # lane names were keyed by id(lane): once closed engines were let go, a new lane
+    # could take a dead one's id, and its name, mixing two lanes' ops in the timeline
+    import gc
+
+    with pg.trace() as tr:
+        for i in range(30):
+            list(pg.stream_map("scale", [np.ones(64, np.float32)] * 2, backend="cpu"))
+            tr.ops  # a read in between lets the closed engines go
+            gc.collect()
+    by_lane: dict = {}
+    for o in tr.ops:
+        by_lane.setdefault(o.lane, set()).add(o.op_type)
+    assert len(by_lane) == 90  # three lanes per call, each its own
+    assert all(len(kinds) == 1 for kinds in by_lane.values())
+
+
+def test_a_stream_closed_by_another_thread_during_a_device_synchronize() -> None:
+    # the device checked a stream open, then synchronized it: closed in between (a dropped
+    # DeviceArray's copy stream, by the garbage collector on another thread), the wait
+    # raised "this stream is closed" at a caller who closed nothing
+    dev = pg.open_device("cpu")
+    s = dev.create_stream()
+    real = s.synchronize
+
+    def closed_in_between() -> None:
+        s.close()
+        real()
+
+    s.synchronize = closed_in_between  # type: ignore[method-assign]
+    dev.synchronize()
+    dev.close()
+
+
+def test_device_arrays_of_a_context_share_one_copy_stream() -> None:
+    # each array made and dropped in turn started (and joined) a stream of its own
+    with pg.ManagedGpuContext(backend="cpu", enable_streams=False) as ctx:
+        made = []
+        real = ctx.device.create_stream
+
+        def counting(*args: Any, **kwargs: Any) -> Any:
+            made.append(1)
+            return real(*args, **kwargs)
+
+        ctx.device.create_stream = counting  # type: ignore[method-assign]
+        x = np.arange(8, dtype=np.float32)
+        for _ in range(20):
+            a = ctx.to_device(x)
+            np.testing.assert_array_equal(a.to_host(), x)
+            del a
+        assert len(made) <= 1

@@ -62,13 +62,16 @@ def _check_spin(values: Sequence[Any]) -> None:
         raise TypeError(f"kernel 'spin' takes one duration in microseconds, got "
                         f"{len(values)} values")
     us = values[0]
-    if isinstance(us, (bool, np.bool_)) or not isinstance(us, (int, float, np.integer,
-                                                                 np.floating)):
+    if isinstance(us, (bool, np.bool_, str, bytes)) or not hasattr(us, "__float__"):
         raise TypeError(f"kernel 'spin' takes a duration in microseconds (a real number), "
                         f"got {type(us).__name__}")
-    if not 0 <= us <= SPIN_MAX_US:  # NaN fails this too
+    try:
+        t = float(us)  # (a 0-d array, a Fraction)
+    except (TypeError, ValueError, OverflowError):
+        t = float("inf")
+    if not 0 <= t <= SPIN_MAX_US:  # NaN fails this too
         raise ValueError(f"kernel 'spin' takes 0 to {SPIN_MAX_US:.0f} microseconds, "
-                         f"got {us}")
+                         f"got {t:.6g}")
 
 
 def _scale_cpu(*args: Any) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import weakref
+from threading import get_ident
 from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
@@ -10,9 +11,9 @@ import numpy as np
 from ._buffers import TripleBuffer, ring_for
 from ._config import StepConfig
 from ._coordinator import AsyncCoordinator
-from ._devarray import DeviceArray, empty_device, to_device
+from ._devarray import DeviceArray, copy_stream, empty_device, to_device
 from ._errors import InvalidOperationError
-from ._failures import refuse_in_callback
+from ._failures import refuse_in_callback, refuse_other_thread
 from ._ops import CompletedOp
 from ._validate import download_destination, host_array
 
@@ -97,6 +98,8 @@ class ManagedGpuContext:
         self._pipelines: "weakref.WeakSet[Any]" = weakref.WeakSet()
         self._rings: Dict[str, TripleBuffer] = {}
         self._arrays: "weakref.WeakSet[DeviceArray]" = weakref.WeakSet()
+        self._copies: Any = None  # the device's stream of blocking copies, once made
+        self._owner = get_ident()
         self._closed = False
         try:
             if enable_streams:
@@ -153,6 +156,7 @@ class ManagedGpuContext:
         self.check()
         out = to_device(self._device, array)
         self._arrays.add(out)
+        self._copies = self._copies or copy_stream(self._device)  # kept while we live
         return out
 
     def empty_device(self, shape: Any, dtype: Any = np.float32) -> DeviceArray:
@@ -160,6 +164,7 @@ class ManagedGpuContext:
         self.check()
         out = empty_device(self._device, shape, dtype)
         self._arrays.add(out)
+        self._copies = self._copies or copy_stream(self._device)
         return out
 
     def create_pipeline_manager(self, *, depth: int = 3) -> Any:
@@ -217,9 +222,9 @@ class ManagedGpuContext:
         from ._optable import raise_failures
 
         coord = self._coord
-        if coord is not None and not coord.closed and not self._closed \
-                and not coord.engine.in_callback and not self._device.on_own_thread():
-            coord.check()  # not from another thread: its coordinator is not thread-safe
+        if not self._closed and not (coord is not None and coord.engine.in_callback) \
+                and not self._device.on_own_thread():  # (those are refused as such)
+            refuse_other_thread(self._owner, "ManagedGpuContext", closing=True)
         raise_failures(self.close_collecting(), "closing the context")
 
     def close_collecting(self) -> List[BaseException]:
@@ -247,6 +252,7 @@ class ManagedGpuContext:
             self._buffers.clear()
             self._rings.clear()
             self._device.close()
+            self._copies = None
         return errors
 
     def __enter__(self) -> "ManagedGpuContext":

@@ -12,7 +12,7 @@ from ._buffers import FREE_I, PROCESSING_I, UPLOADING_I, TripleBuffer
 from ._config import LaunchConfig
 from ._devarray import backend_values
 from ._engine import D2H, H2D, LAUNCH, Engine
-from ._failures import KERNEL, raisable, refuse_in_callback, root_of
+from ._failures import KERNEL, raisable, refuse_in_callback, root_of, thread_alive
 from ._errors import (BufferUnavailableError, InvalidOperationError,
                       SynchronizationError, TransferError)
 from ._kernels import Kernel
@@ -358,8 +358,8 @@ class AsyncCoordinator:
     def close(self) -> None:
         """Wait for in-flight work, free streams and events, then raise the failures
         no call has reported yet. Idempotent. Not from another thread, nor a callback."""
-        if not self.closed and get_ident() != self._owner:
-            self._check_slow()  # another thread's call: refused (a callback's: below)
+        if not self.closed and get_ident() != self._owner and thread_alive(self._owner):
+            self._check_slow()  # another live thread's call: refused (a callback's: below)
         raise_failures(self.close_collecting(), "close")
 
     def close_collecting(self) -> List[BaseException]:

@@ -12,7 +12,7 @@ import numpy as np
 from ._args import typed_empty
 from ._errors import InvalidOperationError, TransferError
 
-__all__ = ["DeviceArray", "to_device", "empty_device", "backend_values"]
+__all__ = ["DeviceArray", "to_device", "empty_device", "backend_values", "copy_stream"]
 
 
 class DeviceArray:
@@ -194,6 +194,12 @@ def _close_quietly(*objs: Any) -> None:
 
 _COPIERS: "weakref.WeakValueDictionary[int, _Copier]" = weakref.WeakValueDictionary()
 _COPIERS_LOCK = threading.Lock()
+
+
+def copy_stream(device: Any) -> Any:
+    """The stream of blocking copies of ``device``, for an owner of the device (a
+    context) to keep: arrays made and dropped one after another then reuse it."""
+    return _copier(device)
 
 
 def _copier(device: Any) -> _Copier:

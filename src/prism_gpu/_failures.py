@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Any, Optional
 
 from ._errors import (DependencyFailedError, InvalidOperationError, KernelError, PrismGpuError,
@@ -85,3 +86,18 @@ def refuse_close(engine: Any) -> None:
     if engine.device.on_own_thread():
         raise InvalidOperationError("a kernel may not close what it runs on (its stream "
                                     "would be waited for from inside it)")
+
+
+def refuse_other_thread(owner: int, what: str, closing: bool = False) -> None:
+    """Raise unless called on thread ``owner``, which made ``what`` (not thread-safe);
+    a close is allowed once that thread has ended (nothing can race it then)."""
+    here = threading.get_ident()
+    if here == owner or (closing and not thread_alive(owner)):
+        return
+    raise InvalidOperationError(
+        f"{what} is not thread-safe and was called from a thread other than the one that "
+        "made it; use it (and close it) there, or give each thread its own")
+
+
+def thread_alive(ident: int) -> bool:
+    return any(t.ident == ident for t in threading.enumerate())

@@ -21,7 +21,7 @@ _UPLOAD, _COMPUTE, _DOWNLOAD = OpType.UPLOAD, OpType.COMPUTE, OpType.DOWNLOAD
 class Lane:
     """One stream and the FIFO of its ops in flight (a stream completes in order)."""
 
-    __slots__ = ("stream", "ops", "name")
+    __slots__ = ("stream", "ops", "name", "__weakref__")
 
     def __init__(self, stream: Stream, name: str) -> None:
         self.stream = stream

@@ -63,8 +63,7 @@ class Kernel:
         if check is not None and not callable(check):
             raise TypeError("check= must be a callable")
         for f in (fn, cpu):
-            if f is not None and (inspect.isgeneratorfunction(f) or inspect.iscoroutinefunction(f)
-                                  or inspect.isasyncgenfunction(f)):
+            if f is not None and _runs_nothing(f):
                 raise TypeError(f"kernel {name!r} is a generator or async function: calling it "
                                 "runs none of its body; a kernel does its work when called")
         self.name = name
@@ -82,20 +81,20 @@ class Kernel:
 
     @classmethod
     def from_callable(cls, fn: Callable[..., Any], name: Optional[str] = None, *,
-                      config: Optional[LaunchConfig] = None,
-                      defaults: Sequence[Any] = ()) -> "Kernel":
+                      config: Optional[LaunchConfig] = None, defaults: Sequence[Any] = (),
+                      check: Optional[Callable[[Sequence[Any]], None]] = None) -> "Kernel":
         """Wrap ``fn(*arrays, *extra)``. If ``fn`` takes a ``stream`` keyword it gets the
         stream it runs on (on CUDA: an object implementing ``__cuda_stream__``)."""
         if not callable(fn):
             raise TypeError(f"Kernel.from_callable needs a callable, got {type(fn).__name__}")
         return cls(name or str(getattr(fn, "__name__", "kernel")), fn=fn, config=config,
-                   defaults=defaults)
+                   defaults=defaults, check=check)
 
     @classmethod
     def from_source(cls, source: str, entry: str, *, config: Optional[LaunchConfig] = None,
                     cpu: Optional[Callable[..., Any]] = None, name: Optional[str] = None,
-                    options: Optional[Mapping[str, Any]] = None,
-                    defaults: Sequence[Any] = ()) -> "Kernel":
+                    options: Optional[Mapping[str, Any]] = None, defaults: Sequence[Any] = (),
+                    check: Optional[Callable[[Sequence[Any]], None]] = None) -> "Kernel":
         """CUDA C++ ``source`` whose ``extern "C" __global__`` function ``entry`` is the
         kernel. Compiled with NVRTC (and cached in memory and on disk) by the CUDA
         backend; ``options`` are extra ``cuda.core.ProgramOptions`` fields. ``cpu`` is
@@ -108,7 +107,7 @@ class Kernel:
         if cpu is not None and not callable(cpu):
             raise TypeError("cpu= must be a callable")
         return cls(name or entry, source=source, entry=entry, config=config, cpu=cpu,
-                   options=options, defaults=defaults)
+                   options=options, defaults=defaults, check=check)
 
     def cpu_callable(self) -> Optional[Callable[..., Any]]:
         """What the CPU backend runs: the callable, or the source kernel's ``cpu=``."""
@@ -117,6 +116,15 @@ class Kernel:
     def __repr__(self) -> str:
         kind = "callable" if self.fn is not None else "source"
         return f"Kernel({self.name!r}, {kind})"
+
+
+def _runs_nothing(f: Any) -> bool:
+    """Whether calling ``f`` (or its ``__call__``) only makes a generator or coroutine."""
+    for g in (f, getattr(type(f), "__call__", None)):
+        if g is not None and (inspect.isgeneratorfunction(g) or inspect.iscoroutinefunction(g)
+                              or inspect.isasyncgenfunction(g)):
+            return True
+    return False
 
 
 def as_kernel(obj: Any, name: Optional[str] = None) -> Kernel:

@@ -13,7 +13,7 @@ import collections
 import traceback
 from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
-from ._errors import DependencyFailedError, InvalidDependencyError
+from ._errors import DependencyFailedError, InvalidDependencyError, PrismGpuError
 from ._ops import CompletedOp, OpId, OpType, id_type
 
 __all__ = ["OpTable"]
@@ -59,6 +59,9 @@ class OpTable:
         self.failed_total = 0
         self.forgotten_failures = 0
         self.dropped_unobserved = 0  # unobserved failures past keep_failures, not yet told
+        # ids of failures dropped unobserved -> their error's type (bounded: a wait on one
+        # still raises; past 4x keep_failures the oldest are forgotten for good)
+        self._lost: "collections.OrderedDict[int, type]" = collections.OrderedDict()
 
     # ids (``next`` is the next id; the engine issues them as it queues ops) --------
 
@@ -128,16 +131,32 @@ class OpTable:
             del failed[oid]
             self.forgotten_failures += 1
         excess = len(failed) - (self._keep - self._keep // 4)
+        lost = self._lost
         for oid in list(failed)[:max(0, excess)]:  # unobserved, every one
-            del failed[oid]
+            lost[oid] = type(failed.pop(oid))
             del unobserved[oid]
             self.forgotten_failures += 1
             self.dropped_unobserved += 1
+        while len(lost) > 4 * self._keep:
+            lost.popitem(last=False)
 
     def error(self, oid: int, observe: bool = True) -> Optional[BaseException]:
         err = self._failed.get(oid)
-        if err is not None and observe:
+        if err is None:
+            return self._lost_error(oid) if self._lost and oid in self._lost else None
+        if observe:
             self._observe(oid, err)
+        return err
+
+    def _lost_error(self, oid: int) -> BaseException:
+        """A failure dropped unobserved: said as such, of its error's type where it can."""
+        msg = (f"op {oid} failed; its error was not kept: more than {self._keep} failed ops "
+               "went unobserved (never waited on, polled or raised)")
+        try:
+            err: BaseException = self._lost[oid](msg)
+        except Exception:  # noqa: BLE001 - a type that takes other arguments
+            err = PrismGpuError(msg)
+        err.op_id = oid  # type: ignore[attr-defined]
         return err
 
     def _observe(self, oid: int, err: BaseException) -> None:
@@ -155,7 +174,7 @@ class OpTable:
         """The failed op at the root of ``oid``'s failure, if ``oid`` is known failed."""
         err = self._failed.get(oid)
         if err is None:
-            return None
+            return oid if oid in self._lost else None
         return err.root_op if isinstance(err, DependencyFailedError) else oid
 
     def take_reports(self) -> List[CompletedOp]:

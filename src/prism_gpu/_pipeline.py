@@ -6,6 +6,7 @@ buffers are ordinary rings (states and hazards), statistics come from timing eve
 
 from __future__ import annotations
 
+from threading import get_ident
 from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Set, Tuple
 
 import numpy as np
@@ -15,7 +16,7 @@ from ._args import MAX_DEPTH, int_arg, iterable_arg
 from ._buffers import FREE_I, UPLOADING_I, Slot, TripleBuffer
 from ._coordinator import AsyncCoordinator
 from ._engine import D2H, H2D, LAUNCH, Engine, Lane, Op
-from ._failures import refuse_close, refuse_in_callback, root_of
+from ._failures import refuse_close, refuse_in_callback, refuse_other_thread, root_of
 from ._errors import BufferUnavailableError, InvalidOperationError
 from ._ops import OpType
 from ._optable import raise_failures
@@ -54,6 +55,7 @@ class PipelineStageManager:
         depth = int_arg(depth, "depth", 1, MAX_DEPTH)
         coordinator.check()
         self._coord = coordinator
+        self._owner = get_ident()
         self._engine: Engine = coordinator.engine
         self._owns = _owns_coordinator
         self.depth = depth
@@ -348,14 +350,15 @@ class PipelineStageManager:
     def _check(self) -> None:
         if self._closed:
             raise InvalidOperationError("this PipelineStageManager is closed")
-        self._coord.check()  # its coordinator's thread (it is not thread-safe), open
+        refuse_other_thread(self._owner, "PipelineStageManager")
+        self._coord.check()  # its coordinator open, not from one of its kernels
 
     def close(self) -> None:
         """Wait for queued iterations, free the buffers (and an owned coordinator), then
         raise a failure not yet raised."""
         if not self._closed and not self._coord.closed:
             refuse_close(self._engine)  # from its callback or kernel: said as such
-            self._coord.check()  # another thread's close is refused, as the coordinator's
+            refuse_other_thread(self._owner, "PipelineStageManager", closing=True)
         raise_failures(self.close_collecting(), "closing the pipeline")
 
     def close_collecting(self) -> List[BaseException]:

@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 import os
 import threading
-from typing import Any, Dict, List, NamedTuple, Optional, Tuple
+import weakref
+from typing import Any, Dict, List, NamedTuple, Optional, Set, Tuple
 
 __all__ = ["Trace", "TraceOp", "TraceSummary", "trace", "active", "set_index"]
 
@@ -111,7 +112,10 @@ class Trace:
         # when the engines that used it close and leave
         self._clocks: Dict[Tuple[str, int], Tuple[Any, str]] = {}
         self._reading = threading.Lock()  # one reader of the lists at a time (threads)
-        self._lanes: Dict[int, str] = {}                    # id(lane) -> unique lane name
+        # lane -> its unique name (weakly: a lane of a closed engine may go, and its id
+        # be reused by a new lane), and every name given, so that none is given twice
+        self._lanes: "weakref.WeakKeyDictionary[Any, str]" = weakref.WeakKeyDictionary()
+        self._names: Set[str] = set()
         self.closed = False
 
     # called by the engine -------------------------------------------------------
@@ -185,13 +189,13 @@ class Trace:
         return self._ops
 
     def _lane_name(self, lane: Any) -> str:
-        name = self._lanes.get(id(lane))
+        name = self._lanes.get(lane)
         if name is None:
-            taken = set(self._lanes.values())
             name, k = lane.name, 2
-            while name in taken:
+            while name in self._names:
                 name, k = f"{lane.name}#{k}", k + 1
-            self._lanes[id(lane)] = name
+            self._lanes[lane] = name
+            self._names.add(name)
         return name
 
     def finish(self) -> None:

@@ -126,13 +126,15 @@ def run_partition(kernel: Any, part: np.ndarray, output: Any, backend: str) -> n
     out = [np.empty(part.shape, part.dtype)] if output is None else None
     try:
         (res,) = _stream_map(kernel, [part], ctx=ctx, output=output, out=out)
+        return res if output is None else res.copy()
     except Exception as exc:
-        cause = exc.__cause__
-        if getattr(exc, "batch_index", None) == 0 and isinstance(cause, Exception):
-            # the partition's own error, not "batch 0 failed": the client names the partition
-            raise cause from None
-        raise
-    return res if output is None else res.copy()
+        own = exc.__cause__
+        if getattr(exc, "batch_index", None) != 0 or not isinstance(own, Exception):
+            raise
+    # the partition's own error, not "batch 0 failed" (the client names the partition),
+    # raised out here with no context: an exception chain that loops does not pickle
+    own.__context__ = None
+    raise own
 
 
 # -- the client side -------------------------------------------------------------------
@@ -166,9 +168,11 @@ def stream_map(client: Any, kernel: Any, partitions: Iterable[Any], depth: int =
     if not isinstance(client, dist.Client):
         raise TypeError(f"client must be a dask.distributed.Client, got "
                         f"{type(client).__name__}")
-    if not isinstance(kernel, (Kernel, str)) and not callable(kernel):
-        raise TypeError(f"kernel must be a Kernel, a callable or a kernel name, got "
-                        f"{type(kernel).__name__}")
+    if not isinstance(kernel, (Kernel, str)):
+        if not callable(kernel):
+            raise TypeError(f"kernel must be a Kernel, a callable or a kernel name, got "
+                            f"{type(kernel).__name__}")
+        Kernel.from_callable(kernel)  # its checks, here rather than on a worker
     iterable_arg(partitions, "partitions")
     _backend_arg(backend)
     if output is not None and not callable(output):

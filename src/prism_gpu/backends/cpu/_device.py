@@ -9,6 +9,7 @@ from typing import Any, Callable, Dict, Tuple
 
 import numpy as np
 
+from ..._errors import InvalidOperationError
 from .._hostranges import HostRanges
 from ._event import CpuEvent
 from ._stream import CpuStream
@@ -117,7 +118,12 @@ class CpuDevice:
             return  # from a kernel: what it depends on is done; the rest may wait for it
         for stream in list(self._streams):
             if not stream._closed:
-                stream.synchronize()
+                try:
+                    stream.synchronize()
+                except InvalidOperationError:
+                    if not stream._closed:
+                        raise
+                    # closed meanwhile by another thread: a close drains its work first
 
     def on_own_thread(self) -> bool:
         return any(s.runs_here() for s in list(self._streams))
