@@ -216,3 +216,110 @@ def test_run_sizes_a_short_batch_by_what_reaches_the_output() -> None:
         (got,) = [r.copy() for r in pipe.run([x], input=bi, output=bo)]
     expect = np.concatenate([x, np.zeros(4, np.float32), np.full(8, -1, np.float32)])
     np.testing.assert_array_equal(got, expect)
+
+
+def test_a_stage_rewriting_a_buffer_in_place_waits_for_its_earlier_readers() -> None:
+    # the in-place stage waited only for the buffer's writer: it overwrote the input while
+    # an earlier stage still read it (b came out x*20 instead of x*2, no error)
+    import time
+
+    with pg.ManagedGpuContext(backend="cpu") as ctx:
+        pipe = ctx.create_pipeline_manager()
+        a, b = pipe.add_buffer(4), pipe.add_buffer(4)
+
+        def reader(x: Any, y: Any) -> None:
+            time.sleep(0.05)
+            np.multiply(x, 2, out=y)
+
+        pipe.add_stage(pg.GpuPipelineStage("reader", [a], [b], kernel=reader))
+        pipe.add_stage(pg.GpuPipelineStage("inplace", [a], [a],
+                                           kernel=lambda x, y: np.multiply(x, 10, out=y)))
+        x = np.random.default_rng().random(4, dtype=np.float32)
+        yb, ya = np.zeros(4, np.float32), np.zeros(4, np.float32)
+        pipe.execute_iteration(inputs={a: x}, outputs={b: yb, a: ya}).wait()
+        np.testing.assert_array_equal(yb, x * np.float32(2))
+        np.testing.assert_array_equal(ya, x * np.float32(10))
+
+
+def test_an_upload_of_another_api_into_a_pipeline_buffer_is_refused_before_queueing() -> None:
+    # an iteration queued its upload, then failed in produce(): each refused call left
+    # slots stuck in processing and the pipeline never recovered; on an input ring it took
+    # the other API's upload as its own
+    with pg.ManagedGpuContext(backend="cpu") as ctx:
+        pipe = ctx.create_pipeline_manager()
+        a, b = pipe.add_buffer(16), pipe.add_buffer(16)
+        pipe.add_stage(pg.GpuPipelineStage("s", [a], [b],
+                                           kernel=lambda x, y: np.multiply(x, 2, out=y)))
+        coord = pipe.coordinator()
+        x = np.random.default_rng().random(16, dtype=np.float32)
+        y = np.empty(16, np.float32)
+        pipe.execute_iteration(inputs={a: x}, outputs={b: y}).wait()
+        for ring in (b, a):
+            up = coord.queue_upload(np.ones(16, np.float32), pipe.buffer(ring))
+            states = [pipe.buffer(i).get_states() for i in (a, b)]
+            issued = coord.statistics().issued
+            for _ in range(3):
+                with pytest.raises(pg.InvalidOperationError, match="another API"):
+                    pipe.execute_iteration(inputs={a: x}, outputs={b: y})
+            assert [pipe.buffer(i).get_states() for i in (a, b)] == states
+            assert coord.statistics().issued == issued  # nothing was queued
+            coord.queue_compute("noop", [up], args=[])  # the other API finishes its use
+            coord.queue_download(pipe.buffer(ring), np.empty(16, np.float32))
+            pipe.buffer(ring).advance()
+            y[:] = 0
+            pipe.execute_iteration(inputs={a: x}, outputs={b: y}).wait()
+            np.testing.assert_array_equal(y, x * np.float32(2))
+
+
+def test_stage_and_launch_records_are_checked_when_made() -> None:
+    # a stage naming a missing buffer or kernel=3 was accepted and broke every later
+    # iteration; a stage edited after add_stage changed the pipeline unchecked; launch
+    # sizes no GPU takes ran on the CPU backend
+    with pytest.raises(TypeError, match="kernel"):
+        pg.GpuPipelineStage("s", [0], [], kernel=3)
+    for bad in (dict(grid=2**31), dict(grid=(1, 65536)), dict(block=1025),
+                dict(block=(32, 32, 2)), dict(block=(1, 1, 65)), dict(shared_mem_bytes=2**32)):
+        with pytest.raises(ValueError):
+            pg.LaunchConfig(**bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="grid"):
+        pg.LaunchConfig.for_elements(2**80)
+    assert pg.LaunchConfig(grid=(2**31 - 1, 65535, 65535), block=(1024, 1, 1)).block[0] == 1024
+    with pg.ManagedGpuContext(backend="cpu") as ctx:
+        pipe = ctx.create_pipeline_manager()
+        a = pipe.add_buffer(8)
+        with pytest.raises(pg.InvalidOperationError, match="add_buffer"):
+            pipe.add_stage(pg.GpuPipelineStage("bad", [a], [7]))
+        st = pg.GpuPipelineStage("s", [a], [], kernel="scale")
+        pipe.add_stage(st)
+        st.name, st.input_buffers = "upload", [5]  # edits of the caller's object
+        x = np.random.default_rng().random(8, dtype=np.float32)
+        (r,) = [y.copy() for y in pipe.run([x], input=a, output=a)]
+        np.testing.assert_array_equal(r, x * np.float32(2))
+        assert set(pipe.get_stats().stage_ms) >= {"s"}
+        with pytest.raises(MemoryError, match="float32"):
+            pipe.add_buffer(2**44)
+
+
+def test_a_step_wait_timeout_bounds_the_whole_wait() -> None:
+    # each of the three ops got the whole timeout: up to three times as long
+    with pg.ManagedGpuContext(backend="cpu") as ctx:
+        x = np.ones(8, np.float32)
+        tels = [ctx.triple_buffered_step(pg.StepConfig(kernel="spin", input=x,
+                                                       output=np.empty(8, np.float32),
+                                                       extra=(100_000.0,)))
+                for _ in range(3)]
+        calls: List[Any] = []
+        coord = ctx.async_coordinator()
+        real = coord.wait
+
+        def recording(op: Any, timeout: Any = None) -> None:
+            calls.append(timeout)
+            real(op, timeout)
+
+        coord.wait = recording  # type: ignore[method-assign]
+        with pytest.raises(pg.SynchronizationError):
+            tels[2].wait(timeout=0.05)
+        assert calls and all(t is not None and t <= 0.05 for t in calls)
+        assert len(calls) == 1 or calls[-1] < calls[0]  # what is left, not 0.05 again
+        coord.wait = real  # type: ignore[method-assign]
+        ctx.async_coordinator().synchronize_all()

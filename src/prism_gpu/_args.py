@@ -139,7 +139,12 @@ def typed_empty(allocate: Any, shape: Any, dtype: Any, where: str) -> Any:
     nbytes = math.prod(dims) * dt.itemsize  # Python ints: a huge shape cannot wrap around
     if nbytes > sys.maxsize:
         raise ValueError(f"shape {dims} of {dt} needs {nbytes} bytes, more than any memory")
-    return allocate(max(1, nbytes))[:nbytes].view(dt).reshape(dims)
+    try:
+        memory = allocate(max(1, nbytes))
+    except MemoryError as exc:  # named in the caller's terms, not as bytes of uint8
+        raise MemoryError(f"no memory for shape {dims} of {dt} ({nbytes} bytes) in {where}: "
+                          f"{exc}") from None
+    return memory[:nbytes].view(dt).reshape(dims)
 
 
 def device_ids(devices: Any, backend: str) -> Optional[List[int]]:

@@ -130,15 +130,19 @@ class TripleBuffer:
         self.device = device = resolve_device(device)[0]
         self.dtype = np.dtype(dtype)
         if self.dtype.hasobject:
-            raise ValueError("object dtypes cannot live in device memory")
+            raise TypeError("object dtypes cannot live in device memory")
         self._size = int(size)
         self.depth = depth
         nbytes = self._size * self.dtype.itemsize
         if nbytes > sys.maxsize:
             raise ValueError(f"a slot of {size} elements of {self.dtype} needs {nbytes} bytes, "
                              "more than any memory")
-        self._slots = [Slot(self, i, device.allocate(nbytes).view(self.dtype))
-                       for i in range(self.depth)]
+        try:
+            self._slots = [Slot(self, i, device.allocate(nbytes).view(self.dtype))
+                           for i in range(self.depth)]
+        except MemoryError as exc:  # named in the caller's terms, not as bytes of uint8
+            raise MemoryError(f"no memory for {depth} slots of {size} elements of "
+                              f"{self.dtype} ({nbytes} bytes each): {exc}") from None
         self._lock = threading.Lock()
         # next slot index for each transition, indexed by the state it leaves
         self._cursor = [0, 0, 0, 0]

@@ -32,7 +32,16 @@ def _dim3(value: Union[int, Sequence[int]], what: str) -> Dim3:
         raise TypeError(f"{what} must be an int or a tuple of 1 to 3 ints, got {value!r}")
     if any(d < 1 for d in dims):
         raise ValueError(f"{what} dimensions must be >= 1, got {dims}")
+    top = _LIMITS[what]
+    if any(d > t for d, t in zip(dims, top)) or (what == "block" and dims[0] * dims[1]
+                                                 * dims[2] > 1024):
+        raise ValueError(f"{what} {dims} is past what any CUDA device launches (at most "
+                         f"{top}{', 1024 threads in all' if what == 'block' else ''})")
     return dims  # type: ignore[return-value]
+
+
+# every CUDA device since compute capability 3.0: the CPU backend refuses the same
+_LIMITS = {"grid": (2**31 - 1, 65535, 65535), "block": (1024, 1024, 64)}
 
 
 @dataclass(frozen=True)
@@ -53,8 +62,8 @@ class LaunchConfig:
         object.__setattr__(self, "grid", _dim3(self.grid, "grid"))
         object.__setattr__(self, "block", _dim3(self.block, "block"))
         smem = _int(self.shared_mem_bytes, "shared_mem_bytes")
-        if smem < 0:
-            raise ValueError("shared_mem_bytes must be >= 0")
+        if not 0 <= smem < 2**32:
+            raise ValueError(f"shared_mem_bytes must be 0 to 2**32 - 1, got {smem}")
         object.__setattr__(self, "shared_mem_bytes", smem)
 
     @classmethod

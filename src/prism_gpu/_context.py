@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import time
 import weakref
 from threading import get_ident
 from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 
+from ._args import check_timeout
 from ._buffers import TripleBuffer, ring_for
 from ._config import StepConfig
 from ._coordinator import AsyncCoordinator
@@ -60,9 +62,13 @@ class StepTelemetry:
         return self._coord.is_complete(self.download_op)
 
     def wait(self, timeout: Optional[float] = None) -> "StepTelemetry":
-        """Block until the step's output is in place; raise the step's error if any."""
+        """Block until the step's output is in place; raise the step's error if any.
+        ``timeout`` bounds the whole wait, not each of the three ops."""
+        limit = check_timeout(timeout)
+        deadline = None if limit is None else time.perf_counter() + limit
         for op in (self.upload_op, self.compute_op, self.download_op):
-            self._coord.wait(op, timeout)
+            self._coord.wait(op, None if deadline is None
+                             else max(0.0, deadline - time.perf_counter()))
         return self
 
     @property

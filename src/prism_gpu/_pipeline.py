@@ -6,6 +6,7 @@ buffers are ordinary rings (states and hazards), statistics come from timing eve
 
 from __future__ import annotations
 
+import dataclasses
 from threading import get_ident
 from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Set, Tuple
 
@@ -97,10 +98,13 @@ class PipelineStageManager:
         if any(s.name == stage.name for s in self._stages):
             raise ValueError(f"a stage named {stage.name!r} was already added; give each "
                              "stage its own name")
-        self._stages.append(stage)
-        if self._order is None:
-            self._plan = []  # rebuilt with every stage, in the order added
-            self._flows.clear()
+        for b in (*stage.input_buffers, *stage.output_buffers):
+            if not 0 <= b < len(self._buffers):
+                raise InvalidOperationError(f"stage {stage.name!r} names buffer {b}, which "
+                                            "does not exist: add_buffer() first")
+        self._stages.append(dataclasses.replace(stage))  # a copy: later edits stay out
+        if self._order is None:  # rebuilt with every stage, in the order added
+            self._plan, self._flows = [], {}
         return len(self._stages) - 1
 
     def set_order(self, indices: Any) -> None:
@@ -255,6 +259,9 @@ class PipelineStageManager:
         # the host waits only here, for the iteration ``depth`` before that still uses
         # this stage's output slots: earlier stages of this iteration are queued already
         eng.wait_ops(quiet)
+        # a buffer rewritten in place also follows the stages reading it since its last
+        # write (on the device: they are this iteration's, queued already)
+        quiet += [o for s in outs if s in ins for o in s.readers]
         op = eng.submit(step.lane, _COMPUTE, step.stage.name, waits, quiet, LAUNCH,
                         step.prepared, step.config, arrays if step.uses_arrays else (),
                         step.extra, keep=arrays,
@@ -279,6 +286,9 @@ class PipelineStageManager:
             raise BufferUnavailableError(
                 f"pipeline buffer has no FREE slot (states: {buf.get_states()}); another API "
                 "holds its slots: download and advance() them first")
+        if buf.peek(UPLOADING_I) is not None:  # an iteration would take it as its own
+            raise InvalidOperationError("pipeline buffer holds an upload of another API "
+                                        "waiting for a compute: queue that compute first")
         return slot
 
     def _timer(self, stage: str, it: int, last: bool) -> Any:

@@ -22,7 +22,7 @@ RESERVED_NAMES = ("upload", "download")
 
 def indices(values: Any, what: str) -> List[int]:
     if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
-        raise TypeError(f"{what} must be a list of buffer indices, got {type(values).__name__}")
+        raise TypeError(f"{what} must be a list of indices, got {type(values).__name__}")
     out = []
     for v in values:
         if isinstance(v, bool) or not hasattr(v, "__index__"):
@@ -63,6 +63,10 @@ class GpuPipelineStage:
         self.extra = tuple(self.extra)
         if self.kernel is None:
             self.kernel = self.name
+        elif not isinstance(self.kernel, str) and not callable(self.kernel) \
+                and not hasattr(self.kernel, "cpu_callable"):
+            raise TypeError(f"kernel must be a kernel name, a Kernel or a callable, got "
+                            f"{type(self.kernel).__name__}")
 
 
 class PipelineStats(NamedTuple):
