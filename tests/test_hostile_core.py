@@ -475,8 +475,9 @@ def test_a_context_or_pipeline_is_changed_only_from_its_own_thread() -> None:
     # the results silently
     with pg.ManagedGpuContext(backend="cpu") as ctx:
         pipe = ctx.create_pipeline_manager()
-        a = pipe.add_buffer(8)
-        pipe.add_stage(pg.GpuPipelineStage("s", [a], [], kernel="scale"))
+        a, b = pipe.add_buffer(8), pipe.add_buffer(8)
+        pipe.add_stage(pg.GpuPipelineStage("s", [a], [b],
+                                           kernel=lambda x, y: np.multiply(x, 2, out=y)))
         for call in (ctx.close, pipe.close, pipe.reset_stats, pipe.get_stats,
                      lambda: pipe.add_buffer(8),
                      lambda: pipe.add_stage(pg.GpuPipelineStage("t", [a], [], kernel="noop")),
@@ -485,7 +486,7 @@ def test_a_context_or_pipeline_is_changed_only_from_its_own_thread() -> None:
             assert isinstance(err, pg.InvalidOperationError) and "thread" in str(err)
         assert not ctx.closed
         x = np.arange(8, dtype=np.float32)
-        (r,) = [y.copy() for y in pipe.run([x], input=a, output=a)]
+        (r,) = [y.copy() for y in pipe.run([x], input=a, output=b)]
         np.testing.assert_array_equal(r, x * 2)  # one stage: nothing was added
 
 

@@ -250,11 +250,11 @@ class PipelineStageManager:
 
     def _stage_op(self, step: _Step, slots: Dict[int, Slot], valid: Dict[int, int], it: int,
                   last: bool) -> Op:
-        ins = [slots[b] for b in step.reads]
-        outs = [slots[b] for b in step.writes]
+        ins, outs = [slots[b] for b in step.reads], [slots[b] for b in step.writes]
         waits = [s.writer for s in ins if s.writer is not None]
         quiet = [o for s in outs if s not in ins for o in s.write_hazards()]
-        arrays = [s.array for s in ins] + [s.array for s in outs]
+        ro = self._coord.device.read_only  # inputs only read: a CPU kernel writing one fails
+        arrays = [s.array if s in outs else ro(s.array) for s in ins] + [s.array for s in outs]
         eng = self._engine
         # the host waits only here, for the iteration ``depth`` before that still uses
         # this stage's output slots: earlier stages of this iteration are queued already

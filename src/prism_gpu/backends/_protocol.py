@@ -108,6 +108,11 @@ class Device(Protocol):
     def is_device_array(self, obj: Any) -> bool:
         ...
 
+    def read_only(self, array: Any) -> Any:
+        """``array`` as a kernel that must not write it gets it: a read-only view where
+        the backend can enforce that (the CPU backend), else ``array`` itself."""
+        ...
+
     def register_host(self, array: np.ndarray) -> Any:
         """Page-lock a C-contiguous, non-empty host array in place (ValueError if part
         of it is registered already); returns the handle to unregister it with."""

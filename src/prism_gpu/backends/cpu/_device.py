@@ -102,6 +102,11 @@ class CpuDevice:
     def create_event(self, timing: bool = False) -> CpuEvent:
         return CpuEvent(timing)
 
+    def read_only(self, array: Any) -> Any:
+        view = array.view()
+        view.flags.writeable = False
+        return view
+
     def prepare_kernel(self, kernel: Any) -> Tuple[Callable[..., Any], bool]:
         fn = kernel.cpu_callable()
         if fn is None:

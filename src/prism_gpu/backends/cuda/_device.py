@@ -147,6 +147,9 @@ class CudaDevice:
     def on_own_thread(self) -> bool:
         return False  # kernels (callables too) run on the thread that queues them
 
+    def read_only(self, array: Any) -> Any:
+        return array  # device memory has no read-only views
+
     def synchronize(self) -> None:
         self._current()
         try:
