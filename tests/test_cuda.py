@@ -105,9 +105,13 @@ def test_out_of_range_launch_config_rejected_before_enqueue(cuda_coord):
     up = cuda_coord.queue_upload(np.ones(16, np.float32), buf)
     k = pg.Kernel.from_source(AXPY, "axpy")
     before = cuda_coord.statistics().issued
-    with pytest.raises(pg.KernelError, match="out of range"):
+    with pytest.raises(ValueError, match="block"):  # past every device: refused when made
+        pg.LaunchConfig(grid=1, block=2048)
+    # past this device only (1 MiB of dynamic shared memory): refused by the launch
+    with pytest.raises(pg.KernelError):
         cuda_coord.queue_compute(k, [up], extra=(1.0, 0.0),
-                                 config=pg.LaunchConfig(grid=1, block=2048))
+                                 config=pg.LaunchConfig(grid=1, block=32,
+                                                        shared_mem_bytes=1 << 20))
     assert cuda_coord.statistics().issued == before
     assert buf.get_states()[0] is pg.BufferState.UPLOADING
 
