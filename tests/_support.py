@@ -359,3 +359,12 @@ def refusal_recorder(action: Callable[[], Any], seen: List[BaseException]
         except pg.InvalidOperationError as exc:
             seen.append(exc)
     return callback
+
+
+def doubling_pipeline(ctx: pg.ManagedGpuContext, n: int) -> Tuple[Any, int, int]:
+    """A CPU pipeline of buffers a and b (n float32 each) and one stage b = 2a."""
+    pipe = ctx.create_pipeline_manager()
+    a, b = pipe.add_buffer(n), pipe.add_buffer(n)
+    pipe.add_stage(pg.GpuPipelineStage("s", [a], [b],
+                                       kernel=lambda x, y: np.multiply(x, 2, out=y)))
+    return pipe, a, b

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import prism_gpu as pg
-from _support import Boom, affine, boom, refusal_recorder
+from _support import Boom, affine, boom, doubling_pipeline, refusal_recorder
 
 
 def _failed_op(coord: pg.AsyncCoordinator) -> Any:
@@ -474,10 +474,7 @@ def test_a_context_or_pipeline_is_changed_only_from_its_own_thread() -> None:
     # the engine in half the trials); a stage added from another thread mid-run changed
     # the results silently
     with pg.ManagedGpuContext(backend="cpu") as ctx:
-        pipe = ctx.create_pipeline_manager()
-        a, b = pipe.add_buffer(8), pipe.add_buffer(8)
-        pipe.add_stage(pg.GpuPipelineStage("s", [a], [b],
-                                           kernel=lambda x, y: np.multiply(x, 2, out=y)))
+        pipe, a, b = doubling_pipeline(ctx, 8)
         for call in (ctx.close, pipe.close, pipe.reset_stats, pipe.get_stats,
                      lambda: pipe.add_buffer(8),
                      lambda: pipe.add_stage(pg.GpuPipelineStage("t", [a], [], kernel="noop")),

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import prism_gpu as pg
-from _support import F32, affine, rand
+from _support import F32, affine, doubling_pipeline, rand
 
 N = 1000
 # exact in float32 whatever the compiler fuses: the products are powers of two
@@ -246,10 +246,7 @@ def test_an_upload_of_another_api_into_a_pipeline_buffer_is_refused_before_queue
     # slots stuck in processing and the pipeline never recovered; on an input ring it took
     # the other API's upload as its own
     with pg.ManagedGpuContext(backend="cpu") as ctx:
-        pipe = ctx.create_pipeline_manager()
-        a, b = pipe.add_buffer(16), pipe.add_buffer(16)
-        pipe.add_stage(pg.GpuPipelineStage("s", [a], [b],
-                                           kernel=lambda x, y: np.multiply(x, 2, out=y)))
+        pipe, a, b = doubling_pipeline(ctx, 16)
         coord = pipe.coordinator()
         x = np.random.default_rng().random(16, dtype=np.float32)
         y = np.empty(16, np.float32)
