@@ -14,7 +14,7 @@ import numpy as np
 from ._errors import BackendUnavailableError, InvalidOperationError
 
 __all__ = ["check_timeout", "resolve_device", "int_arg", "sequence_arg", "shape_arg",
-           "dtype_arg", "typed_empty", "iterable_arg",
+           "dtype_arg", "typed_empty", "allocate_named", "iterable_arg",
            "device_ids", "LIVE"]
 
 LIVE: "weakref.WeakSet[Any]" = weakref.WeakSet()
@@ -137,14 +137,19 @@ def typed_empty(allocate: Any, shape: Any, dtype: Any, where: str) -> Any:
     if dt.itemsize == 0:
         raise TypeError(f"dtype {dt!r} has elements of no bytes: nothing can live in {where}")
     nbytes = math.prod(dims) * dt.itemsize  # Python ints: a huge shape cannot wrap around
-    if nbytes > sys.maxsize:
-        raise ValueError(f"shape {dims} of {dt} needs {nbytes} bytes, more than any memory")
-    try:
-        memory = allocate(max(1, nbytes))
-    except MemoryError as exc:  # named in the caller's terms, not as bytes of uint8
-        raise MemoryError(f"no memory for shape {dims} of {dt} ({nbytes} bytes) in {where}: "
-                          f"{exc}") from None
+    memory = allocate_named(allocate, max(1, nbytes), f"shape {dims} of {dt} in {where}")
     return memory[:nbytes].view(dt).reshape(dims)
+
+
+def allocate_named(allocate: Any, nbytes: int, what: str) -> Any:
+    """``allocate(nbytes)``, sizes past any memory refused and a failure named in the
+    caller's terms (``what``), not as bytes of uint8."""
+    if nbytes > sys.maxsize:
+        raise ValueError(f"{what} needs {nbytes} bytes, more than any memory")
+    try:
+        return allocate(nbytes)
+    except MemoryError as exc:
+        raise MemoryError(f"no memory for {what} ({nbytes} bytes): {exc}") from None
 
 
 def device_ids(devices: Any, backend: str) -> Optional[List[int]]:

@@ -6,7 +6,6 @@ slot's last event (set by the coordinator), so state changes never block.
 
 from __future__ import annotations
 
-import sys
 import threading
 import weakref
 from enum import Enum
@@ -14,7 +13,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from ._args import MAX_DEPTH, int_arg, resolve_device
+from ._args import MAX_DEPTH, allocate_named, int_arg, resolve_device
 from ._errors import InvalidOperationError
 
 __all__ = ["BufferState", "Slot", "TripleBuffer", "GpuTripleBuffer", "ring_for"]
@@ -66,7 +65,10 @@ class Slot:
     @property
     def array(self) -> Any:
         """The slot's valid elements (refused once its ring is closed: read it once)."""
-        return self.head(self.valid)
+        full = self.full
+        if full is None:
+            raise InvalidOperationError("this TripleBuffer is closed")
+        return full if self.valid == self.capacity else full[:self.valid]
 
     def head(self, n: int) -> Any:
         """The slot's first ``n`` elements; refused once its ring is closed (another
@@ -134,15 +136,9 @@ class TripleBuffer:
         self._size = int(size)
         self.depth = depth
         nbytes = self._size * self.dtype.itemsize
-        if nbytes > sys.maxsize:
-            raise ValueError(f"a slot of {size} elements of {self.dtype} needs {nbytes} bytes, "
-                             "more than any memory")
-        try:
-            self._slots = [Slot(self, i, device.allocate(nbytes).view(self.dtype))
-                           for i in range(self.depth)]
-        except MemoryError as exc:  # named in the caller's terms, not as bytes of uint8
-            raise MemoryError(f"no memory for {depth} slots of {size} elements of "
-                              f"{self.dtype} ({nbytes} bytes each): {exc}") from None
+        slot = f"a slot of {size} elements of {self.dtype}"
+        self._slots = [Slot(self, i, allocate_named(device.allocate, nbytes, slot)
+                            .view(self.dtype)) for i in range(self.depth)]
         self._lock = threading.Lock()
         # next slot index for each transition, indexed by the state it leaves
         self._cursor = [0, 0, 0, 0]

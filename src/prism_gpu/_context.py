@@ -13,7 +13,7 @@ from ._args import check_timeout
 from ._buffers import TripleBuffer, ring_for
 from ._config import StepConfig
 from ._coordinator import AsyncCoordinator
-from ._devarray import DeviceArray, copy_stream, empty_device, to_device
+from ._devarray import DeviceArray, copier, empty_device, to_device
 from ._errors import InvalidOperationError
 from ._failures import refuse_in_callback, refuse_other_thread
 from ._ops import CompletedOp
@@ -162,7 +162,7 @@ class ManagedGpuContext:
         self.check()
         out = to_device(self._device, array)
         self._arrays.add(out)
-        self._copies = self._copies or copy_stream(self._device)  # kept while we live
+        self._copies = self._copies or copier(self._device)  # kept while we live
         return out
 
     def empty_device(self, shape: Any, dtype: Any = np.float32) -> DeviceArray:
@@ -170,7 +170,7 @@ class ManagedGpuContext:
         self.check()
         out = empty_device(self._device, shape, dtype)
         self._arrays.add(out)
-        self._copies = self._copies or copy_stream(self._device)
+        self._copies = self._copies or copier(self._device)
         return out
 
     def create_pipeline_manager(self, *, depth: int = 3) -> Any:

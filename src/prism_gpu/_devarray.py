@@ -12,7 +12,7 @@ import numpy as np
 from ._args import typed_empty
 from ._errors import InvalidOperationError, TransferError
 
-__all__ = ["DeviceArray", "to_device", "empty_device", "backend_values", "copy_stream"]
+__all__ = ["DeviceArray", "to_device", "empty_device", "backend_values", "copier"]
 
 
 class DeviceArray:
@@ -86,7 +86,7 @@ class DeviceArray:
 
     def _blocking_copy(self, direction: str, dst: Any, src: Any) -> None:
         if self._copier is None:
-            self._copier = _copier(self._device)
+            self._copier = copier(self._device)
         self._copier.copy(direction, dst, src)
 
     @property
@@ -112,13 +112,6 @@ class DeviceArray:
     def __reduce__(self) -> Any:
         raise TypeError("a DeviceArray lives on one device and cannot be pickled or copied; "
                         "send or copy the numpy array (to_host()) and to_device() it there")
-
-    def __copy__(self) -> "DeviceArray":
-        self.__reduce__()
-        return self  # not reached
-
-    def __deepcopy__(self, memo: Any) -> "DeviceArray":
-        return self.__copy__()
 
     def close(self) -> None:
         """Drop the device memory (ops already queued keep it until they are done).
@@ -196,16 +189,13 @@ _COPIERS: "weakref.WeakValueDictionary[int, _Copier]" = weakref.WeakValueDiction
 _COPIERS_LOCK = threading.Lock()
 
 
-def copy_stream(device: Any) -> Any:
-    """The stream of blocking copies of ``device``, for an owner of the device (a
-    context) to keep: arrays made and dropped one after another then reuse it."""
-    return _copier(device)
-
-
-def _copier(device: Any) -> _Copier:
+def copier(device: Any) -> _Copier:
+    """The blocking copies of ``device`` (its stream), shared while anything holds it:
+    its arrays, and an owner of the device (a context) so that arrays made and dropped
+    one after another reuse it."""
     with _COPIERS_LOCK:
         entry = _COPIERS.get(id(device))  # alive: it holds its device, so the id is its
-        if entry is None or entry.device is not device:
+        if entry is None:
             entry = _COPIERS[id(device)] = _Copier(device)
         return entry
 

@@ -53,13 +53,11 @@ class PipelineStageManager:
                  _owns_coordinator: bool = False) -> None:
         if not isinstance(coordinator, AsyncCoordinator):
             raise TypeError("PipelineStageManager needs an AsyncCoordinator")
-        depth = int_arg(depth, "depth", 1, MAX_DEPTH)
+        self.depth = int_arg(depth, "depth", 1, MAX_DEPTH)
         coordinator.check()
-        self._coord = coordinator
-        self._owner = get_ident()
+        self._coord, self._owner, self._owns = coordinator, get_ident(), _owns_coordinator
+        self._read_only = coordinator.device.read_only
         self._engine: Engine = coordinator.engine
-        self._owns = _owns_coordinator
-        self.depth = depth
         self._buffers: List[TripleBuffer] = []
         self._stages: List[GpuPipelineStage] = []
         self._lanes: Dict[Any, Lane] = {}       # stage index (or "upload"...) -> its stream
@@ -250,33 +248,34 @@ class PipelineStageManager:
 
     def _stage_op(self, step: _Step, slots: Dict[int, Slot], valid: Dict[int, int], it: int,
                   last: bool) -> Op:
-        ins, outs = [slots[b] for b in step.reads], [slots[b] for b in step.writes]
+        ins = [slots[b] for b in step.reads]
         waits = [s.writer for s in ins if s.writer is not None]
-        quiet = [o for s in outs if s not in ins for o in s.write_hazards()]
-        ro = self._coord.device.read_only  # inputs only read: a CPU kernel writing one fails
-        arrays = [s.array if s in outs else ro(s.array) for s in ins] + [s.array for s in outs]
+        quiet = [o for b in step.fresh for o in slots[b].write_hazards()]
+        ro = self._read_only  # inputs only read: a CPU kernel writing one fails
+        arrays = [ro(s.array) if only else s.array for s, only in zip(ins, step.reads_only)]
+        arrays += [slots[b].array for b in step.writes]
         eng = self._engine
         # the host waits only here, for the iteration ``depth`` before that still uses
         # this stage's output slots: earlier stages of this iteration are queued already
         eng.wait_ops(quiet)
         # a buffer rewritten in place also follows the stages reading it since its last
         # write (on the device: they are this iteration's, queued already)
-        quiet += [o for s in outs if s in ins for o in s.readers]
+        quiet += [o for b in step.inplace for o in slots[b].readers]
         op = eng.submit(step.lane, _COMPUTE, step.stage.name, waits, quiet, LAUNCH,
                         step.prepared, step.config, arrays if step.uses_arrays else (),
                         step.extra, keep=arrays,
                         on_done=self._timer(step.stage.name, it, last), timing=True)
         failed = root_of(op) if op.error is not None else None
-        for s in ins:
-            if s in outs:
-                s.updated(op, failed)
-            else:
+        for s, only in zip(ins, step.reads_only):
+            if only:
                 s.read(op)
-        for s in outs:
-            if s not in ins:
-                s.filled(op, s.valid)
-                if failed is not None:
-                    s.failed = failed
+            else:
+                s.updated(op, failed)
+        for b in step.fresh:
+            s = slots[b]
+            s.filled(op, s.valid)
+            if failed is not None:
+                s.failed = failed
         return op
 
     @staticmethod

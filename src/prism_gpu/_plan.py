@@ -24,6 +24,9 @@ class Step(NamedTuple):
     lane: Lane
     reads: Tuple[int, ...]
     writes: Tuple[int, ...]
+    reads_only: Tuple[bool, ...]  # per read: a buffer the stage does not write
+    fresh: Tuple[int, ...]        # written, not read: filled anew
+    inplace: Tuple[int, ...]      # written and read: rewritten in place
     constants: Tuple[DeviceArray, ...]  # the DeviceArrays of extra: checked open per run
 
 
@@ -57,14 +60,8 @@ def make_plan(order: List[int], stages: Sequence[GpuPipelineStage], buffers: Seq
                 "add_stage() returns each index")
     resolved = []
     extras: List[Any] = []
-    for i in order:
+    for i in order:  # (add_stage checked the buffers: stages and buffers are only added)
         st = stages[i]
-        for b in (*st.input_buffers, *st.output_buffers):
-            if not 0 <= b < len(buffers):
-                raise InvalidOperationError(
-                    f"stage {st.name!r} names buffer {b}, but only {len(buffers)} "
-                    "buffer(s) exist; create it first with "
-                    "pipe.add_buffer(size, dtype=...) and use the index it returns")
         resolved.append(resolve(st.kernel))
         extras.append(tuple(backend_values(st.extra, device)) if st.extra else None)
     plan = []
@@ -75,8 +72,11 @@ def make_plan(order: List[int], stages: Sequence[GpuPipelineStage], buffers: Seq
         first = (*st.input_buffers, *st.output_buffers)
         config = st.config or kernel.config or LaunchConfig.for_elements(
             buffers[first[0]].capacity if first else 1)
+        reads, writes = tuple(st.input_buffers), tuple(st.output_buffers)
         plan.append(Step(st, prepared, config, kernel.uses_arrays,
-                         kernel.defaults if extra is None else extra,
-                         lane(i, st.name), tuple(st.input_buffers), tuple(st.output_buffers),
+                         kernel.defaults if extra is None else extra, lane(i, st.name),
+                         reads, writes, tuple(b not in writes for b in reads),
+                         tuple(b for b in writes if b not in reads),
+                         tuple(b for b in writes if b in reads),
                          tuple(v for v in st.extra or () if type(v) is DeviceArray)))
     return plan

@@ -19,7 +19,7 @@ from ._kernels import Kernel
 from ._sink import Sink, check_out
 from ._staging import Stager, cache_of
 
-__all__ = ["stream_map", "pinned_empty"]
+__all__ = ["stream_map", "check_map_args", "pinned_empty"]
 
 OutputSpec = Union[Tuple[Any, Any], Callable[[np.ndarray], Tuple[Any, Any]], None]
 
@@ -51,6 +51,18 @@ def _resolve_output(output: OutputSpec, batch: Optional[np.ndarray]
     if dt.hasobject:
         raise TypeError("output dtype must not be object")
     return shape, dt
+
+
+def check_map_args(kernel: Any, batches: Any, what: str, output: OutputSpec) -> OutputSpec:
+    """The checks stream_map (and its Dask version) make at the call, rather than at the
+    first batch (or on a worker); returns ``output`` resolved where it is fixed."""
+    if not isinstance(kernel, (Kernel, str)):
+        if not callable(kernel):
+            raise TypeError(f"kernel must be a Kernel, a callable or a kernel name, got "
+                            f"{type(kernel).__name__}")
+        Kernel.from_callable(kernel)  # its own checks
+    iterable_arg(batches, what)
+    return output if output is None or callable(output) else _resolve_output(output, None)
 
 
 def stream_map(kernel: Any, batches: Iterable[np.ndarray], depth: int = 3, ctx: Any = None,
@@ -120,19 +132,9 @@ def stream_map(kernel: Any, batches: Iterable[np.ndarray], depth: int = 3, ctx: 
     ...     use(out)
     """
     depth, prefetch = int_arg(depth, "depth", 1, MAX_DEPTH), int_arg(prefetch, "prefetch", 0)
-    if not isinstance(kernel, (Kernel, str)):
-        if not callable(kernel):
-            raise TypeError(f"kernel must be a Kernel, a callable or a kernel name, got "
-                            f"{type(kernel).__name__}")
-        Kernel.from_callable(kernel)  # its checks, now rather than at the first batch
-    iterable_arg(batches, "batches")
+    output = check_map_args(kernel, batches, "batches", output)
     if not isinstance(extra, (tuple, list)):
         raise TypeError(f"extra must be a tuple, got {type(extra).__name__}")
-    if output is not None and not callable(output) and not isinstance(output, (tuple, list)):
-        raise TypeError(f"output must be (shape, dtype) or a callable giving one, got "
-                        f"{output!r}")
-    if output is not None and not callable(output):
-        _resolve_output(output, None)  # a fixed spec is checked now, not at batch 0
     if ctx is not None and not isinstance(ctx, ManagedGpuContext):
         raise TypeError(f"ctx must be a ManagedGpuContext, got {type(ctx).__name__}")
     check_out(out)
@@ -175,7 +177,7 @@ def _run(kernel: Any, batches: Iterable[np.ndarray], depth: int, prefetch: int, 
     sink = Sink(out, device, stager, cache.results)
 
     def prepare(batch: np.ndarray, pos: int) -> _Prepared:
-        spec = _resolve_output(output, batch)
+        spec = _resolve_output(output, batch) if callable(output) else output
         shape, dtype = spec if spec is not None else (batch.shape, batch.dtype)
         return _Prepared(spec, sink.claim(pos, shape, dtype))
 

@@ -350,7 +350,3 @@ def active() -> Optional[Trace]:
 def set_index(index: Optional[int]) -> None:
     """The batch or iteration index that ops queued next on this thread belong to."""
     STATE.index = index
-
-
-def current_index() -> Optional[int]:
-    return STATE.index

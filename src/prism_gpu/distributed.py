@@ -159,30 +159,24 @@ def stream_map(client: Any, kernel: Any, partitions: Iterable[Any], depth: int =
     its turn, after every earlier result, with ``partition_index``; the later
     ones are cancelled.
     """
-    from ._args import MAX_DEPTH, int_arg, iterable_arg
-    from ._kernels import Kernel
-    from ._stream_map import _resolve_output
+    from ._args import MAX_DEPTH, int_arg
+    from ._stream_map import check_map_args
 
     depth = int_arg(depth, "depth", 1, MAX_DEPTH)
     dist = _distributed()
     if not isinstance(client, dist.Client):
         raise TypeError(f"client must be a dask.distributed.Client, got "
                         f"{type(client).__name__}")
-    if not isinstance(kernel, (Kernel, str)):
-        if not callable(kernel):
-            raise TypeError(f"kernel must be a Kernel, a callable or a kernel name, got "
-                            f"{type(kernel).__name__}")
-        Kernel.from_callable(kernel)  # its checks, here rather than on a worker
-    iterable_arg(partitions, "partitions")
+    check_map_args(kernel, partitions, "partitions", output)  # here, not on a worker
     _backend_arg(backend)
-    if output is not None and not callable(output):
-        _resolve_output(output, None)
     return _stream(client, kernel, partitions, depth, output, backend)
 
 
 def _backend_arg(backend: Any) -> None:
     """Checked here, not resolved: the workers may have a GPU this process lacks."""
-    if backend not in ("auto", "cuda", "cpu"):
+    from .backends import BACKENDS
+
+    if backend not in BACKENDS:
         raise (TypeError if not isinstance(backend, str) else ValueError)(
             f"backend must be 'auto', 'cuda' or 'cpu', got {backend!r}")
 
