@@ -1,11 +1,16 @@
-"""The optional native part: host copies on threads that never take the GIL.
+"""The optional native parts: host copies on threads that never take the GIL, and the
+CUDA driver calls of the hot path made from C.
 
 Everything else is in pyproject.toml. Without a C compiler the package still
-installs, and copies run on Python threads instead.
+installs: copies run on Python threads, driver calls go through cuda.core.
 """
 
 from setuptools import Extension, setup
 
 setup(ext_modules=[Extension("prism_gpu._hostcopy", ["src/prism_gpu/_hostcopy.c"],
                              extra_compile_args=["-O2", "-pthread"],
-                             extra_link_args=["-pthread"], optional=True)])
+                             extra_link_args=["-pthread"], optional=True),
+                   # no CUDA headers or libraries needed: the driver is found at run time
+                   Extension("prism_gpu.backends.cuda._native",
+                             ["src/prism_gpu/backends/cuda/_native.c"],
+                             extra_compile_args=["-O2"], libraries=["dl"], optional=True)])

@@ -15,6 +15,8 @@ export PYTHONUNBUFFERED=1
   python3 -c "import cupy, torch; print('cupy', cupy.__version__, 'torch', torch.__version__)"
   echo; echo "## pytest (all tests; the backend fixture's CUDA branch and cuda-marked tests run here)"
   python3 -m pytest -q -rs -p no:cacheprovider 2>&1 | grep -v '^\.*\s*\[' | tail -40
+  echo; echo "## pytest tests/test_cuda.py with PRISM_GPU_NATIVE_DRIVER=0 (driver calls through cuda.core)"
+  PRISM_GPU_NATIVE_DRIVER=0 python3 -m pytest -q -rs -p no:cacheprovider tests/test_cuda.py 2>&1 | tail -3
   echo; echo "## examples"
   for f in examples/*.py; do python3 "$f" 2>&1 | tail -2; done
   for tool in memcheck racecheck synccheck; do

@@ -263,3 +263,50 @@ def test_a_launch_the_driver_rejects_raises_from_the_queue_call():
     finally:
         dev.close()
     np.testing.assert_array_equal(out, np.full(64, 2.0, np.float32))
+
+
+def test_the_hot_path_calls_the_driver_from_c():
+    # the native driver calls are built and loaded wherever the CUDA backend runs (the
+    # suite runs test_cuda.py once more with PRISM_GPU_NATIVE_DRIVER=0, the other path)
+    import os
+
+    from prism_gpu.backends.cuda import _driver
+
+    if os.environ.get("PRISM_GPU_NATIVE_DRIVER", "1") == "0":
+        assert _driver.NATIVE is None
+    else:
+        assert _driver.NATIVE is not None, "the native driver calls are not in use"
+
+
+def test_a_closed_stream_refuses_work_by_name():
+    # a closed stream's work must never fall to the default stream or a freed handle
+    dev = pg.open_device("cuda")
+    try:
+        s = dev.create_stream()
+        ev = dev.create_event()
+        d = dev.allocate(64).view(np.float32)
+        host = pg.pinned_empty(16, np.float32)
+        host[:] = np.random.default_rng(3).random(16, dtype=np.float32)
+        k = dev.prepare_kernel(pg.Kernel.from_source(AXPY, "axpy",
+                                                     config=pg.LaunchConfig(block=32)))
+        s.copy_h2d(d, host)  # open: fine
+        s.synchronize()
+        s.close()
+        for call in (lambda: s.copy_h2d(d, host), lambda: s.copy_d2h(host, d),
+                     lambda: s.copy_h2d(d, np.ones(16, np.float32)),  # pageable: staged
+                     lambda: s.record(ev),
+                     lambda: s.launch(k, pg.LaunchConfig(block=32), [d],
+                                      (np.float32(1), np.float32(0)))):
+            with pytest.raises(pg.InvalidOperationError, match="closed stream"):
+                call()
+        other = dev.create_stream()
+        other.record(ev)
+        with pytest.raises(pg.InvalidOperationError, match="closed stream"):
+            s.wait(ev)
+        back = pg.pinned_empty(16, np.float32)
+        back[:] = np.nan
+        other.copy_d2h(back, d)  # the memory still holds the one copy made while open
+        other.synchronize()
+        np.testing.assert_array_equal(back, host)
+    finally:
+        dev.close()

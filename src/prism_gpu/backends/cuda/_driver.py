@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+import os
+from typing import Any, Optional
 
 from cuda.bindings import driver
 
@@ -20,8 +21,42 @@ STICKY = {
 }
 
 
+def _load_native() -> Any:
+    """The native driver calls (``_native``), or None: not built, no driver library, or
+    turned off with ``PRISM_GPU_NATIVE_DRIVER=0``."""
+    if os.environ.get("PRISM_GPU_NATIVE_DRIVER", "1").strip() in ("0", "false", "no"):
+        return None
+    try:
+        from . import _native  # type: ignore[attr-defined]
+    except ImportError:  # built without a C compiler
+        return None
+    why: Optional[str] = _native.load()
+    return _native if why is None else None
+
+
+NATIVE = _load_native()
+NOT_READY = 600  # CUDA_ERROR_NOT_READY: an event query of work still running
+
+
+INVALID_HANDLE = 400  # CUDA_ERROR_INVALID_HANDLE
+
+
+def bindings_memcpy(dst: int, src: int, nbytes: int, stream: int) -> int:
+    """cuMemcpyAsync through cuda.bindings, as the native call: the CUresult as an int, and
+    a null stream (a closed one's) refused rather than taken for the default stream."""
+    if not stream:
+        return INVALID_HANDLE
+    return int(driver.cuMemcpyAsync(dst, src, nbytes, stream)[0])
+
+
 def error(err: Any, what: str) -> PrismGpuError:
-    """A prism-gpu error for CUDA result ``err`` raised while doing ``what``."""
+    """A prism-gpu error for CUDA result ``err`` (a CUresult or its int) raised while doing
+    ``what``."""
+    if isinstance(err, int) and not hasattr(err, "name"):
+        try:
+            err = CUresult(err)
+        except Exception:  # noqa: BLE001 - a code this cuda.bindings does not know
+            pass
     name = getattr(err, "name", str(err))
     if name in STICKY:
         exc: PrismGpuError = SynchronizationError(

@@ -15,7 +15,7 @@ from cuda.core import LaunchConfig as _CoreLaunchConfig
 from cuda.core import launch as _launch
 
 from ..._errors import KernelError, PrismGpuError
-from ._driver import from_cuda_exception
+from ._driver import INVALID_HANDLE, NATIVE, check, driver, from_cuda_exception
 
 _SIG = r"__global__\s+(?:__launch_bounds__\s*\([^)]*\)\s*)?void\s+{name}\s*\(([^)]*)\)"
 
@@ -150,6 +150,7 @@ class SourceKernel:
                       if params is not None else None)
         self._pointee: List[Any] = ([_POINTEES.get(p[:-1].strip()) if p.endswith("*")
                                      else None for p in params] if params is not None else [])
+        self._func = _function(self._k) if NATIVE is not None else 0  # for native launches
         self._configs: Dict[int, Tuple[Any, Any]] = {}
         # per array count: whether every array maps to (T*, size_t n) (the fast path)
         self._layouts: Dict[int, bool] = {}
@@ -171,8 +172,12 @@ class SourceKernel:
         if hit is not None and hit[0] is config:
             return hit[1]
         self._device.check_launch_config(config, self.name)
-        cfg = _CoreLaunchConfig(grid=config.grid, block=config.block,
-                                shmem_size=config.shared_mem_bytes)
+        cfg: Any
+        if self._func:  # the native launch's dimensions
+            cfg = (*config.grid, *config.block, config.shared_mem_bytes)
+        else:
+            cfg = _CoreLaunchConfig(grid=config.grid, block=config.block,
+                                    shmem_size=config.shared_mem_bytes)
         if len(self._configs) > 256:
             self._configs.clear()
         self._configs[id(config)] = (config, cfg)
@@ -242,6 +247,16 @@ class SourceKernel:
                ) -> None:
         args = self.arguments(arrays, extra) if (arrays or extra) else ()
         cfg = self._config(config)
+        if self._func:
+            try:
+                err = NATIVE.launch(self._func, *cfg, stream.live_handle, args)
+            except (TypeError, OverflowError) as exc:  # an argument C cannot pass by value
+                raise KernelError(f"kernel {self.name!r}: {exc}", kernel=self.name) from exc
+            if err:
+                raise stream.error_of(err, f"launching kernel {self.name!r}")
+            return
+        if not stream.live_handle:
+            raise stream.error_of(INVALID_HANDLE, f"launching kernel {self.name!r}")
         try:
             _launch(stream._s, cfg, self._k, *args)
         except PrismGpuError:
@@ -267,6 +282,16 @@ class CallableKernel:
                 self._fn(*arrays, *extra, stream=stream)
             else:
                 self._fn(*arrays, *extra)
+
+
+def _function(kernel: Any) -> int:
+    """The driver function handle of a cuda.core kernel, in the current context (cuda.core
+    loads kernels as library kernels; a launch takes their function, as cuda.core's does)."""
+    handle = kernel.handle
+    try:
+        return int(check(driver.cuKernelGetFunction(handle), "reading a kernel's function"))
+    except (TypeError, PrismGpuError):  # a handle that is a function already
+        return int(handle)
 
 
 def prepare(device: Any, kernel: Any) -> Any:

@@ -7,11 +7,18 @@ from typing import Any, Callable, Iterable, List, Optional, Sequence
 
 import numpy as np
 
-from ._driver import SUCCESS, check, driver, error, from_cuda_exception
+from ..._errors import InvalidOperationError
+from ._driver import (INVALID_HANDLE, NATIVE, NOT_READY, bindings_memcpy, error,
+                      from_cuda_exception)
 from .._hostranges import host_address
 from ._memory import DeviceArray
 
-_memcpy = driver.cuMemcpyAsync
+# The driver calls of the hot path: native (one C call each) when built and loadable,
+# else cuda.core and cuda.bindings. Copies return a CUresult as an int either way.
+_memcpy = NATIVE.memcpy if NATIVE is not None else bindings_memcpy
+_record = NATIVE.record if NATIVE is not None else None
+_wait = NATIVE.wait if NATIVE is not None else None
+_query = NATIVE.query if NATIVE is not None else None
 
 
 class CudaEvent:
@@ -29,11 +36,20 @@ class CudaEvent:
         self._err: Optional[BaseException] = None
 
     def query(self) -> bool:
-        # cuda.core's checks run in C: about twice as fast as a cuda.bindings call
-        try:
-            done = self._ev.is_done
-        except Exception as exc:  # noqa: BLE001 - CUDAError: a sticky error
-            raise from_cuda_exception(exc, "querying an event") from exc
+        if _query is not None:
+            r = _query(self._h)
+            if r == 0:
+                done = True
+            elif r == NOT_READY:
+                done = False
+            else:  # a sticky error (a fault of earlier work), or a closed event
+                raise error(r, "querying an event")
+        else:
+            # cuda.core's checks run in C: about twice as fast as a cuda.bindings call
+            try:
+                done = self._ev.is_done
+            except Exception as exc:  # noqa: BLE001 - CUDAError: a sticky error
+                raise from_cuda_exception(exc, "querying an event") from exc
         if done and self._finish is not None:
             self._run_finishers()
         return done
@@ -82,6 +98,7 @@ class CudaEvent:
 
     def close(self) -> None:
         if self._ev is not None:
+            self._h = 0  # the native calls refuse it from now on
             self._ev.close()
             self._ev = None
 
@@ -93,6 +110,7 @@ class CudaStream:
         self._device = device
         self._s = stream
         self._h = int(stream.handle)
+        self.live_handle = self._h  # the handle work is queued on: 0 once closed (refused then)
         self.priority = priority
         self._interop: Optional[tuple] = None
         self._pending: List[Callable[[], None]] = []  # host work for the next record
@@ -112,18 +130,21 @@ class CudaStream:
         dev = self._device
         ptr, pinned = dev.host_info(src)
         if pinned:
-            (err,) = _memcpy(dst.ptr, ptr, nbytes, self._h)
-        else:
-            # Never hand pageable memory to an async copy: stage it, so the caller
-            # may change ``src`` as soon as this returns.
-            cls, stage = dev.staging.take(nbytes)
-            np.copyto(stage[:nbytes].view(src.dtype).reshape(src.shape), src)
-            (err,) = _memcpy(dst.ptr, host_address(stage), nbytes, self._h)
-            ev = dev.create_event(False)
-            self.record(ev)
-            dev.staging.give_back_after(cls, stage, ev)
-        if err != SUCCESS:
-            raise error(err, "host-to-device copy")
+            err = _memcpy(dst.ptr, ptr, nbytes, self.live_handle)
+            if err:
+                raise self.error_of(err, "host-to-device copy")
+            return
+        # Never hand pageable memory to an async copy: stage it, so the caller
+        # may change ``src`` as soon as this returns.
+        cls, stage = dev.staging.take(nbytes)
+        np.copyto(stage[:nbytes].view(src.dtype).reshape(src.shape), src)
+        err = _memcpy(dst.ptr, host_address(stage), nbytes, self.live_handle)
+        if err:
+            dev.staging.give_back(cls, stage)
+            raise self.error_of(err, "host-to-device copy")
+        ev = dev.create_event(False)
+        self.record(ev)
+        dev.staging.give_back_after(cls, stage, ev)
 
     def copy_d2h(self, dst: np.ndarray, src: DeviceArray) -> None:
         self._device._current()
@@ -131,15 +152,15 @@ class CudaStream:
         dev = self._device
         ptr, pinned = dev.host_info(dst)
         if pinned:
-            (err,) = _memcpy(ptr, src.ptr, nbytes, self._h)
-            if err != SUCCESS:
-                raise error(err, "device-to-host copy")
+            err = _memcpy(ptr, src.ptr, nbytes, self.live_handle)
+            if err:
+                raise self.error_of(err, "device-to-host copy")
             return
         cls, stage = dev.staging.take(nbytes)
-        (err,) = _memcpy(host_address(stage), src.ptr, nbytes, self._h)
-        if err != SUCCESS:
+        err = _memcpy(host_address(stage), src.ptr, nbytes, self.live_handle)
+        if err:
             dev.staging.give_back(cls, stage)
-            raise error(err, "device-to-host copy")
+            raise self.error_of(err, "device-to-host copy")
 
         def finish() -> None:
             try:
@@ -151,7 +172,15 @@ class CudaStream:
 
     def copy_d2d(self, dst: DeviceArray, src: DeviceArray) -> None:
         self._device._current()
-        check(_memcpy(dst.ptr, src.ptr, src.nbytes, self._h), "device-to-device copy")
+        err = _memcpy(dst.ptr, src.ptr, src.nbytes, self.live_handle)
+        if err:
+            raise self.error_of(err, "device-to-device copy")
+
+    def error_of(self, err: int, what: str) -> Exception:
+        """The error for CUresult ``err`` of ``what`` queued here."""
+        if self._closed:
+            return InvalidOperationError(f"{what} on a closed stream")
+        return error(err, what)
 
     # launches -------------------------------------------------------------------
     def launch(self, kernel: Any, config: Any, arrays: Sequence[Any], extra: Sequence[Any]
@@ -194,10 +223,17 @@ class CudaStream:
     # ordering -------------------------------------------------------------------
     def record(self, event: CudaEvent, *, stamp: bool = False) -> None:
         self._device._current()
-        try:
-            self._s.record(event._ev)
-        except Exception as exc:  # noqa: BLE001 - CUDAError
-            raise from_cuda_exception(exc, "recording an event") from exc
+        if _record is not None:
+            err = _record(event._h, self.live_handle)
+            if err:
+                raise self.error_of(err, "recording an event")
+        else:
+            if not self.live_handle:
+                raise self.error_of(INVALID_HANDLE, "recording an event")
+            try:
+                self._s.record(event._ev)
+            except Exception as exc:  # noqa: BLE001 - CUDAError
+                raise from_cuda_exception(exc, "recording an event") from exc
         event._last = self
         event._err = None
         if self._pending and not stamp:
@@ -207,6 +243,13 @@ class CudaStream:
         self._device._current()
         if event._last is self:
             return  # stream order already puts this after that record
+        if _wait is not None:
+            err = _wait(self.live_handle, event._h)
+            if err:
+                raise self.error_of(err, "stream wait on an event")
+            return
+        if not self.live_handle:
+            raise self.error_of(INVALID_HANDLE, "stream wait on an event")
         try:
             self._s.wait(event._ev)
         except Exception as exc:  # noqa: BLE001 - CUDAError
@@ -222,6 +265,7 @@ class CudaStream:
         if self._closed:
             return
         self._closed = True
+        self.live_handle = 0  # work queued from now on is refused
         try:
             self._s.sync()
         finally:

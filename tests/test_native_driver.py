@@ -1,0 +1,215 @@
+"""The native driver calls of the CUDA hot path, against a stand-in driver library.
+
+The stand-in (compiled here from C) exports the five driver functions the extension
+uses and records each call: the arguments reach it exactly, kernel parameters are
+packed with the C type's bytes, and what may never reach a driver (a null stream or
+event, an array passed by value, a bool) does not. Each check runs in a fresh process
+so the stand-in is the only driver library loaded. The real driver is exercised by the
+GPU suite (tests/test_cuda.py and every CUDA test through the backend).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+try:
+    from prism_gpu.backends.cuda import _native  # type: ignore[attr-defined]
+except ImportError:  # pragma: no cover - a build without a C compiler
+    _native = None
+
+CC = shutil.which("cc") or shutil.which("gcc")
+pytestmark = [
+    pytest.mark.skipif(_native is None, reason="the native driver extension is not built here"),
+    pytest.mark.skipif(CC is None, reason="no C compiler to build the stand-in driver"),
+]
+
+STAND_IN = r"""
+#include <string.h>
+typedef int CUresult;
+int result = 0;                 /* what every call returns */
+int calls = 0;                  /* calls made */
+unsigned long long last[12];    /* the last call's scalar arguments */
+int nparams = 0;                /* how many kernel parameters to read */
+unsigned char params[64][16];   /* their bytes, as the kernel would see them */
+int null_params = 0;            /* the launch got no parameter array */
+
+CUresult cuMemcpyAsync(unsigned long long d, unsigned long long s, unsigned long n, void *st) {
+    calls++; last[0] = d; last[1] = s; last[2] = n; last[3] = (unsigned long long)st;
+    return result;
+}
+CUresult cuEventRecord(void *e, void *s) {
+    calls++; last[0] = (unsigned long long)e; last[1] = (unsigned long long)s; return result;
+}
+CUresult cuStreamWaitEvent(void *s, void *e, unsigned flags) {
+    calls++; last[0] = (unsigned long long)s; last[1] = (unsigned long long)e; last[2] = flags;
+    return result;
+}
+CUresult cuEventQuery(void *e) { calls++; last[0] = (unsigned long long)e; return result; }
+CUresult cuLaunchKernel(void *f, unsigned gx, unsigned gy, unsigned gz, unsigned bx,
+                        unsigned by, unsigned bz, unsigned smem, void *s, void **kp,
+                        void **extra) {
+    calls++;
+    last[0] = (unsigned long long)f; last[1] = gx; last[2] = gy; last[3] = gz;
+    last[4] = bx; last[5] = by; last[6] = bz; last[7] = smem;
+    last[8] = (unsigned long long)s; last[9] = (unsigned long long)extra;
+    null_params = kp == 0;
+    for (int i = 0; i < nparams && kp && kp[i]; i++) memcpy(params[i], kp[i], 16);
+    return result;
+}
+"""
+
+PRELUDE = """
+import ctypes, sys
+import numpy as np
+lib = ctypes.CDLL(sys.argv[1], mode=ctypes.RTLD_GLOBAL)
+from prism_gpu.backends.cuda import _native as n
+assert n.load() is None, n.load()
+def calls(): return ctypes.c_int.in_dll(lib, "calls").value
+def last(i): return (ctypes.c_ulonglong * 12).in_dll(lib, "last")[i]
+def param(i, size): return bytes((ctypes.c_ubyte * 16 * 64).in_dll(lib, "params")[i])[:size]
+def set_int(name, v): ctypes.c_int.in_dll(lib, name).value = v
+"""
+
+
+@pytest.fixture(scope="module")
+def stand_in(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("driver")
+    src = d / "driver.c"
+    src.write_text(STAND_IN)
+    lib = d / "libcuda.so.1"
+    subprocess.run([CC, "-shared", "-fPIC", "-O1", "-Wl,-soname,libcuda.so.1", "-o", str(lib),
+                    str(src)], check=True, capture_output=True)
+    return lib
+
+
+def run(stand_in: Path, body: str) -> None:
+    env = dict(os.environ, LD_LIBRARY_PATH=str(stand_in.parent))
+    code = PRELUDE + textwrap.dedent(body) + "\nprint('ok')\n"
+    p = subprocess.run([sys.executable, "-c", code, str(stand_in)], env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and p.stdout.strip().endswith("ok"), p.stderr or p.stdout
+
+
+def test_without_a_driver_library_load_says_why_and_calls_refuse() -> None:
+    code = textwrap.dedent("""
+        import sys
+        from prism_gpu.backends.cuda import _native as n
+        why = n.load()
+        if why is None:
+            sys.exit(3)  # this machine has a driver library
+        assert "libcuda" in why, why
+        for call in (lambda: n.memcpy(1, 2, 3, 4), lambda: n.query(1),
+                     lambda: n.launch(1, 1, 1, 1, 1, 1, 1, 0, 1, ())):
+            try:
+                call()
+            except RuntimeError as e:
+                assert "not loaded" in str(e)
+            else:
+                raise AssertionError("a call without the driver ran")
+        print("ok")
+    """)
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=60)
+    if p.returncode == 3:
+        pytest.skip("this machine has a CUDA driver library")
+    assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr
+
+
+def test_copies_records_waits_and_queries_reach_the_driver_exactly(stand_in: Path) -> None:
+    run(stand_in, """
+        big = (1 << 64) - 16  # handles and pointers are unsigned 64-bit
+        assert n.memcpy(big, 0x2000, 1 << 33, 0x77) == 0 and calls() == 1
+        assert (last(0), last(1), last(2), last(3)) == (big, 0x2000, 1 << 33, 0x77)
+        assert n.record(0x11, 0x22) == 0 and (last(0), last(1)) == (0x11, 0x22)
+        assert n.wait(0x33, 0x44) == 0 and (last(0), last(1), last(2)) == (0x33, 0x44, 0)
+        assert n.query(0x55) == 0 and last(0) == 0x55
+        set_int("result", 600)  # the driver's code comes back as it is
+        assert n.query(0x55) == 600 and n.record(0x11, 0x22) == 600
+        assert calls() == 6
+    """)
+
+
+def test_null_handles_never_reach_the_driver(stand_in: Path) -> None:
+    # a closed stream's handle reads 0: the driver would take it for the default stream
+    run(stand_in, """
+        assert n.memcpy(1, 2, 3, 0) == 400
+        assert n.record(0, 5) == 400 and n.record(5, 0) == 400
+        assert n.wait(0, 5) == 400 and n.wait(5, 0) == 400
+        assert n.query(0) == 400
+        assert n.launch(0, 1, 1, 1, 1, 1, 1, 0, 5, ()) == 400
+        assert n.launch(5, 1, 1, 1, 1, 1, 1, 0, 0, ()) == 400
+        assert calls() == 0
+    """)
+
+
+def test_kernel_parameters_are_packed_with_their_c_types(stand_in: Path) -> None:
+    run(stand_in, """
+        set_int("nparams", 8)
+        args = [0xDEADBEEF0, np.uint64(7), np.float32(1.5), np.int8(-3), np.float64(-2.25),
+                np.complex128(1 + 2j), np.bool_(True), (1 << 64) - 1]
+        assert n.launch(0xF0, 4, 2, 1, 128, 2, 1, 256, 0x99, args) == 0
+        assert [last(i) for i in range(10)] == [0xF0, 4, 2, 1, 128, 2, 1, 256, 0x99, 0]
+        assert param(0, 8) == (0xDEADBEEF0).to_bytes(8, "little")
+        assert param(1, 8) == np.uint64(7).tobytes()
+        assert param(2, 4) == np.float32(1.5).tobytes()
+        assert param(3, 1) == np.int8(-3).tobytes()
+        assert param(4, 8) == np.float64(-2.25).tobytes()
+        assert param(5, 16) == np.complex128(1 + 2j).tobytes()
+        assert param(6, 1) == b"\\x01"
+        assert param(7, 8) == b"\\xff" * 8
+        assert n.launch(0xF0, 1, 1, 1, 1, 1, 1, 0, 0x99, ()) == 0
+        assert ctypes.c_int.in_dll(lib, "null_params").value == 1  # no parameters: NULL
+        n.launch(0xF0, 1, 1, 1, 1, 1, 1, 0, 0x99, (np.int32(-1),))  # a tuple works too
+        assert param(0, 4) == np.int32(-1).tobytes()
+    """)
+
+
+def test_arguments_c_cannot_pass_are_refused_before_the_driver(stand_in: Path) -> None:
+    run(stand_in, """
+        def refused(args, exc=TypeError):
+            before = calls()
+            try:
+                n.launch(0xF0, 1, 1, 1, 1, 1, 1, 0, 0x99, args)
+            except exc:
+                assert calls() == before, "the driver was called"
+            else:
+                raise AssertionError(f"{args!r} was accepted")
+        refused([True])                          # a bool: which C type?
+        refused([1.5])                           # a Python float: double or float?
+        refused([np.arange(2, dtype=np.float32)])  # an array is not a value
+        refused([np.ones(1, np.float32)])        # not even of one element
+        refused(["text"])
+        refused([object()])
+        refused([np.zeros((), [("a", "f8"), ("b", "f8"), ("c", "f8")])[()]])  # 24 bytes
+        refused([np.int32(1)] * 65)              # past the argument limit
+        refused([-1 << 64], OverflowError)        # no 64-bit value
+        refused(5)                               # not a sequence
+        for bad in (-1, 1 << 64):
+            try:
+                n.launch(0xF0, bad, 1, 1, 1, 1, 1, 0, 0x99, ())
+            except OverflowError:
+                pass
+            else:
+                raise AssertionError("a dimension out of range was accepted")
+        try:
+            n.launch(0xF0, 1 << 32, 1, 1, 1, 1, 1, 0, 0x99, ())
+        except OverflowError:
+            pass
+        else:
+            raise AssertionError("a 33-bit dimension was accepted")
+        for bad in (-5, "1", None):
+            try:
+                n.memcpy(bad, 1, 1, 1)
+            except (OverflowError, TypeError):
+                pass
+            else:
+                raise AssertionError(f"memcpy took {bad!r}")
+        assert calls() == 0
+    """)
