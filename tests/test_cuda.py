@@ -266,43 +266,102 @@ def test_a_launch_the_driver_rejects_raises_from_the_queue_call():
 
 
 def test_the_hot_path_calls_the_driver_from_c():
-    # the native driver calls are built and loaded wherever the CUDA backend runs (the
-    # suite runs test_cuda.py once more with PRISM_GPU_NATIVE_DRIVER=0, the other path)
+    # the native driver calls are built, loaded and wired in wherever the CUDA backend runs
+    # (the suite runs test_cuda.py once more with PRISM_GPU_NATIVE_DRIVER=0, the other path)
     import os
 
-    from prism_gpu.backends.cuda import _driver
+    from prism_gpu.backends.cuda import _driver, _stream
 
+    native = _driver.NATIVE
     if os.environ.get("PRISM_GPU_NATIVE_DRIVER", "1") == "0":
-        assert _driver.NATIVE is None
+        assert native is None and _stream._record is None
     else:
-        assert _driver.NATIVE is not None, "the native driver calls are not in use"
+        assert native is not None, "the native driver calls are not in use"
+        assert (_stream._memcpy, _stream._record, _stream._wait, _stream._query) == (
+            native.memcpy, native.record, native.wait, native.query)
 
 
-def test_a_closed_stream_refuses_work_by_name():
-    # a closed stream's work must never fall to the default stream or a freed handle
+MANY = r"""
+extern "C" __global__ void many(float* x, size_t n, PARAMS) {
+    if (threadIdx.x == 0 && blockIdx.x == 0) x[0] = (float)(SUM);
+}
+"""
+
+
+def test_a_kernel_of_more_parameters_than_the_native_launch_takes():
+    # 302 parameters: past the native call's 256, so this launch goes through cuda.core
+    rng = np.random.default_rng(11)
+    vals = [int(v) for v in rng.integers(-1000, 1000, 300)]
+    src = MANY.replace("PARAMS", ", ".join(f"int a{i}" for i in range(300))).replace(
+        "SUM", " + ".join(f"a{i}" for i in range(0, 300, 7)))
+    dev = pg.open_device("cuda")
+    try:
+        with pg.AsyncCoordinator(dev) as coord:
+            k = pg.Kernel.from_source(src, "many", config=pg.LaunchConfig(grid=1, block=32))
+            buf = pg.TripleBuffer(dev, 4)
+            out = np.full(4, np.nan, np.float32)
+            up = coord.queue_upload(np.zeros(4, np.float32), buf)
+            coord.queue_compute(k, [up], extra=tuple(vals))
+            coord.wait(coord.queue_download(buf, out))
+            buf.advance()
+    finally:
+        dev.close()
+    assert out[0] == np.float32(sum(vals[0:300:7]))
+
+def test_a_closed_stream_refuses_work_by_name(monkeypatch):
+    # a closed stream's work must never reach the driver: not the default stream, not a
+    # freed handle, not a callable running CuPy on it
+    from prism_gpu.backends.cuda import _kernels, _stream
+
     dev = pg.open_device("cuda")
     try:
         s = dev.create_stream()
         ev = dev.create_event()
         d = dev.allocate(64).view(np.float32)
+        d2 = dev.allocate(64).view(np.float32)
         host = pg.pinned_empty(16, np.float32)
         host[:] = np.random.default_rng(3).random(16, dtype=np.float32)
         k = dev.prepare_kernel(pg.Kernel.from_source(AXPY, "axpy",
                                                      config=pg.LaunchConfig(block=32)))
+        ran = []
+        fn = dev.prepare_kernel(pg.Kernel.from_callable(lambda x: ran.append(x)))
         s.copy_h2d(d, host)  # open: fine
+        s.record(ev)         # its last record is on s: a wait there would be a no-op
         s.synchronize()
         s.close()
+
+        def reached(*a):
+            raise AssertionError("a closed stream's work reached the driver")
+        monkeypatch.setattr(_stream, "_memcpy", reached)
+        for name in ("_record", "_wait"):
+            if getattr(_stream, name) is not None:
+                monkeypatch.setattr(_stream, name, reached)
+        monkeypatch.setattr(_kernels, "NATIVE", type("N", (), {"launch": reached}))
+        def staging():  # pinned staging buffers taken and free, per size class
+            return dict(dev.staging._count), {c: len(v) for c, v in dev.staging._free.items()}
+        before = staging()
         for call in (lambda: s.copy_h2d(d, host), lambda: s.copy_d2h(host, d),
                      lambda: s.copy_h2d(d, np.ones(16, np.float32)),  # pageable: staged
-                     lambda: s.record(ev),
+                     lambda: s.copy_d2h(np.empty(16, np.float32), d),
+                     lambda: s.copy_d2d(d2, d), lambda: s.record(ev), lambda: s.wait(ev),
                      lambda: s.launch(k, pg.LaunchConfig(block=32), [d],
-                                      (np.float32(1), np.float32(0)))):
-            with pytest.raises(pg.InvalidOperationError, match="closed stream"):
+                                      (np.float32(1), np.float32(0))),
+                     lambda: s.launch(fn, None, [d], ()),
+                     lambda: s.handle, lambda: s.__cuda_stream__()):
+            with pytest.raises(pg.InvalidOperationError, match="closed"):
                 call()
+        assert ran == []
+        assert staging() == before  # a refused pageable copy took no staging buffer
+        monkeypatch.undo()
         other = dev.create_stream()
         other.record(ev)
-        with pytest.raises(pg.InvalidOperationError, match="closed stream"):
-            s.wait(ev)
+        ev.close()
+        with pytest.raises(pg.InvalidOperationError, match="closed event"):
+            other.record(ev)
+        with pytest.raises(pg.InvalidOperationError, match="closed event"):
+            other.wait(ev)
+        with pytest.raises(pg.InvalidOperationError, match="closed event"):
+            ev.query()
         back = pg.pinned_empty(16, np.float32)
         back[:] = np.nan
         other.copy_d2h(back, d)  # the memory still holds the one copy made while open

@@ -32,7 +32,17 @@ pytestmark = [
 
 STAND_IN = r"""
 #include <string.h>
+#include <unistd.h>
 typedef int CUresult;
+int gated = 0;                  /* calls wait for the gate to open (up to 5 s) */
+volatile int gate = 0;
+static CUresult through_gate(void) {
+    for (int i = 0; gated && !gate; i++) {
+        if (i > 50000) return 999;  /* nobody opened it: the caller held the GIL */
+        usleep(100);
+    }
+    return 0;
+}
 int result = 0;                 /* what every call returns */
 int calls = 0;                  /* calls made */
 unsigned long long last[12];    /* the last call's scalar arguments */
@@ -42,14 +52,15 @@ int null_params = 0;            /* the launch got no parameter array */
 
 CUresult cuMemcpyAsync(unsigned long long d, unsigned long long s, unsigned long n, void *st) {
     calls++; last[0] = d; last[1] = s; last[2] = n; last[3] = (unsigned long long)st;
-    return result;
+    return through_gate() ? 999 : result;
 }
 CUresult cuEventRecord(void *e, void *s) {
-    calls++; last[0] = (unsigned long long)e; last[1] = (unsigned long long)s; return result;
+    calls++; last[0] = (unsigned long long)e; last[1] = (unsigned long long)s;
+    return through_gate() ? 999 : result;
 }
 CUresult cuStreamWaitEvent(void *s, void *e, unsigned flags) {
     calls++; last[0] = (unsigned long long)s; last[1] = (unsigned long long)e; last[2] = flags;
-    return result;
+    return through_gate() ? 999 : result;
 }
 CUresult cuEventQuery(void *e) { calls++; last[0] = (unsigned long long)e; return result; }
 CUresult cuLaunchKernel(void *f, unsigned gx, unsigned gy, unsigned gz, unsigned bx,
@@ -61,7 +72,7 @@ CUresult cuLaunchKernel(void *f, unsigned gx, unsigned gy, unsigned gz, unsigned
     last[8] = (unsigned long long)s; last[9] = (unsigned long long)extra;
     null_params = kp == 0;
     for (int i = 0; i < nparams && kp && kp[i]; i++) memcpy(params[i], kp[i], 16);
-    return result;
+    return through_gate() ? 999 : result;
 }
 """
 
@@ -70,7 +81,10 @@ import ctypes, sys
 import numpy as np
 lib = ctypes.CDLL(sys.argv[1], mode=ctypes.RTLD_GLOBAL)
 from prism_gpu.backends.cuda import _native as n
-assert n.load() is None, n.load()
+TYPES = (np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32,
+         np.uint64, np.float16, np.float32, np.float64, np.complex64, np.complex128)
+why = n.load(TYPES)
+assert why is None, why
 def calls(): return ctypes.c_int.in_dll(lib, "calls").value
 def last(i): return (ctypes.c_ulonglong * 12).in_dll(lib, "last")[i]
 def param(i, size): return bytes((ctypes.c_ubyte * 16 * 64).in_dll(lib, "params")[i])[:size]
@@ -101,7 +115,19 @@ def test_without_a_driver_library_load_says_why_and_calls_refuse() -> None:
     code = textwrap.dedent("""
         import sys
         from prism_gpu.backends.cuda import _native as n
-        why = n.load()
+        try:
+            n.load([int])
+        except TypeError:
+            pass
+        else:
+            raise AssertionError("load took a list")
+        try:
+            n.load((1,))
+        except TypeError:
+            pass
+        else:
+            raise AssertionError("load took a non-type")
+        why = n.load(())
         if why is None:
             sys.exit(3)  # this machine has a driver library
         assert "libcuda" in why, why
@@ -151,9 +177,10 @@ def test_null_handles_never_reach_the_driver(stand_in: Path) -> None:
 
 def test_kernel_parameters_are_packed_with_their_c_types(stand_in: Path) -> None:
     run(stand_in, """
-        set_int("nparams", 8)
+        set_int("nparams", 11)
         args = [0xDEADBEEF0, np.uint64(7), np.float32(1.5), np.int8(-3), np.float64(-2.25),
-                np.complex128(1 + 2j), np.bool_(True), (1 << 64) - 1]
+                np.complex128(1 + 2j), np.bool_(True), (1 << 64) - 1, np.float16(-0.5),
+                np.complex64(3 - 4j), -(1 << 63)]
         assert n.launch(0xF0, 4, 2, 1, 128, 2, 1, 256, 0x99, args) == 0
         assert [last(i) for i in range(10)] == [0xF0, 4, 2, 1, 128, 2, 1, 256, 0x99, 0]
         assert param(0, 8) == (0xDEADBEEF0).to_bytes(8, "little")
@@ -164,6 +191,10 @@ def test_kernel_parameters_are_packed_with_their_c_types(stand_in: Path) -> None
         assert param(5, 16) == np.complex128(1 + 2j).tobytes()
         assert param(6, 1) == b"\\x01"
         assert param(7, 8) == b"\\xff" * 8
+        assert param(8, 2) == np.float16(-0.5).tobytes()
+        assert param(9, 8) == np.complex64(3 - 4j).tobytes()
+        assert param(10, 8) == np.int64(-(1 << 63)).tobytes()
+        assert n.launch(0xF0, 1, 1, 1, 1, 1, 1, 0, 0x99, [np.int32(5)] * 256) == 0  # the most
         assert n.launch(0xF0, 1, 1, 1, 1, 1, 1, 0, 0x99, ()) == 0
         assert ctypes.c_int.in_dll(lib, "null_params").value == 1  # no parameters: NULL
         n.launch(0xF0, 1, 1, 1, 1, 1, 1, 0, 0x99, (np.int32(-1),))  # a tuple works too
@@ -185,10 +216,15 @@ def test_arguments_c_cannot_pass_are_refused_before_the_driver(stand_in: Path) -
         refused([1.5])                           # a Python float: double or float?
         refused([np.arange(2, dtype=np.float32)])  # an array is not a value
         refused([np.ones(1, np.float32)])        # not even of one element
+        refused([np.array(1.5, np.float32)])     # nor a 0-d array
+        refused([np.array(None, object)])        # whose bytes would be a PyObject*
         refused(["text"])
+        refused([np.str_("ab")])                 # 8 bytes of UCS-4: not a C scalar
+        refused([np.longdouble(1)])              # 16 bytes, 6 of them padding
+        refused([np.zeros((), "V4")[()]])        # raw bytes
+        refused([np.datetime64(1, "s")])
         refused([object()])
-        refused([np.zeros((), [("a", "f8"), ("b", "f8"), ("c", "f8")])[()]])  # 24 bytes
-        refused([np.int32(1)] * 65)              # past the argument limit
+        refused([np.int32(1)] * 257)             # past the argument limit
         refused([-1 << 64], OverflowError)        # no 64-bit value
         refused(5)                               # not a sequence
         for bad in (-1, 1 << 64):
@@ -212,4 +248,24 @@ def test_arguments_c_cannot_pass_are_refused_before_the_driver(stand_in: Path) -
             else:
                 raise AssertionError(f"memcpy took {bad!r}")
         assert calls() == 0
+    """)
+
+
+def test_calls_that_queue_work_let_other_threads_run_meanwhile(stand_in: Path) -> None:
+    # a full device queue blocks a call in the driver: other Python threads must go on.
+    # The stand-in's calls wait for a gate that only another Python thread opens.
+    run(stand_in, """
+        import threading, time
+        set_int("gated", 1)
+        calls_ = [lambda: n.memcpy(1, 2, 3, 4), lambda: n.record(1, 2), lambda: n.wait(1, 2),
+                  lambda: n.launch(0xF0, 1, 1, 1, 1, 1, 1, 0, 0x99, [np.int32(1)])]
+        for call in calls_:
+            ctypes.c_int.in_dll(lib, "gate").value = 0
+            def opener():
+                time.sleep(0.05)
+                ctypes.c_int.in_dll(lib, "gate").value = 1
+            t = threading.Thread(target=opener)
+            t.start()
+            assert call() == 0, "the other thread never ran: the call held the GIL"
+            t.join()
     """)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any, Optional
 
+import numpy as np
 from cuda.bindings import driver
 
 from ..._errors import KernelError, PrismGpuError, SynchronizationError
@@ -21,23 +22,32 @@ STICKY = {
 }
 
 
+# the numpy scalars a native launch passes by value, by exact type (cuda.core's set, with
+# numpy's C-named aliases); anything else is refused
+SCALAR_TYPES = tuple(dict.fromkeys((
+    np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32,
+    np.uint64, np.float16, np.float32, np.float64, np.complex64, np.complex128, np.byte,
+    np.ubyte, np.short, np.ushort, np.intc, np.uintc, np.int_, np.uint, np.longlong,
+    np.ulonglong)))
+MAX_NATIVE_ARGS = 256  # a launch of more parameters goes through cuda.core
+
+
 def _load_native() -> Any:
     """The native driver calls (``_native``), or None: not built, no driver library, or
     turned off with ``PRISM_GPU_NATIVE_DRIVER=0``."""
-    if os.environ.get("PRISM_GPU_NATIVE_DRIVER", "1").strip() in ("0", "false", "no"):
+    if os.environ.get("PRISM_GPU_NATIVE_DRIVER", "1").strip().lower() in ("0", "false", "no",
+                                                                          "off"):
         return None
     try:
         from . import _native  # type: ignore[attr-defined]
     except ImportError:  # built without a C compiler
         return None
-    why: Optional[str] = _native.load()
+    why: Optional[str] = _native.load(SCALAR_TYPES)
     return _native if why is None else None
 
 
 NATIVE = _load_native()
 NOT_READY = 600  # CUDA_ERROR_NOT_READY: an event query of work still running
-
-
 INVALID_HANDLE = 400  # CUDA_ERROR_INVALID_HANDLE
 
 

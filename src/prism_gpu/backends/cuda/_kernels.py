@@ -15,7 +15,7 @@ from cuda.core import LaunchConfig as _CoreLaunchConfig
 from cuda.core import launch as _launch
 
 from ..._errors import KernelError, PrismGpuError
-from ._driver import INVALID_HANDLE, NATIVE, check, driver, from_cuda_exception
+from ._driver import MAX_NATIVE_ARGS, NATIVE, from_cuda_exception
 
 _SIG = r"__global__\s+(?:__launch_bounds__\s*\([^)]*\)\s*)?void\s+{name}\s*\(([^)]*)\)"
 
@@ -247,7 +247,7 @@ class SourceKernel:
                ) -> None:
         args = self.arguments(arrays, extra) if (arrays or extra) else ()
         cfg = self._config(config)
-        if self._func:
+        if self._func and len(args) <= MAX_NATIVE_ARGS:
             try:
                 err = NATIVE.launch(self._func, *cfg, stream.live_handle, args)
             except (TypeError, OverflowError) as exc:  # an argument C cannot pass by value
@@ -255,8 +255,9 @@ class SourceKernel:
             if err:
                 raise stream.error_of(err, f"launching kernel {self.name!r}")
             return
-        if not stream.live_handle:
-            raise stream.error_of(INVALID_HANDLE, f"launching kernel {self.name!r}")
+        if self._func:  # past the native call's parameters: cuda.core's own config
+            cfg = _CoreLaunchConfig(grid=config.grid, block=config.block,
+                                    shmem_size=config.shared_mem_bytes)
         try:
             _launch(stream._s, cfg, self._k, *args)
         except PrismGpuError:
@@ -285,13 +286,10 @@ class CallableKernel:
 
 
 def _function(kernel: Any) -> int:
-    """The driver function handle of a cuda.core kernel, in the current context (cuda.core
-    loads kernels as library kernels; a launch takes their function, as cuda.core's does)."""
-    handle = kernel.handle
-    try:
-        return int(check(driver.cuKernelGetFunction(handle), "reading a kernel's function"))
-    except (TypeError, PrismGpuError):  # a handle that is a function already
-        return int(handle)
+    """The handle a native launch takes for a cuda.core kernel: its library kernel handle,
+    as cuda.core's own launch passes it (the driver runs it in the current context, so one
+    prepared kernel serves whichever context is current at launch)."""
+    return int(kernel.handle)
 
 
 def prepare(device: Any, kernel: Any) -> Any:

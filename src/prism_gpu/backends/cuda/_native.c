@@ -7,21 +7,25 @@
  * process has already loaded (cuda.core loads it), so the module builds and imports
  * where no CUDA is installed, and only load() says whether it can be used.
  *
- * load()                               -> None, or why the driver functions are absent
+ * load(scalar_types)                  -> None, or why the driver functions are absent;
+ *                                         scalar_types: the numpy scalar types a launch
+ *                                         passes by value (exactly these types)
  * memcpy(dst, src, nbytes, stream)     -> CUresult (cuMemcpyAsync)
  * record(event, stream)                -> CUresult (cuEventRecord)
  * wait(stream, event)                  -> CUresult (cuStreamWaitEvent)
  * query(event)                         -> CUresult (cuEventQuery)
  * launch(function, gx, gy, gz, bx, by, bz, smem, stream, args)
  *                                      -> CUresult (cuLaunchKernel); args a tuple or
- *                                         list of ints (pointer-sized integers, as
- *                                         cuda.core passes them) and numpy scalars
- *                                         (their bytes, exactly the C type's)
+ *                                         list of at most MAX_ARGS ints (pointer-sized
+ *                                         integers, as cuda.core passes them) and
+ *                                         scalars of the types given to load (their
+ *                                         bytes, exactly the C type's)
  * Handles, pointers and sizes are Python ints. A call before load() succeeded raises.
  * A null stream or event handle is refused with CUDA_ERROR_INVALID_HANDLE before any
  * driver call: a closed stream's handle reads 0, which the driver would take for the
  * legacy default stream.
- * Every call takes the GIL's time only: the driver returns at once for async work.
+ * The calls that queue work release the GIL while in the driver: it returns at once,
+ * unless the device's queue is full, and then other threads run meanwhile.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -50,8 +54,12 @@ static wait_fn p_wait;
 static query_fn p_query;
 static launch_fn p_launch;
 
-#define MAX_ARGS 64
+#define MAX_ARGS 256 /* more go through cuda.core (the caller checks) */
 #define SLOT 16 /* bytes per argument: the widest numpy scalar a kernel takes (complex128) */
+#define MAX_TYPES 32
+
+static PyTypeObject *scalar_types[MAX_TYPES]; /* owned references, set once by load() */
+static int n_scalar_types;
 
 static int
 loaded(void)
@@ -64,10 +72,20 @@ loaded(void)
 }
 
 static PyObject *
-load(PyObject *self, PyObject *unused)
+load(PyObject *self, PyObject *types)
 {
     if (p_launch != NULL)
         Py_RETURN_NONE;
+    if (!PyTuple_Check(types) || PyTuple_GET_SIZE(types) > MAX_TYPES) {
+        PyErr_Format(PyExc_TypeError, "load() takes a tuple of at most %d types", MAX_TYPES);
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(types); i++) {
+        if (!PyType_Check(PyTuple_GET_ITEM(types, i))) {
+            PyErr_SetString(PyExc_TypeError, "load() takes a tuple of types");
+            return NULL;
+        }
+    }
     void *lib = dlopen("libcuda.so.1", RTLD_NOW | RTLD_NOLOAD);
     if (lib == NULL)
         lib = dlopen("libcuda.so.1", RTLD_NOW);
@@ -82,6 +100,11 @@ load(PyObject *self, PyObject *unused)
     launch_fn l = (launch_fn)dlsym(lib, "cuLaunchKernel");
     if (!m || !r || !w || !q || !l)
         return PyUnicode_FromString("the CUDA driver library lacks an expected function");
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(types); i++) {
+        PyObject *t = PyTuple_GET_ITEM(types, i);
+        Py_INCREF(t);
+        scalar_types[n_scalar_types++] = (PyTypeObject *)t;
+    }
     p_memcpy = m;
     p_record = r;
     p_wait = w;
@@ -120,8 +143,11 @@ n_memcpy(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     if (s == 0)
         return result(INVALID_HANDLE);
-    return result(p_memcpy((CUdeviceptr)dst, (CUdeviceptr)src, (size_t)n,
-                           (CUstream)(uintptr_t)s));
+    CUresult r;
+    Py_BEGIN_ALLOW_THREADS
+    r = p_memcpy((CUdeviceptr)dst, (CUdeviceptr)src, (size_t)n, (CUstream)(uintptr_t)s);
+    Py_END_ALLOW_THREADS
+    return result(r);
 }
 
 static PyObject *
@@ -136,7 +162,11 @@ n_record(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     if (e == 0 || s == 0)
         return result(INVALID_HANDLE);
-    return result(p_record((CUevent)(uintptr_t)e, (CUstream)(uintptr_t)s));
+    CUresult r;
+    Py_BEGIN_ALLOW_THREADS
+    r = p_record((CUevent)(uintptr_t)e, (CUstream)(uintptr_t)s);
+    Py_END_ALLOW_THREADS
+    return result(r);
 }
 
 static PyObject *
@@ -151,7 +181,11 @@ n_wait(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     if (e == 0 || s == 0)
         return result(INVALID_HANDLE);
-    return result(p_wait((CUstream)(uintptr_t)s, (CUevent)(uintptr_t)e, 0));
+    CUresult r;
+    Py_BEGIN_ALLOW_THREADS
+    r = p_wait((CUstream)(uintptr_t)s, (CUevent)(uintptr_t)e, 0);
+    Py_END_ALLOW_THREADS
+    return result(r);
 }
 
 static PyObject *
@@ -165,8 +199,8 @@ n_query(PyObject *self, PyObject *arg)
     return result(p_query((CUevent)(uintptr_t)e));
 }
 
-/* Store one kernel argument in ``slot``: an int as a pointer-sized integer, a numpy
- * scalar (anything exporting a buffer of at most SLOT bytes) as its bytes. */
+/* Store one kernel argument in ``slot``: an int as a pointer-sized integer, a scalar of
+ * one of the types given to load() as its bytes; anything else is refused. */
 static int
 pack(PyObject *o, unsigned char *slot, Py_ssize_t index)
 {
@@ -178,6 +212,8 @@ pack(PyObject *o, unsigned char *slot, Py_ssize_t index)
         }
         long long v = PyLong_AsLongLong(o);
         if (v == -1 && PyErr_Occurred()) {
+            if (!PyErr_ExceptionMatches(PyExc_OverflowError))
+                return 0;
             PyErr_Clear();
             unsigned long long u = PyLong_AsUnsignedLongLong(o);
             if (u == (unsigned long long)-1 && PyErr_Occurred())
@@ -188,17 +224,18 @@ pack(PyObject *o, unsigned char *slot, Py_ssize_t index)
         memcpy(slot, &v, sizeof v);
         return 1;
     }
-    Py_buffer view;
-    /* a numpy scalar exports a 0-d buffer; an array (even of one element) does not */
-    if (PyObject_GetBuffer(o, &view, PyBUF_ND) < 0 || view.ndim != 0) {
-        if (PyErr_Occurred())
-            PyErr_Clear();
-        else
-            PyBuffer_Release(&view);
+    int known = 0;
+    for (int i = 0; i < n_scalar_types && !known; i++)
+        known = Py_TYPE(o) == scalar_types[i];
+    if (!known) {
         PyErr_Format(PyExc_TypeError, "kernel argument %zd is a %.100s: pass a pointer "
-                     "(int) or a numpy scalar", index, Py_TYPE(o)->tp_name);
+                     "(int) or a numpy scalar of the parameter's C type", index,
+                     Py_TYPE(o)->tp_name);
         return 0;
     }
+    Py_buffer view;
+    if (PyObject_GetBuffer(o, &view, PyBUF_SIMPLE) < 0)
+        return 0;
     if (view.len <= 0 || view.len > SLOT) {
         PyBuffer_Release(&view);
         PyErr_Format(PyExc_TypeError, "kernel argument %zd is %zd bytes: at most %d are "
@@ -233,10 +270,15 @@ n_launch(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     if (s == 0 || f == 0)
         return result(INVALID_HANDLE);
-    PyObject *seq = PySequence_Fast(args[9], "launch arguments must be a tuple or list");
+    if (!PyTuple_Check(args[9]) && !PyList_Check(args[9])) {
+        PyErr_SetString(PyExc_TypeError, "launch arguments must be a tuple or list");
+        return NULL;
+    }
+    /* a tuple of our own: packing cannot be affected by the caller's list changing */
+    PyObject *seq = PySequence_Tuple(args[9]);
     if (seq == NULL)
         return NULL;
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    Py_ssize_t n = PyTuple_GET_SIZE(seq);
     if (n > MAX_ARGS) {
         Py_DECREF(seq);
         PyErr_Format(PyExc_TypeError, "at most %d kernel arguments, got %zd", MAX_ARGS, n);
@@ -244,10 +286,9 @@ n_launch(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     }
     _Alignas(16) unsigned char store[MAX_ARGS][SLOT];
     void *params[MAX_ARGS + 1];
-    PyObject **items = PySequence_Fast_ITEMS(seq);
     for (Py_ssize_t i = 0; i < n; i++) {
         memset(store[i], 0, SLOT);
-        if (!pack(items[i], store[i], i)) {
+        if (!pack(PyTuple_GET_ITEM(seq, i), store[i], i)) {
             Py_DECREF(seq);
             return NULL;
         }
@@ -255,16 +296,18 @@ n_launch(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     }
     params[n] = NULL;
     Py_DECREF(seq);
-    CUresult r = p_launch((CUfunction)(uintptr_t)f, (unsigned)dims[0], (unsigned)dims[1],
-                          (unsigned)dims[2], (unsigned)dims[3], (unsigned)dims[4],
-                          (unsigned)dims[5], (unsigned)dims[6], (CUstream)(uintptr_t)s,
-                          n ? params : NULL, NULL);
+    CUresult r;
+    Py_BEGIN_ALLOW_THREADS
+    r = p_launch((CUfunction)(uintptr_t)f, (unsigned)dims[0], (unsigned)dims[1],
+                 (unsigned)dims[2], (unsigned)dims[3], (unsigned)dims[4], (unsigned)dims[5],
+                 (unsigned)dims[6], (CUstream)(uintptr_t)s, n ? params : NULL, NULL);
+    Py_END_ALLOW_THREADS
     return result(r);
 }
 
 static PyMethodDef methods[] = {
-    {"load", (PyCFunction)load, METH_NOARGS,
-     "Find the driver functions: None, or why they are absent."},
+    {"load", (PyCFunction)load, METH_O,
+     "load(scalar_types): find the driver functions; None, or why they are absent."},
     {"memcpy", (PyCFunction)(void (*)(void))n_memcpy, METH_FASTCALL,
      "memcpy(dst, src, nbytes, stream) -> CUresult of cuMemcpyAsync."},
     {"record", (PyCFunction)(void (*)(void))n_record, METH_FASTCALL,

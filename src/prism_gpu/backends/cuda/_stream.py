@@ -8,8 +8,7 @@ from typing import Any, Callable, Iterable, List, Optional, Sequence
 import numpy as np
 
 from ..._errors import InvalidOperationError
-from ._driver import (INVALID_HANDLE, NATIVE, NOT_READY, bindings_memcpy, error,
-                      from_cuda_exception)
+from ._driver import NATIVE, NOT_READY, bindings_memcpy, error, from_cuda_exception
 from .._hostranges import host_address
 from ._memory import DeviceArray
 
@@ -42,9 +41,13 @@ class CudaEvent:
                 done = True
             elif r == NOT_READY:
                 done = False
-            else:  # a sticky error (a fault of earlier work), or a closed event
+            elif not self._h:
+                raise InvalidOperationError("querying a closed event")
+            else:  # a sticky error: a fault of earlier work
                 raise error(r, "querying an event")
         else:
+            if self._ev is None:
+                raise InvalidOperationError("querying a closed event")
             # cuda.core's checks run in C: about twice as fast as a cuda.bindings call
             try:
                 done = self._ev.is_done
@@ -118,13 +121,20 @@ class CudaStream:
 
     @property
     def handle(self) -> int:
+        if self._closed:  # a freed handle: another library would queue work on it
+            raise InvalidOperationError("this stream is closed: it has no handle")
         return self._h
 
     def __cuda_stream__(self) -> tuple:
-        return (0, self._h)
+        return (0, self.handle)
+
+    def _refuse_closed(self, what: str) -> None:
+        raise InvalidOperationError(f"{what} on a closed stream")
 
     # copies ---------------------------------------------------------------------
     def copy_h2d(self, dst: DeviceArray, src: np.ndarray) -> None:
+        if self._closed:
+            self._refuse_closed("host-to-device copy")
         self._device._current()
         nbytes = src.nbytes
         dev = self._device
@@ -142,11 +152,21 @@ class CudaStream:
         if err:
             dev.staging.give_back(cls, stage)
             raise self.error_of(err, "host-to-device copy")
-        ev = dev.create_event(False)
-        self.record(ev)
+        try:
+            ev = dev.create_event(False)
+            self.record(ev)
+        except BaseException:
+            # the copy is queued but nothing marks its end: wait for it, then give back
+            try:
+                self.synchronize()
+            finally:
+                dev.staging.give_back(cls, stage)
+            raise
         dev.staging.give_back_after(cls, stage, ev)
 
     def copy_d2h(self, dst: np.ndarray, src: DeviceArray) -> None:
+        if self._closed:
+            self._refuse_closed("device-to-host copy")
         self._device._current()
         nbytes = dst.nbytes
         dev = self._device
@@ -171,6 +191,8 @@ class CudaStream:
         self._pending.append(finish)
 
     def copy_d2d(self, dst: DeviceArray, src: DeviceArray) -> None:
+        if self._closed:
+            self._refuse_closed("device-to-device copy")
         self._device._current()
         err = _memcpy(dst.ptr, src.ptr, src.nbytes, self.live_handle)
         if err:
@@ -185,6 +207,8 @@ class CudaStream:
     # launches -------------------------------------------------------------------
     def launch(self, kernel: Any, config: Any, arrays: Sequence[Any], extra: Sequence[Any]
                ) -> None:
+        if self._closed:  # a callable would run CuPy or PyTorch on the freed stream
+            self._refuse_closed(f"launching kernel {kernel.name!r}")
         self._device._current()
         kernel.launch(self, config, arrays, extra)
 
@@ -222,14 +246,16 @@ class CudaStream:
 
     # ordering -------------------------------------------------------------------
     def record(self, event: CudaEvent, *, stamp: bool = False) -> None:
+        if self._closed:
+            self._refuse_closed("recording an event")
+        if not event._h:  # cuda.core would record a new event instead, and succeed
+            raise InvalidOperationError("recording a closed event")
         self._device._current()
         if _record is not None:
             err = _record(event._h, self.live_handle)
             if err:
                 raise self.error_of(err, "recording an event")
         else:
-            if not self.live_handle:
-                raise self.error_of(INVALID_HANDLE, "recording an event")
             try:
                 self._s.record(event._ev)
             except Exception as exc:  # noqa: BLE001 - CUDAError
@@ -240,6 +266,10 @@ class CudaStream:
             event._finish, self._pending = self._pending, []
 
     def wait(self, event: CudaEvent, *, propagate: bool = True) -> None:
+        if self._closed:
+            self._refuse_closed("stream wait on an event")
+        if not event._h:
+            raise InvalidOperationError("stream wait on a closed event")
         self._device._current()
         if event._last is self:
             return  # stream order already puts this after that record
@@ -248,8 +278,6 @@ class CudaStream:
             if err:
                 raise self.error_of(err, "stream wait on an event")
             return
-        if not self.live_handle:
-            raise self.error_of(INVALID_HANDLE, "stream wait on an event")
         try:
             self._s.wait(event._ev)
         except Exception as exc:  # noqa: BLE001 - CUDAError
@@ -266,6 +294,7 @@ class CudaStream:
             return
         self._closed = True
         self.live_handle = 0  # work queued from now on is refused
+        self._interop = None  # CuPy and PyTorch views of the freed stream
         try:
             self._s.sync()
         finally:
