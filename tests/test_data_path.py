@@ -219,6 +219,30 @@ def test_register_streams_a_big_array_in_place(ctx: pg.ManagedGpuContext,
     np.testing.assert_array_equal(res.reshape(-1), expect)
 
 
+def test_registered_memory_is_found_exactly_however_often_asked(
+        ctx: pg.ManagedGpuContext) -> None:
+    # slices of a registered array are found quickly (remembered by their base array):
+    # the answer must stay exact for part-registered bases, across blocks and after them
+    dev = ctx.device
+    big = np.zeros((64, 1024), F32)
+    flat = big.reshape(-1)
+    with pg.register(flat[:16 * 1024], ctx=ctx):           # the first 16 rows only
+        for _ in range(3):                                  # asked again: the same answers
+            assert dev.is_pinned(big[3]) and dev.is_pinned(flat[1024:2048])
+            assert not dev.is_pinned(big[20]) and not dev.is_pinned(big[10:20])
+            assert not dev.is_pinned(big[:, :8])            # not contiguous
+    assert not dev.is_pinned(big[3])                         # released
+    with pg.register(big, ctx=ctx) as whole:                 # all of it
+        for _ in range(3):
+            assert all(dev.is_pinned(whole[i]) for i in range(64))
+            assert dev.is_pinned(big[40]) and not dev.is_pinned(whole[:, ::2])
+    for _ in range(3):
+        assert not dev.is_pinned(big[40]) and not dev.is_pinned(big)
+    other = np.zeros((64, 1024), F32)                        # same shape, other memory
+    with pg.register(big, ctx=ctx):
+        assert not dev.is_pinned(other[5]) and dev.is_pinned(big[5])
+
+
 def test_register_rejects_what_cannot_be_pinned(ctx: pg.ManagedGpuContext) -> None:
     a = np.zeros((64, 64), F32)
     with pytest.raises(pg.TransferError, match="C-contiguous"):

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import threading
-from typing import List, Tuple
+import weakref
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -40,13 +41,32 @@ class HostRanges:
         self._lock = threading.Lock()
         self.ranges: Tuple[Tuple[int, int], ...] = ()
         self.generation = 0
+        # id(root) -> (weak reference to it, generation): base arrays lying wholly in a
+        # registered range, so that the batches sliced from them are found at once
+        self._whole: Dict[int, Tuple[Any, int]] = {}
 
-    def covers(self, array: np.ndarray) -> bool:
+    def covers(self, array: np.ndarray, root: Optional[np.ndarray] = None) -> bool:
+        """Whether C-contiguous ``array`` lies in a registered range; ``root``, the base
+        array it views (if the caller knows it), lets slices of one be found quickly."""
         ranges = self.ranges
         if not ranges or not array.flags.c_contiguous:
             return False
+        whole = self._whole
+        if root is not None:
+            hit = whole.get(id(root))
+            if hit is not None and hit[0]() is root and hit[1] == self.generation:
+                return True
         start, end = address_range(array)
-        return any(s <= start and end <= e for s, e in ranges)
+        for s, e in ranges:
+            if s <= start and end <= e:
+                if root is not None and root.flags.c_contiguous:
+                    rs, re = address_range(root)
+                    if s <= rs and re <= e:
+                        if len(whole) > 256:
+                            whole.clear()
+                        whole[id(root)] = (weakref.ref(root), self.generation)
+                return True
+        return False
 
     def reserve(self, array: np.ndarray) -> Tuple[int, int]:
         """Add ``array``'s range, or raise ValueError if part of it is registered."""

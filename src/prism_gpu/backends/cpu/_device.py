@@ -80,7 +80,8 @@ class CpuDevice:
         return self._track(self._pinned, np.empty(int(nbytes), dtype=np.uint8))
 
     def is_pinned(self, array: np.ndarray) -> bool:
-        return id(_root(array)) in self._pinned or self._registered.covers(array)
+        root = _root(array)
+        return id(root) in self._pinned or self._registered.covers(array, root)
 
     def register_host(self, array: np.ndarray) -> Any:
         """Bookkeeping only (host memory is what this device computes on), so code

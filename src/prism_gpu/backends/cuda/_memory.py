@@ -149,7 +149,7 @@ class PinnedAllocator:
         base = array
         while isinstance(base.base, np.ndarray):
             base = base.base
-        return id(base) in cls._roots or REGISTERED.covers(array)
+        return id(base) in cls._roots or REGISTERED.covers(array, base)
 
     # (weakref, address, pinned, registration generation) per array id: loops reuse arrays
     _info: Dict[int, Tuple[Any, int, bool, int]] = {}
