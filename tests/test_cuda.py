@@ -175,6 +175,49 @@ def test_streams_wrap_into_cupy_and_torch(cuda_coord):
         assert torch.cuda.current_stream().cuda_stream == s.handle
 
 
+@pytest.mark.parametrize("torch_calls", ["raw", "public"])
+def test_a_callable_switches_cupy_and_torch_streams_and_puts_them_back(cuda_coord,
+                                                                      monkeypatch, torch_calls):
+    cupy = pytest.importorskip("cupy")
+    torch = pytest.importorskip("torch")
+    from prism_gpu.backends.cuda import _interop
+
+    if torch_calls == "public":  # a torch without the raw stream calls
+        monkeypatch.setattr(_interop, "_raw_stream_calls", lambda torch, ordinal: (None, None))
+    else:
+        assert _interop._raw_stream_calls(torch, 0)[0] is not None
+    s = cuda_coord.compute_stream()
+    mine = torch.cuda.Stream()  # the caller's own current streams, to be restored
+    cp_mine = cupy.cuda.Stream(non_blocking=True)
+    seen = []
+
+    def body(a, stream):
+        seen.append((torch.cuda.current_stream().cuda_stream,
+                     cupy.cuda.get_current_stream().ptr))
+        with pg.interop.use_stream(stream):  # nested on the same stream
+            seen.append((torch.cuda.current_stream().cuda_stream,
+                         cupy.cuda.get_current_stream().ptr))
+        seen.append((torch.cuda.current_stream().cuda_stream,
+                     cupy.cuda.get_current_stream().ptr))
+        if len(seen) > 3:
+            raise ValueError("the second launch fails")
+
+    k = pg.Kernel.from_callable(body)
+    buf = pg.TripleBuffer(cuda_coord.device, 16)
+    with torch.cuda.stream(mine), cp_mine:
+        up = cuda_coord.queue_upload(np.ones(16, np.float32), buf)
+        cuda_coord.queue_compute(k, [up])
+        assert torch.cuda.current_stream().cuda_stream == mine.cuda_stream
+        assert cupy.cuda.get_current_stream().ptr == cp_mine.ptr
+        failed = cuda_coord.queue_compute(k, [up])   # raises inside: still put back
+        assert torch.cuda.current_stream().cuda_stream == mine.cuda_stream
+        assert cupy.cuda.get_current_stream().ptr == cp_mine.ptr
+    with pytest.raises(pg.PrismGpuError):
+        cuda_coord.wait(failed)
+    buf.advance()
+    assert seen[:3] == [(s.handle, s.handle)] * 3
+
+
 def test_dlpack_capsule_lifetime(cuda_coord):
     cupy = pytest.importorskip("cupy")
     dev = cuda_coord.device

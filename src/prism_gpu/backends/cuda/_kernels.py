@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import sys
@@ -276,13 +275,24 @@ class CallableKernel:
 
     def launch(self, stream: Any, config: Any, arrays: Sequence[Any], extra: Sequence[Any]
                ) -> None:
-        with contextlib.ExitStack() as stack:
+        entered = []  # (an ExitStack costs more than the switches it wraps)
+        try:
             for ctx in stream.interop_contexts(sys.modules):
-                stack.enter_context(ctx)
+                ctx.__enter__()
+                entered.append(ctx)
             if self._stream_kw:
                 self._fn(*arrays, *extra, stream=stream)
             else:
                 self._fn(*arrays, *extra)
+        finally:
+            failed = None  # every entered one is left, even if one fails to
+            for ctx in reversed(entered):
+                try:
+                    ctx.__exit__(None, None, None)
+                except BaseException as exc:  # noqa: BLE001 - raised below
+                    failed = failed or exc
+            if failed is not None:
+                raise failed
 
 
 def _function(kernel: Any) -> int:

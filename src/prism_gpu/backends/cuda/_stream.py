@@ -10,6 +10,7 @@ import numpy as np
 from ..._errors import InvalidOperationError
 from ._driver import NATIVE, NOT_READY, bindings_memcpy, error, from_cuda_exception
 from .._hostranges import host_address
+from ._interop import foreign_contexts
 from ._memory import DeviceArray
 
 # The driver calls of the hot path: native (one C call each) when built and loadable,
@@ -215,31 +216,17 @@ class CudaStream:
     def interop_contexts(self, modules: dict) -> Iterable[Any]:
         """Context managers making this stream current in CuPy / PyTorch, if imported.
 
-        The foreign stream objects are made once per stream (and again only when
-        CuPy or PyTorch is imported later): a callable kernel pays this on every launch.
+        Made once per stream (and again only when CuPy or PyTorch is imported later)
+        and reused: a callable kernel enters them on every launch.
         """
-        cupy, torch = modules.get("cupy"), modules.get("torch")
-        key = (cupy is not None, torch is not None)
+        if self._closed:
+            self._refuse_closed("making a stream current in CuPy or PyTorch")
+        key = (modules.get("cupy"), modules.get("torch"))
         cached = self._interop
         if cached is None or cached[0] != key:
-            cp_stream = th_stream = cp_device = None
-            ordinal = self._device.ordinal
-            if cupy is not None:
-                cp_device = cupy.cuda.Device(ordinal)
-                with cp_device:
-                    from_external = getattr(cupy.cuda.Stream, "from_external", None)
-                    cp_stream = (from_external(self) if from_external is not None
-                                 else cupy.cuda.ExternalStream(self._h))
-            if torch is not None and torch.cuda.is_available():
-                th_stream = torch.cuda.ExternalStream(self._h, device=ordinal)
-            cached = self._interop = (key, cp_stream, th_stream, cp_device)
-        out = []
-        if cached[1] is not None:
-            out.append(cached[3])  # CuPy's current device: this stream's
-            out.append(cached[1])  # a CuPy stream is its own (re-entrant) context manager
-        if cached[2] is not None and torch is not None:
-            out.append(torch.cuda.stream(cached[2]))
-        return out
+            cached = self._interop = (key, foreign_contexts(self, self._h, self._device.ordinal,
+                                                            *key))
+        return cached[1]
 
     def _interop_enter(self, modules: dict) -> Iterable[Any]:
         return self.interop_contexts(modules)
