@@ -412,3 +412,32 @@ def test_a_closed_stream_refuses_work_by_name(monkeypatch):
         np.testing.assert_array_equal(back, host)
     finally:
         dev.close()
+
+
+def test_leaving_stream_switches_keeps_the_kernels_error_and_leaves_every_one():
+    from prism_gpu.backends.cuda._kernels import _leave
+
+    left = []
+
+    class Switch:
+        def __init__(self, name, fails):
+            self.name, self.fails = name, fails
+
+        def __exit__(self, *exc):
+            left.append(self.name)
+            if self.fails:
+                raise RuntimeError(f"leaving {self.name}")
+
+    switches = [Switch("a", True), Switch("b", False), Switch("c", True)]
+    own = ValueError("the kernel's own")
+    _leave(switches, own)  # the kernel's error stays the one raised (by its caller)
+    assert left == ["c", "b", "a"]
+    assert [n for n in own.__notes__ if "leaving" in n] == [
+        "also, restoring the CuPy/PyTorch streams failed: RuntimeError('leaving c')",
+        "also, restoring the CuPy/PyTorch streams failed: RuntimeError('leaving a')"]
+    left.clear()
+    with pytest.raises(RuntimeError, match="leaving c") as info:
+        _leave(switches, None)  # no kernel error: the first leaving failure, noted
+    assert left == ["c", "b", "a"]
+    assert info.value.__notes__ == [
+        "also, restoring the CuPy/PyTorch streams failed: RuntimeError('leaving a')"]

@@ -3,6 +3,7 @@ place (``pg.register``), and constants kept on the device (``DeviceArray``)."""
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, List
 
 import numpy as np
@@ -241,6 +242,55 @@ def test_registered_memory_is_found_exactly_however_often_asked(
     other = np.zeros((64, 1024), F32)                        # same shape, other memory
     with pg.register(big, ctx=ctx):
         assert not dev.is_pinned(other[5]) and dev.is_pinned(big[5])
+
+
+def test_an_unregister_racing_a_lookup_leaves_no_stale_answer(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # another thread's unregister lands between a lookup's range test and what it
+    # remembers: the memory must not stay "registered" (a later register would then
+    # skip registering it)
+    from prism_gpu.backends import _hostranges as hr
+
+    ranges = hr.HostRanges()
+    ranges.reserve(np.zeros(16))                 # an unrelated block stays open
+    big = np.zeros(1 << 16)
+    span = ranges.reserve(big)
+    real = hr.address_range
+    calls = [0]
+
+    def racing(a: np.ndarray) -> Any:
+        calls[0] += 1
+        if calls[0] == 2:                        # after the range test, before the store
+            ranges.remove(*span)
+        return real(a)
+    monkeypatch.setattr(hr, "address_range", racing)
+    assert ranges.covers(big[5:6], big)          # true when asked: it was registered
+    monkeypatch.setattr(hr, "address_range", real)
+    for _ in range(3):
+        assert not ranges.covers(big[5:6], big) and not ranges.covers(big[5:6])
+
+
+def test_a_registered_array_can_be_resized_after_its_block(
+        ctx: pg.ManagedGpuContext) -> None:
+    a = np.zeros(1 << 16, F32)
+    with pg.register(a, ctx=ctx) as p:
+        assert ctx.device.is_pinned(p[10:20])    # remembered while registered
+        del p
+    a.resize(1 << 17, refcheck=False)            # nothing of ours still refers to it
+    assert a.size == 1 << 17
+
+
+def test_a_base_whose_strides_changed_is_searched_again() -> None:
+    from prism_gpu.backends import _hostranges as hr
+
+    ranges = hr.HostRanges()
+    root = np.frombuffer(bytearray(8000), dtype=np.float64, count=10)
+    ranges.reserve(root)                          # its 80 bytes
+    assert ranges.covers(root[3:4], root)        # remembered
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # (numpy 2.4 deprecates it)
+        root.strides = (800,)                    # its elements now lie past the range
+    assert not ranges.covers(root[3:4], root) and not ranges.covers(root[3:4])
 
 
 def test_register_rejects_what_cannot_be_pinned(ctx: pg.ManagedGpuContext) -> None:

@@ -35,26 +35,36 @@ def address_range(array: np.ndarray) -> Tuple[int, int]:
 
 class HostRanges:
     """Registered ranges of host memory. Lookups are lock-free reads of an immutable
-    tuple (the hot path asks on every copy); changes take the lock and publish a new one."""
+    (ranges, generation) pair (the hot path asks on every copy); changes take the lock
+    and publish a new pair, and forget the base arrays found wholly registered."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self.ranges: Tuple[Tuple[int, int], ...] = ()
-        self.generation = 0
+        self.state: Tuple[Tuple[Tuple[int, int], ...], int] = ((), 0)
         # id(root) -> (weak reference to it, generation): base arrays lying wholly in a
         # registered range, so that the batches sliced from them are found at once
         self._whole: Dict[int, Tuple[Any, int]] = {}
 
+    @property
+    def ranges(self) -> Tuple[Tuple[int, int], ...]:
+        return self.state[0]
+
+    @property
+    def generation(self) -> int:
+        """Changes whenever a range is added or removed."""
+        return self.state[1]
+
     def covers(self, array: np.ndarray, root: Optional[np.ndarray] = None) -> bool:
         """Whether C-contiguous ``array`` lies in a registered range; ``root``, the base
         array it views (if the caller knows it), lets slices of one be found quickly."""
-        ranges = self.ranges
+        ranges, generation = self.state  # one snapshot: what is remembered is of it
         if not ranges or not array.flags.c_contiguous:
             return False
         whole = self._whole
         if root is not None:
             hit = whole.get(id(root))
-            if hit is not None and hit[0]() is root and hit[1] == self.generation:
+            if hit is not None and hit[0]() is root and hit[1] == generation \
+                    and root.flags.c_contiguous:  # (strides can be set on a base)
                 return True
         start, end = address_range(array)
         for s, e in ranges:
@@ -64,7 +74,7 @@ class HostRanges:
                     if s <= rs and re <= e:
                         if len(whole) > 256:
                             whole.clear()
-                        whole[id(root)] = (weakref.ref(root), self.generation)
+                        whole[id(root)] = (weakref.ref(root), generation)
                 return True
         return False
 
@@ -72,16 +82,19 @@ class HostRanges:
         """Add ``array``'s range, or raise ValueError if part of it is registered."""
         start, end = address_range(array)
         with self._lock:
-            if any(s < end and start < e for s, e in self.ranges):
+            ranges, generation = self.state
+            if any(s < end and start < e for s, e in ranges):
                 raise ValueError("part of this memory is registered already (an overlapping "
                                  "pg.register block is open)")
-            self.ranges = self.ranges + ((start, end),)
-            self.generation += 1
+            self.state = (ranges + ((start, end),), generation + 1)
+            self._whole = {}
         return start, end
 
     def remove(self, start: int, end: int) -> None:
         with self._lock:
-            items: List[Tuple[int, int]] = list(self.ranges)
+            ranges, generation = self.state
+            items: List[Tuple[int, int]] = list(ranges)
             items.remove((start, end))
-            self.ranges = tuple(items)
-            self.generation += 1
+            self.state = (tuple(items), generation + 1)
+            # (weak references kept would stop numpy resizing the arrays afterwards)
+            self._whole = {}

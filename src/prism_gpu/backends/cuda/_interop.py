@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Any, List, Optional, Tuple
 
 
@@ -13,15 +14,16 @@ class TorchCurrent:
     ``torch.cuda.stream`` per launch cost more than the switch itself. The streams are
     read and set as torch's own ``current_stream``/``set_stream`` do, without making a
     Python stream object per read (torch's calls themselves where those are missing).
-    Re-entrant: nested blocks restore in order."""
+    Re-entrant, and per thread (torch's current streams are): nested blocks restore in
+    order, blocks of other threads at the same time keep their own saved streams."""
 
-    __slots__ = ("_cuda", "_stream", "_ordinal", "_saved", "_get", "_set", "_mine")
+    __slots__ = ("_cuda", "_stream", "_ordinal", "_local", "_get", "_set", "_mine")
 
     def __init__(self, torch: Any, stream: Any, ordinal: int) -> None:
         self._cuda = torch.cuda
         self._stream = stream
         self._ordinal = ordinal
-        self._saved: List[Tuple[Any, Optional[Any]]] = []
+        self._local = threading.local()  # .saved: this thread's stack of streams to restore
         self._mine = (stream.stream_id, stream.device_index, stream.device_type)
         self._get, self._set = _raw_stream_calls(torch, ordinal)
 
@@ -42,14 +44,19 @@ class TorchCurrent:
         other = self._current(here) if here != self._ordinal else None
         # also makes the stream's device current
         self._make_current(self._mine if self._set is not None else self._stream)
-        self._saved.append((mine, other))
+        saved: Optional[List[Tuple[Any, Optional[Any]]]] = getattr(self._local, "saved", None)
+        if saved is None:
+            saved = self._local.saved = []
+        saved.append((mine, other))
         return self._stream
 
     def __exit__(self, *exc: Any) -> None:
-        mine, other = self._saved.pop()
-        self._make_current(mine)
-        if other is not None:
-            self._make_current(other)  # and the device that was current before
+        mine, other = self._local.saved.pop()
+        try:
+            self._make_current(mine)
+        finally:
+            if other is not None:
+                self._make_current(other)  # and the device that was current before
 
 
 def _raw_stream_calls(torch: Any, ordinal: int) -> Tuple[Any, Any]:

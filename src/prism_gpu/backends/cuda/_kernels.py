@@ -276,6 +276,7 @@ class CallableKernel:
     def launch(self, stream: Any, config: Any, arrays: Sequence[Any], extra: Sequence[Any]
                ) -> None:
         entered = []  # (an ExitStack costs more than the switches it wraps)
+        failed: Optional[BaseException] = None
         try:
             for ctx in stream.interop_contexts(sys.modules):
                 ctx.__enter__()
@@ -284,15 +285,31 @@ class CallableKernel:
                 self._fn(*arrays, *extra, stream=stream)
             else:
                 self._fn(*arrays, *extra)
+        except BaseException as exc:
+            failed = exc
+            raise
         finally:
-            failed = None  # every entered one is left, even if one fails to
-            for ctx in reversed(entered):
-                try:
-                    ctx.__exit__(None, None, None)
-                except BaseException as exc:  # noqa: BLE001 - raised below
-                    failed = failed or exc
-            if failed is not None:
-                raise failed
+            _leave(entered, failed)
+
+
+def _leave(entered: List[Any], failed: Optional[BaseException]) -> None:
+    """Leave every stream switch ``entered``, the last first, even if one fails to. The
+    kernel's own error ``failed`` stays the one raised (leaving failures become notes on
+    it); else the first leaving failure is raised, with notes of the others."""
+    errors: List[BaseException] = []
+    for ctx in reversed(entered):
+        try:
+            ctx.__exit__(None, None, None)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+    if not errors:
+        return
+    first = failed if failed is not None else errors[0]
+    for other in errors:
+        if other is not first:
+            first.add_note(f"also, restoring the CuPy/PyTorch streams failed: {other!r}")
+    if failed is None:
+        raise first
 
 
 def _function(kernel: Any) -> int:

@@ -158,14 +158,15 @@ class PinnedAllocator:
     def host_info(cls, array: np.ndarray) -> Tuple[int, bool]:
         """(address, pinned?) of a host array; cached until a registration changes."""
         key = id(array)
+        generation = REGISTERED.generation  # before the answer: a change meanwhile misses
         hit = cls._info.get(key)
-        if hit is not None and hit[0]() is array and hit[3] == REGISTERED.generation:
+        if hit is not None and hit[0]() is array and hit[3] == generation:
             return hit[1], hit[2]
         info = (host_address(array), cls.is_pinned(array))
         cache = cls._info
         if len(cache) > 4096:
             cache.clear()
-        cache[key] = (weakref.ref(array), info[0], info[1], REGISTERED.generation)
+        cache[key] = (weakref.ref(array), info[0], info[1], generation)
         return info
 
 
