@@ -72,16 +72,17 @@ def ab(rounds: int) -> None:
             k._configs.clear()
 
     s1, s2 = dev.create_stream(), dev.create_stream()
-    ev = dev.create_event()
+    other, mine = dev.create_event(), dev.create_event()
+    s2.record(other)  # recorded on another stream: every wait below reaches the driver
     d = dev.allocate(N * 4).view(np.float32)
 
     def one_op(i: int) -> None:
-        s1.wait(ev)
+        s1.wait(other)
         s1.copy_h2d(d, h_in)
-        s1.record(ev)
+        s1.record(mine)
     res: Dict[str, List[float]] = {}
-    for _ in range(rounds):
-        for on in (True, False):
+    for r in range(rounds):
+        for on in ((True, False) if r % 2 == 0 else (False, True)):  # neither always first
             mode(on)
             tag = "native" if on else "cuda.core"
             res.setdefault(f"{tag} Pattern-1 iteration", []).append(

@@ -316,9 +316,17 @@ def test_the_hot_path_calls_the_driver_from_c():
     from prism_gpu.backends.cuda import _driver, _stream
 
     native = _driver.NATIVE
-    if os.environ.get("PRISM_GPU_NATIVE_DRIVER", "1") == "0":
+    dev = pg.open_device("cuda")
+    try:
+        said = dev.properties["native_driver_calls"]  # what prism-gpu info shows
+    finally:
+        dev.close()
+    if os.environ.get("PRISM_GPU_NATIVE_DRIVER", "1").strip().lower() in ("0", "false", "no",
+                                                                        "off"):
         assert native is None and _stream._record is None
+        assert said.startswith("off: PRISM_GPU_NATIVE_DRIVER")
     else:
+        assert said == "on"
         assert native is not None, "the native driver calls are not in use"
         assert (_stream._memcpy, _stream._record, _stream._wait, _stream._query) == (
             native.memcpy, native.record, native.wait, native.query)
@@ -412,32 +420,3 @@ def test_a_closed_stream_refuses_work_by_name(monkeypatch):
         np.testing.assert_array_equal(back, host)
     finally:
         dev.close()
-
-
-def test_leaving_stream_switches_keeps_the_kernels_error_and_leaves_every_one():
-    from prism_gpu.backends.cuda._kernels import _leave
-
-    left = []
-
-    class Switch:
-        def __init__(self, name, fails):
-            self.name, self.fails = name, fails
-
-        def __exit__(self, *exc):
-            left.append(self.name)
-            if self.fails:
-                raise RuntimeError(f"leaving {self.name}")
-
-    switches = [Switch("a", True), Switch("b", False), Switch("c", True)]
-    own = ValueError("the kernel's own")
-    _leave(switches, own)  # the kernel's error stays the one raised (by its caller)
-    assert left == ["c", "b", "a"]
-    assert [n for n in own.__notes__ if "leaving" in n] == [
-        "also, restoring the CuPy/PyTorch streams failed: RuntimeError('leaving c')",
-        "also, restoring the CuPy/PyTorch streams failed: RuntimeError('leaving a')"]
-    left.clear()
-    with pytest.raises(RuntimeError, match="leaving c") as info:
-        _leave(switches, None)  # no kernel error: the first leaving failure, noted
-    assert left == ["c", "b", "a"]
-    assert info.value.__notes__ == [
-        "also, restoring the CuPy/PyTorch streams failed: RuntimeError('leaving a')"]

@@ -90,7 +90,7 @@ def test_threads_switching_one_stream_at_once_restore_their_own_streams(torch: A
         torch.cuda.set_stream(FakeStream(11, 1))
         before = snapshot(torch)
         with sw:
-            entered.wait()
+            entered.wait(10)
         a_left.set()
         seen["a"] = (before, snapshot(torch))
 
@@ -98,15 +98,16 @@ def test_threads_switching_one_stream_at_once_restore_their_own_streams(torch: A
         torch.cuda.set_stream(FakeStream(22, 0))
         before = snapshot(torch)
         with sw:
-            entered.wait()
-            a_left.wait()
+            entered.wait(10)
+            a_left.wait(10)
         seen["b"] = (before, snapshot(torch))
 
-    threads = [threading.Thread(target=a), threading.Thread(target=b)]
+    threads = [threading.Thread(target=a, daemon=True), threading.Thread(target=b, daemon=True)]
     for t in threads:
         t.start()
     for t in threads:
-        t.join(10)
+        t.join(20)
+    assert not any(t.is_alive() for t in threads), "a thread hung"
     assert seen["a"][0] == seen["a"][1] and seen["b"][0] == seen["b"][1]
 
 
@@ -124,3 +125,33 @@ def test_a_torch_without_raw_calls_or_with_odd_ones_takes_the_public_ones() -> N
     with _interop.TorchCurrent(torch, FakeStream(9, 0), 0):
         assert snapshot(torch)[1][0] == 9
     assert snapshot(torch) == before
+
+
+def test_leaving_the_switches_keeps_the_kernels_error_and_leaves_every_one() -> None:
+    left = []
+
+    class Switch:
+        def __init__(self, name: str, fails: bool) -> None:
+            self.name, self.fails = name, fails
+
+        def __exit__(self, *exc: Any) -> None:
+            left.append(self.name)
+            if self.fails:
+                raise RuntimeError(f"leaving {self.name}")
+
+    switches = [Switch("a", True), Switch("b", False), Switch("c", True)]
+    own = ValueError("the kernel's own")
+    _interop.leave(switches, own)  # the kernel's error stays the one its caller raises
+    assert left == ["c", "b", "a"]
+    assert own.__notes__ == [
+        "also, restoring the CuPy/PyTorch streams failed: RuntimeError('leaving c')",
+        "also, restoring the CuPy/PyTorch streams failed: RuntimeError('leaving a')"]
+    left.clear()
+    with pytest.raises(RuntimeError, match="leaving c") as info:
+        _interop.leave(switches, None)  # no kernel error: the first leaving failure, noted
+    assert left == ["c", "b", "a"]
+    assert info.value.__notes__ == [
+        "also, restoring the CuPy/PyTorch streams failed: RuntimeError('leaving a')"]
+    left.clear()
+    _interop.leave([Switch("a", False)], None)  # nothing failed: nothing raised
+    assert left == ["a"]

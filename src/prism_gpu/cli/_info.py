@@ -50,6 +50,8 @@ def info(args: Any) -> int:
     t.add_row("D2H (pinned)", f"{bw.d2h:.1f} GB/s")
     t.add_row("both directions", f"{bw.bidirectional:.1f} GB/s in total")
     t.add_row("copy size", f"{bw.nbytes / 2**20:.0f} MiB")
+    if "native_driver_calls" in props:
+        t.add_row("native driver calls", str(props["native_driver_calls"]))
     con = Console()
     con.print(t)
     d = Table(title=f"{len(devices)} device(s) of the {device.kind} backend")

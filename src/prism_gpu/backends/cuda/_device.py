@@ -9,7 +9,7 @@ from typing import Any, Dict, Tuple
 import numpy as np
 
 from ..._errors import BackendUnavailableError, KernelError
-from ._driver import check, driver, from_cuda_exception
+from ._driver import NATIVE_STATUS, check, driver, from_cuda_exception
 from ._kernels import prepare
 from ._memory import (DeviceArray, PinnedAllocator, StagingPool, device_alloc, register_host,
                       unregister_host)
@@ -64,7 +64,8 @@ class CudaDevice:
         total = check(driver.cuDeviceTotalMem(self._dev.device_id), "reading device memory")
         return {"backend": "cuda", "name": self.name, "compute_capability": f"sm_{self.arch}",
                 "multiprocessors": p.multiprocessor_count, "total_memory": int(total),
-                "driver_version": check(driver.cuDriverGetVersion(), "driver version")}
+                "driver_version": check(driver.cuDriverGetVersion(), "driver version"),
+                "native_driver_calls": NATIVE_STATUS}
 
     def _limit(self, attr: str) -> int:
         v = self._limits.get(attr)

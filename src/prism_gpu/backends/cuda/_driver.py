@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Optional
+from typing import Any, Optional, Tuple
 
 import numpy as np
 from cuda.bindings import driver
@@ -32,21 +32,22 @@ SCALAR_TYPES = tuple(dict.fromkeys((
 MAX_NATIVE_ARGS = 256  # a launch of more parameters goes through cuda.core
 
 
-def _load_native() -> Any:
-    """The native driver calls (``_native``), or None: not built, no driver library, or
-    turned off with ``PRISM_GPU_NATIVE_DRIVER=0``."""
+def _load_native() -> Tuple[Any, str]:
+    """The native driver calls (``_native``) or None, and a word on which: not built, no
+    driver library, or turned off with ``PRISM_GPU_NATIVE_DRIVER=0``."""
     if os.environ.get("PRISM_GPU_NATIVE_DRIVER", "1").strip().lower() in ("0", "false", "no",
                                                                           "off"):
-        return None
+        return None, "off: PRISM_GPU_NATIVE_DRIVER turns them off"
     try:
         from . import _native  # type: ignore[attr-defined]
     except ImportError:  # built without a C compiler
-        return None
+        return None, "off: not built (no C compiler at install)"
     why: Optional[str] = _native.load(SCALAR_TYPES)
-    return _native if why is None else None
+    return (_native, "on") if why is None else (None, f"off: {why}")
 
 
-NATIVE = _load_native()
+# the native calls, and what ``prism-gpu info`` says of them
+NATIVE, NATIVE_STATUS = _load_native()
 NOT_READY = 600  # CUDA_ERROR_NOT_READY: an event query of work still running
 INVALID_HANDLE = 400  # CUDA_ERROR_INVALID_HANDLE
 

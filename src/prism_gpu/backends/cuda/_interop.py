@@ -98,3 +98,23 @@ def foreign_contexts(stream: Any, handle: int, ordinal: int, cupy: Any, torch: A
         out.append(TorchCurrent(torch, torch.cuda.ExternalStream(handle, device=ordinal),
                                 ordinal))
     return tuple(out)
+
+
+def leave(entered: List[Any], failed: Optional[BaseException]) -> None:
+    """Leave every stream switch ``entered``, the last first, even if one fails to. The
+    kernel's own error ``failed`` stays the one raised (leaving failures become notes on
+    it); else the first leaving failure is raised, with notes of the others."""
+    errors: List[BaseException] = []
+    for ctx in reversed(entered):
+        try:
+            ctx.__exit__(None, None, None)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+    if not errors:
+        return
+    first = failed if failed is not None else errors[0]
+    for other in errors:
+        if other is not first:
+            first.add_note(f"also, restoring the CuPy/PyTorch streams failed: {other!r}")
+    if failed is None:
+        raise first

@@ -15,6 +15,7 @@ from cuda.core import launch as _launch
 
 from ..._errors import KernelError, PrismGpuError
 from ._driver import MAX_NATIVE_ARGS, NATIVE, from_cuda_exception
+from ._interop import leave
 
 _SIG = r"__global__\s+(?:__launch_bounds__\s*\([^)]*\)\s*)?void\s+{name}\s*\(([^)]*)\)"
 
@@ -289,27 +290,7 @@ class CallableKernel:
             failed = exc
             raise
         finally:
-            _leave(entered, failed)
-
-
-def _leave(entered: List[Any], failed: Optional[BaseException]) -> None:
-    """Leave every stream switch ``entered``, the last first, even if one fails to. The
-    kernel's own error ``failed`` stays the one raised (leaving failures become notes on
-    it); else the first leaving failure is raised, with notes of the others."""
-    errors: List[BaseException] = []
-    for ctx in reversed(entered):
-        try:
-            ctx.__exit__(None, None, None)
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
-    if not errors:
-        return
-    first = failed if failed is not None else errors[0]
-    for other in errors:
-        if other is not first:
-            first.add_note(f"also, restoring the CuPy/PyTorch streams failed: {other!r}")
-    if failed is None:
-        raise first
+            leave(entered, failed)
 
 
 def _function(kernel: Any) -> int:
