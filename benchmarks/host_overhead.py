@@ -256,20 +256,27 @@ def lean_python(iters: int) -> Dict[str, float]:
     return out
 
 
-def prism(iters: int, profile: bool) -> Dict[str, float]:
-    dev = pg.open_device("cuda")
+def pattern1(dev: Any, kernel: str, seed: int = 0) -> Any:
+    """A coordinator on ``dev``, a ring, pinned input (random) and output of tiny batches,
+    and one Pattern-1 iteration on them, queuing kernel ``kernel`` (a name registered on
+    the coordinator before the first iteration): (coord, buf, h_in, h_out, step)."""
     coord = pg.AsyncCoordinator(dev)
     buf = pg.TripleBuffer(dev, N)
     h_in = pg.pinned_empty(N, np.float32)
-    h_in[:] = np.random.default_rng(0).random(N, dtype=np.float32)
+    h_in[:] = np.random.default_rng(seed).random(N, dtype=np.float32)
     h_out = pg.pinned_empty(N, np.float32)
 
     def step(i: int) -> None:
         u = coord.queue_upload(h_in, buf)
-        coord.queue_compute("noop", [u])
+        coord.queue_compute(kernel, [u])
         coord.queue_download(buf, h_out)
         buf.advance()
+    return coord, buf, h_in, h_out, step
 
+
+def prism(iters: int, profile: bool) -> Dict[str, float]:
+    dev = pg.open_device("cuda")
+    coord, _, _, _, step = pattern1(dev, "noop")
     out = {"prism_us_per_iteration": _per_iter(step, coord.synchronize_all, iters)}
     # the same loop recorded (each op gets timing events), in pairs with the plain loop
     # so that drift of the machine's speed falls on both: the median pair's difference

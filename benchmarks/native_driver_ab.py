@@ -22,8 +22,8 @@ from typing import Any, Callable, Dict, List
 import numpy as np
 
 import prism_gpu as pg
+from host_overhead import N, pattern1
 
-N = (64 << 10) // 4
 INC = ('extern "C" __global__ void inc(float* x, size_t n) { size_t i = blockIdx.x * '
        'blockDim.x + threadIdx.x; if (i < n) x[i] += 1.0f; }')
 
@@ -46,19 +46,9 @@ def ab(rounds: int) -> None:
         raise SystemExit("the native driver calls are not in use here")
     off = dict(_memcpy=_driver.bindings_memcpy, _record=None, _wait=None, _query=None)
     dev = pg.open_device("cuda")
-    coord = pg.AsyncCoordinator(dev)
-    buf = pg.TripleBuffer(dev, N)
-    h_in = pg.pinned_empty(N, np.float32)
-    h_in[:] = np.random.default_rng(1).random(N, dtype=np.float32)
-    h_out = pg.pinned_empty(N, np.float32)
+    coord, buf, h_in, _, step = pattern1(dev, "inc", seed=1)
     coord.register_kernel("inc", pg.Kernel.from_source(INC, "inc",
                                                        config=pg.LaunchConfig(grid=64)))
-
-    def step(i: int) -> None:
-        u = coord.queue_upload(h_in, buf)
-        coord.queue_compute("inc", [u])
-        coord.queue_download(buf, h_out)
-        buf.advance()
     step(0)
     coord.synchronize_all()
     kernels = [o for o in gc.get_objects() if isinstance(o, _kernels.SourceKernel)]
