@@ -254,10 +254,43 @@ def test_nvtx_range_names() -> None:
     pytest.importorskip("nvtx")
     from prism_gpu import _nvtx
 
-    if not _nvtx.ON:
+    if _nvtx._nvtx_mod is None:
         pytest.skip("PRISM_GPU_NVTX=0")
+    # the real nvtx calls (no tool attached: they reach nothing, but must not raise)
     mark = _nvtx.range_start("MainCompute", "compute", "affine")
     _nvtx.range_end(mark)
+
+
+def test_nvtx_ranges_only_under_a_tool() -> None:
+    """Ranges are opened only when a tool receives them: the nvtx package hands out
+    placeholder domains (``DummyDomain``) when none is attached."""
+    from prism_gpu import _nvtx
+
+    class DummyDomain:
+        pass
+
+    class Domain:
+        pass
+
+    class Mod:
+        def __init__(self, domain: object) -> None:
+            self.domain = domain
+            self.asked: list = []
+
+        def get_domain(self, name: str) -> object:
+            self.asked.append(name)
+            if isinstance(self.domain, Exception):
+                raise self.domain
+            return self.domain
+
+    no_tool, tool = Mod(DummyDomain()), Mod(Domain())
+    assert not _nvtx.tool_attached(no_tool) and no_tool.asked == ["prism-gpu"]
+    assert _nvtx.tool_attached(tool)
+    assert not _nvtx.tool_attached(Mod(RuntimeError("no NVTX library")))
+    nvtx = pytest.importorskip("nvtx")
+    # this process runs under no tool: the installed package says so, and no range opens
+    assert not _nvtx.tool_attached(nvtx)
+    assert not _nvtx.ON
 
 
 def test_a_dropped_trace_is_not_kept_alive_by_the_coordinators_it_saw(
