@@ -263,8 +263,9 @@ class Engine:
         """Complete the done ops at the head of ``lane`` (through ``upto``, known done).
 
         A lane is one stream, so its ops complete in order: when the newest is done
-        all are, and otherwise the boundary is found by bisection, a few queries
-        however many ops are in flight.
+        all are (asked first: where the host is the bottleneck the GPU keeps up, and one
+        query retires the lane), and otherwise the boundary is found by bisection, a
+        few queries however many ops are in flight.
         """
         ops = lane.ops
         complete = self._complete
@@ -275,10 +276,12 @@ class Engine:
                 if head is upto:
                     return
             return
-        if not ops or not ops[0].event.query():
+        if not ops:
             return
         if ops[-1].event.query():
             count = len(ops)
+        elif len(ops) == 1 or not ops[0].event.query():
+            return
         else:
             lo, hi = 0, len(ops) - 1  # ops[lo] done, ops[hi] not
             while hi - lo > 1:
