@@ -260,10 +260,9 @@ class Engine:
     def _harvest_lane(self, lane: Lane, upto: Optional[Op] = None) -> None:
         """Complete the done ops at the head of ``lane`` (through ``upto``, known done).
 
-        A lane is one stream, so its ops complete in order: when the newest is done
-        all are (asked first: where the host is the bottleneck the GPU keeps up, and one
-        query retires the lane), and otherwise the boundary is found by bisection, a
-        few queries however many ops are in flight.
+        A lane is one stream, so its ops complete in order: when the newest is done all
+        are (asked first: a GPU that keeps up with the host is retired in one query), and
+        otherwise the boundary is found by bisection, a few queries however many.
         """
         ops = lane.ops
         complete = self._complete

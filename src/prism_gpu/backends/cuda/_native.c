@@ -150,18 +150,28 @@ n_memcpy(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     return result(r);
 }
 
+/* the two handles of record(event, stream) and wait(stream, event), in call order:
+ * 1 parsed, 0 on error (raised), -1 if either is null (refused: INVALID_HANDLE) */
+static int
+two_handles(PyObject *const *args, Py_ssize_t nargs, const char *usage,
+            unsigned long long *a, unsigned long long *b)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, usage);
+        return 0;
+    }
+    if (!loaded() || !as_u64(args[0], a) || !as_u64(args[1], b))
+        return 0;
+    return (*a == 0 || *b == 0) ? -1 : 1;
+}
+
 static PyObject *
 n_record(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     unsigned long long e, s;
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "record(event, stream)");
-        return NULL;
-    }
-    if (!loaded() || !as_u64(args[0], &e) || !as_u64(args[1], &s))
-        return NULL;
-    if (e == 0 || s == 0)
-        return result(INVALID_HANDLE);
+    int ok = two_handles(args, nargs, "record(event, stream)", &e, &s);
+    if (ok <= 0)
+        return ok == 0 ? NULL : result(INVALID_HANDLE);
     CUresult r;
     Py_BEGIN_ALLOW_THREADS
     r = p_record((CUevent)(uintptr_t)e, (CUstream)(uintptr_t)s);
@@ -173,14 +183,9 @@ static PyObject *
 n_wait(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     unsigned long long s, e;
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "wait(stream, event)");
-        return NULL;
-    }
-    if (!loaded() || !as_u64(args[0], &s) || !as_u64(args[1], &e))
-        return NULL;
-    if (e == 0 || s == 0)
-        return result(INVALID_HANDLE);
+    int ok = two_handles(args, nargs, "wait(stream, event)", &s, &e);
+    if (ok <= 0)
+        return ok == 0 ? NULL : result(INVALID_HANDLE);
     CUresult r;
     Py_BEGIN_ALLOW_THREADS
     r = p_wait((CUstream)(uintptr_t)s, (CUevent)(uintptr_t)e, 0);
