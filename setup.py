@@ -1,13 +1,16 @@
-"""The optional native parts: host copies on threads that never take the GIL, and the
-CUDA driver calls of the hot path made from C.
+"""The optional native parts: the engine's hot path compiled, host copies on threads that
+never take the GIL, and the CUDA driver calls of the hot path made from C.
 
 Everything else is in pyproject.toml. Without a C compiler the package still
-installs: copies run on Python threads, driver calls go through cuda.core.
+installs: the engine runs its Python reference, copies run on Python threads, driver
+calls go through cuda.core.
 """
 
 from setuptools import Extension, setup
 
-setup(ext_modules=[Extension("prism_gpu._hostcopy", ["src/prism_gpu/_hostcopy.c"],
+setup(ext_modules=[Extension("prism_gpu._ccore", ["src/prism_gpu/_ccore.c"],
+                             extra_compile_args=["-O2"], optional=True),
+                   Extension("prism_gpu._hostcopy", ["src/prism_gpu/_hostcopy.c"],
                              extra_compile_args=["-O2", "-pthread"],
                              extra_link_args=["-pthread"], optional=True),
                    # no CUDA headers or libraries needed: the driver is found at run time

@@ -17,6 +17,9 @@ export PYTHONUNBUFFERED=1
   python3 -m pytest -q -rs -p no:cacheprovider 2>&1 | grep -v '^\.*\s*\[' | tail -40
   echo; echo "## pytest tests/test_cuda.py with PRISM_GPU_NATIVE_DRIVER=0 (driver calls through cuda.core)"
   PRISM_GPU_NATIVE_DRIVER=0 python3 -m pytest -q -rs -p no:cacheprovider tests/test_cuda.py 2>&1 | tail -3
+  echo; echo "## pytest tests/test_cuda.py with PRISM_GPU_COMPILED=0 (the engine's Python core)"
+  PRISM_GPU_COMPILED=0 python3 -m pytest -q -rs -p no:cacheprovider tests/test_cuda.py 2>&1 | tail -3
+  python3 -c "import prism_gpu._core as c; print('compiled core:', c.STATUS)"
   echo; echo "## examples"
   for f in examples/*.py; do python3 "$f" 2>&1 | tail -2; done
   for tool in memcheck racecheck synccheck; do

@@ -7,9 +7,17 @@ from typing import Any, List, Optional
 
 import pytest
 
+from prism_gpu import _core
 from prism_gpu._engine import H2D, Engine
 from prism_gpu._ops import OpType
 from prism_gpu._optable import OpTable
+
+# the engine over each core: the compiled one (where built) and the Python reference
+PyEngine = type("PyEngine", (_core.PyEngineCore,),
+                {k: v for k, v in Engine.__dict__.items() if k not in ("__dict__", "__weakref__")})
+CORES = [pytest.param(PyEngine, id="python"),
+         pytest.param(Engine, id="compiled", marks=pytest.mark.skipif(
+             not _core.COMPILED, reason=f"the compiled core is {_core.STATUS}"))]
 
 
 class Ev:
@@ -72,17 +80,22 @@ class Device:
         return Ev(self.queries, timing)
 
 
-def _queued(n: int) -> tuple:
+@pytest.fixture(params=CORES)
+def engine_cls(request: Any) -> Any:
+    return request.param
+
+
+def _queued(engine_cls: Any, n: int) -> tuple:
     dev = Device()
-    eng = Engine(dev, OpTable(), max_in_flight=10_000)  # type: ignore[arg-type]
+    eng = engine_cls(dev, OpTable(), max_in_flight=10_000)
     lane = eng.lane("upload")
     ops = [eng.submit(lane, OpType.UPLOAD, None, (), (), H2D, None, None) for _ in range(n)]
     return dev, eng, ops
 
 
 @pytest.mark.parametrize("n", [1, 2, 500])
-def test_a_lane_whose_newest_op_is_done_takes_one_query(n: int) -> None:
-    dev, eng, ops = _queued(n)
+def test_a_lane_whose_newest_op_is_done_takes_one_query(engine_cls: Any, n: int) -> None:
+    dev, eng, ops = _queued(engine_cls, n)
     for op in ops:
         op.event.done = True
     eng.harvest()
@@ -92,8 +105,8 @@ def test_a_lane_whose_newest_op_is_done_takes_one_query(n: int) -> None:
 
 @pytest.mark.parametrize("done", [0, 1, 7, 250, 499])
 def test_a_partly_done_lane_takes_a_few_queries_and_retires_exactly_the_done_ops(
-        done: int) -> None:
-    dev, eng, ops = _queued(500)
+        engine_cls: Any, done: int) -> None:
+    dev, eng, ops = _queued(engine_cls, 500)
     for op in ops[:done]:
         op.event.done = True
     eng.harvest()
@@ -102,20 +115,20 @@ def test_a_partly_done_lane_takes_a_few_queries_and_retires_exactly_the_done_ops
     assert [r[0] for r in eng.table.take_reports()] == [op.id for op in ops[:done]]
 
 
-def test_nothing_in_flight_takes_no_query() -> None:
-    dev, eng, _ = _queued(0)
+def test_nothing_in_flight_takes_no_query(engine_cls: Any) -> None:
+    dev, eng, _ = _queued(engine_cls, 0)
     eng.harvest()
     assert dev.queries == []
 
 
 @pytest.mark.parametrize("timed", [False, True])
 def test_an_op_records_its_closing_event_and_a_timed_one_a_start_stamp_too(
-        timed: bool) -> None:
+        engine_cls: Any, timed: bool) -> None:
     """A timed op's closing event is its end stamp (a timing event): two records, not an
     end stamp and an untimed closing event besides; its events go back to the pool of
     their kind once it completes, and nothing else is left holding them."""
     dev = Device()
-    eng = Engine(dev, OpTable(), timing=timed)  # type: ignore[arg-type]
+    eng = engine_cls(dev, OpTable(), timing=timed)
     lane = eng.lane("upload")
     times: list = []
     for round_ in range(3):  # pooled events are reused on later rounds
@@ -137,3 +150,97 @@ def test_an_op_records_its_closing_event_and_a_timed_one_a_start_stamp_too(
         assert times[-4:] == ([0.5] * 4 if timed else [None] * 4)
         assert all(not ev.timing for ev in eng._pool) and all(ev.timing for ev in eng._tpool)
         assert len(eng._pool) + len(eng._tpool) == 4 * (2 if timed else 1)
+
+
+class Launching(Stream):
+    """A stream whose launches run the kernel given (a callable) at once."""
+
+    def launch(self, kernel: Any, config: Any, arrays: Any, extra: Any) -> None:
+        kernel()
+
+
+def test_failures_on_both_cores(engine_cls: Any) -> None:
+    """A launch that raises fails its op (it does not raise), and its dependants fail with
+    DependencyFailedError naming it; a refusal (a prism-gpu error) raises at the submit
+    and leaves nothing in flight, its start stamp back in the pool; an on_done that
+    raises is kept for the caller, after the op's bookkeeping."""
+    from prism_gpu._engine import LAUNCH
+    from prism_gpu._errors import DependencyFailedError, KernelError, PrismGpuError
+
+    dev = Device()
+    dev.create_stream = lambda priority=0: Launching()  # type: ignore[method-assign]
+    eng = engine_cls(dev, OpTable(), timing=True)
+    lane = eng.lane("compute")
+
+    def boom() -> None:
+        raise ValueError("kernel went wrong")
+
+    def refuse() -> None:
+        raise PrismGpuError("refused")
+
+    def bad_callback(op: Any, ms: Any) -> None:
+        raise RuntimeError("callback")
+
+    failed = eng.submit(lane, OpType.COMPUTE, "boom", (), (), LAUNCH, boom, None, (), ())
+    assert isinstance(failed.error, KernelError) and "kernel went wrong" in str(failed.error)
+    after = eng.submit(lane, OpType.COMPUTE, "next", (failed,), (), LAUNCH, lambda: None,
+                       None, (), (), on_done=bad_callback)
+    assert isinstance(after.error, DependencyFailedError) and after.error.root_op == failed.id
+    pooled = len(eng._tpool)
+    with pytest.raises(PrismGpuError, match="refused"):
+        eng.submit(lane, OpType.COMPUTE, "refused", (), (), LAUNCH, refuse, None, (), ())
+    assert len(eng._tpool) == pooled + 1, "the refused op's start stamp is pooled again"
+    assert sorted(eng.inflight) == [failed.id, after.id] and eng.in_callback is False
+    for op in (failed, after):
+        op.event.done = True
+    eng.harvest()
+    reports = eng.table.take_reports()
+    assert [(r[0], type(r[3])) for r in reports] == [(failed.id, KernelError),
+                                                     (after.id, DependencyFailedError)]
+    assert [str(e) for e in eng.take_callback_errors()] == ["callback"]
+    assert failed.keep is None and failed.event is None and after.deps == ()
+
+
+def test_a_submit_from_a_callback_is_refused_on_both_cores(engine_cls: Any) -> None:
+    from prism_gpu._errors import InvalidOperationError
+
+    eng = engine_cls(Device(), OpTable())
+    lane = eng.lane("upload")
+    seen: List[BaseException] = []
+
+    def reenter(op: Any, ms: Any) -> None:
+        try:
+            eng.submit(lane, OpType.UPLOAD, None, (), (), H2D, None, None)
+        except InvalidOperationError as exc:
+            seen.append(exc)
+
+    op = eng.submit(lane, OpType.UPLOAD, None, (), (), H2D, None, None, on_done=reenter)
+    op.event.done = True
+    eng.harvest()
+    assert len(seen) == 1 and "callback" in str(seen[0]) and not eng.inflight
+
+
+def test_past_max_in_flight_a_submit_waits_for_the_oldest_on_both_cores(
+        engine_cls: Any) -> None:
+    eng = engine_cls(Device(), OpTable(), max_in_flight=4)
+    lane = eng.lane("upload")
+    ops = [eng.submit(lane, OpType.UPLOAD, None, (), (), H2D, None, None) for _ in range(9)]
+    assert len(eng.inflight) <= 4
+    assert all(op.event is None for op in ops[:5]), "the oldest were waited for and retired"
+
+
+def test_an_engine_in_a_cycle_with_its_ops_is_collected(engine_cls: Any) -> None:
+    """Ops in flight whose callbacks hold the engine (a coordinator's reporters do): the
+    cycle through the compiled types is found by the garbage collector."""
+    import gc
+    import weakref
+
+    eng = engine_cls(Device(), OpTable())
+    lane = eng.lane("upload")
+    for _ in range(3):
+        eng.submit(lane, OpType.UPLOAD, None, (), (), H2D, None, None,
+                   on_done=lambda op, ms, e=eng: e)
+    ref = weakref.ref(eng)
+    del eng, lane
+    gc.collect()
+    assert ref() is None

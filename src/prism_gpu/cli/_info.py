@@ -8,6 +8,7 @@ from typing import Any, Dict, List
 from rich.console import Console
 from rich.table import Table
 
+from .._core import STATUS as core_status
 from ..backends import open_device
 from ..bench._measure import measure_bandwidth
 
@@ -38,7 +39,7 @@ def info(args: Any) -> int:
     data = {"backend": device.kind, "device": device.name, "devices": devices,
             "total_memory_bytes": props.get("total_memory", 0), "properties": props,
             "bandwidth_gbs": {"h2d": bw.h2d, "d2h": bw.d2h, "bidirectional": bw.bidirectional},
-            "bandwidth_bytes_per_copy": bw.nbytes}
+            "bandwidth_bytes_per_copy": bw.nbytes, "compiled_core": core_status}
     if args.json:
         print(json.dumps(data, indent=2, default=str))
         return 0
@@ -50,6 +51,7 @@ def info(args: Any) -> int:
     t.add_row("D2H (pinned)", f"{bw.d2h:.1f} GB/s")
     t.add_row("both directions", f"{bw.bidirectional:.1f} GB/s in total")
     t.add_row("copy size", f"{bw.nbytes / 2**20:.0f} MiB")
+    t.add_row("compiled core", core_status)
     if "native_driver_calls" in props:
         t.add_row("native driver calls", str(props["native_driver_calls"]))
     con = Console()
