@@ -244,3 +244,56 @@ def test_an_engine_in_a_cycle_with_its_ops_is_collected(engine_cls: Any) -> None
     del eng, lane
     gc.collect()
     assert ref() is None
+
+
+@pytest.mark.parametrize("path", ["plain", "timed", "failing", "refused", "callback"])
+def test_completed_ops_hold_no_references_on_both_cores(engine_cls: Any, path: str) -> None:
+    """After its completion, nothing of an op's (what it kept, its name, its callback, its
+    lane, its type) is referenced more than before it was queued: a compiled core that
+    lost count of a reference would keep the program's arrays alive forever."""
+    import sys
+
+    from prism_gpu._engine import LAUNCH
+    from prism_gpu._errors import PrismGpuError
+
+    dev = Device()
+    dev.create_stream = lambda priority=0: Launching()  # type: ignore[method-assign]
+    eng = engine_cls(dev, OpTable(report_backlog=4), timing=path == "timed")
+    lane = eng.lane("compute")
+    kept, name, op_type = object(), "kernel-name-" + path, OpType.COMPUTE
+
+    def boom() -> None:
+        raise ValueError("kernel went wrong")
+
+    def refuse() -> None:
+        raise PrismGpuError("refused")
+
+    def callback(op: Any, ms: Any) -> None:
+        if path == "callback":
+            raise RuntimeError("callback")
+
+    def run(rounds: int) -> None:
+        for _ in range(rounds):
+            kernel = {"failing": boom, "refused": refuse}.get(path, lambda: None)
+            try:
+                op = eng.submit(lane, op_type, name, (), (), LAUNCH, kernel, None, (), (),
+                                keep=kept, on_done=callback)
+                eng.submit(lane, op_type, name, (op,), (), LAUNCH, lambda: None, None, (), (),
+                           keep=kept, on_done=callback)
+            except PrismGpuError:
+                pass
+            for o in list(lane.ops):
+                o.event.done = True
+            eng.harvest()
+            eng.take_callback_errors()
+            eng.table.take_unobserved()
+        eng.table.take_reports()
+
+    run(3)  # pools and caches filled
+    watched: tuple = (kept, callback, eng)
+    if path != "failing":  # (failures are kept for the caller, bounded: they name their op)
+        watched += (name, op_type, lane)
+    before = [sys.getrefcount(x) for x in watched]
+    run(200)
+    after = [sys.getrefcount(x) for x in watched]
+    assert after == before
