@@ -269,3 +269,148 @@ def test_calls_that_queue_work_let_other_threads_run_meanwhile(stand_in: Path) -
             assert call() == 0, "the other thread never ran: the call held the GIL"
             t.join()
     """)
+
+
+TYPES_PRELUDE = """
+import gc, threading, weakref
+from prism_gpu._errors import InvalidOperationError, KernelError
+CUR = threading.local()
+def err(code, what): return KernelError(f"{what} failed with {code}")
+n.bind(InvalidOperationError, CUR, err)
+class FakeEv:
+    def __init__(self, h): self.handle = h
+class Dev:
+    ordinal, currents = 0, 0
+    def _current(self):
+        Dev.currents += 1
+        CUR.ordinal = self.ordinal
+    def host_info(self, a):  # arrays of 7 elements stand for pageable memory
+        return a.ctypes.data, a.size != 7
+class Ev(n.Event):
+    __slots__ = ()
+    def _run_finishers(self):
+        work, self._finish = self._finish, None
+        for fn in work or ():
+            try:
+                fn()
+            except Exception as exc:
+                self._err = self._err or exc
+class St(n.Stream):
+    def _refuse_closed(self, what): raise InvalidOperationError(f"{what} on a closed stream")
+    def error_of(self, code, what): return err(code, what)
+    def _copy_h2d_staged(self, dst, src, nbytes): self.staged = ("h2d", nbytes)
+    def _copy_d2h_staged(self, dst, src, nbytes): self.staged = ("d2h", nbytes)
+class DA:
+    def __init__(self, p): self.ptr = p
+class K:
+    name = "kern"
+    def launch(self, stream, cfg, arrays, extra): self.got = (stream, cfg, arrays, extra)
+def refused(exc, text, fn):
+    try:
+        fn()
+    except exc as e:
+        assert text in str(e), (text, e)
+    else:
+        raise AssertionError("accepted: " + text)
+dev = Dev()
+"""
+
+
+def test_native_stream_and_event_types_do_what_the_python_ones_do(stand_in: Path) -> None:
+    """The C stream and event (the CUDA backend's hot methods) against the stand-in: each
+    call reaches the driver exactly or is skipped where the Python code skips it, host
+    work moves with a record, the context is made current when another is, closed
+    streams and events and wrong arguments are refused before the driver, and nothing
+    leaks or outlives its cycle."""
+    run(stand_in, TYPES_PRELUDE + textwrap.dedent("""
+        s, s2 = St(dev, 0x50), St(dev, 0x60)
+        e, t = Ev(FakeEv(0xE1), False), Ev(FakeEv(0xE2), True)
+        assert s.live_handle == 0x50 and s._device is dev and s._pending == []
+        assert not s._closed and e._h == 0xE1 and not e.timing and t.timing
+        s.record(e)
+        assert (calls(), last(0), last(1)) == (1, 0xE1, 0x50) and e._last is s
+        s.wait(e)  # stream order already puts it after that record
+        assert calls() == 1
+        s2.wait(e, propagate=False)
+        assert (calls(), last(0), last(1)) == (2, 0x60, 0xE1)
+        s._pending.append(lambda: None)
+        s.record(t, stamp=True)  # a stamp takes no host work
+        assert t._finish is None and len(s._pending) == 1
+        s.record(e)
+        assert e._finish is not None and s._pending == []
+        assert e.error() is None and e._finish is None
+        set_int("result", 600)
+        assert e.query() is False
+        set_int("result", 700)
+        refused(KernelError, "querying an event failed with 700", e.query)
+        set_int("result", 0)
+        s._pending.append(lambda: 1 / 0)
+        s.record(e)
+        assert e.query() is True and isinstance(e.error(), ZeroDivisionError)
+        s.record(e)
+        assert e.error() is None, "a new record clears what the last one's work raised"
+        h, d = np.arange(16, dtype=np.float32), DA(0xD0)
+        s.copy_h2d(d, h)
+        assert (last(0), last(1), last(2), last(3)) == (0xD0, h.ctypes.data, 64, 0x50)
+        s.copy_d2h(h, d)
+        assert (last(0), last(1), last(2), last(3)) == (h.ctypes.data, 0xD0, 64, 0x50)
+        before, p = calls(), np.arange(7, dtype=np.float32)
+        s.copy_h2d(d, p)
+        assert s.staged == ("h2d", 28)
+        s.copy_d2h(p, d)
+        assert s.staged == ("d2h", 28) and calls() == before
+        set_int("result", 999)
+        refused(KernelError, "host-to-device copy failed with 999", lambda: s.copy_h2d(d, h))
+        refused(KernelError, "recording an event failed with 999", lambda: s.record(e))
+        refused(KernelError, "stream wait on an event failed with 999", lambda: s2.wait(t))
+        set_int("result", 0)
+        k = K()
+        s.launch(k, "cfg", (1,), (2,))
+        assert k.got == (s, "cfg", (1,), (2,))
+        for bad in (lambda: s.record(1), lambda: s.record(e, bogus=True), lambda: s.wait(),
+                    lambda: s.copy_h2d(d), lambda: s.launch(k)):
+            refused(TypeError, "", bad)
+        CUR.ordinal, made = 3, Dev.currents  # another device's context is current
+        s.record(e)
+        assert Dev.currents == made + 1 and CUR.ordinal == 0
+        del CUR.ordinal
+        s.record(e)
+        assert Dev.currents == made + 2
+        closed_ev = Ev(FakeEv(0xE3), False)
+        closed_ev._h = 0
+        before = calls()
+        refused(InvalidOperationError, "recording a closed event", lambda: s.record(closed_ev))
+        refused(InvalidOperationError, "stream wait on a closed event",
+                lambda: s2.wait(closed_ev))
+        refused(InvalidOperationError, "querying a closed event", closed_ev.query)
+        s._closed, s.live_handle = True, 0
+        refused(InvalidOperationError, "recording an event on a closed stream",
+                lambda: s.record(e))
+        refused(InvalidOperationError, "stream wait on an event on a closed stream",
+                lambda: s.wait(t))
+        refused(InvalidOperationError, "host-to-device copy on a closed stream",
+                lambda: s.copy_h2d(d, h))
+        refused(InvalidOperationError, "device-to-host copy on a closed stream",
+                lambda: s.copy_d2h(h, d))
+        refused(InvalidOperationError, "launching kernel 'kern' on a closed stream",
+                lambda: s.launch(k, 0, (), ()))
+        assert calls() == before, "refused calls reached the driver"
+        s3, ev = St(dev, 0x70), Ev(FakeEv(0xE4), False)
+        watched = (ev, h, d, dev, k)
+        base = [sys.getrefcount(x) for x in watched]
+        for _ in range(5000):
+            s3.wait(e)
+            s3.copy_h2d(d, h)
+            s3.record(ev)
+            ev.query()
+            ev.error()
+            s3.copy_d2h(h, d)
+            s3.launch(k, 0, (), ())
+        k.got = None
+        assert [sys.getrefcount(x) for x in watched] == base
+        r1, r2 = weakref.ref(s3), weakref.ref(ev)
+        ev._finish = [lambda s=s3, e=ev: (s, e)]  # a cycle through both
+        del s3, ev
+        gc.collect()
+        assert r1() is None and r2() is None
+    """))

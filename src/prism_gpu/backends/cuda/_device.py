@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
-import threading
 import weakref
 from typing import Any, Dict, Tuple
 
 import numpy as np
 
 from ..._errors import BackendUnavailableError, KernelError
-from ._driver import NATIVE_STATUS, check, driver, from_cuda_exception
+from ._driver import CURRENT as _CURRENT, NATIVE_STATUS, check, driver, from_cuda_exception
 from ._kernels import prepare
 from ._memory import (DeviceArray, PinnedAllocator, StagingPool, device_alloc, register_host,
                       unregister_host)
-from ._stream import CudaEvent, CudaStream
+from ._stream import EVENT, STREAM, CudaEvent, CudaStream
 
-
-_CURRENT = threading.local()  # the device whose context is current, per thread
 
 
 class CudaDevice:
@@ -132,14 +129,14 @@ class CudaDevice:
         self._current()
         opts = self._StreamOptions(nonblocking=True, priority=priority) if priority else None
         s = self._dev.create_stream(options=opts) if opts else self._dev.create_stream()
-        stream = CudaStream(self, s, priority)
+        stream = STREAM(self, s, priority)
         self._streams.add(stream)
         return stream
 
     def create_event(self, timing: bool = False) -> CudaEvent:
         self._current()
         ev = self._dev.create_event(self._EventOptions(timing_enabled=bool(timing)))
-        return CudaEvent(ev, bool(timing))
+        return EVENT(ev, bool(timing))
 
     def prepare_kernel(self, kernel: Any) -> Any:
         self._current()

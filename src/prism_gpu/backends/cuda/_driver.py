@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from typing import Any, Optional, Tuple
 
 import numpy as np
@@ -48,6 +49,7 @@ def _load_native() -> Tuple[Any, str]:
 
 # the native calls, and what ``prism-gpu info`` says of them
 NATIVE, NATIVE_STATUS = _load_native()
+CURRENT = threading.local()  # .ordinal: the device whose context is current, per thread
 NOT_READY = 600  # CUDA_ERROR_NOT_READY: an event query of work still running
 INVALID_HANDLE = 400  # CUDA_ERROR_INVALID_HANDLE
 

@@ -310,6 +310,595 @@ n_launch(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     return result(r);
 }
 
+/* ---------------------------------------------------------------- stream and event types
+ *
+ * Event and Stream: the hot methods of the CUDA backend's events and streams in C, the
+ * base classes of _stream.NativeCudaEvent and NativeCudaStream (which add the rest in
+ * Python). They do what the Python CudaEvent and CudaStream do, statement for statement;
+ * those are used where the native calls are not (PRISM_GPU_NATIVE_DRIVER=0, no
+ * compiler). bind(InvalidOperationError, current) gives them the error type and the
+ * thread-local that says which device's context is current.
+ */
+#include <structmember.h>
+
+static PyObject *InvalidOperation, *current_local;
+static PyObject *s_ordinal, *s_current, *s_run_finishers, *s_refuse_closed, *s_host_info, *s_nbytes, *s_ptr, *s_copy_h2d_staged, *s_copy_d2h_staged, *s_launch,
+    *s_name, *s_handle;
+static PyObject *error_fn; /* _driver.error(CUresult, what) -> exception */
+
+typedef struct {
+    PyObject_HEAD
+    unsigned long long h;
+    PyObject *ev, *last, *finish, *err;
+    char timing;
+    PyObject *weakrefs;
+} EventObject;
+
+typedef struct {
+    PyObject_HEAD
+    unsigned long long live;
+    PyObject *device, *pending, *dict;
+    long ordinal;
+    char closed;
+    PyObject *weakrefs;
+} StreamObject;
+
+static PyTypeObject EventType, StreamType;
+
+static int
+bound(void)
+{
+    if (InvalidOperation == NULL || !loaded()) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_RuntimeError, "_native.bind() was not called");
+        return 0;
+    }
+    return 1;
+}
+
+/* --- events */
+
+static int
+event_init(EventObject *self, PyObject *args, PyObject *kwds)
+{
+    PyObject *ev;
+    int timing = 0;
+    static char *kwlist[] = {"ev", "timing", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "Op:Event", kwlist, &ev, &timing))
+        return -1;
+    PyObject *h = PyObject_GetAttr(ev, s_handle);
+    if (h == NULL)
+        return -1;
+    PyObject *hi = PyNumber_Long(h);
+    Py_DECREF(h);
+    if (hi == NULL)
+        return -1;
+    int ok = as_u64(hi, &self->h);
+    Py_DECREF(hi);
+    if (!ok)
+        return -1;
+    Py_INCREF(ev);
+    Py_XSETREF(self->ev, ev);
+    self->timing = (char)timing;
+    Py_INCREF(Py_None);
+    Py_XSETREF(self->last, Py_None);
+    Py_INCREF(Py_None);
+    Py_XSETREF(self->finish, Py_None);
+    Py_INCREF(Py_None);
+    Py_XSETREF(self->err, Py_None);
+    return 0;
+}
+
+static int
+event_traverse(EventObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->ev);
+    Py_VISIT(self->last);
+    Py_VISIT(self->finish);
+    Py_VISIT(self->err);
+    return 0;
+}
+
+static int
+event_clear(EventObject *self)
+{
+    Py_CLEAR(self->ev);
+    Py_CLEAR(self->last);
+    Py_CLEAR(self->finish);
+    Py_CLEAR(self->err);
+    return 0;
+}
+
+static void
+event_dealloc(EventObject *self)
+{
+    PyObject_GC_UnTrack(self);
+    if (self->weakrefs != NULL)
+        PyObject_ClearWeakRefs((PyObject *)self);
+    event_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int
+run_finishers(EventObject *self)
+{
+    PyObject *r = PyObject_CallMethodNoArgs((PyObject *)self, s_run_finishers);
+    Py_XDECREF(r);
+    return r != NULL;
+}
+
+static PyObject *
+event_query(EventObject *self, PyObject *unused)
+{
+    if (!bound())
+        return NULL;
+    CUresult r = self->h ? p_query((CUevent)(uintptr_t)self->h) : INVALID_HANDLE;
+    int done;
+    if (r == 0)
+        done = 1;
+    else if (r == 600) /* CUDA_ERROR_NOT_READY */
+        done = 0;
+    else if (!self->h) {
+        PyErr_SetString(InvalidOperation, "querying a closed event");
+        return NULL;
+    }
+    else { /* a sticky error: a fault of earlier work */
+        PyObject *exc = PyObject_CallFunction(error_fn, "is", (int)r, "querying an event");
+        if (exc != NULL) {
+            PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
+            Py_DECREF(exc);
+        }
+        return NULL;
+    }
+    if (done && self->finish != NULL && self->finish != Py_None && !run_finishers(self))
+        return NULL;
+    return PyBool_FromLong(done);
+}
+
+static PyObject *
+event_error(EventObject *self, PyObject *unused)
+{
+    if (self->finish != NULL && self->finish != Py_None && !run_finishers(self))
+        return NULL;
+    PyObject *e = self->err ? self->err : Py_None;
+    Py_INCREF(e);
+    return e;
+}
+
+static PyMemberDef event_members[] = {
+    {"_h", T_ULONGLONG, offsetof(EventObject, h), 0, NULL},
+    {"_ev", T_OBJECT, offsetof(EventObject, ev), 0, NULL},
+    {"_last", T_OBJECT, offsetof(EventObject, last), 0, NULL},
+    {"_finish", T_OBJECT, offsetof(EventObject, finish), 0, NULL},
+    {"_err", T_OBJECT, offsetof(EventObject, err), 0, NULL},
+    {"timing", T_BOOL, offsetof(EventObject, timing), 0, NULL},
+    {NULL},
+};
+
+static PyMethodDef event_methods[] = {
+    {"query", (PyCFunction)event_query, METH_NOARGS, "True once the record is complete."},
+    {"error", (PyCFunction)event_error, METH_NOARGS,
+     "What the record's host work raised (called once it is known complete)."},
+    {NULL},
+};
+
+static PyTypeObject EventType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "prism_gpu.backends.cuda._native.Event",
+    .tp_doc = "A CUDA event's hot methods (the base of NativeCudaEvent).",
+    .tp_basicsize = sizeof(EventObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)event_init,
+    .tp_dealloc = (destructor)event_dealloc,
+    .tp_traverse = (traverseproc)event_traverse,
+    .tp_clear = (inquiry)event_clear,
+    .tp_weaklistoffset = offsetof(EventObject, weakrefs),
+    .tp_members = event_members,
+    .tp_methods = event_methods,
+};
+
+/* --- streams */
+
+static int
+stream_init(StreamObject *self, PyObject *args, PyObject *kwds)
+{
+    PyObject *device, *handle;
+    static char *kwlist[] = {"device", "handle", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO:Stream", kwlist, &device, &handle))
+        return -1;
+    if (!as_u64(handle, &self->live))
+        return -1;
+    PyObject *o = PyObject_GetAttr(device, s_ordinal);
+    if (o == NULL)
+        return -1;
+    self->ordinal = PyLong_AsLong(o);
+    Py_DECREF(o);
+    if (self->ordinal == -1 && PyErr_Occurred())
+        return -1;
+    Py_INCREF(device);
+    Py_XSETREF(self->device, device);
+    PyObject *pending = PyList_New(0);
+    if (pending == NULL)
+        return -1;
+    Py_XSETREF(self->pending, pending);
+    self->closed = 0;
+    return 0;
+}
+
+static int
+stream_traverse(StreamObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->device);
+    Py_VISIT(self->pending);
+    Py_VISIT(self->dict);
+    return 0;
+}
+
+static int
+stream_clear(StreamObject *self)
+{
+    Py_CLEAR(self->device);
+    Py_CLEAR(self->pending);
+    Py_CLEAR(self->dict);
+    return 0;
+}
+
+static void
+stream_dealloc(StreamObject *self)
+{
+    PyObject_GC_UnTrack(self);
+    if (self->weakrefs != NULL)
+        PyObject_ClearWeakRefs((PyObject *)self);
+    stream_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* the stream's device's context current on this thread (device._current() if not) */
+static int
+ensure_current(StreamObject *self)
+{
+    PyObject *o = PyObject_GetAttr(current_local, s_ordinal);
+    if (o == NULL) {
+        if (!PyErr_ExceptionMatches(PyExc_AttributeError))
+            return 0;
+        PyErr_Clear();
+    }
+    else {
+        int same = PyLong_CheckExact(o) && PyLong_AsLong(o) == self->ordinal;
+        Py_DECREF(o);
+        if (same)
+            return 1;
+        PyErr_Clear();
+    }
+    PyObject *r = PyObject_CallMethodNoArgs(self->device, s_current);
+    Py_XDECREF(r);
+    return r != NULL;
+}
+
+/* raise InvalidOperationError(f"{what} on a closed stream"), through the Python method */
+static PyObject *
+refuse_closed(StreamObject *self, PyObject *what)
+{
+    if (what == NULL)
+        return NULL;
+    PyObject *r = PyObject_CallMethodOneArg((PyObject *)self, s_refuse_closed, what);
+    Py_DECREF(what);
+    Py_XDECREF(r);
+    if (r != NULL && !PyErr_Occurred())
+        PyErr_SetString(InvalidOperation, "the stream is closed");
+    return NULL;
+}
+
+/* raise self.error_of(err, what) */
+static PyObject *
+raise_error_of(StreamObject *self, CUresult err, const char *what)
+{
+    PyObject *exc = PyObject_CallMethod((PyObject *)self, "error_of", "is", (int)err, what);
+    if (exc != NULL) {
+        PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
+        Py_DECREF(exc);
+    }
+    return NULL;
+}
+
+static EventObject *
+as_event(PyObject *o)
+{
+    if (!PyObject_TypeCheck(o, &EventType)) {
+        PyErr_Format(PyExc_TypeError, "expected a native CUDA event, got %.100s",
+                     Py_TYPE(o)->tp_name);
+        return NULL;
+    }
+    return (EventObject *)o;
+}
+
+/* one keyword-only bool of a FASTCALL method with one positional argument */
+static int
+one_flag(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames, const char *usage,
+         const char *flag, int *value)
+{
+    if (nargs != 1) {
+        PyErr_SetString(PyExc_TypeError, usage);
+        return 0;
+    }
+    if (kwnames != NULL) {
+        for (Py_ssize_t k = 0; k < PyTuple_GET_SIZE(kwnames); k++) {
+            if (PyUnicode_CompareWithASCIIString(PyTuple_GET_ITEM(kwnames, k), flag) != 0) {
+                PyErr_SetString(PyExc_TypeError, usage);
+                return 0;
+            }
+            int v = PyObject_IsTrue(args[1 + k]);
+            if (v < 0)
+                return 0;
+            *value = v;
+        }
+    }
+    return 1;
+}
+
+static PyObject *
+stream_record(StreamObject *self, PyObject *const *args, Py_ssize_t nargsf, PyObject *kwnames)
+{
+    int stamp = 0;
+    if (!one_flag(args, PyVectorcall_NARGS(nargsf), kwnames, "record(event, *, stamp=False)",
+                  "stamp", &stamp) || !bound())
+        return NULL;
+    if (self->closed)
+        return refuse_closed(self, PyUnicode_FromString("recording an event"));
+    EventObject *ev = as_event(args[0]);
+    if (ev == NULL)
+        return NULL;
+    if (!ev->h) { /* cuda.core would record a new event instead, and succeed */
+        PyErr_SetString(InvalidOperation, "recording a closed event");
+        return NULL;
+    }
+    if (!ensure_current(self))
+        return NULL;
+    CUresult r;
+    if (self->live == 0)
+        r = INVALID_HANDLE;
+    else {
+        Py_BEGIN_ALLOW_THREADS
+        r = p_record((CUevent)(uintptr_t)ev->h, (CUstream)(uintptr_t)self->live);
+        Py_END_ALLOW_THREADS
+    }
+    if (r)
+        return raise_error_of(self, r, "recording an event");
+    Py_INCREF(self);
+    Py_XSETREF(ev->last, (PyObject *)self);
+    Py_INCREF(Py_None);
+    Py_XSETREF(ev->err, Py_None);
+    if (!stamp && self->pending != NULL && PyList_Check(self->pending) &&
+        PyList_GET_SIZE(self->pending)) {
+        PyObject *fresh = PyList_New(0);
+        if (fresh == NULL)
+            return NULL;
+        Py_XSETREF(ev->finish, self->pending);
+        self->pending = fresh;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+stream_wait(StreamObject *self, PyObject *const *args, Py_ssize_t nargsf, PyObject *kwnames)
+{
+    int propagate = 1;
+    if (!one_flag(args, PyVectorcall_NARGS(nargsf), kwnames,
+                  "wait(event, *, propagate=True)", "propagate", &propagate) || !bound())
+        return NULL;
+    if (self->closed)
+        return refuse_closed(self, PyUnicode_FromString("stream wait on an event"));
+    EventObject *ev = as_event(args[0]);
+    if (ev == NULL)
+        return NULL;
+    if (!ev->h) {
+        PyErr_SetString(InvalidOperation, "stream wait on a closed event");
+        return NULL;
+    }
+    if (!ensure_current(self))
+        return NULL;
+    if (ev->last == (PyObject *)self) /* stream order already puts this after that record */
+        Py_RETURN_NONE;
+    CUresult r;
+    if (self->live == 0)
+        r = INVALID_HANDLE;
+    else {
+        Py_BEGIN_ALLOW_THREADS
+        r = p_wait((CUstream)(uintptr_t)self->live, (CUevent)(uintptr_t)ev->h, 0);
+        Py_END_ALLOW_THREADS
+    }
+    if (r)
+        return raise_error_of(self, r, "stream wait on an event");
+    Py_RETURN_NONE;
+}
+
+static int
+attr_u64(PyObject *o, PyObject *name, unsigned long long *out)
+{
+    PyObject *v = PyObject_GetAttr(o, name);
+    if (v == NULL)
+        return 0;
+    int ok = as_u64(v, out);
+    Py_DECREF(v);
+    return ok;
+}
+
+/* a copy between host array ``host`` and device array ``dev``: pinned memory is copied
+ * here, pageable memory through the Python method ``staged`` (a pinned staging buffer) */
+static PyObject *
+stream_copy(StreamObject *self, PyObject *const *args, Py_ssize_t nargs, int h2d)
+{
+    const char *what = h2d ? "host-to-device copy" : "device-to-host copy";
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, h2d ? "copy_h2d(dst, src)" : "copy_d2h(dst, src)");
+        return NULL;
+    }
+    if (!bound())
+        return NULL;
+    if (self->closed)
+        return refuse_closed(self, PyUnicode_FromString(what));
+    if (!ensure_current(self))
+        return NULL;
+    PyObject *host = h2d ? args[1] : args[0], *dev = h2d ? args[0] : args[1];
+    PyObject *nbytes = PyObject_GetAttr(host, s_nbytes);
+    if (nbytes == NULL)
+        return NULL;
+    unsigned long long n, hptr, dptr;
+    PyObject *info = NULL;
+    if (!as_u64(nbytes, &n))
+        goto fail;
+    info = PyObject_CallMethodOneArg(self->device, s_host_info, host);
+    if (info == NULL)
+        goto fail;
+    if (!PyTuple_Check(info) || PyTuple_GET_SIZE(info) != 2) {
+        PyErr_SetString(PyExc_TypeError, "host_info() must give (address, pinned)");
+        goto fail;
+    }
+    int pinned = PyObject_IsTrue(PyTuple_GET_ITEM(info, 1));
+    if (pinned < 0)
+        goto fail;
+    if (!pinned) {
+        /* never hand pageable memory to an async copy: stage it */
+        PyObject *r = PyObject_CallMethodObjArgs((PyObject *)self,
+                                                 h2d ? s_copy_h2d_staged : s_copy_d2h_staged,
+                                                 args[0], args[1], nbytes, NULL);
+        Py_DECREF(info);
+        Py_DECREF(nbytes);
+        return r;
+    }
+    if (!as_u64(PyTuple_GET_ITEM(info, 0), &hptr) || !attr_u64(dev, s_ptr, &dptr))
+        goto fail;
+    CUresult r;
+    if (self->live == 0)
+        r = INVALID_HANDLE;
+    else {
+        Py_BEGIN_ALLOW_THREADS
+        r = p_memcpy((CUdeviceptr)(h2d ? dptr : hptr), (CUdeviceptr)(h2d ? hptr : dptr),
+                     (size_t)n, (CUstream)(uintptr_t)self->live);
+        Py_END_ALLOW_THREADS
+    }
+    Py_DECREF(info);
+    Py_DECREF(nbytes);
+    if (r)
+        return raise_error_of(self, r, what);
+    Py_RETURN_NONE;
+fail:
+    Py_XDECREF(info);
+    Py_DECREF(nbytes);
+    return NULL;
+}
+
+static PyObject *
+stream_copy_h2d(StreamObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    return stream_copy(self, args, nargs, 1);
+}
+
+static PyObject *
+stream_copy_d2h(StreamObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    return stream_copy(self, args, nargs, 0);
+}
+
+static PyObject *
+stream_launch(StreamObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "launch(kernel, config, arrays, extra)");
+        return NULL;
+    }
+    if (!bound())
+        return NULL;
+    if (self->closed) { /* a callable would run CuPy or PyTorch on the freed stream */
+        PyObject *name = PyObject_GetAttr(args[0], s_name);
+        if (name == NULL)
+            return NULL;
+        PyObject *what = PyUnicode_FromFormat("launching kernel %R", name);
+        Py_DECREF(name);
+        return refuse_closed(self, what);
+    }
+    if (!ensure_current(self))
+        return NULL;
+    PyObject *call[5] = {args[0], (PyObject *)self, args[1], args[2], args[3]};
+    return PyObject_VectorcallMethod(s_launch, call, 5 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+}
+
+static PyMemberDef stream_members[] = {
+    {"live_handle", T_ULONGLONG, offsetof(StreamObject, live), 0,
+     "The handle work is queued on: 0 once closed (refused then)."},
+    {"_device", T_OBJECT, offsetof(StreamObject, device), READONLY, NULL},
+    {"_pending", T_OBJECT, offsetof(StreamObject, pending), 0, NULL},
+    {"_closed", T_BOOL, offsetof(StreamObject, closed), 0, NULL},
+    {NULL},
+};
+
+static PyMethodDef stream_methods[] = {
+    {"record", (PyCFunction)(void (*)(void))stream_record, METH_FASTCALL | METH_KEYWORDS,
+     "record(event, *, stamp=False)"},
+    {"wait", (PyCFunction)(void (*)(void))stream_wait, METH_FASTCALL | METH_KEYWORDS,
+     "wait(event, *, propagate=True)"},
+    {"copy_h2d", (PyCFunction)(void (*)(void))stream_copy_h2d, METH_FASTCALL,
+     "copy_h2d(dst, src)"},
+    {"copy_d2h", (PyCFunction)(void (*)(void))stream_copy_d2h, METH_FASTCALL,
+     "copy_d2h(dst, src)"},
+    {"launch", (PyCFunction)(void (*)(void))stream_launch, METH_FASTCALL,
+     "launch(kernel, config, arrays, extra)"},
+    {NULL},
+};
+
+static PyTypeObject StreamType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "prism_gpu.backends.cuda._native.Stream",
+    .tp_doc = "A CUDA stream's hot methods (the base of NativeCudaStream).",
+    .tp_basicsize = sizeof(StreamObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)stream_init,
+    .tp_dealloc = (destructor)stream_dealloc,
+    .tp_traverse = (traverseproc)stream_traverse,
+    .tp_clear = (inquiry)stream_clear,
+    .tp_dictoffset = offsetof(StreamObject, dict),
+    .tp_weaklistoffset = offsetof(StreamObject, weakrefs),
+    .tp_members = stream_members,
+    .tp_methods = stream_methods,
+};
+
+static PyObject *
+bind(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "bind(InvalidOperationError, current, error)");
+        return NULL;
+    }
+    for (int i = 0; i < 3; i++)
+        Py_INCREF(args[i]);
+    Py_XSETREF(InvalidOperation, args[0]);
+    Py_XSETREF(current_local, args[1]);
+    Py_XSETREF(error_fn, args[2]);
+    Py_RETURN_NONE;
+}
+
+static int
+intern_names(void)
+{
+    struct {
+        PyObject **slot;
+        const char *text;
+    } names[] = {
+        {&s_ordinal, "ordinal"}, {&s_current, "_current"},
+        {&s_run_finishers, "_run_finishers"}, {&s_refuse_closed, "_refuse_closed"},
+        {&s_host_info, "host_info"}, {&s_nbytes, "nbytes"},
+        {&s_ptr, "ptr"}, {&s_copy_h2d_staged, "_copy_h2d_staged"},
+        {&s_copy_d2h_staged, "_copy_d2h_staged"}, {&s_launch, "launch"}, {&s_name, "name"},
+        {&s_handle, "handle"},
+    };
+    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
+        *names[i].slot = PyUnicode_InternFromString(names[i].text);
+        if (*names[i].slot == NULL)
+            return 0;
+    }
+    return 1;
+}
+
 static PyMethodDef methods[] = {
     {"load", (PyCFunction)load, METH_O,
      "load(scalar_types): find the driver functions; None, or why they are absent."},
@@ -323,6 +912,9 @@ static PyMethodDef methods[] = {
     {"launch", (PyCFunction)(void (*)(void))n_launch, METH_FASTCALL,
      "launch(function, gx, gy, gz, bx, by, bz, smem, stream, args) -> CUresult of "
      "cuLaunchKernel."},
+    {"bind", (PyCFunction)(void (*)(void))bind, METH_FASTCALL,
+     "bind(InvalidOperationError, current, error): what the Event and Stream types raise "
+     "and the thread-local of the current device."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -334,5 +926,17 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC
 PyInit__native(void)
 {
-    return PyModule_Create(&module);
+    if (!intern_names() || PyType_Ready(&EventType) < 0 || PyType_Ready(&StreamType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL)
+        return NULL;
+    Py_INCREF(&EventType);
+    Py_INCREF(&StreamType);
+    if (PyModule_AddObject(m, "Event", (PyObject *)&EventType) < 0 ||
+        PyModule_AddObject(m, "Stream", (PyObject *)&StreamType) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
 }
