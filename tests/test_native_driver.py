@@ -410,7 +410,7 @@ def test_native_stream_and_event_types_do_what_the_python_ones_do(stand_in: Path
         assert [sys.getrefcount(x) for x in watched] == base
         r1, r2 = weakref.ref(s3), weakref.ref(ev)
         ev._finish = [lambda s=s3, e=ev: (s, e)]  # a cycle through both
-        del s3, ev
+        del s3, ev, watched
         gc.collect()
         assert r1() is None and r2() is None
     """))
