@@ -1145,6 +1145,806 @@ static PyTypeObject EngineType = {
     .tp_methods = engine_methods,
 };
 
+/* list.extend(other): a new reference to None, or NULL */
+static PyObject *
+list_extend(PyObject *list, PyObject *other)
+{
+    Py_ssize_t n = PyList_GET_SIZE(list);
+    if (PyList_SetSlice(list, n, n, other) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+/* ---------------------------------------------------------------- the queue calls
+ *
+ * QueueCore: the coordinator's queue_upload, queue_compute and queue_download for the
+ * common cases, statement for statement as _queue.PyQueueCore's; any other call (an
+ * on_done, sync mode, explicit args/extra/config/outputs, arrays that are not plain
+ * numpy arrays, a call the checks would refuse, another thread's) goes to that
+ * reference before anything changes, and it answers (or raises) as always.
+ */
+#include <pythread.h>
+
+static PyObject *q_reference, *q_ring_type, *q_ndarray, *q_sync, *q_pending_uploads,
+    *q_UPLOAD, *q_COMPUTE, *q_DOWNLOAD;
+static PyObject *r_upload, *r_compute, *r_download; /* the reference's functions */
+static PyObject *s_closed, *s_dtype, *s_capacity, *s_flags, *s_c_contiguous, *s_size,
+    *s_device, *s_take, *s_untake, *s_head, *s_write_hazards, *s_ndim, *s_reshape,
+    *s_filled, *s_id_type, *s_id, *s_ON_, *s_peek, *s_writeable, *s_valid, *s_writer,
+    *s_array, *s_failed, *s_read, *s_touched, *s_resolve, *s_resolve_deps, *s_data_slots,
+    *s_uses_arrays, *s_defaults, *s_check, *s_config, *s_default_config, *s_failed_total,
+    *s_root_pair, *s_readers, *s_buffer, *s_updated, *s_get, *s_submit, *s_name_attr,
+    *s_inflight;
+static PyObject *kw_keep_done, *kw_keep_done_root, *minus_one_tuple;
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *owner, *engine, *device, *table, *kernels, *slots, *up, *compute, *down;
+} QueueObject;
+
+static int
+queue_traverse(QueueObject *q, visitproc visit, void *arg)
+{
+    Py_VISIT(q->owner);
+    Py_VISIT(q->engine);
+    Py_VISIT(q->device);
+    Py_VISIT(q->table);
+    Py_VISIT(q->kernels);
+    Py_VISIT(q->slots);
+    Py_VISIT(q->up);
+    Py_VISIT(q->compute);
+    Py_VISIT(q->down);
+    return 0;
+}
+
+static int
+queue_clear(QueueObject *q)
+{
+    Py_CLEAR(q->owner);
+    Py_CLEAR(q->engine);
+    Py_CLEAR(q->device);
+    Py_CLEAR(q->table);
+    Py_CLEAR(q->kernels);
+    Py_CLEAR(q->slots);
+    Py_CLEAR(q->up);
+    Py_CLEAR(q->compute);
+    Py_CLEAR(q->down);
+    return 0;
+}
+
+static void
+queue_dealloc(QueueObject *q)
+{
+    PyObject_GC_UnTrack(q);
+    queue_clear(q);
+    Py_TYPE(q)->tp_free((PyObject *)q);
+}
+
+/* reference(self, *args, **kwargs): the Python queue call */
+static PyObject *
+delegate(PyObject *func, PyObject *self, PyObject *const *args, Py_ssize_t nargsf,
+         PyObject *kwnames)
+{
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    Py_ssize_t total = nargs + (kwnames ? PyTuple_GET_SIZE(kwnames) : 0);
+    PyObject *small[8];
+    PyObject **all = total + 1 <= 8 ? small : PyMem_Malloc((total + 1) * sizeof(PyObject *));
+    if (all == NULL)
+        return PyErr_NoMemory();
+    all[0] = self;
+    for (Py_ssize_t i = 0; i < total; i++)
+        all[i + 1] = args[i];
+    PyObject *r = PyObject_Vectorcall(func, all, nargs + 1, kwnames);
+    if (all != small)
+        PyMem_Free(all);
+    return r;
+}
+
+/* 1 if the object's attribute is True, 0 if not, -1 on error */
+static int
+attr_true(PyObject *o, PyObject *name)
+{
+    PyObject *v = PyObject_GetAttr(o, name);
+    if (v == NULL)
+        return -1;
+    int t = truthy(v);
+    Py_DECREF(v);
+    return t;
+}
+
+/* whether this call may take the fast path as far as the coordinator goes: the owner's
+ * thread, open, not in sync mode (-1 on error) */
+static int
+queue_usable(QueueObject *self)
+{
+    if (self->owner == NULL || self->engine == NULL || self->device == NULL)
+        return 0;
+    unsigned long me = PyThread_get_thread_ident();
+    unsigned long owner = PyLong_AsUnsignedLong(self->owner);
+    if (owner == (unsigned long)-1 && PyErr_Occurred())
+        return -1;
+    if (me != owner)
+        return 0;
+    int c = attr_true(self->engine, s_closed);
+    if (c != 0)
+        return c < 0 ? -1 : 0;
+    c = attr_true(self->device, s_closed);
+    if (c != 0)
+        return c < 0 ? -1 : 0;
+    c = attr_true(q_sync, s_ON_);
+    if (c != 0)
+        return c < 0 ? -1 : 0;
+    return 1;
+}
+
+/* n elements of a plain numpy array of ``dtype`` (C-contiguous, writable if asked),
+ * or 0 if the reference must look at it (-1 on error) */
+static Py_ssize_t
+plain_array(PyObject *a, PyObject *dtype, int writable)
+{
+    if (Py_TYPE(a) != (PyTypeObject *)q_ndarray)
+        return 0;
+    PyObject *dt = PyObject_GetAttr(a, s_dtype);
+    if (dt == NULL)
+        return -1;
+    int same = dt == dtype;
+    Py_DECREF(dt);
+    if (!same)
+        return 0;
+    PyObject *flags = PyObject_GetAttr(a, s_flags);
+    if (flags == NULL)
+        return -1;
+    int ok = attr_true(flags, s_c_contiguous);
+    if (ok > 0 && writable)
+        ok = attr_true(flags, s_writeable);
+    Py_DECREF(flags);
+    if (ok <= 0)
+        return ok;
+    PyObject *size = PyObject_GetAttr(a, s_size);
+    if (size == NULL)
+        return -1;
+    Py_ssize_t n = PyLong_AsSsize_t(size);
+    Py_DECREF(size);
+    if (n == -1 && PyErr_Occurred())
+        return -1;
+    return n;
+}
+
+/* a flat view: a if it is 1-d, else a.reshape(-1) */
+static PyObject *
+flat(PyObject *a)
+{
+    PyObject *nd = PyObject_GetAttr(a, s_ndim);
+    if (nd == NULL)
+        return NULL;
+    long ndim = PyLong_AsLong(nd);
+    Py_DECREF(nd);
+    if (ndim == -1 && PyErr_Occurred())
+        return NULL;
+    if (ndim == 1) {
+        Py_INCREF(a);
+        return a;
+    }
+    return PyObject_CallMethodOneArg(a, s_reshape, minus_one_tuple);
+}
+
+static Py_ssize_t
+attr_ssize(PyObject *o, PyObject *name)
+{
+    PyObject *v = PyObject_GetAttr(o, name);
+    if (v == NULL)
+        return -1;
+    Py_ssize_t n = PyLong_AsSsize_t(v);
+    Py_DECREF(v);
+    return n;
+}
+
+static PyObject *
+new_id(QueueObject *self, PyObject *op)
+{
+    PyObject *oid = op_get(op, offsetof(OpObject, id), s_id);
+    if (oid == NULL)
+        return NULL;
+    PyObject *id_type = PyObject_GetAttr(self->table, s_id_type);
+    PyObject *r = id_type ? PyObject_CallOneArg(id_type, oid) : NULL;
+    Py_XDECREF(id_type);
+    Py_DECREF(oid);
+    return r;
+}
+
+/* engine.submit(*args[1:1 + nargs], **kwargs): args[0] is set to the engine */
+static PyObject *
+engine_submit_call(PyObject *engine, PyObject **args, Py_ssize_t nargs, PyObject *kwnames)
+{
+    args[0] = engine;
+    return PyObject_VectorcallMethod(s_submit, args, (nargs + 1) | PY_VECTORCALL_ARGUMENTS_OFFSET,
+                                     kwnames);
+}
+
+static PyObject *
+q_upload(QueueObject *self, PyObject *const *args, Py_ssize_t nargsf, PyObject *kwnames)
+{
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    if (nargs != 2 || kwnames != NULL)
+        return delegate(r_upload, (PyObject *)self, args, nargsf, kwnames);
+    PyObject *data = args[0], *buffer = args[1];
+    int ok = queue_usable(self);
+    if (ok < 0)
+        return NULL;
+    if (!ok || Py_TYPE(buffer) != (PyTypeObject *)q_ring_type)
+        return delegate(r_upload, (PyObject *)self, args, nargsf, kwnames);
+    PyObject *dtype = PyObject_GetAttr(buffer, s_dtype);
+    if (dtype == NULL)
+        return NULL;
+    Py_ssize_t n = plain_array(data, dtype, 0);
+    Py_DECREF(dtype);
+    if (n < 0)
+        return NULL;
+    Py_ssize_t cap = attr_ssize(buffer, s_capacity);
+    if (cap == -1 && PyErr_Occurred())
+        return NULL;
+    PyObject *dev = n > 0 && n <= cap ? PyObject_GetAttr(buffer, s_device) : NULL;
+    if (dev == NULL && PyErr_Occurred())
+        return NULL;
+    int here = dev == self->device;
+    Py_XDECREF(dev);
+    if (!here)
+        return delegate(r_upload, (PyObject *)self, args, nargsf, kwnames);
+    PyObject *zero = PyLong_FromLong(0);
+    PyObject *slot = PyObject_CallMethodOneArg(buffer, s_take, zero);
+    if (slot == NULL) {
+        Py_DECREF(zero);
+        return NULL;
+    }
+    if (slot == Py_None) { /* no FREE slot: nothing changed; the reference says why */
+        Py_DECREF(zero);
+        Py_DECREF(slot);
+        return delegate(r_upload, (PyObject *)self, args, nargsf, kwnames);
+    }
+    PyObject *view = NULL, *hazards = NULL, *src = NULL, *op = NULL, *nobj = NULL;
+    nobj = PyLong_FromSsize_t(n);
+    if (nobj == NULL)
+        goto undo;
+    /* (closed by another thread since the take: refused) */
+    view = PyObject_CallMethodOneArg(slot, s_head, nobj);
+    if (view == NULL)
+        goto undo;
+    hazards = PyObject_CallMethodNoArgs(slot, s_write_hazards);
+    if (hazards == NULL)
+        goto undo;
+    src = flat(data);
+    if (src == NULL)
+        goto undo;
+    {
+        PyObject *sargs[13] = {NULL, self->up, q_UPLOAD, Py_None, empty_tuple, hazards,
+                               NULL, view, src, view, Py_None};
+        PyObject *kind = PyLong_FromLong(H2D);
+        if (kind == NULL)
+            goto undo;
+        sargs[6] = kind;
+        op = engine_submit_call(self->engine, sargs, 8, kw_keep_done);
+        Py_DECREF(kind);
+    }
+    if (op == NULL)
+        goto undo;
+    Py_CLEAR(view);
+    Py_CLEAR(hazards);
+    Py_CLEAR(src);
+    Py_DECREF(zero);
+    PyObject *r = PyObject_CallMethodObjArgs(self->slots, s_filled, slot, op, nobj, NULL);
+    Py_DECREF(slot);
+    Py_DECREF(nobj);
+    if (r == NULL) {
+        Py_DECREF(op);
+        return NULL;
+    }
+    Py_DECREF(r);
+    PyObject *id = new_id(self, op);
+    Py_DECREF(op);
+    return id;
+undo: {
+        PyObject *exc = take_exception();
+        PyObject *u = PyObject_CallMethodObjArgs(buffer, s_untake, slot, zero, NULL);
+        Py_XDECREF(u);
+        raise_after_cleanup(exc, u == NULL);
+        Py_XDECREF(view);
+        Py_XDECREF(hazards);
+        Py_XDECREF(src);
+        Py_XDECREF(nobj);
+        Py_DECREF(slot);
+        Py_DECREF(zero);
+        return NULL;
+    }
+}
+
+static PyObject *
+q_download(QueueObject *self, PyObject *const *args, Py_ssize_t nargsf, PyObject *kwnames)
+{
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    if (nargs != 2 || kwnames != NULL)
+        return delegate(r_download, (PyObject *)self, args, nargsf, kwnames);
+    PyObject *buffer = args[0], *dst = args[1];
+    int ok = queue_usable(self);
+    if (ok < 0)
+        return NULL;
+    if (!ok || Py_TYPE(buffer) != (PyTypeObject *)q_ring_type)
+        return delegate(r_download, (PyObject *)self, args, nargsf, kwnames);
+    PyObject *two = PyLong_FromLong(2);
+    if (two == NULL)
+        return NULL;
+    PyObject *slot = PyObject_CallMethodOneArg(buffer, s_peek, two);
+    if (slot == NULL) {
+        Py_DECREF(two);
+        return NULL;
+    }
+    PyObject *dtype = NULL, *view = NULL, *w = NULL, *src = NULL, *deps = NULL, *keep = NULL,
+             *root = NULL, *op = NULL, *r = NULL;
+    if (slot == Py_None)
+        goto to_reference;
+    dtype = PyObject_GetAttr(buffer, s_dtype);
+    if (dtype == NULL)
+        goto fail;
+    Py_ssize_t n = plain_array(dst, dtype, 1);
+    if (n < 0)
+        goto fail;
+    Py_ssize_t valid = attr_ssize(slot, s_valid);
+    if (valid == -1 && PyErr_Occurred())
+        goto fail;
+    if (n == 0 || n < valid)
+        goto to_reference;
+    view = flat(dst);
+    if (view == NULL)
+        goto fail;
+    if (n != valid) {
+        PyObject *cut = PySequence_GetSlice(view, 0, valid);
+        if (cut == NULL)
+            goto fail;
+        Py_SETREF(view, cut);
+    }
+    w = PyObject_GetAttr(slot, s_writer);
+    src = w ? PyObject_GetAttr(slot, s_array) : NULL;
+    if (src == NULL)
+        goto fail;
+    deps = w == Py_None ? (Py_INCREF(empty_tuple), empty_tuple) : PyTuple_Pack(1, w);
+    keep = deps ? PyTuple_Pack(2, src, dst) : NULL;
+    root = keep ? PyObject_GetAttr(slot, s_failed) : NULL;
+    if (root == NULL)
+        goto fail;
+    {
+        PyObject *kind = PyLong_FromLong(D2H);
+        if (kind == NULL)
+            goto fail;
+        PyObject *sargs[13] = {NULL, self->down, q_DOWNLOAD, Py_None, deps, empty_tuple,
+                               kind, view, src, keep, Py_None, root};
+        op = engine_submit_call(self->engine, sargs, 8, kw_keep_done_root);
+        Py_DECREF(kind);
+    }
+    if (op == NULL)
+        goto fail;
+    r = PyObject_CallMethodOneArg(buffer, s_take, two);
+    if (r == NULL)
+        goto fail;
+    Py_CLEAR(r);
+    r = PyObject_CallMethodOneArg(slot, s_read, op);
+    if (r == NULL)
+        goto fail;
+    Py_CLEAR(r);
+    {
+        PyObject *oid = op_get(op, offsetof(OpObject, id), s_id);
+        PyObject *one_slot = oid ? PyTuple_Pack(1, slot) : NULL;
+        if (one_slot != NULL)
+            r = PyObject_CallMethodObjArgs(self->slots, s_touched, oid, one_slot, NULL);
+        Py_XDECREF(oid);
+        Py_XDECREF(one_slot);
+        if (r == NULL)
+            goto fail;
+        Py_CLEAR(r);
+    }
+    PyObject *id = new_id(self, op);
+    Py_DECREF(two);
+    Py_DECREF(slot);
+    Py_DECREF(dtype);
+    Py_DECREF(view);
+    Py_DECREF(w);
+    Py_DECREF(src);
+    Py_DECREF(deps);
+    Py_DECREF(keep);
+    Py_DECREF(root);
+    Py_DECREF(op);
+    return id;
+to_reference:
+    Py_DECREF(two);
+    Py_DECREF(slot);
+    Py_XDECREF(dtype);
+    return delegate(r_download, (PyObject *)self, args, nargsf, kwnames);
+fail:
+    Py_DECREF(two);
+    Py_DECREF(slot);
+    Py_XDECREF(dtype);
+    Py_XDECREF(view);
+    Py_XDECREF(w);
+    Py_XDECREF(src);
+    Py_XDECREF(deps);
+    Py_XDECREF(keep);
+    Py_XDECREF(root);
+    Py_XDECREF(op);
+    return NULL;
+}
+
+static const char *compute_kw[] = {"deps", "args", "extra", "config", "outputs", "on_done",
+                                   NULL};
+
+/* True if ``o`` is an empty tuple or list (the default outputs) */
+static int
+empty_seq(PyObject *o)
+{
+    return (PyTuple_Check(o) && PyTuple_GET_SIZE(o) == 0) ||
+           (PyList_Check(o) && PyList_GET_SIZE(o) == 0);
+}
+
+static PyObject *
+q_compute(QueueObject *self, PyObject *const *args, Py_ssize_t nargsf, PyObject *kwnames)
+{
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    PyObject *deps = empty_tuple;
+    if (nargs < 1 || nargs > 2)
+        return delegate(r_compute, (PyObject *)self, args, nargsf, kwnames);
+    if (nargs == 2)
+        deps = args[1];
+    if (kwnames != NULL) {
+        for (Py_ssize_t k = 0; k < PyTuple_GET_SIZE(kwnames); k++) {
+            PyObject *key = PyTuple_GET_ITEM(kwnames, k), *v = args[nargs + k];
+            int j = 0;
+            while (compute_kw[j] && PyUnicode_CompareWithASCIIString(key, compute_kw[j]) != 0)
+                j++;
+            if (j == 0 && nargs == 1)
+                deps = v;
+            else if (!(compute_kw[j] && ((j == 4 && empty_seq(v)) ||
+                                         (j >= 1 && j != 4 && v == Py_None))))
+                return delegate(r_compute, (PyObject *)self, args, nargsf, kwnames);
+        }
+    }
+    int ok = queue_usable(self);
+    if (ok < 0)
+        return NULL;
+    if (!ok)
+        return delegate(r_compute, (PyObject *)self, args, nargsf, kwnames);
+    PyObject *entry = NULL, *kernel = NULL, *prepared = NULL, *dep_ids = NULL, *slots = NULL,
+             *pending = NULL, *arrays = NULL, *ext = NULL, *config = NULL, *waits = NULL,
+             *quiet = NULL, *root = NULL, *inflight = NULL, *op = NULL, *keep = NULL,
+             *kname = NULL, *failed = NULL, *r = NULL, *kind = NULL;
+    entry = PyObject_CallMethodOneArg(self->kernels, s_resolve, args[0]);
+    if (entry == NULL)
+        goto fail;
+    if (!PyTuple_Check(entry) || PyTuple_GET_SIZE(entry) != 2) {
+        PyErr_SetString(PyExc_TypeError, "the kernel registry must give (kernel, prepared)");
+        goto fail;
+    }
+    kernel = PyTuple_GET_ITEM(entry, 0);
+    prepared = PyTuple_GET_ITEM(entry, 1);
+    dep_ids = PyObject_CallMethodOneArg(self->table, s_resolve_deps, deps);
+    if (dep_ids == NULL)
+        goto fail;
+    if (!PyList_Check(dep_ids)) {
+        PyErr_SetString(PyExc_TypeError, "resolve_deps must give a list");
+        goto fail;
+    }
+    if (PyList_GET_SIZE(dep_ids)) {
+        slots = PyObject_CallMethodOneArg(self->slots, s_data_slots, dep_ids);
+        if (slots == NULL)
+            goto fail;
+        if (!PyList_Check(slots)) {
+            PyErr_SetString(PyExc_TypeError, "data_slots must give a list");
+            goto fail;
+        }
+    }
+    else if ((slots = PyList_New(0)) == NULL)
+        goto fail;
+    if (PyList_GET_SIZE(slots)) {
+        pending = PyObject_CallOneArg(q_pending_uploads, slots);
+        if (pending == NULL)
+            goto fail;
+    }
+    else {
+        Py_INCREF(slots);
+        pending = slots;
+    }
+    int uses = attr_true(kernel, s_uses_arrays);
+    if (uses < 0)
+        goto fail;
+    if (!uses) {
+        Py_INCREF(empty_tuple);
+        arrays = empty_tuple;
+    }
+    else {
+        Py_ssize_t ns = PyList_GET_SIZE(slots);
+        arrays = PyList_New(ns);
+        if (arrays == NULL)
+            goto fail;
+        for (Py_ssize_t i = 0; i < ns; i++) {
+            PyObject *a = PyObject_GetAttr(PyList_GET_ITEM(slots, i), s_array);
+            if (a == NULL)
+                goto fail;
+            PyList_SET_ITEM(arrays, i, a);
+        }
+    }
+    ext = PyObject_GetAttr(kernel, s_defaults);
+    if (ext == NULL)
+        goto fail;
+    {
+        PyObject *check = PyObject_GetAttr(kernel, s_check);
+        if (check == NULL)
+            goto fail;
+        if (check != Py_None) {
+            r = PyObject_CallOneArg(check, ext);
+            Py_DECREF(check);
+            if (r == NULL)
+                goto fail;
+            Py_CLEAR(r);
+        }
+        else
+            Py_DECREF(check);
+    }
+    config = PyObject_GetAttr(kernel, s_config);
+    if (config == NULL)
+        goto fail;
+    int has = truthy(config);
+    if (has < 0)
+        goto fail;
+    if (!has) {
+        Py_ssize_t n = 1;
+        if (PyObject_Size(arrays) > 0) {
+            PyObject *first = PySequence_GetItem(arrays, 0);
+            if (first == NULL)
+                goto fail;
+            n = PyObject_Size(first);
+            Py_DECREF(first);
+            if (n < 0)
+                goto fail;
+        }
+        PyObject *nobj = PyLong_FromSsize_t(n);
+        if (nobj == NULL)
+            goto fail;
+        PyObject *cfg = PyObject_CallMethodOneArg((PyObject *)self, s_default_config, nobj);
+        Py_DECREF(nobj);
+        if (cfg == NULL)
+            goto fail;
+        Py_SETREF(config, cfg);
+    }
+    /* data flows from each dependency and each slot's writer; a slot rewritten in
+     * place also follows its readers */
+    inflight = PyObject_GetAttr(self->engine, s_inflight);
+    if (inflight == NULL || !PyDict_Check(inflight)) {
+        if (inflight != NULL)
+            PyErr_SetString(PyExc_TypeError, "the engine's inflight must be a dict");
+        goto fail;
+    }
+    waits = PyList_New(0);
+    quiet = PyList_New(0);
+    if (waits == NULL || quiet == NULL)
+        goto fail;
+    Py_INCREF(Py_None);
+    root = Py_None;
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(dep_ids); i++) {
+        PyObject *id = PyList_GET_ITEM(dep_ids, i);
+        PyObject *dep = PyDict_GetItemWithError(inflight, id);
+        if (dep != NULL) {
+            if (PyList_Append(waits, dep) < 0)
+                goto fail;
+        }
+        else if (PyErr_Occurred())
+            goto fail;
+        else if (root == Py_None) {
+            int any = attr_true(self->table, s_failed_total);
+            if (any < 0)
+                goto fail;
+            if (any) {
+                PyObject *pair = PyObject_CallMethodOneArg(self->table, s_root_pair, id);
+                if (pair == NULL)
+                    goto fail;
+                Py_SETREF(root, pair);
+            }
+        }
+    }
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(slots); i++) {
+        PyObject *sl = PyList_GET_ITEM(slots, i);
+        PyObject *w = PyObject_GetAttr(sl, s_writer);
+        if (w == NULL)
+            goto fail;
+        int add = 0;
+        if (w != Py_None) {
+            int c = PySequence_Contains(waits, w);
+            if (c < 0) {
+                Py_DECREF(w);
+                goto fail;
+            }
+            add = !c;
+        }
+        if (add && PyList_Append(waits, w) < 0) {
+            Py_DECREF(w);
+            goto fail;
+        }
+        Py_DECREF(w);
+        PyObject *readers = PyObject_GetAttr(sl, s_readers);
+        if (readers == NULL)
+            goto fail;
+        int some = truthy(readers);
+        if (some > 0) {
+            PyObject *ext2 = list_extend(quiet, readers);
+            if (ext2 == NULL) {
+                Py_DECREF(readers);
+                goto fail;
+            }
+            Py_DECREF(ext2);
+        }
+        Py_DECREF(readers);
+        if (some < 0)
+            goto fail;
+    }
+    keep = PyTuple_Pack(2, arrays, ext);
+    kname = keep ? PyObject_GetAttr(kernel, s_name_attr) : NULL;
+    kind = kname ? PyLong_FromLong(LAUNCH) : NULL;
+    if (kind == NULL)
+        goto fail;
+    {
+        PyObject *sargs[14] = {NULL, self->compute, q_COMPUTE, kname, waits, quiet, kind,
+                               prepared, config, arrays, ext, keep, Py_None, root};
+        op = engine_submit_call(self->engine, sargs, 10, kw_keep_done_root);
+    }
+    if (op == NULL)
+        goto fail;
+    for (Py_ssize_t i = 0; i < PyObject_Size(pending); i++) {
+        PyObject *sl = PySequence_GetItem(pending, i);
+        if (sl == NULL)
+            goto fail;
+        PyObject *buf = PyObject_GetAttr(sl, s_buffer);
+        Py_DECREF(sl);
+        if (buf == NULL)
+            goto fail;
+        PyObject *one_ = PyLong_FromLong(1);
+        r = one_ ? PyObject_CallMethodOneArg(buf, s_take, one_) : NULL;
+        Py_XDECREF(one_);
+        Py_DECREF(buf);
+        if (r == NULL)
+            goto fail;
+        Py_CLEAR(r);
+    }
+    {
+        PyObject *err = op_get(op, offsetof(OpObject, error), s_error);
+        if (err == NULL)
+            goto fail;
+        if (err != Py_None)
+            failed = PyObject_CallOneArg(root_of, op);
+        else {
+            Py_INCREF(Py_None);
+            failed = Py_None;
+        }
+        Py_DECREF(err);
+        if (failed == NULL)
+            goto fail;
+    }
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(slots); i++) {
+        r = PyObject_CallMethodObjArgs(PyList_GET_ITEM(slots, i), s_updated, op, failed, NULL);
+        if (r == NULL)
+            goto fail;
+        Py_CLEAR(r);
+    }
+    if (PyList_GET_SIZE(slots)) {
+        PyObject *oid = op_get(op, offsetof(OpObject, id), s_id);
+        if (oid == NULL)
+            goto fail;
+        r = PyObject_CallMethodObjArgs(self->slots, s_touched, oid, slots, NULL);
+        Py_DECREF(oid);
+        if (r == NULL)
+            goto fail;
+        Py_CLEAR(r);
+    }
+    PyObject *id = new_id(self, op);
+    Py_DECREF(entry);
+    Py_DECREF(dep_ids);
+    Py_DECREF(slots);
+    Py_DECREF(pending);
+    Py_DECREF(arrays);
+    Py_DECREF(ext);
+    Py_DECREF(config);
+    Py_DECREF(inflight);
+    Py_DECREF(waits);
+    Py_DECREF(quiet);
+    Py_DECREF(root);
+    Py_DECREF(op);
+    Py_DECREF(keep);
+    Py_DECREF(kname);
+    Py_DECREF(kind);
+    Py_DECREF(failed);
+    return id;
+fail:
+    Py_XDECREF(entry);
+    Py_XDECREF(dep_ids);
+    Py_XDECREF(slots);
+    Py_XDECREF(pending);
+    Py_XDECREF(arrays);
+    Py_XDECREF(ext);
+    Py_XDECREF(config);
+    Py_XDECREF(inflight);
+    Py_XDECREF(waits);
+    Py_XDECREF(quiet);
+    Py_XDECREF(root);
+    Py_XDECREF(op);
+    Py_XDECREF(keep);
+    Py_XDECREF(kname);
+    Py_XDECREF(kind);
+    Py_XDECREF(failed);
+    return NULL;
+}
+
+#define QUEUE_FIELD(name, field) \
+    {name, T_OBJECT_EX, offsetof(QueueObject, field), 0, NULL}
+
+static PyMemberDef queue_members[] = {
+    QUEUE_FIELD("_owner", owner), QUEUE_FIELD("_engine", engine),
+    QUEUE_FIELD("_device", device), QUEUE_FIELD("_table", table),
+    QUEUE_FIELD("_kernels", kernels), QUEUE_FIELD("_slots", slots), QUEUE_FIELD("_up", up),
+    QUEUE_FIELD("_compute", compute), QUEUE_FIELD("_down", down), {NULL},
+};
+
+static PyMethodDef queue_methods[] = {
+    {"queue_upload", (PyCFunction)(void (*)(void))q_upload, METH_FASTCALL | METH_KEYWORDS,
+     "See prism_gpu.AsyncCoordinator.queue_upload."},
+    {"queue_compute", (PyCFunction)(void (*)(void))q_compute, METH_FASTCALL | METH_KEYWORDS,
+     "See prism_gpu.AsyncCoordinator.queue_compute."},
+    {"queue_download", (PyCFunction)(void (*)(void))q_download,
+     METH_FASTCALL | METH_KEYWORDS, "See prism_gpu.AsyncCoordinator.queue_download."},
+    {NULL},
+};
+
+static PyTypeObject QueueType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "prism_gpu._ccore.QueueCore",
+    .tp_doc = "The coordinator's queue calls (compiled).",
+    .tp_basicsize = sizeof(QueueObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .tp_new = PyType_GenericNew,
+    .tp_dealloc = (destructor)queue_dealloc,
+    .tp_traverse = (traverseproc)queue_traverse,
+    .tp_clear = (inquiry)queue_clear,
+    .tp_members = queue_members,
+    .tp_methods = queue_methods,
+};
+
+static PyObject *
+setup_queue(PyObject *module, PyObject *helpers)
+{
+    if (!PyDict_Check(helpers)) {
+        PyErr_SetString(PyExc_TypeError, "setup_queue() takes a dict");
+        return NULL;
+    }
+    struct {
+        const char *key;
+        PyObject **slot;
+    } want[] = {{"reference", &q_reference}, {"TripleBuffer", &q_ring_type},
+                {"ndarray", &q_ndarray},     {"sync", &q_sync},
+                {"pending_uploads", &q_pending_uploads}, {"UPLOAD", &q_UPLOAD},
+                {"COMPUTE", &q_COMPUTE},     {"DOWNLOAD", &q_DOWNLOAD}};
+    for (size_t i = 0; i < sizeof want / sizeof want[0]; i++) {
+        PyObject *v = PyDict_GetItemString(helpers, want[i].key);
+        if (v == NULL) {
+            PyErr_Format(PyExc_KeyError, "setup_queue() needs %s", want[i].key);
+            return NULL;
+        }
+        Py_INCREF(v);
+        Py_XSETREF(*want[i].slot, v);
+    }
+    if (!PyType_Check(q_ring_type) || !PyType_Check(q_ndarray)) {
+        PyErr_SetString(PyExc_TypeError, "setup_queue() needs the ring and array types");
+        return NULL;
+    }
+    Py_XSETREF(r_upload, PyObject_GetAttrString(q_reference, "queue_upload"));
+    Py_XSETREF(r_compute, PyObject_GetAttrString(q_reference, "queue_compute"));
+    Py_XSETREF(r_download, PyObject_GetAttrString(q_reference, "queue_download"));
+    if (!r_upload || !r_compute || !r_download)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
 /* ---------------------------------------------------------------- the module */
 
 static PyObject *
@@ -1179,6 +1979,8 @@ setup(PyObject *self, PyObject *helpers)
 
 static PyMethodDef methods[] = {
     {"setup", (PyCFunction)setup, METH_O, "setup(helpers): the Python side's functions."},
+    {"setup_queue", (PyCFunction)setup_queue, METH_O,
+     "setup_queue(helpers): the queue calls' reference, types and constants."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -1205,6 +2007,21 @@ intern_all(void)
         {&s_elapsed_ms, "elapsed_ms"}, {&s_give_event, "give_event"},
         {&s_complete, "complete"}, {&s_Trace, "Trace"}, {&s_HELD_EVENTS, "HELD_EVENTS"},
         {&s_read_times, "read_times"}, {&s_lane, "lane"},
+        {&s_closed, "closed"}, {&s_dtype, "dtype"}, {&s_capacity, "capacity"},
+        {&s_flags, "flags"}, {&s_c_contiguous, "c_contiguous"}, {&s_size, "size"},
+        {&s_device, "device"}, {&s_take, "take"}, {&s_untake, "untake"}, {&s_head, "head"},
+        {&s_write_hazards, "write_hazards"}, {&s_ndim, "ndim"}, {&s_reshape, "reshape"},
+        {&s_filled, "filled"}, {&s_id_type, "id_type"}, {&s_id, "id"}, {&s_ON_, "_ON"},
+        {&s_peek, "peek"}, {&s_writeable, "writeable"}, {&s_valid, "valid"},
+        {&s_writer, "writer"}, {&s_array, "array"}, {&s_failed, "failed"},
+        {&s_read, "read"}, {&s_touched, "touched"}, {&s_resolve, "resolve"},
+        {&s_resolve_deps, "resolve_deps"}, {&s_data_slots, "data_slots"},
+        {&s_uses_arrays, "uses_arrays"}, {&s_defaults, "defaults"}, {&s_check, "check"},
+        {&s_config, "config"}, {&s_default_config, "_default_config"},
+        {&s_failed_total, "failed_total"}, {&s_root_pair, "root_pair"},
+        {&s_readers, "readers"}, {&s_buffer, "buffer"}, {&s_updated, "updated"},
+        {&s_get, "get"}, {&s_submit, "submit"}, {&s_name_attr, "name"},
+        {&s_inflight, "inflight"},
     };
     for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
         *names[i].slot = PyUnicode_InternFromString(names[i].text);
@@ -1218,21 +2035,29 @@ intern_all(void)
     minus_one = PyLong_FromLong(-1);
     one = PyLong_FromLong(1);
     empty_tuple = PyTuple_New(0);
+    kw_keep_done = Py_BuildValue("(ss)", "keep", "on_done");
+    kw_keep_done_root = Py_BuildValue("(sss)", "keep", "on_done", "root");
+    minus_one_tuple = Py_BuildValue("(i)", -1);
+    if (!kw_keep_done || !kw_keep_done_root || !minus_one_tuple)
+        return 0;
     return kw_propagate && kw_stamp && kw_oid && kw_force && minus_one && one && empty_tuple;
 }
 
 PyMODINIT_FUNC
 PyInit__ccore(void)
 {
-    if (!intern_all() || PyType_Ready(&OpType) < 0 || PyType_Ready(&EngineType) < 0)
+    if (!intern_all() || PyType_Ready(&OpType) < 0 || PyType_Ready(&EngineType) < 0 ||
+        PyType_Ready(&QueueType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)
         return NULL;
     Py_INCREF(&OpType);
     Py_INCREF(&EngineType);
+    Py_INCREF(&QueueType);
     if (PyModule_AddObject(m, "Op", (PyObject *)&OpType) < 0 ||
-        PyModule_AddObject(m, "EngineCore", (PyObject *)&EngineType) < 0) {
+        PyModule_AddObject(m, "EngineCore", (PyObject *)&EngineType) < 0 ||
+        PyModule_AddObject(m, "QueueCore", (PyObject *)&QueueType) < 0) {
         Py_DECREF(m);
         return NULL;
     }

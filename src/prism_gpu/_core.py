@@ -249,6 +249,11 @@ def _compiled() -> Tuple[Any, str]:
 
 
 _C, STATUS = _compiled()
+
+
+def compiled_module() -> Any:
+    """The compiled module (also the queue calls'), or None."""
+    return _C
 COMPILED = _C is not None
 if TYPE_CHECKING:
     EngineCore = PyEngineCore

@@ -1,0 +1,114 @@
+"""The coordinator's queue calls on both cores: the compiled one (where built) takes the
+common cases itself and hands the rest to the Python reference, so both must answer
+alike, and neither may keep a reference to what a completed op used."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import numpy as np
+import pytest
+
+import prism_gpu as pg
+from prism_gpu import _core, _queue
+from prism_gpu._coordinator import AsyncCoordinator
+
+# the coordinator over each core (the Python one: the same class over the reference)
+PyCoordinator = type("PyCoordinator", (_queue.PyQueueCore,),
+                     {k: v for k, v in AsyncCoordinator.__dict__.items()
+                      if k not in ("__dict__", "__weakref__")})
+CORES = [pytest.param(PyCoordinator, id="python"),
+         pytest.param(AsyncCoordinator, id="compiled", marks=pytest.mark.skipif(
+             not _core.COMPILED, reason=f"the compiled core is {_core.STATUS}"))]
+N = 256
+
+
+@pytest.fixture(params=CORES)
+def make(request: Any, device: Any) -> Any:
+    made = []
+
+    def new(**kw: Any) -> Any:
+        c = request.param(device, **kw)
+        made.append(c)
+        return c
+    yield new
+    for c in made:
+        c.close()
+
+
+def _doubled(x: np.ndarray) -> None:
+    x *= 2
+
+
+def test_pattern_one_answers_alike_and_holds_no_references(make: Any, device: Any) -> None:
+    """Iterations of upload, compute (by name, on the upload), download and advance give
+    the right data; afterwards the inputs, outputs, ring and kernel are referenced as
+    often as before the iterations."""
+    coord = make()
+    coord.register_kernel("double", _doubled)
+    buf = pg.TripleBuffer(device, N)
+    rng = np.random.default_rng(7)
+    x = rng.random(N, dtype=np.float32)
+    out = np.full(N, np.nan, dtype=np.float32)
+
+    def iterate(k: int) -> None:
+        for _ in range(k):
+            u = coord.queue_upload(x, buf)
+            coord.queue_compute("double", [u])
+            d = coord.queue_download(buf, out)
+            buf.advance()
+        coord.wait(d)
+
+    iterate(3)
+    coord.synchronize_all()
+    coord.poll()
+    watched = (x, out, buf, _doubled, coord)
+    before = [sys.getrefcount(o) for o in watched]
+    iterate(300)
+    np.testing.assert_array_equal(out, 2 * x)
+    coord.synchronize_all()
+    coord.poll()
+    assert [sys.getrefcount(o) for o in watched] == before
+
+
+def test_the_uncommon_cases_answer_alike(make: Any, device: Any) -> None:
+    """What the compiled calls hand to the reference: a full ring, a short batch, a
+    2-d array, a read-only or too small destination, another dtype, an on_done, explicit
+    args, a dependency that failed. Each answer (or refusal, with its message) is the
+    same on both cores, and a refusal changes nothing."""
+    coord = make()
+    coord.register_kernel("double", _doubled)
+    buf = pg.TripleBuffer(device, N, depth=2)
+    x = np.random.default_rng(1).random(N, dtype=np.float32)
+    seen: list = []
+    u1 = coord.queue_upload(x, buf, on_done=lambda r, ms: seen.append(r.op_type))
+    u2 = coord.queue_upload(x[: N // 2].reshape(2, -1), buf)  # short batch, 2-d
+    with pytest.raises(pg.BufferUnavailableError, match="no FREE slot"):
+        coord.queue_upload(x, buf)
+    assert [str(s) for s in buf.get_states()] == ["uploading", "uploading"]
+    with pytest.raises(pg.TransferError, match="dtype float64"):
+        coord.queue_upload(x.astype(np.float64), pg.TripleBuffer(device, N))
+    coord.queue_compute("double", [u1])
+    coord.queue_compute("double", deps=[u2], extra=None, outputs=())
+    ro = np.zeros(N, np.float32)
+    ro.flags.writeable = False
+    with pytest.raises(pg.TransferError, match="read-only"):
+        coord.queue_download(buf, ro)
+    with pytest.raises(pg.TransferError, match="holds 3 elements"):
+        coord.queue_download(buf, np.zeros(3, np.float32))
+    assert [str(s) for s in buf.get_states()] == ["processing", "processing"]
+    a = np.full(N, np.nan, np.float32)
+    b = np.full((2, N // 4), np.nan, np.float32)
+    coord.wait(coord.queue_download(buf, a))
+    coord.wait(coord.queue_download(buf, b))
+    np.testing.assert_array_equal(a, 2 * x)
+    np.testing.assert_array_equal(b.reshape(-1), 2 * x[: N // 2])
+    coord.poll()
+    assert seen == [pg.OpType.UPLOAD]
+    failed = coord.queue_compute(lambda: 1 / 0, [], args=[])
+    later = coord.queue_compute("double", [failed])
+    with pytest.raises(pg.DependencyFailedError, match=f"depends on op {int(failed)}"):
+        coord.wait(later)
+    assert isinstance(coord.error(failed), pg.KernelError)
+    coord.synchronize_all()  # both were reported (the dependant's error names its root)
