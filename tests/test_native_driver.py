@@ -414,3 +414,46 @@ def test_native_stream_and_event_types_do_what_the_python_ones_do(stand_in: Path
         gc.collect()
         assert r1() is None and r2() is None
     """))
+
+
+def test_arrays_are_packed_as_pointer_and_length_then_the_extra_values(stand_in: Path) -> None:
+    """launch_arrays: each array as (pointer, size_t n), n its length if 1-d else its
+    size; then the extra values; an array of another dtype than its parameter's, or one
+    without a pointer of its own, is answered before the driver (the caller raises or
+    takes the general path); null handles never reach it."""
+    run(stand_in, """
+        class A:
+            def __init__(self, ptr, shape, dtype):
+                self.ptr, self.shape, self.dtype = ptr, shape, np.dtype(dtype)
+                self.size = int(np.prod(shape))
+        f32, f64 = np.dtype(np.float32), np.dtype(np.float64)
+        set_int("nparams", 6)
+        dims = (4, 2, 1, 128, 2, 1, 256)
+        arrays = [A(0xA0, (5,), f32), A(0xB0, (3, 4), f64)]
+        pointees = (f32, None, f64, None)
+        assert n.launch_arrays(0xF0, dims, 0x99, arrays, pointees,
+                               (np.float32(1.5), np.int32(-2))) == 0
+        assert [last(i) for i in range(9)] == [0xF0, 4, 2, 1, 128, 2, 1, 256, 0x99]
+        assert param(0, 8) == (0xA0).to_bytes(8, "little")
+        assert param(1, 8) == np.uint64(5).tobytes()
+        assert param(2, 8) == (0xB0).to_bytes(8, "little")
+        assert param(3, 8) == np.uint64(12).tobytes()
+        assert param(4, 4) == np.float32(1.5).tobytes()
+        assert param(5, 4) == np.int32(-2).tobytes()
+        before = calls()
+        assert n.launch_arrays(0xF0, dims, 0x99, arrays, (f32, None, f32, None), ()) == -2
+        no_ptr = A(None, (5,), f32)
+        assert n.launch_arrays(0xF0, dims, 0x99, [arrays[0], no_ptr], (f32, None, f32, None),
+                               ()) == -1001
+        assert n.launch_arrays(0, dims, 0x99, arrays, pointees, ()) == 400
+        assert n.launch_arrays(0xF0, dims, 0, arrays, pointees, ()) == 400
+        for bad in ((np.float32(1), True), ([1.5],)):
+            try:
+                n.launch_arrays(0xF0, dims, 0x99, arrays, pointees, bad[0] if len(bad) == 1
+                                else bad)
+            except TypeError:
+                pass
+            else:
+                raise AssertionError("a value C cannot pass was taken")
+        assert calls() == before, "refused launches reached the driver"
+    """)

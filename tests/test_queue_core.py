@@ -13,6 +13,7 @@ import pytest
 import prism_gpu as pg
 from prism_gpu import _core, _queue
 from prism_gpu._coordinator import AsyncCoordinator
+from _support import mul3
 
 # the coordinator over each core (the Python one: the same class over the reference)
 PyCoordinator = type("PyCoordinator", (_queue.PyQueueCore,),
@@ -37,16 +38,13 @@ def make(request: Any, device: Any) -> Any:
         c.close()
 
 
-def _doubled(x: np.ndarray) -> None:
-    x *= 2
-
-
 def test_pattern_one_answers_alike_and_holds_no_references(make: Any, device: Any) -> None:
     """Iterations of upload, compute (by name, on the upload), download and advance give
     the right data; afterwards the inputs, outputs, ring and kernel are referenced as
     often as before the iterations."""
     coord = make()
-    coord.register_kernel("double", _doubled)
+    kernel = mul3()
+    coord.register_kernel("mul3", kernel)
     buf = pg.TripleBuffer(device, N)
     rng = np.random.default_rng(7)
     x = rng.random(N, dtype=np.float32)
@@ -55,7 +53,7 @@ def test_pattern_one_answers_alike_and_holds_no_references(make: Any, device: An
     def iterate(k: int) -> None:
         for _ in range(k):
             u = coord.queue_upload(x, buf)
-            coord.queue_compute("double", [u])
+            coord.queue_compute("mul3", [u])
             d = coord.queue_download(buf, out)
             buf.advance()
         coord.wait(d)
@@ -63,10 +61,10 @@ def test_pattern_one_answers_alike_and_holds_no_references(make: Any, device: An
     iterate(3)
     coord.synchronize_all()
     coord.poll()
-    watched = (x, out, buf, _doubled, coord)
+    watched = (x, out, buf, kernel, coord)
     before = [sys.getrefcount(o) for o in watched]
     iterate(300)
-    np.testing.assert_array_equal(out, 2 * x)
+    np.testing.assert_allclose(out, 3 * x, rtol=1e-6)
     coord.synchronize_all()
     coord.poll()
     assert [sys.getrefcount(o) for o in watched] == before
@@ -78,7 +76,7 @@ def test_the_uncommon_cases_answer_alike(make: Any, device: Any) -> None:
     args, a dependency that failed. Each answer (or refusal, with its message) is the
     same on both cores, and a refusal changes nothing."""
     coord = make()
-    coord.register_kernel("double", _doubled)
+    coord.register_kernel("mul3", mul3())
     buf = pg.TripleBuffer(device, N, depth=2)
     x = np.random.default_rng(1).random(N, dtype=np.float32)
     seen: list = []
@@ -89,8 +87,8 @@ def test_the_uncommon_cases_answer_alike(make: Any, device: Any) -> None:
     assert [str(s) for s in buf.get_states()] == ["uploading", "uploading"]
     with pytest.raises(pg.TransferError, match="dtype float64"):
         coord.queue_upload(x.astype(np.float64), pg.TripleBuffer(device, N))
-    coord.queue_compute("double", [u1])
-    coord.queue_compute("double", deps=[u2], extra=None, outputs=())
+    coord.queue_compute("mul3", [u1])
+    coord.queue_compute("mul3", deps=[u2], extra=None, outputs=())
     ro = np.zeros(N, np.float32)
     ro.flags.writeable = False
     with pytest.raises(pg.TransferError, match="read-only"):
@@ -102,13 +100,32 @@ def test_the_uncommon_cases_answer_alike(make: Any, device: Any) -> None:
     b = np.full((2, N // 4), np.nan, np.float32)
     coord.wait(coord.queue_download(buf, a))
     coord.wait(coord.queue_download(buf, b))
-    np.testing.assert_array_equal(a, 2 * x)
-    np.testing.assert_array_equal(b.reshape(-1), 2 * x[: N // 2])
+    np.testing.assert_allclose(a, 3 * x, rtol=1e-6)
+    np.testing.assert_allclose(b.reshape(-1), 3 * x[: N // 2], rtol=1e-6)
     coord.poll()
     assert seen == [pg.OpType.UPLOAD]
     failed = coord.queue_compute(lambda: 1 / 0, [], args=[])
-    later = coord.queue_compute("double", [failed])
+    later = coord.queue_compute("mul3", [failed])
     with pytest.raises(pg.DependencyFailedError, match=f"depends on op {int(failed)}"):
         coord.wait(later)
     assert isinstance(coord.error(failed), pg.KernelError)
     coord.synchronize_all()  # both were reported (the dependant's error names its root)
+
+
+def test_extra_values_reach_the_kernel_on_both_cores(make: Any, device: Any) -> None:
+    """A tuple of extra values (the compiled calls take it themselves), a list (the
+    reference's) and none (the kernel's defaults) reach the kernel after its arrays."""
+    coord = make()
+    got: list = []
+
+    def record(a: Any, v: Any = 7.0) -> None:
+        got.append((len(a), float(v)))
+
+    coord.register_kernel("record", record)
+    buf = pg.TripleBuffer(device, N)
+    x = np.random.default_rng(3).random(N, dtype=np.float32)
+    for extra in ((2.5,), [4.5], None):
+        u = coord.queue_upload(x, buf)
+        coord.wait(coord.queue_compute("record", [u], extra=extra))
+        buf.retire()
+    assert got == [(N, 2.5), (N, 4.5), (N, 7.0)]

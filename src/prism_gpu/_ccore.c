@@ -1159,13 +1159,14 @@ list_extend(PyObject *list, PyObject *other)
  *
  * QueueCore: the coordinator's queue_upload, queue_compute and queue_download for the
  * common cases, statement for statement as _queue.PyQueueCore's; any other call (an
- * on_done, sync mode, explicit args/extra/config/outputs, arrays that are not plain
+ * on_done, sync mode, explicit args/config/outputs, extra values other than a tuple
+ * without device arrays, arrays that are not plain
  * numpy arrays, a call the checks would refuse, another thread's) goes to that
  * reference before anything changes, and it answers (or raises) as always.
  */
 #include <pythread.h>
 
-static PyObject *q_reference, *q_ring_type, *q_ndarray, *q_sync, *q_pending_uploads,
+static PyObject *q_reference, *q_ring_type, *q_ndarray, *q_sync, *q_pending_uploads, *q_device_array,
     *q_UPLOAD, *q_COMPUTE, *q_DOWNLOAD;
 static PyObject *r_upload, *r_compute, *r_download; /* the reference's functions */
 static PyObject *s_closed, *s_dtype, *s_capacity, *s_flags, *s_c_contiguous, *s_size,
@@ -1586,7 +1587,7 @@ static PyObject *
 q_compute(QueueObject *self, PyObject *const *args, Py_ssize_t nargsf, PyObject *kwnames)
 {
     Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
-    PyObject *deps = empty_tuple;
+    PyObject *deps = empty_tuple, *extra = Py_None;
     if (nargs < 1 || nargs > 2)
         return delegate(r_compute, (PyObject *)self, args, nargsf, kwnames);
     if (nargs == 2)
@@ -1599,6 +1600,8 @@ q_compute(QueueObject *self, PyObject *const *args, Py_ssize_t nargsf, PyObject 
                 j++;
             if (j == 0 && nargs == 1)
                 deps = v;
+            else if (j == 2 && (v == Py_None || PyTuple_CheckExact(v)))
+                extra = v; /* a tuple of values: the kernel's arguments after the arrays */
             else if (!(compute_kw[j] && ((j == 4 && empty_seq(v)) ||
                                          (j >= 1 && j != 4 && v == Py_None))))
                 return delegate(r_compute, (PyObject *)self, args, nargsf, kwnames);
@@ -1607,6 +1610,9 @@ q_compute(QueueObject *self, PyObject *const *args, Py_ssize_t nargsf, PyObject 
     int ok = queue_usable(self);
     if (ok < 0)
         return NULL;
+    /* device arrays among the extra values are swapped for the backend's: the reference */
+    for (Py_ssize_t i = 0; ok && extra != Py_None && i < PyTuple_GET_SIZE(extra); i++)
+        ok = Py_TYPE(PyTuple_GET_ITEM(extra, i)) != (PyTypeObject *)q_device_array;
     if (!ok)
         return delegate(r_compute, (PyObject *)self, args, nargsf, kwnames);
     PyObject *entry = NULL, *kernel = NULL, *prepared = NULL, *dep_ids = NULL, *slots = NULL,
@@ -1668,8 +1674,11 @@ q_compute(QueueObject *self, PyObject *const *args, Py_ssize_t nargsf, PyObject 
             PyList_SET_ITEM(arrays, i, a);
         }
     }
-    ext = PyObject_GetAttr(kernel, s_defaults);
-    if (ext == NULL)
+    if (extra != Py_None) {
+        Py_INCREF(extra);
+        ext = extra;
+    }
+    else if ((ext = PyObject_GetAttr(kernel, s_defaults)) == NULL)
         goto fail;
     {
         PyObject *check = PyObject_GetAttr(kernel, s_check);
@@ -1923,7 +1932,8 @@ setup_queue(PyObject *module, PyObject *helpers)
     } want[] = {{"reference", &q_reference}, {"TripleBuffer", &q_ring_type},
                 {"ndarray", &q_ndarray},     {"sync", &q_sync},
                 {"pending_uploads", &q_pending_uploads}, {"UPLOAD", &q_UPLOAD},
-                {"COMPUTE", &q_COMPUTE},     {"DOWNLOAD", &q_DOWNLOAD}};
+                {"COMPUTE", &q_COMPUTE},     {"DOWNLOAD", &q_DOWNLOAD},
+                {"DeviceArray", &q_device_array}};
     for (size_t i = 0; i < sizeof want / sizeof want[0]; i++) {
         PyObject *v = PyDict_GetItemString(helpers, want[i].key);
         if (v == NULL) {

@@ -1,9 +1,9 @@
 """The coordinator's queue calls, its hot path: upload, compute and download ops.
 
 :class:`PyQueueCore` is the reference, in Python. ``_ccore`` (C, where built) does the
-common cases (no ``on_done``, no sync mode, no explicit ``args``/``extra``/``config``/
-``outputs``, numpy arrays) statement for statement, and hands everything else to this
-reference; the test suite runs against both. :class:`QueueCore` is the one in use,
+common cases (no ``on_done``, no sync mode, no explicit ``args``/``config``/``outputs``,
+``extra`` a tuple of values, numpy arrays) statement for statement, and hands everything
+else to this reference; the test suite runs against both. :class:`QueueCore` is the one in use,
 the base of :class:`prism_gpu.AsyncCoordinator`, which holds the state.
 """
 
@@ -17,7 +17,7 @@ import numpy as np
 from . import _core, _sync
 from ._buffers import FREE_I, PROCESSING_I, UPLOADING_I, TripleBuffer
 from ._config import LaunchConfig
-from ._devarray import backend_values
+from ._devarray import DeviceArray, backend_values
 from ._args import sequence_arg
 from ._engine import D2H, H2D, LAUNCH, Engine, Lane
 from ._errors import BufferUnavailableError, TransferError
@@ -214,7 +214,8 @@ def _compiled() -> Any:
     if c is not None:
         c.setup_queue({"reference": PyQueueCore, "TripleBuffer": TripleBuffer,
                        "ndarray": np.ndarray, "sync": _sync, "pending_uploads": pending_uploads,
-                       "UPLOAD": _UPLOAD, "COMPUTE": _COMPUTE, "DOWNLOAD": _DOWNLOAD})
+                       "UPLOAD": _UPLOAD, "COMPUTE": _COMPUTE, "DOWNLOAD": _DOWNLOAD,
+                       "DeviceArray": DeviceArray})
     return c
 
 

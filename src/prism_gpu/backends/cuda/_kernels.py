@@ -243,8 +243,35 @@ class SourceKernel:
             out.append(c(v))
         return out
 
+    def _extra_values(self, extra: Sequence[Any], na: int) -> Any:
+        """The extra values converted to the kernel's C types (once per tuple)."""
+        cached = self._ext
+        if cached is not None and cached[0] is extra and cached[1] == na:
+            return cached[2]
+        conv = self._conv
+        assert conv is not None
+        vals = tuple(conv[2 * na + j](v) for j, v in enumerate(extra))
+        self._ext = (extra, na, vals)
+        return vals
+
     def launch(self, stream: Any, config: Any, arrays: Sequence[Any], extra: Sequence[Any]
                ) -> None:
+        na = len(arrays)
+        conv = self._conv
+        if self._func and na and conv is not None and 2 * na + len(extra) == len(conv) \
+                and len(conv) <= MAX_NATIVE_ARGS and self._fast_layout(na):
+            # the arguments packed in C: (pointer, size_t n) per array, then the extra values
+            err = NATIVE.launch_arrays(self._func, self._config(config), stream.live_handle,
+                                       arrays, self._pointee, self._extra_values(extra, na))
+            if err == 0:
+                return
+            if err > 0:
+                raise stream.error_of(err, f"launching kernel {self.name!r}")
+            if err > -1000:  # array -1 - err has another dtype than its parameter's
+                i = -1 - err
+                raise KernelError(f"kernel {self.name!r} parameter {2 * i} is "
+                                  f"{self._params[2 * i]}, got an array of {arrays[i].dtype}")
+            # an array without a device pointer of its own (CuPy, ...): the general path
         args = self.arguments(arrays, extra) if (arrays or extra) else ()
         cfg = self._config(config)
         if self._func and len(args) <= MAX_NATIVE_ARGS:

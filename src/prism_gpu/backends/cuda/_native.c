@@ -310,6 +310,133 @@ n_launch(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     return result(r);
 }
 
+/* launch_arrays(function, dims, stream, arrays, pointees, extra) -> CUresult, or -1 - i
+ * when array i's dtype is not pointees[2 * i] (the caller raises), or -1000 - i when
+ * array i has no ``ptr`` (the caller takes the general path). dims: the 7 launch
+ * dimensions; each array is passed as (pointer, size_t n), n its length if 1-d, else its
+ * size; then the extra values, packed as launch() packs them. */
+static PyObject *
+n_launch_arrays(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    static PyObject *s_dtype_, *s_ptr_, *s_shape_, *s_size_;
+    if (s_dtype_ == NULL) {
+        s_dtype_ = PyUnicode_InternFromString("dtype");
+        s_ptr_ = PyUnicode_InternFromString("ptr");
+        s_shape_ = PyUnicode_InternFromString("shape");
+        s_size_ = PyUnicode_InternFromString("size");
+        if (!s_dtype_ || !s_ptr_ || !s_shape_ || !s_size_)
+            return NULL;
+    }
+    if (nargs != 6 || !PyTuple_Check(args[1]) || PyTuple_GET_SIZE(args[1]) != 7 ||
+        !PySequence_Check(args[3]) || !PySequence_Check(args[4]) || !PyTuple_Check(args[5])) {
+        PyErr_SetString(PyExc_TypeError, "launch_arrays(function, dims, stream, arrays, "
+                        "pointees, extra)");
+        return NULL;
+    }
+    unsigned long long f, s, dims[7];
+    if (!loaded() || !as_u64(args[0], &f) || !as_u64(args[2], &s))
+        return NULL;
+    for (int i = 0; i < 7; i++) {
+        if (!as_u64(PyTuple_GET_ITEM(args[1], i), &dims[i]))
+            return NULL;
+        if (dims[i] > 0xFFFFFFFFull) {
+            PyErr_SetString(PyExc_OverflowError, "launch dimension out of range");
+            return NULL;
+        }
+    }
+    if (s == 0 || f == 0)
+        return result(INVALID_HANDLE);
+    PyObject *arrays = PySequence_Fast(args[3], "arrays must be a sequence");
+    if (arrays == NULL)
+        return NULL;
+    PyObject *extra = args[5];
+    Py_ssize_t na = PySequence_Fast_GET_SIZE(arrays), ne = PyTuple_GET_SIZE(extra);
+    Py_ssize_t n = 2 * na + ne;
+    if (n > MAX_ARGS) {
+        Py_DECREF(arrays);
+        PyErr_Format(PyExc_TypeError, "at most %d kernel arguments, got %zd", MAX_ARGS, n);
+        return NULL;
+    }
+    _Alignas(16) unsigned char store[MAX_ARGS][SLOT];
+    void *params[MAX_ARGS + 1];
+    for (Py_ssize_t i = 0; i < na; i++) {
+        PyObject *a = PySequence_Fast_GET_ITEM(arrays, i);
+        PyObject *want = PySequence_GetItem(args[4], 2 * i);
+        if (want == NULL)
+            goto fail;
+        if (want != Py_None) {
+            PyObject *dt = PyObject_GetAttr(a, s_dtype_);
+            if (dt == NULL) {
+                PyErr_Clear(); /* no dtype: nothing to check, as the Python path */
+            }
+            else {
+                int same = dt == want ? 1 : PyObject_RichCompareBool(dt, want, Py_EQ);
+                Py_DECREF(dt);
+                if (same <= 0) {
+                    Py_DECREF(want);
+                    if (same < 0)
+                        goto fail;
+                    Py_DECREF(arrays);
+                    return PyLong_FromSsize_t(-1 - i);
+                }
+            }
+        }
+        Py_DECREF(want);
+        PyObject *ptr = PyObject_GetAttr(a, s_ptr_);
+        if (ptr == NULL || ptr == Py_None) {
+            if (ptr == NULL)
+                PyErr_Clear();
+            Py_XDECREF(ptr);
+            Py_DECREF(arrays);
+            return PyLong_FromSsize_t(-1000 - i);
+        }
+        unsigned long long pv, len;
+        int ok = as_u64(ptr, &pv);
+        Py_DECREF(ptr);
+        if (!ok)
+            goto fail;
+        PyObject *shape = PyObject_GetAttr(a, s_shape_);
+        if (shape == NULL)
+            goto fail;
+        PyObject *lenobj = PyTuple_Check(shape) && PyTuple_GET_SIZE(shape) == 1
+                               ? (Py_INCREF(PyTuple_GET_ITEM(shape, 0)),
+                                  PyTuple_GET_ITEM(shape, 0))
+                               : PyObject_GetAttr(a, s_size_);
+        Py_DECREF(shape);
+        if (lenobj == NULL)
+            goto fail;
+        ok = as_u64(lenobj, &len);
+        Py_DECREF(lenobj);
+        if (!ok)
+            goto fail;
+        memcpy(store[2 * i], &pv, sizeof pv);
+        memcpy(store[2 * i + 1], &len, sizeof len);
+        memset(store[2 * i] + 8, 0, SLOT - 8);
+        memset(store[2 * i + 1] + 8, 0, SLOT - 8);
+        params[2 * i] = store[2 * i];
+        params[2 * i + 1] = store[2 * i + 1];
+    }
+    for (Py_ssize_t j = 0; j < ne; j++) {
+        Py_ssize_t k = 2 * na + j;
+        memset(store[k], 0, SLOT);
+        if (!pack(PyTuple_GET_ITEM(extra, j), store[k], k))
+            goto fail;
+        params[k] = store[k];
+    }
+    params[n] = NULL;
+    Py_DECREF(arrays);
+    CUresult r;
+    Py_BEGIN_ALLOW_THREADS
+    r = p_launch((CUfunction)(uintptr_t)f, (unsigned)dims[0], (unsigned)dims[1],
+                 (unsigned)dims[2], (unsigned)dims[3], (unsigned)dims[4], (unsigned)dims[5],
+                 (unsigned)dims[6], (CUstream)(uintptr_t)s, n ? params : NULL, NULL);
+    Py_END_ALLOW_THREADS
+    return result(r);
+fail:
+    Py_DECREF(arrays);
+    return NULL;
+}
+
 /* ---------------------------------------------------------------- stream and event types
  *
  * Event and Stream: the hot methods of the CUDA backend's events and streams in C, the
@@ -912,6 +1039,9 @@ static PyMethodDef methods[] = {
     {"launch", (PyCFunction)(void (*)(void))n_launch, METH_FASTCALL,
      "launch(function, gx, gy, gz, bx, by, bz, smem, stream, args) -> CUresult of "
      "cuLaunchKernel."},
+    {"launch_arrays", (PyCFunction)(void (*)(void))n_launch_arrays, METH_FASTCALL,
+     "launch_arrays(function, dims, stream, arrays, pointees, extra) -> CUresult (or a "
+     "negative code: see the source)."},
     {"bind", (PyCFunction)(void (*)(void))bind, METH_FASTCALL,
      "bind(InvalidOperationError, current, error): what the Event and Stream types raise "
      "and the thread-local of the current device."},
