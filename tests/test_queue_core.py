@@ -38,11 +38,18 @@ def make(request: Any, device: Any) -> Any:
         c.close()
 
 
-def test_pattern_one_answers_alike_and_holds_no_references(make: Any, device: Any) -> None:
+@pytest.mark.parametrize("callbacks", [False, True])
+def test_pattern_one_answers_alike_and_holds_no_references(make: Any, device: Any,
+                                                           callbacks: bool) -> None:
     """Iterations of upload, compute (by name, on the upload), download and advance give
-    the right data; afterwards the inputs, outputs, ring and kernel are referenced as
-    often as before the iterations."""
+    the right data, and call each on_done once; afterwards the inputs, outputs, ring,
+    kernel and callback are referenced as often as before the iterations."""
     coord = make()
+    reports: list = []
+
+    def on_done(report: Any, ms: Any) -> None:
+        reports.append(report.op_type)
+    kw = {"on_done": on_done} if callbacks else {}
     kernel = mul3()
     coord.register_kernel("mul3", kernel)
     buf = pg.TripleBuffer(device, N)
@@ -52,22 +59,25 @@ def test_pattern_one_answers_alike_and_holds_no_references(make: Any, device: An
 
     def iterate(k: int) -> None:
         for _ in range(k):
-            u = coord.queue_upload(x, buf)
-            coord.queue_compute("mul3", [u])
-            d = coord.queue_download(buf, out)
+            u = coord.queue_upload(x, buf, **kw)
+            coord.queue_compute("mul3", [u], **kw)
+            d = coord.queue_download(buf, out, **kw)
             buf.advance()
         coord.wait(d)
 
     iterate(3)
     coord.synchronize_all()
     coord.poll()
-    watched = (x, out, buf, kernel, coord)
+    watched = (x, out, buf, kernel, coord, on_done)
     before = [sys.getrefcount(o) for o in watched]
+    reports.clear()
     iterate(300)
     np.testing.assert_allclose(out, 3 * x, rtol=1e-6)
     coord.synchronize_all()
     coord.poll()
     assert [sys.getrefcount(o) for o in watched] == before
+    assert sorted(reports) == (sorted([pg.OpType.UPLOAD, pg.OpType.COMPUTE,
+                                       pg.OpType.DOWNLOAD] * 300) if callbacks else [])
 
 
 def test_the_uncommon_cases_answer_alike(make: Any, device: Any) -> None:

@@ -1158,8 +1158,8 @@ list_extend(PyObject *list, PyObject *other)
 /* ---------------------------------------------------------------- the queue calls
  *
  * QueueCore: the coordinator's queue_upload, queue_compute and queue_download for the
- * common cases, statement for statement as _queue.PyQueueCore's; any other call (an
- * on_done, sync mode, explicit args/config/outputs, extra values other than a tuple
+ * common cases, statement for statement as _queue.PyQueueCore's; any other call (sync
+ * mode, explicit args/config/outputs, extra values other than a tuple
  * without device arrays, arrays that are not plain
  * numpy arrays, a call the checks would refuse, another thread's) goes to that
  * reference before anything changes, and it answers (or raises) as always.
@@ -1175,7 +1175,7 @@ static PyObject *s_closed, *s_dtype, *s_capacity, *s_flags, *s_c_contiguous, *s_
     *s_array, *s_failed, *s_read, *s_touched, *s_resolve, *s_resolve_deps, *s_data_slots,
     *s_uses_arrays, *s_defaults, *s_check, *s_config, *s_default_config, *s_failed_total,
     *s_root_pair, *s_readers, *s_buffer, *s_updated, *s_get, *s_submit, *s_name_attr,
-    *s_inflight;
+    *s_inflight, *s_reporter;
 static PyObject *kw_keep_done, *kw_keep_done_root, *minus_one_tuple;
 
 typedef struct {
@@ -1362,11 +1362,40 @@ engine_submit_call(PyObject *engine, PyObject **args, Py_ssize_t nargs, PyObject
                                      kwnames);
 }
 
+/* the on_done keyword of a call taking two positional arguments and only that keyword:
+ * 1 (found or absent, *on_done set), 0 if the reference must take the call */
+static int
+only_on_done(Py_ssize_t nargs, PyObject *const *args, PyObject *kwnames, PyObject **on_done)
+{
+    *on_done = Py_None;
+    if (nargs != 2)
+        return 0;
+    if (kwnames == NULL)
+        return 1;
+    if (PyTuple_GET_SIZE(kwnames) != 1 ||
+        PyUnicode_CompareWithASCIIString(PyTuple_GET_ITEM(kwnames, 0), "on_done") != 0)
+        return 0;
+    *on_done = args[2];
+    return 1;
+}
+
+/* the engine callback reporting to on_done (None for None): the table's reporter */
+static PyObject *
+reporter(QueueObject *self, PyObject *on_done)
+{
+    if (on_done == Py_None) {
+        Py_INCREF(Py_None);
+        return Py_None;
+    }
+    return PyObject_CallMethodOneArg(self->table, s_reporter, on_done);
+}
+
 static PyObject *
 q_upload(QueueObject *self, PyObject *const *args, Py_ssize_t nargsf, PyObject *kwnames)
 {
     Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
-    if (nargs != 2 || kwnames != NULL)
+    PyObject *on_done;
+    if (!only_on_done(nargs, args, kwnames, &on_done))
         return delegate(r_upload, (PyObject *)self, args, nargsf, kwnames);
     PyObject *data = args[0], *buffer = args[1];
     int ok = queue_usable(self);
@@ -1391,15 +1420,20 @@ q_upload(QueueObject *self, PyObject *const *args, Py_ssize_t nargsf, PyObject *
     Py_XDECREF(dev);
     if (!here)
         return delegate(r_upload, (PyObject *)self, args, nargsf, kwnames);
+    PyObject *done = reporter(self, on_done);
+    if (done == NULL)
+        return NULL;
     PyObject *zero = PyLong_FromLong(0);
     PyObject *slot = PyObject_CallMethodOneArg(buffer, s_take, zero);
     if (slot == NULL) {
         Py_DECREF(zero);
+        Py_DECREF(done);
         return NULL;
     }
     if (slot == Py_None) { /* no FREE slot: nothing changed; the reference says why */
         Py_DECREF(zero);
         Py_DECREF(slot);
+        Py_DECREF(done);
         return delegate(r_upload, (PyObject *)self, args, nargsf, kwnames);
     }
     PyObject *view = NULL, *hazards = NULL, *src = NULL, *op = NULL, *nobj = NULL;
@@ -1418,7 +1452,7 @@ q_upload(QueueObject *self, PyObject *const *args, Py_ssize_t nargsf, PyObject *
         goto undo;
     {
         PyObject *sargs[13] = {NULL, self->up, q_UPLOAD, Py_None, empty_tuple, hazards,
-                               NULL, view, src, view, Py_None};
+                               NULL, view, src, view, done};
         PyObject *kind = PyLong_FromLong(H2D);
         if (kind == NULL)
             goto undo;
@@ -1432,6 +1466,7 @@ q_upload(QueueObject *self, PyObject *const *args, Py_ssize_t nargsf, PyObject *
     Py_CLEAR(hazards);
     Py_CLEAR(src);
     Py_DECREF(zero);
+    Py_DECREF(done);
     PyObject *r = PyObject_CallMethodObjArgs(self->slots, s_filled, slot, op, nobj, NULL);
     Py_DECREF(slot);
     Py_DECREF(nobj);
@@ -1454,6 +1489,7 @@ undo: {
         Py_XDECREF(nobj);
         Py_DECREF(slot);
         Py_DECREF(zero);
+        Py_DECREF(done);
         return NULL;
     }
 }
@@ -1462,7 +1498,8 @@ static PyObject *
 q_download(QueueObject *self, PyObject *const *args, Py_ssize_t nargsf, PyObject *kwnames)
 {
     Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
-    if (nargs != 2 || kwnames != NULL)
+    PyObject *on_done;
+    if (!only_on_done(nargs, args, kwnames, &on_done))
         return delegate(r_download, (PyObject *)self, args, nargsf, kwnames);
     PyObject *buffer = args[0], *dst = args[1];
     int ok = queue_usable(self);
@@ -1479,7 +1516,7 @@ q_download(QueueObject *self, PyObject *const *args, Py_ssize_t nargsf, PyObject
         return NULL;
     }
     PyObject *dtype = NULL, *view = NULL, *w = NULL, *src = NULL, *deps = NULL, *keep = NULL,
-             *root = NULL, *op = NULL, *r = NULL;
+             *root = NULL, *op = NULL, *r = NULL, *done = NULL;
     if (slot == Py_None)
         goto to_reference;
     dtype = PyObject_GetAttr(buffer, s_dtype);
@@ -1502,6 +1539,9 @@ q_download(QueueObject *self, PyObject *const *args, Py_ssize_t nargsf, PyObject
             goto fail;
         Py_SETREF(view, cut);
     }
+    done = reporter(self, on_done);
+    if (done == NULL)
+        goto fail;
     w = PyObject_GetAttr(slot, s_writer);
     src = w ? PyObject_GetAttr(slot, s_array) : NULL;
     if (src == NULL)
@@ -1516,7 +1556,7 @@ q_download(QueueObject *self, PyObject *const *args, Py_ssize_t nargsf, PyObject
         if (kind == NULL)
             goto fail;
         PyObject *sargs[13] = {NULL, self->down, q_DOWNLOAD, Py_None, deps, empty_tuple,
-                               kind, view, src, keep, Py_None, root};
+                               kind, view, src, keep, done, root};
         op = engine_submit_call(self->engine, sargs, 8, kw_keep_done_root);
         Py_DECREF(kind);
     }
@@ -1552,6 +1592,7 @@ q_download(QueueObject *self, PyObject *const *args, Py_ssize_t nargsf, PyObject
     Py_DECREF(keep);
     Py_DECREF(root);
     Py_DECREF(op);
+    Py_DECREF(done);
     return id;
 to_reference:
     Py_DECREF(two);
@@ -1569,6 +1610,7 @@ fail:
     Py_XDECREF(keep);
     Py_XDECREF(root);
     Py_XDECREF(op);
+    Py_XDECREF(done);
     return NULL;
 }
 
@@ -1587,7 +1629,7 @@ static PyObject *
 q_compute(QueueObject *self, PyObject *const *args, Py_ssize_t nargsf, PyObject *kwnames)
 {
     Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
-    PyObject *deps = empty_tuple, *extra = Py_None;
+    PyObject *deps = empty_tuple, *extra = Py_None, *on_done = Py_None;
     if (nargs < 1 || nargs > 2)
         return delegate(r_compute, (PyObject *)self, args, nargsf, kwnames);
     if (nargs == 2)
@@ -1602,6 +1644,8 @@ q_compute(QueueObject *self, PyObject *const *args, Py_ssize_t nargsf, PyObject 
                 deps = v;
             else if (j == 2 && (v == Py_None || PyTuple_CheckExact(v)))
                 extra = v; /* a tuple of values: the kernel's arguments after the arrays */
+            else if (j == 5)
+                on_done = v;
             else if (!(compute_kw[j] && ((j == 4 && empty_seq(v)) ||
                                          (j >= 1 && j != 4 && v == Py_None))))
                 return delegate(r_compute, (PyObject *)self, args, nargsf, kwnames);
@@ -1618,7 +1662,7 @@ q_compute(QueueObject *self, PyObject *const *args, Py_ssize_t nargsf, PyObject 
     PyObject *entry = NULL, *kernel = NULL, *prepared = NULL, *dep_ids = NULL, *slots = NULL,
              *pending = NULL, *arrays = NULL, *ext = NULL, *config = NULL, *waits = NULL,
              *quiet = NULL, *root = NULL, *inflight = NULL, *op = NULL, *keep = NULL,
-             *kname = NULL, *failed = NULL, *r = NULL, *kind = NULL;
+             *kname = NULL, *failed = NULL, *r = NULL, *kind = NULL, *done = NULL;
     entry = PyObject_CallMethodOneArg(self->kernels, s_resolve, args[0]);
     if (entry == NULL)
         goto fail;
@@ -1635,6 +1679,9 @@ q_compute(QueueObject *self, PyObject *const *args, Py_ssize_t nargsf, PyObject 
         PyErr_SetString(PyExc_TypeError, "resolve_deps must give a list");
         goto fail;
     }
+    done = reporter(self, on_done);
+    if (done == NULL)
+        goto fail;
     if (PyList_GET_SIZE(dep_ids)) {
         slots = PyObject_CallMethodOneArg(self->slots, s_data_slots, dep_ids);
         if (slots == NULL)
@@ -1797,7 +1844,7 @@ q_compute(QueueObject *self, PyObject *const *args, Py_ssize_t nargsf, PyObject 
         goto fail;
     {
         PyObject *sargs[14] = {NULL, self->compute, q_COMPUTE, kname, waits, quiet, kind,
-                               prepared, config, arrays, ext, keep, Py_None, root};
+                               prepared, config, arrays, ext, keep, done, root};
         op = engine_submit_call(self->engine, sargs, 10, kw_keep_done_root);
     }
     if (op == NULL)
@@ -1865,6 +1912,7 @@ q_compute(QueueObject *self, PyObject *const *args, Py_ssize_t nargsf, PyObject 
     Py_DECREF(kname);
     Py_DECREF(kind);
     Py_DECREF(failed);
+    Py_DECREF(done);
     return id;
 fail:
     Py_XDECREF(entry);
@@ -1883,6 +1931,7 @@ fail:
     Py_XDECREF(kname);
     Py_XDECREF(kind);
     Py_XDECREF(failed);
+    Py_XDECREF(done);
     return NULL;
 }
 
@@ -2031,7 +2080,7 @@ intern_all(void)
         {&s_failed_total, "failed_total"}, {&s_root_pair, "root_pair"},
         {&s_readers, "readers"}, {&s_buffer, "buffer"}, {&s_updated, "updated"},
         {&s_get, "get"}, {&s_submit, "submit"}, {&s_name_attr, "name"},
-        {&s_inflight, "inflight"},
+        {&s_inflight, "inflight"}, {&s_reporter, "reporter"},
     };
     for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
         *names[i].slot = PyUnicode_InternFromString(names[i].text);

@@ -1,7 +1,7 @@
 """The coordinator's queue calls, its hot path: upload, compute and download ops.
 
 :class:`PyQueueCore` is the reference, in Python. ``_ccore`` (C, where built) does the
-common cases (no ``on_done``, no sync mode, no explicit ``args``/``config``/``outputs``,
+common cases (no sync mode, no explicit ``args``/``config``/``outputs``,
 ``extra`` a tuple of values, numpy arrays) statement for statement, and hands everything
 else to this reference; the test suite runs against both. :class:`QueueCore` is the one in use,
 the base of :class:`prism_gpu.AsyncCoordinator`, which holds the state.
