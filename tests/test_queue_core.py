@@ -139,3 +139,56 @@ def test_extra_values_reach_the_kernel_on_both_cores(make: Any, device: Any) -> 
         coord.wait(coord.queue_compute("record", [u], extra=extra))
         buf.retire()
     assert got == [(N, 2.5), (N, 4.5), (N, 7.0)]
+
+
+def _outcome(fn: Any) -> Any:
+    try:
+        r = fn()
+    except Exception as exc:  # noqa: BLE001 - compared between the cores
+        return type(exc).__name__, str(exc)
+    return "ok", None if r is None else int(r)
+
+
+def test_wrong_calls_are_refused_alike_and_change_nothing(device: Any) -> None:
+    """Hostile calls on both cores: the same outcome (the error's type and message, or the
+    id issued), and the rings in the same states afterwards."""
+    if not _core.COMPILED:
+        pytest.skip(f"the compiled core is {_core.STATUS}")
+    x = np.random.default_rng(5).random(N, dtype=np.float32)
+    ro = x.copy()
+    ro.flags.writeable = False
+    calls = [
+        lambda c, b: c.queue_upload(x, b, on_done=123),
+        lambda c, b: c.queue_upload(x, b, bogus=1),
+        lambda c, b: c.queue_upload(x, "ring"),
+        lambda c, b: c.queue_upload(list(x), b),
+        lambda c, b: c.queue_upload(x[::2], b),
+        lambda c, b: c.queue_upload(np.zeros(0, np.float32), b),
+        lambda c, b: c.queue_upload(np.zeros(N + 1, np.float32), b),
+        lambda c, b: c.queue_upload(x),
+        lambda c, b: c.queue_compute("mul3", 10 ** 6),
+        lambda c, b: c.queue_compute("nope", []),
+        lambda c, b: c.queue_compute("mul3", [0], deps=[0]),
+        lambda c, b: c.queue_compute("mul3", [0], extra=5),
+        lambda c, b: c.queue_compute("mul3", [0], on_done="no"),
+        lambda c, b: c.queue_compute("mul3", "0"),
+        lambda c, b: c.queue_download(b, x),
+        lambda c, b: c.queue_upload(x, b),
+        lambda c, b: c.queue_compute("mul3", [0], extra=(1.0,)),
+        lambda c, b: c.queue_download(b, ro),
+        lambda c, b: c.queue_download(b, x[:3]),
+        lambda c, b: c.queue_download(b, x.reshape(4, -1)[:, :8]),
+        lambda c, b: c.queue_download(b, x, on_done=print, extra=1),
+        lambda c, b: c.queue_upload(x.astype(np.float64), b),
+    ]
+    results = []
+    for cls in (PyCoordinator, AsyncCoordinator):
+        coord = cls(device)
+        try:
+            coord.register_kernel("mul3", mul3())
+            buf = pg.TripleBuffer(device, N)
+            outcomes = [_outcome(lambda: call(coord, buf)) for call in calls]
+            results.append((outcomes, [str(s) for s in buf.get_states()]))
+        finally:
+            coord.close_collecting()
+    assert results[0] == results[1]
