@@ -297,3 +297,61 @@ def test_completed_ops_hold_no_references_on_both_cores(engine_cls: Any, path: s
     run(200)
     after = [sys.getrefcount(x) for x in watched]
     assert after == before
+
+
+# --- findings of a review of the compiled core: each answered alike by both cores -------
+
+
+def test_a_wait_that_changes_the_dependency_list_is_survived(engine_cls: Any) -> None:
+    """The compiled submit held the list's items only by borrowing: a stream wait that
+    empties the caller's list freed the op it was reading."""
+    dev = Device()
+    eng = engine_cls(dev, OpTable())
+    lane = eng.lane("upload")
+    first = eng.submit(lane, OpType.UPLOAD, None, (), (), H2D, None, None)
+    deps = [first]
+    lane.stream.wait = lambda ev, propagate=True: deps.clear()  # type: ignore[assignment]
+    del first
+    op = eng.submit(lane, OpType.UPLOAD, None, deps, (), H2D, None, None)
+    assert op.id == 1 and op.error is None
+
+
+def test_a_flag_whose_truth_raises_reaches_the_caller(engine_cls: Any) -> None:
+    class Bad:
+        def __bool__(self) -> bool:
+            raise ValueError("no truth here")
+
+    eng = engine_cls(Device(), OpTable())
+    lane = eng.lane("upload")
+    eng.in_callback = Bad()
+    with pytest.raises(ValueError, match="no truth here"):
+        eng.submit(lane, OpType.UPLOAD, None, (), (), H2D, None, None)
+    with pytest.raises(ValueError, match="no truth here"):
+        eng.harvest()
+    eng.in_callback = False
+
+
+def test_submit_takes_every_argument_by_position_or_keyword(engine_cls: Any) -> None:
+    eng = engine_cls(Device(), OpTable())
+    lane = eng.lane("upload")
+    kept = object()
+    a = eng.submit(lane, OpType.UPLOAD, "a", (), (), H2D, None, None, None, None, kept, None,
+                   True, None)
+    b = eng.submit(lane=lane, op_type=OpType.UPLOAD, name="b", deps=(), quiet=(), kind=H2D,
+                   a=None, b=None, keep=kept)
+    assert (a.keep, a.start is not None, b.keep, b.start) == (kept, True, kept, None)
+    with pytest.raises(TypeError):
+        eng.submit(lane, OpType.UPLOAD, None, (), (), H2D, None)  # b missing
+    with pytest.raises(TypeError):
+        eng.submit(lane, OpType.UPLOAD, None, (), (), H2D, None, None, lane=lane)
+    eng.timing = 1  # any truthy value, as in Python
+    assert eng.submit(lane, OpType.UPLOAD, None, (), (), H2D, None, None).start is not None
+
+
+def test_times_of_an_op_without_its_events_are_refused(engine_cls: Any) -> None:
+    eng = engine_cls(Device(), OpTable(), timing=True)
+    lane = eng.lane("upload")
+    op = eng.submit(lane, OpType.UPLOAD, None, (), (), H2D, None, None)
+    del op.start
+    with pytest.raises(AttributeError):
+        op.times_since(op.end)

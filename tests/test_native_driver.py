@@ -457,3 +457,54 @@ def test_arrays_are_packed_as_pointer_and_length_then_the_extra_values(stand_in:
                 raise AssertionError("a value C cannot pass was taken")
         assert calls() == before, "refused launches reached the driver"
     """)
+
+
+def test_launch_arrays_survives_hostile_arrays(stand_in: Path) -> None:
+    """Findings of a review, each against the stand-in: an array whose dtype reading
+    empties the caller's list (the packing keeps its own tuple), a dtype that raises (it
+    reaches the caller: no launch unchecked), a pointer that raises KeyboardInterrupt (it
+    is not swallowed), a dtype of None (no check, as in Python), a pointer that is not a
+    plain int (the general path)."""
+    run(stand_in, """
+        f32 = np.dtype(np.float32)
+        dims = (1, 1, 1, 1, 1, 1, 0)
+        class A:
+            shape, size = (4,), 4
+            def __init__(self, ptr=0xA0, dtype=f32):
+                self.ptr, self._dtype = ptr, dtype
+            @property
+            def dtype(self):
+                return self._dtype() if callable(self._dtype) else self._dtype
+        arrays = []
+        def clearing():
+            arrays.clear()
+            return f32
+        arrays.extend([A(dtype=clearing), A()])
+        assert n.launch_arrays(0xF0, dims, 0x99, arrays, (f32, None, f32, None), ()) == 0
+        def raising():
+            raise RuntimeError("dtype went wrong")
+        before = calls()
+        try:
+            n.launch_arrays(0xF0, dims, 0x99, [A(dtype=raising)], (f32, None), ())
+        except RuntimeError:
+            pass
+        else:
+            raise AssertionError("a dtype that raised was skipped")
+        class P(A):
+            @property
+            def ptr(self):
+                raise KeyboardInterrupt
+            @ptr.setter
+            def ptr(self, v):
+                pass
+        try:
+            n.launch_arrays(0xF0, dims, 0x99, [P()], (f32, None), ())
+        except KeyboardInterrupt:
+            pass
+        else:
+            raise AssertionError("a KeyboardInterrupt was swallowed")
+        assert calls() == before
+        assert n.launch_arrays(0xF0, dims, 0x99, [A(dtype=None)], (f32, None), ()) == 0
+        assert n.launch_arrays(0xF0, dims, 0x99, [A(ptr=np.uint64(5))], (f32, None), ()) \\
+            == -1000
+    """)

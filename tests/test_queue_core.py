@@ -192,3 +192,38 @@ def test_wrong_calls_are_refused_alike_and_change_nothing(device: Any) -> None:
         finally:
             coord.close_collecting()
     assert results[0] == results[1]
+
+
+def test_a_callback_that_rebinds_the_engine_mid_call_is_survived(make: Any,
+                                                                 device: Any) -> None:
+    """A throttled queue call runs earlier ops' callbacks inside it; one that rebinds the
+    coordinator's engine must not free the engine the call is using (the compiled calls
+    borrowed it). Both cores queue the op on the engine they started with."""
+    coord = make(max_in_flight=1)
+    engine = coord._engine
+    buf = pg.TripleBuffer(device, N)
+    x = np.random.default_rng(9).random(N, dtype=np.float32)
+
+    def rebind(report: Any, ms: Any) -> None:
+        coord._engine = None
+
+    coord.queue_upload(x, buf, on_done=rebind)
+    second = coord.queue_upload(x, buf)
+    assert int(second) == 1 and coord._engine is None
+    coord._engine = engine  # (to close it)
+
+
+def test_sync_mode_turned_on_by_a_callback_settles_the_call(make: Any, device: Any) -> None:
+    coord = make(max_in_flight=1)
+    buf = pg.TripleBuffer(device, N)
+    x = np.random.default_rng(11).random(N, dtype=np.float32)
+
+    def turn_on(report: Any, ms: Any) -> None:
+        pg.set_sync_mode(True)
+
+    try:
+        coord.queue_upload(x, buf, on_done=turn_on)
+        second = coord.queue_upload(x, buf)
+        assert coord.in_flight == 0 and coord.is_complete(second)
+    finally:
+        pg.set_sync_mode(False)

@@ -142,6 +142,10 @@ op_dealloc(OpObject *op)
 static PyObject *
 op_times_since(OpObject *op, PyObject *ref)
 {
+    if (op->start == NULL || op->end == NULL) {
+        PyErr_SetString(PyExc_AttributeError, "this op has no start or end event");
+        return NULL;
+    }
     PyObject *a = PyObject_CallMethodOneArg(op->start, s_elapsed_ms, ref);
     if (a == NULL)
         return NULL;
@@ -290,7 +294,7 @@ typedef struct {
     PyObject *device, *table, *inflight, *lanes, *pool, *tpool, *in_callback, *tracer,
         *traced, *callback_errors;
     Py_ssize_t max_in_flight;
-    char timing;
+    PyObject *timing_obj; /* the default for whether ops are timed (any truthy value) */
 } EngineObject;
 
 static PyObject *engine_complete(EngineObject *self, PyObject *op);
@@ -308,6 +312,7 @@ engine_traverse(EngineObject *e, visitproc visit, void *arg)
     Py_VISIT(e->tracer);
     Py_VISIT(e->traced);
     Py_VISIT(e->callback_errors);
+    Py_VISIT(e->timing_obj);
     return 0;
 }
 
@@ -324,6 +329,7 @@ engine_clear(EngineObject *e)
     Py_CLEAR(e->tracer);
     Py_CLEAR(e->traced);
     Py_CLEAR(e->callback_errors);
+    Py_CLEAR(e->timing_obj);
     return 0;
 }
 
@@ -348,6 +354,8 @@ engine_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     }
     Py_INCREF(Py_False);
     e->in_callback = Py_False;
+    Py_INCREF(Py_False);
+    e->timing_obj = Py_False;
     e->inflight = PyDict_New();
     e->lanes = PyList_New(0);
     e->pool = PyList_New(0);
@@ -372,10 +380,11 @@ need_list(PyObject *o, const char *what)
     return 1;
 }
 
+/* 1 inside a callback or launch, 0 if not, -1 on error */
 static int
 in_callback(EngineObject *self)
 {
-    return self->in_callback != NULL && truthy(self->in_callback);
+    return self->in_callback == NULL ? 0 : truthy(self->in_callback);
 }
 
 static void
@@ -402,45 +411,63 @@ set_field(PyObject **field, PyObject *v)
     return 0;
 }
 
-static const char *submit_kw[] = {"c", "d", "keep", "on_done", "timing", "root", NULL};
+static const char *submit_kw[] = {"lane", "op_type", "name", "deps", "quiet", "kind", "a",
+                                  "b", "c", "d", "keep", "on_done", "timing", "root", NULL};
 
 static PyObject *
 engine_submit(EngineObject *self, PyObject *const *args, Py_ssize_t nargsf, PyObject *kwnames)
 {
+    /* submit(lane, op_type, name, deps, quiet, kind, a, b, c=None, d=None, keep=None,
+     *        on_done=None, timing=None, root=None), positional or by keyword */
     Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
-    /* lane, op_type, name, deps, quiet, kind, a, b, then c, d, keep, on_done, timing, root */
-    PyObject *opt[6] = {Py_None, Py_None, Py_None, Py_None, Py_None, Py_None};
-    if (nargs < 8 || nargs > 10) {
-        PyErr_Format(PyExc_TypeError, "submit() takes 8 to 10 positional arguments, got %zd",
-                     nargs);
+    PyObject *v[14] = {NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+                       Py_None, Py_None, Py_None, Py_None, Py_None, Py_None};
+    if (nargs > 14) {
+        PyErr_Format(PyExc_TypeError, "submit() takes at most 14 arguments, got %zd", nargs);
         return NULL;
     }
-    for (Py_ssize_t i = 8; i < nargs; i++)
-        opt[i - 8] = args[i];
+    char given[14] = {0};
+    for (Py_ssize_t i = 0; i < nargs; i++) {
+        v[i] = args[i];
+        given[i] = 1;
+    }
     if (kwnames != NULL) {
         for (Py_ssize_t k = 0; k < PyTuple_GET_SIZE(kwnames); k++) {
             PyObject *key = PyTuple_GET_ITEM(kwnames, k);
             int j = 0;
             while (submit_kw[j] && PyUnicode_CompareWithASCIIString(key, submit_kw[j]) != 0)
                 j++;
-            if (!submit_kw[j] || (j < 2 && j + 8 < nargs)) {
+            if (!submit_kw[j] || given[j]) {
                 PyErr_Format(PyExc_TypeError, "submit() got an unexpected or repeated "
                              "keyword argument %R", key);
                 return NULL;
             }
-            opt[j] = args[nargs + k];
+            v[j] = args[nargs + k];
+            given[j] = 1;
         }
     }
-    PyObject *lane = args[0], *op_type = args[1], *name = args[2], *deps = args[3],
-             *quiet = args[4], *a = args[6], *b = args[7];
-    PyObject *c = opt[0], *d = opt[1], *keep = opt[2], *on_done = opt[3], *timing = opt[4];
-    long kind = PyLong_AsLong(args[5]);
+    for (int j = 0; j < 8; j++) {
+        if (!given[j]) {
+            PyErr_Format(PyExc_TypeError, "submit() missing required argument '%s'",
+                         submit_kw[j]);
+            return NULL;
+        }
+    }
+    PyObject *lane = v[0], *op_type = v[1], *name = v[2], *deps = v[3], *quiet = v[4],
+             *a = v[6], *b = v[7];
+    PyObject *c = v[8], *d = v[9], *keep = v[10], *on_done = v[11], *timing = v[12];
+    long kind = PyLong_AsLong(v[5]);
     if (kind == -1 && PyErr_Occurred())
         return NULL;
 
-    if (in_callback(self)) {
+    int busy = in_callback(self);
+    if (busy < 0)
+        return NULL;
+    if (busy) {
         PyObject *r = PyObject_CallOneArg(refuse_in_callback, self->in_callback);
         Py_XDECREF(r);
+        if (r != NULL && !PyErr_Occurred())
+            PyErr_SetString(PyExc_RuntimeError, "refuse_in_callback returned");
         return NULL;
     }
     if (self->inflight == NULL || !PyDict_Check(self->inflight)) {
@@ -453,7 +480,7 @@ engine_submit(EngineObject *self, PyObject *const *args, Py_ssize_t nargsf, PyOb
             return NULL;
         Py_DECREF(r);
     }
-    PyObject *root = opt[5];
+    PyObject *root = v[13];
     Py_INCREF(root);
     OpObject *op = (OpObject *)op_make(op_type, lane, name);
     PyObject *stream = NULL, *seq = NULL, *tracer = NULL, *mark = NULL, *start = NULL,
@@ -469,14 +496,19 @@ engine_submit(EngineObject *self, PyObject *const *args, Py_ssize_t nargsf, PyOb
     if (seq == NULL)
         goto fail;
     for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(seq); i++) {
+        /* held: a wait may run code that changes the caller's list */
         PyObject *dep = PySequence_Fast_GET_ITEM(seq, i);
+        Py_INCREF(dep);
         PyObject *dev = op_get(dep, offsetof(OpObject, event), s_event);
-        if (dev == NULL)
+        if (dev == NULL) {
+            Py_DECREF(dep);
             goto fail;
+        }
         if (dev != Py_None) {
             r = call_method1(stream, s_wait, dev);
             if (r == NULL) {
                 Py_DECREF(dev);
+                Py_DECREF(dep);
                 goto fail;
             }
             Py_CLEAR(r);
@@ -484,24 +516,29 @@ engine_submit(EngineObject *self, PyObject *const *args, Py_ssize_t nargsf, PyOb
         Py_DECREF(dev);
         if (root == Py_None) {
             PyObject *derr = op_get(dep, offsetof(OpObject, error), s_error);
-            if (derr == NULL)
+            if (derr == NULL) {
+                Py_DECREF(dep);
                 goto fail;
+            }
             int failed = derr != Py_None;
             Py_DECREF(derr);
             if (failed) {
                 PyObject *rt = PyObject_CallOneArg(root_of, dep);
-                if (rt == NULL)
+                if (rt == NULL) {
+                    Py_DECREF(dep);
                     goto fail;
+                }
                 Py_SETREF(root, rt);
             }
         }
+        Py_DECREF(dep);
     }
     Py_CLEAR(seq);
     seq = PySequence_Fast(quiet, "quiet must be a sequence of ops");
     if (seq == NULL)
         goto fail;
     for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(seq); i++) {
-        PyObject *dep = PySequence_Fast_GET_ITEM(seq, i);
+        PyObject *dep = PySequence_Fast_GET_ITEM(seq, i); /* used before any call */
         PyObject *dev = op_get(dep, offsetof(OpObject, event), s_event);
         if (dev == NULL)
             goto fail;
@@ -516,7 +553,8 @@ engine_submit(EngineObject *self, PyObject *const *args, Py_ssize_t nargsf, PyOb
         Py_DECREF(dev);
     }
     Py_CLEAR(seq);
-    int timed = timing == Py_None ? self->timing : truthy(timing);
+    int timed = truthy(timing == Py_None ? (self->timing_obj ? self->timing_obj : Py_False)
+                                         : timing);
     if (timed < 0)
         goto fail;
     tracer = PyObject_GetAttr(trace_mod, s_ACTIVE);
@@ -626,7 +664,12 @@ engine_submit(EngineObject *self, PyObject *const *args, Py_ssize_t nargsf, PyOb
             if (!PyErr_ExceptionMatches(PyExc_Exception))
                 goto fail;
             PyObject *exc = take_exception();
-            if (kind != LAUNCH || PyObject_IsInstance(exc, PrismGpuError) > 0) {
+            int refused = kind != LAUNCH ? 1 : PyObject_IsInstance(exc, PrismGpuError);
+            if (refused < 0) {
+                Py_DECREF(exc);
+                goto fail;
+            }
+            if (refused) {
                 /* refused: raised here */
                 PyObject *args7[3] = {(PyObject *)self, (PyObject *)op, mark};
                 PyObject *dr = PyObject_VectorcallMethod(
@@ -661,6 +704,8 @@ engine_submit(EngineObject *self, PyObject *const *args, Py_ssize_t nargsf, PyOb
     if (start != NULL) {
         /* a timed or traced op's closing event is its end stamp: one record fewer than
          * an end stamp and an untimed closing event (benchmarks/trace_designs.py) */
+        if (!need_list(self->tpool, "_tpool"))
+            goto fail;
         ev = pooled_event(self, self->tpool, 1);
         if (ev == NULL)
             goto fail;
@@ -697,6 +742,10 @@ engine_submit(EngineObject *self, PyObject *const *args, Py_ssize_t nargsf, PyOb
     if (r == NULL)
         goto fail;
     Py_CLEAR(r);
+    if (self->inflight == NULL || !PyDict_Check(self->inflight)) {
+        PyErr_SetString(PyExc_TypeError, "the engine's inflight must be a dict");
+        goto fail;
+    }
     if (PyDict_SetItem(self->inflight, oid, (PyObject *)op) < 0)
         goto fail;
     if (mark != Py_None) {
@@ -822,6 +871,10 @@ engine_complete(EngineObject *self, PyObject *opobj)
                 goto fail_start;
         }
         if (want) {
+            if (op->end == NULL) {
+                PyErr_SetString(PyExc_AttributeError, "an op's field was deleted");
+                goto fail_start;
+            }
             PyObject *ms = PyObject_CallMethodOneArg(op->end, s_elapsed_ms, start);
             if (ms == NULL)
                 goto fail_start;
@@ -861,6 +914,10 @@ engine_complete(EngineObject *self, PyObject *opobj)
             goto fail_start;
         Py_CLEAR(r);
         PyObject *end = op->end; /* its closing event */
+        if (end == NULL) {
+            PyErr_SetString(PyExc_AttributeError, "an op's field was deleted");
+            goto fail_start;
+        }
         Py_INCREF(end);
         r = call_method1((PyObject *)self, s_give_event, end);
         Py_DECREF(end);
@@ -870,6 +927,10 @@ engine_complete(EngineObject *self, PyObject *opobj)
         set_field(&op->start, Py_None);
         set_field(&op->end, Py_None);
         set_field(&op->trace, Py_None);
+    }
+    if (op->id == NULL || op->type == NULL || self->table == NULL) {
+        PyErr_SetString(PyExc_AttributeError, "an op's or the engine's field was deleted");
+        goto fail_start;
     }
     {
         PyObject *args[5] = {self->table, op->id, op->type, duration, err};
@@ -961,7 +1022,12 @@ harvest_lane(EngineObject *self, PyObject *lane, PyObject *upto)
     if (n < 0)
         goto fail;
     if (upto != Py_None) {
-        while (PyObject_Size(ops) > 0) {
+        for (;;) {
+            Py_ssize_t left = PyObject_Size(ops);
+            if (left < 0)
+                goto fail;
+            if (left == 0)
+                break;
             PyObject *head = PyObject_CallMethodNoArgs(ops, s_popleft);
             if (head == NULL)
                 goto fail;
@@ -1073,12 +1139,14 @@ engine_harvest(EngineObject *self, PyObject *const *args, Py_ssize_t nargs)
         Py_XDECREF(r);
         ok = r != NULL;
     }
-    if (ok && !PyList_Check(self->lanes)) {
+    PyObject *lanes = self->lanes; /* held: the list the loop started on, as in Python */
+    Py_XINCREF(lanes);
+    if (ok && (lanes == NULL || !PyList_Check(lanes))) {
         PyErr_SetString(PyExc_TypeError, "the engine's lanes must be a list");
         ok = 0;
     }
-    for (Py_ssize_t i = 0; ok && i < PyList_GET_SIZE(self->lanes); i++) {
-        PyObject *lane = PyList_GET_ITEM(self->lanes, i);
+    for (Py_ssize_t i = 0; ok && i < PyList_GET_SIZE(lanes); i++) {
+        PyObject *lane = PyList_GET_ITEM(lanes, i);
         Py_INCREF(lane);
         PyObject *ops = PyObject_GetAttr(lane, s_ops);
         Py_ssize_t n = ops ? PyObject_Size(ops) : -1;
@@ -1092,6 +1160,7 @@ engine_harvest(EngineObject *self, PyObject *const *args, Py_ssize_t nargs)
             ok = n == 0;
         Py_DECREF(lane);
     }
+    Py_XDECREF(lanes);
     if (ok) {
         set_in_callback(self, Py_False);
         Py_RETURN_NONE;
@@ -1117,7 +1186,7 @@ static PyMemberDef engine_members[] = {
     ENGINE_FIELD("_traced", traced),
     ENGINE_FIELD("_callback_errors", callback_errors),
     {"max_in_flight", T_PYSSIZET, offsetof(EngineObject, max_in_flight), 0, NULL},
-    {"timing", T_BOOL, offsetof(EngineObject, timing), 0, NULL},
+    {"timing", T_OBJECT_EX, offsetof(EngineObject, timing_obj), 0, NULL},
     {NULL},
 };
 
@@ -1175,13 +1244,20 @@ static PyObject *s_closed, *s_dtype, *s_capacity, *s_flags, *s_c_contiguous, *s_
     *s_array, *s_failed, *s_read, *s_touched, *s_resolve, *s_resolve_deps, *s_data_slots,
     *s_uses_arrays, *s_defaults, *s_check, *s_config, *s_default_config, *s_failed_total,
     *s_root_pair, *s_readers, *s_buffer, *s_updated, *s_get, *s_submit, *s_name_attr,
-    *s_inflight, *s_reporter;
+    *s_inflight, *s_reporter, *s_settle;
 static PyObject *kw_keep_done, *kw_keep_done_root, *minus_one_tuple;
 
 typedef struct {
     PyObject_HEAD
     PyObject *owner, *engine, *device, *table, *kernels, *slots, *up, *compute, *down;
 } QueueObject;
+
+/* What a queue call uses of its coordinator, held for the call: a callback run inside
+ * it (by a throttled submit) may rebind the coordinator's attributes. */
+typedef struct {
+    PyObject *engine, *table, *slots, *lane, *kernels;
+} Held;
+
 
 static int
 queue_traverse(QueueObject *q, visitproc visit, void *arg)
@@ -1341,12 +1417,12 @@ attr_ssize(PyObject *o, PyObject *name)
 }
 
 static PyObject *
-new_id(QueueObject *self, PyObject *op)
+new_id(Held *h, PyObject *op)
 {
     PyObject *oid = op_get(op, offsetof(OpObject, id), s_id);
     if (oid == NULL)
         return NULL;
-    PyObject *id_type = PyObject_GetAttr(self->table, s_id_type);
+    PyObject *id_type = PyObject_GetAttr(h->table, s_id_type);
     PyObject *r = id_type ? PyObject_CallOneArg(id_type, oid) : NULL;
     Py_XDECREF(id_type);
     Py_DECREF(oid);
@@ -1360,6 +1436,52 @@ engine_submit_call(PyObject *engine, PyObject **args, Py_ssize_t nargs, PyObject
     args[0] = engine;
     return PyObject_VectorcallMethod(s_submit, args, (nargs + 1) | PY_VECTORCALL_ARGUMENTS_OFFSET,
                                      kwnames);
+}
+
+static int
+hold(QueueObject *self, PyObject *lane, Held *h)
+{
+    if (!self->engine || !self->table || !self->slots || !lane || !self->kernels ||
+        !self->owner || !self->device)
+        return 0; /* a field deleted: the reference says so */
+    h->engine = self->engine;
+    h->table = self->table;
+    h->slots = self->slots;
+    h->lane = lane;
+    h->kernels = self->kernels;
+    Py_INCREF(h->engine);
+    Py_INCREF(h->table);
+    Py_INCREF(h->slots);
+    Py_INCREF(h->lane);
+    Py_INCREF(h->kernels);
+    return 1;
+}
+
+static void
+release(Held *h)
+{
+    Py_DECREF(h->engine);
+    Py_DECREF(h->table);
+    Py_DECREF(h->slots);
+    Py_DECREF(h->lane);
+    Py_DECREF(h->kernels);
+}
+
+/* sync mode turned on during the call (by a callback): wait for the op and raise its
+ * error, as the reference's check after queueing does (0 on error) */
+static int
+settle_if_sync(QueueObject *self, PyObject *op)
+{
+    int on = attr_true(q_sync, s_ON_);
+    if (on <= 0)
+        return on == 0;
+    PyObject *oid = op_get(op, offsetof(OpObject, id), s_id);
+    if (oid == NULL)
+        return 0;
+    PyObject *r = PyObject_CallMethodOneArg((PyObject *)self, s_settle, oid);
+    Py_DECREF(oid);
+    Py_XDECREF(r);
+    return r != NULL;
 }
 
 /* the on_done keyword of a call taking two positional arguments and only that keyword:
@@ -1381,17 +1503,18 @@ only_on_done(Py_ssize_t nargs, PyObject *const *args, PyObject *kwnames, PyObjec
 
 /* the engine callback reporting to on_done (None for None): the table's reporter */
 static PyObject *
-reporter(QueueObject *self, PyObject *on_done)
+reporter(Held *h, PyObject *on_done)
 {
     if (on_done == Py_None) {
         Py_INCREF(Py_None);
         return Py_None;
     }
-    return PyObject_CallMethodOneArg(self->table, s_reporter, on_done);
+    return PyObject_CallMethodOneArg(h->table, s_reporter, on_done);
 }
 
 static PyObject *
-q_upload(QueueObject *self, PyObject *const *args, Py_ssize_t nargsf, PyObject *kwnames)
+q_upload_impl(QueueObject *self, Held *h, PyObject *const *args, Py_ssize_t nargsf,
+             PyObject *kwnames)
 {
     Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
     PyObject *on_done;
@@ -1420,7 +1543,7 @@ q_upload(QueueObject *self, PyObject *const *args, Py_ssize_t nargsf, PyObject *
     Py_XDECREF(dev);
     if (!here)
         return delegate(r_upload, (PyObject *)self, args, nargsf, kwnames);
-    PyObject *done = reporter(self, on_done);
+    PyObject *done = reporter(h, on_done);
     if (done == NULL)
         return NULL;
     PyObject *zero = PyLong_FromLong(0);
@@ -1451,13 +1574,13 @@ q_upload(QueueObject *self, PyObject *const *args, Py_ssize_t nargsf, PyObject *
     if (src == NULL)
         goto undo;
     {
-        PyObject *sargs[13] = {NULL, self->up, q_UPLOAD, Py_None, empty_tuple, hazards,
+        PyObject *sargs[13] = {NULL, h->lane, q_UPLOAD, Py_None, empty_tuple, hazards,
                                NULL, view, src, view, done};
         PyObject *kind = PyLong_FromLong(H2D);
         if (kind == NULL)
             goto undo;
         sargs[6] = kind;
-        op = engine_submit_call(self->engine, sargs, 8, kw_keep_done);
+        op = engine_submit_call(h->engine, sargs, 8, kw_keep_done);
         Py_DECREF(kind);
     }
     if (op == NULL)
@@ -1467,7 +1590,7 @@ q_upload(QueueObject *self, PyObject *const *args, Py_ssize_t nargsf, PyObject *
     Py_CLEAR(src);
     Py_DECREF(zero);
     Py_DECREF(done);
-    PyObject *r = PyObject_CallMethodObjArgs(self->slots, s_filled, slot, op, nobj, NULL);
+    PyObject *r = PyObject_CallMethodObjArgs(h->slots, s_filled, slot, op, nobj, NULL);
     Py_DECREF(slot);
     Py_DECREF(nobj);
     if (r == NULL) {
@@ -1475,7 +1598,11 @@ q_upload(QueueObject *self, PyObject *const *args, Py_ssize_t nargsf, PyObject *
         return NULL;
     }
     Py_DECREF(r);
-    PyObject *id = new_id(self, op);
+    if (!settle_if_sync(self, op)) {
+        Py_DECREF(op);
+        return NULL;
+    }
+    PyObject *id = new_id(h, op);
     Py_DECREF(op);
     return id;
 undo: {
@@ -1495,7 +1622,8 @@ undo: {
 }
 
 static PyObject *
-q_download(QueueObject *self, PyObject *const *args, Py_ssize_t nargsf, PyObject *kwnames)
+q_download_impl(QueueObject *self, Held *h, PyObject *const *args, Py_ssize_t nargsf,
+               PyObject *kwnames)
 {
     Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
     PyObject *on_done;
@@ -1539,7 +1667,7 @@ q_download(QueueObject *self, PyObject *const *args, Py_ssize_t nargsf, PyObject
             goto fail;
         Py_SETREF(view, cut);
     }
-    done = reporter(self, on_done);
+    done = reporter(h, on_done);
     if (done == NULL)
         goto fail;
     w = PyObject_GetAttr(slot, s_writer);
@@ -1555,9 +1683,9 @@ q_download(QueueObject *self, PyObject *const *args, Py_ssize_t nargsf, PyObject
         PyObject *kind = PyLong_FromLong(D2H);
         if (kind == NULL)
             goto fail;
-        PyObject *sargs[13] = {NULL, self->down, q_DOWNLOAD, Py_None, deps, empty_tuple,
+        PyObject *sargs[13] = {NULL, h->lane, q_DOWNLOAD, Py_None, deps, empty_tuple,
                                kind, view, src, keep, done, root};
-        op = engine_submit_call(self->engine, sargs, 8, kw_keep_done_root);
+        op = engine_submit_call(h->engine, sargs, 8, kw_keep_done_root);
         Py_DECREF(kind);
     }
     if (op == NULL)
@@ -1574,14 +1702,16 @@ q_download(QueueObject *self, PyObject *const *args, Py_ssize_t nargsf, PyObject
         PyObject *oid = op_get(op, offsetof(OpObject, id), s_id);
         PyObject *one_slot = oid ? PyTuple_Pack(1, slot) : NULL;
         if (one_slot != NULL)
-            r = PyObject_CallMethodObjArgs(self->slots, s_touched, oid, one_slot, NULL);
+            r = PyObject_CallMethodObjArgs(h->slots, s_touched, oid, one_slot, NULL);
         Py_XDECREF(oid);
         Py_XDECREF(one_slot);
         if (r == NULL)
             goto fail;
         Py_CLEAR(r);
     }
-    PyObject *id = new_id(self, op);
+    if (!settle_if_sync(self, op))
+        goto fail;
+    PyObject *id = new_id(h, op);
     Py_DECREF(two);
     Py_DECREF(slot);
     Py_DECREF(dtype);
@@ -1626,7 +1756,8 @@ empty_seq(PyObject *o)
 }
 
 static PyObject *
-q_compute(QueueObject *self, PyObject *const *args, Py_ssize_t nargsf, PyObject *kwnames)
+q_compute_impl(QueueObject *self, Held *h, PyObject *const *args, Py_ssize_t nargsf,
+              PyObject *kwnames)
 {
     Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
     PyObject *deps = empty_tuple, *extra = Py_None, *on_done = Py_None;
@@ -1663,7 +1794,7 @@ q_compute(QueueObject *self, PyObject *const *args, Py_ssize_t nargsf, PyObject 
              *pending = NULL, *arrays = NULL, *ext = NULL, *config = NULL, *waits = NULL,
              *quiet = NULL, *root = NULL, *inflight = NULL, *op = NULL, *keep = NULL,
              *kname = NULL, *failed = NULL, *r = NULL, *kind = NULL, *done = NULL;
-    entry = PyObject_CallMethodOneArg(self->kernels, s_resolve, args[0]);
+    entry = PyObject_CallMethodOneArg(h->kernels, s_resolve, args[0]);
     if (entry == NULL)
         goto fail;
     if (!PyTuple_Check(entry) || PyTuple_GET_SIZE(entry) != 2) {
@@ -1672,18 +1803,18 @@ q_compute(QueueObject *self, PyObject *const *args, Py_ssize_t nargsf, PyObject 
     }
     kernel = PyTuple_GET_ITEM(entry, 0);
     prepared = PyTuple_GET_ITEM(entry, 1);
-    dep_ids = PyObject_CallMethodOneArg(self->table, s_resolve_deps, deps);
+    dep_ids = PyObject_CallMethodOneArg(h->table, s_resolve_deps, deps);
     if (dep_ids == NULL)
         goto fail;
     if (!PyList_Check(dep_ids)) {
         PyErr_SetString(PyExc_TypeError, "resolve_deps must give a list");
         goto fail;
     }
-    done = reporter(self, on_done);
+    done = reporter(h, on_done);
     if (done == NULL)
         goto fail;
     if (PyList_GET_SIZE(dep_ids)) {
-        slots = PyObject_CallMethodOneArg(self->slots, s_data_slots, dep_ids);
+        slots = PyObject_CallMethodOneArg(h->slots, s_data_slots, dep_ids);
         if (slots == NULL)
             goto fail;
         if (!PyList_Check(slots)) {
@@ -1769,7 +1900,7 @@ q_compute(QueueObject *self, PyObject *const *args, Py_ssize_t nargsf, PyObject 
     }
     /* data flows from each dependency and each slot's writer; a slot rewritten in
      * place also follows its readers */
-    inflight = PyObject_GetAttr(self->engine, s_inflight);
+    inflight = PyObject_GetAttr(h->engine, s_inflight);
     if (inflight == NULL || !PyDict_Check(inflight)) {
         if (inflight != NULL)
             PyErr_SetString(PyExc_TypeError, "the engine's inflight must be a dict");
@@ -1791,11 +1922,11 @@ q_compute(QueueObject *self, PyObject *const *args, Py_ssize_t nargsf, PyObject 
         else if (PyErr_Occurred())
             goto fail;
         else if (root == Py_None) {
-            int any = attr_true(self->table, s_failed_total);
+            int any = attr_true(h->table, s_failed_total);
             if (any < 0)
                 goto fail;
             if (any) {
-                PyObject *pair = PyObject_CallMethodOneArg(self->table, s_root_pair, id);
+                PyObject *pair = PyObject_CallMethodOneArg(h->table, s_root_pair, id);
                 if (pair == NULL)
                     goto fail;
                 Py_SETREF(root, pair);
@@ -1843,13 +1974,16 @@ q_compute(QueueObject *self, PyObject *const *args, Py_ssize_t nargsf, PyObject 
     if (kind == NULL)
         goto fail;
     {
-        PyObject *sargs[14] = {NULL, self->compute, q_COMPUTE, kname, waits, quiet, kind,
+        PyObject *sargs[14] = {NULL, h->lane, q_COMPUTE, kname, waits, quiet, kind,
                                prepared, config, arrays, ext, keep, done, root};
-        op = engine_submit_call(self->engine, sargs, 10, kw_keep_done_root);
+        op = engine_submit_call(h->engine, sargs, 10, kw_keep_done_root);
     }
     if (op == NULL)
         goto fail;
-    for (Py_ssize_t i = 0; i < PyObject_Size(pending); i++) {
+    Py_ssize_t npending = PyObject_Size(pending);
+    if (npending < 0)
+        goto fail;
+    for (Py_ssize_t i = 0; i < npending; i++) {
         PyObject *sl = PySequence_GetItem(pending, i);
         if (sl == NULL)
             goto fail;
@@ -1889,13 +2023,15 @@ q_compute(QueueObject *self, PyObject *const *args, Py_ssize_t nargsf, PyObject 
         PyObject *oid = op_get(op, offsetof(OpObject, id), s_id);
         if (oid == NULL)
             goto fail;
-        r = PyObject_CallMethodObjArgs(self->slots, s_touched, oid, slots, NULL);
+        r = PyObject_CallMethodObjArgs(h->slots, s_touched, oid, slots, NULL);
         Py_DECREF(oid);
         if (r == NULL)
             goto fail;
         Py_CLEAR(r);
     }
-    PyObject *id = new_id(self, op);
+    if (!settle_if_sync(self, op))
+        goto fail;
+    PyObject *id = new_id(h, op);
     Py_DECREF(entry);
     Py_DECREF(dep_ids);
     Py_DECREF(slots);
@@ -1934,6 +2070,23 @@ fail:
     Py_XDECREF(done);
     return NULL;
 }
+
+/* the queue calls: the coordinator's fields held, then the fast path or the reference */
+#define QUEUE_CALL(name, ref, lane_field)                                                   \
+    static PyObject *name(QueueObject *self, PyObject *const *args, Py_ssize_t nargsf,      \
+                          PyObject *kwnames)                                                \
+    {                                                                                       \
+        Held h;                                                                             \
+        if (!hold(self, self->lane_field, &h))                                              \
+            return delegate(ref, (PyObject *)self, args, nargsf, kwnames);                  \
+        PyObject *r = name##_impl(self, &h, args, nargsf, kwnames);                         \
+        release(&h);                                                                        \
+        return r;                                                                           \
+    }
+
+QUEUE_CALL(q_upload, r_upload, up)
+QUEUE_CALL(q_download, r_download, down)
+QUEUE_CALL(q_compute, r_compute, compute)
 
 #define QUEUE_FIELD(name, field) \
     {name, T_OBJECT_EX, offsetof(QueueObject, field), 0, NULL}
@@ -2080,7 +2233,7 @@ intern_all(void)
         {&s_failed_total, "failed_total"}, {&s_root_pair, "root_pair"},
         {&s_readers, "readers"}, {&s_buffer, "buffer"}, {&s_updated, "updated"},
         {&s_get, "get"}, {&s_submit, "submit"}, {&s_name_attr, "name"},
-        {&s_inflight, "inflight"}, {&s_reporter, "reporter"},
+        {&s_inflight, "inflight"}, {&s_reporter, "reporter"}, {&s_settle, "_settle"},
     };
     for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
         *names[i].slot = PyUnicode_InternFromString(names[i].text);

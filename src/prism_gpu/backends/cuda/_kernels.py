@@ -188,6 +188,8 @@ class SourceKernel:
         conv = self._conv
         if conv is not None and 2 * na + len(extra) == len(conv) and self._fast_layout(na):
             # arrays as (pointer, size_t n); the extra values converted once per tuple
+            # (first: the order the native packing checks them in)
+            vals = self._extra_values(extra, na)
             out: List[Any] = []
             pointee = self._pointee
             for i, a in enumerate(arrays):
@@ -202,13 +204,7 @@ class SourceKernel:
                 out.append(ptr)
                 shape = a.shape
                 out.append(np.uint64(shape[0] if len(shape) == 1 else a.size))
-            cached = self._ext
-            if cached is not None and cached[0] is extra and cached[1] == na:
-                out.extend(cached[2])
-            else:
-                vals = [conv[2 * na + j](v) for j, v in enumerate(extra)]
-                self._ext = (extra, na, vals)
-                out.extend(vals)
+            out.extend(vals)
             return out
         raw: List[Any] = []
         for a in arrays:
@@ -261,8 +257,14 @@ class SourceKernel:
         if self._func and na and conv is not None and 2 * na + len(extra) == len(conv) \
                 and len(conv) <= MAX_NATIVE_ARGS and self._fast_layout(na):
             # the arguments packed in C: (pointer, size_t n) per array, then the extra values
-            err = NATIVE.launch_arrays(self._func, self._config(config), stream.live_handle,
-                                       arrays, self._pointee, self._extra_values(extra, na))
+            # (checked in the general path's order: configuration, extra values, arrays)
+            cfg = self._config(config)
+            vals = self._extra_values(extra, na)
+            try:
+                err = NATIVE.launch_arrays(self._func, cfg, stream.live_handle, arrays,
+                                           self._pointee, vals)
+            except (TypeError, OverflowError) as exc:  # a value C cannot pass by value
+                raise KernelError(f"kernel {self.name!r}: {exc}", kernel=self.name) from exc
             if err == 0:
                 return
             if err > 0:
@@ -272,8 +274,8 @@ class SourceKernel:
                 raise KernelError(f"kernel {self.name!r} parameter {2 * i} is "
                                   f"{self._params[2 * i]}, got an array of {arrays[i].dtype}")
             # an array without a device pointer of its own (CuPy, ...): the general path
-        args = self.arguments(arrays, extra) if (arrays or extra) else ()
         cfg = self._config(config)
+        args = self.arguments(arrays, extra) if (arrays or extra) else ()
         if self._func and len(args) <= MAX_NATIVE_ARGS:
             try:
                 err = NATIVE.launch(self._func, *cfg, stream.live_handle, args)

@@ -312,7 +312,7 @@ n_launch(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 
 /* launch_arrays(function, dims, stream, arrays, pointees, extra) -> CUresult, or -1 - i
  * when array i's dtype is not pointees[2 * i] (the caller raises), or -1000 - i when
- * array i has no ``ptr`` (the caller takes the general path). dims: the 7 launch
+ * array i has no ``ptr`` that is a plain int (the caller takes the general path). dims: the 7 launch
  * dimensions; each array is passed as (pointer, size_t n), n its length if 1-d, else its
  * size; then the extra values, packed as launch() packs them. */
 static PyObject *
@@ -346,7 +346,8 @@ n_launch_arrays(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     }
     if (s == 0 || f == 0)
         return result(INVALID_HANDLE);
-    PyObject *arrays = PySequence_Fast(args[3], "arrays must be a sequence");
+    /* a tuple of our own: the caller's list cannot change under the packing */
+    PyObject *arrays = PySequence_Tuple(args[3]);
     if (arrays == NULL)
         return NULL;
     PyObject *extra = args[5];
@@ -367,8 +368,14 @@ n_launch_arrays(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         if (want != Py_None) {
             PyObject *dt = PyObject_GetAttr(a, s_dtype_);
             if (dt == NULL) {
+                if (!PyErr_ExceptionMatches(PyExc_AttributeError)) {
+                    Py_DECREF(want);
+                    goto fail;
+                }
                 PyErr_Clear(); /* no dtype: nothing to check, as the Python path */
             }
+            else if (dt == Py_None)
+                Py_DECREF(dt);
             else {
                 int same = dt == want ? 1 : PyObject_RichCompareBool(dt, want, Py_EQ);
                 Py_DECREF(dt);
@@ -383,7 +390,9 @@ n_launch_arrays(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         }
         Py_DECREF(want);
         PyObject *ptr = PyObject_GetAttr(a, s_ptr_);
-        if (ptr == NULL || ptr == Py_None) {
+        if (ptr == NULL && !PyErr_ExceptionMatches(PyExc_AttributeError))
+            goto fail;
+        if (ptr == NULL || !PyLong_CheckExact(ptr)) { /* none, or not a plain int */
             if (ptr == NULL)
                 PyErr_Clear();
             Py_XDECREF(ptr);
@@ -782,11 +791,13 @@ stream_record(StreamObject *self, PyObject *const *args, Py_ssize_t nargsf, PyOb
     if (!ensure_current(self))
         return NULL;
     CUresult r;
-    if (self->live == 0)
+    /* read with the interpreter lock held: another thread may close them meanwhile */
+    unsigned long long eh = ev->h, sh = self->live;
+    if (sh == 0)
         r = INVALID_HANDLE;
     else {
         Py_BEGIN_ALLOW_THREADS
-        r = p_record((CUevent)(uintptr_t)ev->h, (CUstream)(uintptr_t)self->live);
+        r = p_record((CUevent)(uintptr_t)eh, (CUstream)(uintptr_t)sh);
         Py_END_ALLOW_THREADS
     }
     if (r)
@@ -800,8 +811,11 @@ stream_record(StreamObject *self, PyObject *const *args, Py_ssize_t nargsf, PyOb
         PyObject *fresh = PyList_New(0);
         if (fresh == NULL)
             return NULL;
-        Py_XSETREF(ev->finish, self->pending);
+        /* the old host work is released last: its release may run Python code */
+        PyObject *old = ev->finish;
+        ev->finish = self->pending;
         self->pending = fresh;
+        Py_XDECREF(old);
     }
     Py_RETURN_NONE;
 }
@@ -827,11 +841,12 @@ stream_wait(StreamObject *self, PyObject *const *args, Py_ssize_t nargsf, PyObje
     if (ev->last == (PyObject *)self) /* stream order already puts this after that record */
         Py_RETURN_NONE;
     CUresult r;
-    if (self->live == 0)
+    unsigned long long eh = ev->h, sh = self->live; /* read with the lock held */
+    if (sh == 0)
         r = INVALID_HANDLE;
     else {
         Py_BEGIN_ALLOW_THREADS
-        r = p_wait((CUstream)(uintptr_t)self->live, (CUevent)(uintptr_t)ev->h, 0);
+        r = p_wait((CUstream)(uintptr_t)sh, (CUevent)(uintptr_t)eh, 0);
         Py_END_ALLOW_THREADS
     }
     if (r)
@@ -896,12 +911,13 @@ stream_copy(StreamObject *self, PyObject *const *args, Py_ssize_t nargs, int h2d
     if (!as_u64(PyTuple_GET_ITEM(info, 0), &hptr) || !attr_u64(dev, s_ptr, &dptr))
         goto fail;
     CUresult r;
-    if (self->live == 0)
+    unsigned long long sh = self->live; /* read with the lock held */
+    if (sh == 0)
         r = INVALID_HANDLE;
     else {
         Py_BEGIN_ALLOW_THREADS
         r = p_memcpy((CUdeviceptr)(h2d ? dptr : hptr), (CUdeviceptr)(h2d ? hptr : dptr),
-                     (size_t)n, (CUstream)(uintptr_t)self->live);
+                     (size_t)n, (CUstream)(uintptr_t)sh);
         Py_END_ALLOW_THREADS
     }
     Py_DECREF(info);
