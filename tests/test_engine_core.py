@@ -57,6 +57,9 @@ class Stream:
     def copy_h2d(self, dst: Any, src: Any) -> None:
         pass
 
+    def copy_d2h(self, dst: Any, src: Any) -> None:
+        pass
+
     def record(self, ev: Any, *, stamp: bool = False) -> None:
         self.records.append(ev)
 
@@ -355,3 +358,44 @@ def test_times_of_an_op_without_its_events_are_refused(engine_cls: Any) -> None:
     del op.start
     with pytest.raises(AttributeError):
         op.times_since(op.end)
+
+
+# --- findings of a second review: each answered alike by both cores ----------------------
+
+
+@pytest.mark.parametrize("field", ["table", "device", "inflight", "max_in_flight"])
+def test_a_deleted_engine_field_raises_attribute_error(engine_cls: Any, field: str) -> None:
+    eng = engine_cls(Device(), OpTable())
+    lane = eng.lane("upload")
+    delattr(eng, field)
+    with pytest.raises(AttributeError):
+        eng.submit(lane, OpType.UPLOAD, None, (), (), H2D, None, None)
+
+
+def test_keywords_limits_and_kinds_as_in_python(engine_cls: Any) -> None:
+    """harvest, _harvest_lane and _complete take their arguments by keyword; the limit of
+    ops in flight is any number; the kind of work compares as Python compares it."""
+    from prism_gpu._engine import LAUNCH
+
+    dev = Device()
+    dev.create_stream = lambda priority=0: Launching()  # type: ignore[method-assign]
+    eng = engine_cls(dev, OpTable(), max_in_flight=2 ** 63)
+    lane = eng.lane("compute")
+    ran: list = []
+    op = eng.submit(lane, OpType.COMPUTE, "k", (), (), float(LAUNCH), lambda: ran.append(1),
+                    None, (), ())
+    assert ran == [1], "a kind equal to LAUNCH launches"
+    eng.max_in_flight = float("inf")
+    other = eng.submit(lane, OpType.DOWNLOAD, None, (), (), None, None, None)
+    for o in (op, other):
+        o.event.done = True
+    eng.harvest(upto=op)
+    eng._harvest_lane(lane=lane, upto=None)
+    assert not eng.inflight
+    with pytest.raises(TypeError):
+        eng.harvest(bogus=1)
+    with pytest.raises(TypeError) as py_msg:
+        iter(None)  # type: ignore[call-overload]
+    with pytest.raises(TypeError) as msg:
+        eng.submit(lane, OpType.UPLOAD, None, None, (), H2D, None, None)
+    assert str(msg.value) == str(py_msg.value)

@@ -508,3 +508,16 @@ def test_launch_arrays_survives_hostile_arrays(stand_in: Path) -> None:
         assert n.launch_arrays(0xF0, dims, 0x99, [A(ptr=np.uint64(5))], (f32, None), ()) \\
             == -1000
     """)
+
+
+def test_a_stream_never_set_up_is_refused_and_streams_have_a_dict(stand_in: Path) -> None:
+    run(stand_in, TYPES_PRELUDE + textwrap.dedent("""
+        CUR.ordinal = 5
+        s = St.__new__(St)
+        refused(InvalidOperationError, "never set up", lambda: s.record(Ev(FakeEv(1), False)))
+        refused(InvalidOperationError, "never set up", lambda: s.copy_h2d(DA(1), np.ones(4)))
+        t = St(dev, 0x50)
+        t.extra_note = 1
+        assert vars(t)["extra_note"] == 1
+        t._device = dev  # writable, as the Python stream's
+    """))

@@ -197,9 +197,8 @@ class TripleBuffer:
     def take(self, which: int) -> Optional[Slot]:
         """Move the slot at cursor ``which`` (a state's position in the cycle) on.
         Undo with :meth:`untake` if what the move was for is rejected."""
-        lock = self._lock  # (acquire and release: half the cost of a with block)
-        lock.acquire()
-        try:
+        # (a with block: an interrupt between an acquire and a try would leave it held)
+        with self._lock:
             if self._closed:
                 raise InvalidOperationError("this TripleBuffer is closed")
             cursor = self._cursor
@@ -210,8 +209,6 @@ class TripleBuffer:
             slot.state = _CYCLE[(which + 1) & 3]
             cursor[which] = (i + 1) % self.depth
             return slot
-        finally:
-            lock.release()
 
     def produce(self) -> Optional[Slot]:
         """Oldest FREE slot straight to PROCESSING: a compute writes it, no upload."""

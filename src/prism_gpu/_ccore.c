@@ -274,6 +274,17 @@ op_get(PyObject *op, size_t offset, PyObject *name)
     return PyObject_GetAttr(op, name);
 }
 
+/* a list or tuple as it is; another iterable as a list (its errors are iteration's) */
+static PyObject *
+as_sequence(PyObject *o)
+{
+    if (PyList_Check(o) || PyTuple_Check(o)) {
+        Py_INCREF(o);
+        return o;
+    }
+    return PySequence_List(o);
+}
+
 static PyObject *
 list_pop(PyObject *list)
 {
@@ -293,7 +304,7 @@ typedef struct {
     PyObject_HEAD
     PyObject *device, *table, *inflight, *lanes, *pool, *tpool, *in_callback, *tracer,
         *traced, *callback_errors;
-    Py_ssize_t max_in_flight;
+    PyObject *max_in_flight; /* compared with the ops in flight (any number, as in Python) */
     PyObject *timing_obj; /* the default for whether ops are timed (any truthy value) */
 } EngineObject;
 
@@ -313,6 +324,7 @@ engine_traverse(EngineObject *e, visitproc visit, void *arg)
     Py_VISIT(e->traced);
     Py_VISIT(e->callback_errors);
     Py_VISIT(e->timing_obj);
+    Py_VISIT(e->max_in_flight);
     return 0;
 }
 
@@ -330,6 +342,7 @@ engine_clear(EngineObject *e)
     Py_CLEAR(e->traced);
     Py_CLEAR(e->callback_errors);
     Py_CLEAR(e->timing_obj);
+    Py_CLEAR(e->max_in_flight);
     return 0;
 }
 
@@ -365,8 +378,23 @@ engine_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         Py_DECREF(e);
         return NULL;
     }
-    e->max_in_flight = 1024;
+    e->max_in_flight = PyLong_FromLong(1024);
+    if (e->max_in_flight == NULL) {
+        Py_DECREF(e);
+        return NULL;
+    }
     return (PyObject *)e;
+}
+
+/* an engine field that must be set (deleted: AttributeError, as in Python) */
+static int
+need_field(PyObject *o, const char *what)
+{
+    if (o == NULL) {
+        PyErr_Format(PyExc_AttributeError, "the engine has no attribute '%s'", what);
+        return 0;
+    }
+    return 1;
 }
 
 /* a field that must hold a list (the pools, the callback errors) */
@@ -400,6 +428,8 @@ pooled_event(EngineObject *self, PyObject *pool, int timing)
 {
     if (PyList_GET_SIZE(pool))
         return list_pop(pool);
+    if (!need_field(self->device, "device"))
+        return NULL;
     return call_method1(self->device, s_create_event, timing ? Py_True : Py_False);
 }
 
@@ -456,9 +486,7 @@ engine_submit(EngineObject *self, PyObject *const *args, Py_ssize_t nargsf, PyOb
     PyObject *lane = v[0], *op_type = v[1], *name = v[2], *deps = v[3], *quiet = v[4],
              *a = v[6], *b = v[7];
     PyObject *c = v[8], *d = v[9], *keep = v[10], *on_done = v[11], *timing = v[12];
-    long kind = PyLong_AsLong(v[5]);
-    if (kind == -1 && PyErr_Occurred())
-        return NULL;
+    PyObject *kind_obj = v[5];
 
     int busy = in_callback(self);
     if (busy < 0)
@@ -470,11 +498,33 @@ engine_submit(EngineObject *self, PyObject *const *args, Py_ssize_t nargsf, PyOb
             PyErr_SetString(PyExc_RuntimeError, "refuse_in_callback returned");
         return NULL;
     }
-    if (self->inflight == NULL || !PyDict_Check(self->inflight)) {
+    if (!need_field(self->inflight, "inflight"))
+        return NULL;
+    if (!PyDict_Check(self->inflight)) {
         PyErr_SetString(PyExc_TypeError, "the engine's inflight must be a dict");
         return NULL;
     }
-    if (PyDict_GET_SIZE(self->inflight) >= self->max_in_flight) {
+    if (!need_field(self->max_in_flight, "max_in_flight"))
+        return NULL;
+    PyObject *count = PyLong_FromSsize_t(PyDict_GET_SIZE(self->inflight));
+    int full = count ? PyObject_RichCompareBool(count, self->max_in_flight, Py_GE) : -1;
+    Py_XDECREF(count);
+    if (full < 0)
+        return NULL;
+    /* the kind of work, compared as Python compares it (H2D, LAUNCH, else D2H) */
+    int kind = H2D;
+    {
+        PyObject *launch = PyLong_FromLong(LAUNCH), *h2d = PyLong_FromLong(H2D);
+        int is_launch = launch ? PyObject_RichCompareBool(kind_obj, launch, Py_EQ) : -1;
+        int is_h2d = is_launch == 0 && h2d ? PyObject_RichCompareBool(kind_obj, h2d, Py_EQ)
+                                           : 0;
+        Py_XDECREF(launch);
+        Py_XDECREF(h2d);
+        if (is_launch < 0 || is_h2d < 0)
+            return NULL;
+        kind = is_launch ? LAUNCH : is_h2d ? H2D : D2H;
+    }
+    if (full) {
         PyObject *r = PyObject_CallMethodNoArgs((PyObject *)self, s_throttle);
         if (r == NULL)
             return NULL;
@@ -492,7 +542,7 @@ engine_submit(EngineObject *self, PyObject *const *args, Py_ssize_t nargsf, PyOb
         goto fail;
     Py_INCREF(deps);
     op->deps = deps;
-    seq = PySequence_Fast(deps, "deps must be a sequence of ops");
+    seq = as_sequence(deps);
     if (seq == NULL)
         goto fail;
     for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(seq); i++) {
@@ -534,7 +584,7 @@ engine_submit(EngineObject *self, PyObject *const *args, Py_ssize_t nargsf, PyOb
         Py_DECREF(dep);
     }
     Py_CLEAR(seq);
-    seq = PySequence_Fast(quiet, "quiet must be a sequence of ops");
+    seq = as_sequence(quiet);
     if (seq == NULL)
         goto fail;
     for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(seq); i++) {
@@ -553,8 +603,9 @@ engine_submit(EngineObject *self, PyObject *const *args, Py_ssize_t nargsf, PyOb
         Py_DECREF(dev);
     }
     Py_CLEAR(seq);
-    int timed = truthy(timing == Py_None ? (self->timing_obj ? self->timing_obj : Py_False)
-                                         : timing);
+    PyObject *timed_obj = timing == Py_None ? (self->timing_obj ? self->timing_obj : Py_False)
+                                            : timing;
+    int timed = truthy(timed_obj);
     if (timed < 0)
         goto fail;
     tracer = PyObject_GetAttr(trace_mod, s_ACTIVE);
@@ -585,7 +636,7 @@ engine_submit(EngineObject *self, PyObject *const *args, Py_ssize_t nargsf, PyOb
             Py_DECREF(index);
             goto fail;
         }
-        PyObject *tr = PyTuple_Pack(4, index, nbytes, timed ? Py_True : Py_False, tracer);
+        PyObject *tr = PyTuple_Pack(4, index, nbytes, timed_obj, tracer);
         Py_DECREF(index);
         Py_DECREF(nbytes);
         if (tr == NULL)
@@ -628,6 +679,8 @@ engine_submit(EngineObject *self, PyObject *const *args, Py_ssize_t nargsf, PyOb
             goto fail;
         Py_CLEAR(r);
     }
+    if (!need_field(self->table, "table"))
+        goto fail;
     table = self->table;
     Py_INCREF(table);
     oid = PyObject_GetAttr(table, s_next);
@@ -742,7 +795,9 @@ engine_submit(EngineObject *self, PyObject *const *args, Py_ssize_t nargsf, PyOb
     if (r == NULL)
         goto fail;
     Py_CLEAR(r);
-    if (self->inflight == NULL || !PyDict_Check(self->inflight)) {
+    if (!need_field(self->inflight, "inflight"))
+        goto fail;
+    if (!PyDict_Check(self->inflight)) {
         PyErr_SetString(PyExc_TypeError, "the engine's inflight must be a dict");
         goto fail;
     }
@@ -797,7 +852,7 @@ engine_complete(EngineObject *self, PyObject *opobj)
         return NULL;
     }
     /* (absent if a Ctrl-C cut its submit short) */
-    if (dict_discard(self->inflight, op->id) < 0)
+    if (!need_field(self->inflight, "inflight") || dict_discard(self->inflight, op->id) < 0)
         return NULL;
     PyObject *ev = op->event;
     Py_INCREF(ev);
@@ -901,6 +956,8 @@ engine_complete(EngineObject *self, PyObject *opobj)
     }
     if (tr != Py_None && PyTuple_GET_ITEM(tr, 3) == self->tracer) {
         /* the trace reads the times later (in batches), gives back */
+        if (!need_field(self->traced, "_traced"))
+            goto fail_start;
         held = self->traced;
         Py_INCREF(held);
         r = call_method1(held, s_append, opobj);
@@ -1107,24 +1164,58 @@ fail:
     return NULL;
 }
 
-static PyObject *
-engine_harvest_lane(EngineObject *self, PyObject *const *args, Py_ssize_t nargs)
+/* arguments of a method taking ``names`` (``required`` of them required), by position or
+ * keyword, into ``out`` (missing optional ones None): 0 with TypeError on a mismatch */
+static int
+parse_args(PyObject *const *args, Py_ssize_t nargsf, PyObject *kwnames, const char *usage,
+           const char *const *names, int n, int required, PyObject **out)
 {
-    if (nargs < 1 || nargs > 2) {
-        PyErr_SetString(PyExc_TypeError, "_harvest_lane(lane, upto=None)");
-        return NULL;
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    if (nargs > n)
+        goto bad;
+    for (int i = 0; i < n; i++)
+        out[i] = i < nargs ? args[i] : NULL;
+    for (Py_ssize_t k = 0; kwnames && k < PyTuple_GET_SIZE(kwnames); k++) {
+        int j = 0;
+        while (j < n && PyUnicode_CompareWithASCIIString(PyTuple_GET_ITEM(kwnames, k),
+                                                         names[j]) != 0)
+            j++;
+        if (j == n || out[j] != NULL)
+            goto bad;
+        out[j] = args[nargs + k];
     }
-    return harvest_lane(self, args[0], nargs == 2 ? args[1] : Py_None);
+    for (int i = 0; i < n; i++) {
+        if (out[i] == NULL) {
+            if (i < required)
+                goto bad;
+            out[i] = Py_None;
+        }
+    }
+    return 1;
+bad:
+    PyErr_SetString(PyExc_TypeError, usage);
+    return 0;
 }
 
 static PyObject *
-engine_harvest(EngineObject *self, PyObject *const *args, Py_ssize_t nargs)
+engine_harvest_lane(EngineObject *self, PyObject *const *args, Py_ssize_t nargsf,
+                    PyObject *kwnames)
 {
-    if (nargs > 1) {
-        PyErr_SetString(PyExc_TypeError, "harvest(upto=None)");
+    static const char *const names[] = {"lane", "upto"};
+    PyObject *v[2];
+    if (!parse_args(args, nargsf, kwnames, "_harvest_lane(lane, upto=None)", names, 2, 1, v))
         return NULL;
-    }
-    PyObject *upto = nargs ? args[0] : Py_None;
+    return harvest_lane(self, v[0], v[1]);
+}
+
+static PyObject *
+engine_harvest(EngineObject *self, PyObject *const *args, Py_ssize_t nargsf,
+               PyObject *kwnames)
+{
+    static const char *const names[] = {"upto"};
+    PyObject *upto;
+    if (!parse_args(args, nargsf, kwnames, "harvest(upto=None)", names, 1, 0, &upto))
+        return NULL;
     int busy = in_callback(self);
     if (busy < 0)
         return NULL;
@@ -1171,6 +1262,17 @@ engine_harvest(EngineObject *self, PyObject *const *args, Py_ssize_t nargs)
     return NULL;
 }
 
+static PyObject *
+engine_complete_method(EngineObject *self, PyObject *const *args, Py_ssize_t nargsf,
+                       PyObject *kwnames)
+{
+    static const char *const names[] = {"op"};
+    PyObject *op;
+    if (!parse_args(args, nargsf, kwnames, "_complete(op)", names, 1, 1, &op))
+        return NULL;
+    return engine_complete(self, op);
+}
+
 #define ENGINE_FIELD(name, field) \
     {name, T_OBJECT_EX, offsetof(EngineObject, field), 0, NULL}
 
@@ -1185,7 +1287,7 @@ static PyMemberDef engine_members[] = {
     ENGINE_FIELD("_tracer", tracer),
     ENGINE_FIELD("_traced", traced),
     ENGINE_FIELD("_callback_errors", callback_errors),
-    {"max_in_flight", T_PYSSIZET, offsetof(EngineObject, max_in_flight), 0, NULL},
+    {"max_in_flight", T_OBJECT_EX, offsetof(EngineObject, max_in_flight), 0, NULL},
     {"timing", T_OBJECT_EX, offsetof(EngineObject, timing_obj), 0, NULL},
     {NULL},
 };
@@ -1193,10 +1295,11 @@ static PyMemberDef engine_members[] = {
 static PyMethodDef engine_methods[] = {
     {"submit", (PyCFunction)(void (*)(void))engine_submit, METH_FASTCALL | METH_KEYWORDS,
      "Queue one op (see _core.EngineCore.submit)."},
-    {"_complete", (PyCFunction)engine_complete, METH_O, "Complete one op known done."},
-    {"_harvest_lane", (PyCFunction)(void (*)(void))engine_harvest_lane, METH_FASTCALL,
-     "Complete the done ops at the head of a lane."},
-    {"harvest", (PyCFunction)(void (*)(void))engine_harvest, METH_FASTCALL,
+    {"_complete", (PyCFunction)(void (*)(void))engine_complete_method,
+     METH_FASTCALL | METH_KEYWORDS, "Complete one op known done."},
+    {"_harvest_lane", (PyCFunction)(void (*)(void))engine_harvest_lane,
+     METH_FASTCALL | METH_KEYWORDS, "Complete the done ops at the head of a lane."},
+    {"harvest", (PyCFunction)(void (*)(void))engine_harvest, METH_FASTCALL | METH_KEYWORDS,
      "Complete every op known done."},
     {NULL},
 };

@@ -344,8 +344,6 @@ n_launch_arrays(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
             return NULL;
         }
     }
-    if (s == 0 || f == 0)
-        return result(INVALID_HANDLE);
     /* a tuple of our own: the caller's list cannot change under the packing */
     PyObject *arrays = PySequence_Tuple(args[3]);
     if (arrays == NULL)
@@ -434,6 +432,8 @@ n_launch_arrays(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     }
     params[n] = NULL;
     Py_DECREF(arrays);
+    if (s == 0 || f == 0) /* after the checks, as the general path refuses in that order */
+        return result(INVALID_HANDLE);
     CUresult r;
     Py_BEGIN_ALLOW_THREADS
     r = p_launch((CUfunction)(uintptr_t)f, (unsigned)dims[0], (unsigned)dims[1],
@@ -690,9 +690,22 @@ stream_dealloc(StreamObject *self)
 }
 
 /* the stream's device's context current on this thread (device._current() if not) */
+/* the stream's device, or an error for a stream never initialised */
+static int
+has_device(StreamObject *self)
+{
+    if (self->device == NULL || self->device == Py_None) {
+        PyErr_SetString(InvalidOperation, "this stream was never set up");
+        return 0;
+    }
+    return 1;
+}
+
 static int
 ensure_current(StreamObject *self)
 {
+    if (!has_device(self))
+        return 0;
     PyObject *o = PyObject_GetAttr(current_local, s_ordinal);
     if (o == NULL) {
         if (!PyErr_ExceptionMatches(PyExc_AttributeError))
@@ -889,6 +902,8 @@ stream_copy(StreamObject *self, PyObject *const *args, Py_ssize_t nargs, int h2d
     PyObject *info = NULL;
     if (!as_u64(nbytes, &n))
         goto fail;
+    if (!has_device(self))
+        goto fail;
     info = PyObject_CallMethodOneArg(self->device, s_host_info, host);
     if (info == NULL)
         goto fail;
@@ -969,7 +984,7 @@ stream_launch(StreamObject *self, PyObject *const *args, Py_ssize_t nargs)
 static PyMemberDef stream_members[] = {
     {"live_handle", T_ULONGLONG, offsetof(StreamObject, live), 0,
      "The handle work is queued on: 0 once closed (refused then)."},
-    {"_device", T_OBJECT, offsetof(StreamObject, device), READONLY, NULL},
+    {"_device", T_OBJECT, offsetof(StreamObject, device), 0, NULL},
     {"_pending", T_OBJECT, offsetof(StreamObject, pending), 0, NULL},
     {"_closed", T_BOOL, offsetof(StreamObject, closed), 0, NULL},
     {NULL},
@@ -989,6 +1004,11 @@ static PyMethodDef stream_methods[] = {
     {NULL},
 };
 
+static PyGetSetDef stream_getset[] = {
+    {"__dict__", PyObject_GenericGetDict, PyObject_GenericSetDict, NULL, NULL},
+    {NULL},
+};
+
 static PyTypeObject StreamType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "prism_gpu.backends.cuda._native.Stream",
     .tp_doc = "A CUDA stream's hot methods (the base of NativeCudaStream).",
@@ -1003,6 +1023,7 @@ static PyTypeObject StreamType = {
     .tp_weaklistoffset = offsetof(StreamObject, weakrefs),
     .tp_members = stream_members,
     .tp_methods = stream_methods,
+    .tp_getset = stream_getset,
 };
 
 static PyObject *
