@@ -227,3 +227,17 @@ def test_sync_mode_turned_on_by_a_callback_settles_the_call(make: Any, device: A
         assert coord.in_flight == 0 and coord.is_complete(second)
     finally:
         pg.set_sync_mode(False)
+
+
+def test_a_dependency_failure_names_its_root_as_a_number(make: Any, device: Any) -> None:
+    """The root of a dependency failure is named "op 5" (an OpId was formatted as
+    "OpId(5)" where the id came back from the caller), and root_op is a plain int."""
+    coord = make()
+    failed = coord.queue_compute(lambda: 1 / 0, [], args=[])
+    with pytest.raises(pg.KernelError):
+        coord.wait(failed)  # complete (and reported) before the dependant is queued
+    later = coord.queue_compute(lambda: None, [failed], args=[])
+    with pytest.raises(pg.DependencyFailedError) as info:
+        coord.wait(later)
+    assert f"depends on op {int(failed)}," in str(info.value)
+    assert "OpId" not in str(info.value) and type(info.value.root_op) is int

@@ -68,8 +68,10 @@ class OpTable:
     def resolve(self, op_id: object, error: type) -> int:
         """``op_id`` as a plain int issued here, or ``error`` saying why not."""
         t = type(op_id)
-        if (t is self.id_type or t is int) and 0 <= op_id < self.next:  # type: ignore[operator]
+        if t is int and 0 <= op_id < self.next:  # type: ignore[operator]
             return op_id  # type: ignore[return-value]
+        if t is self.id_type and 0 <= op_id < self.next:  # type: ignore[operator]
+            return int(op_id)  # type: ignore[call-overload]  # a plain int: messages name it
         if isinstance(op_id, bool) or not hasattr(op_id, "__index__"):
             raise TypeError(f"op ids are ints, got {type(op_id).__name__}")
         if isinstance(op_id, OpId) and type(op_id) is not self.id_type:
@@ -85,7 +87,7 @@ class OpTable:
         if type(deps) is list and len(deps) == 1:  # the common [upload_id]
             d = deps[0]
             if type(d) is self.id_type and d < self.next:  # type: ignore[operator]
-                return [d]  # type: ignore[list-item]
+                return [int(d)]  # type: ignore[call-overload]  # plain ints, as documented
         if hasattr(deps, "__index__") and not isinstance(deps, bool):
             deps = (deps,)
         elif isinstance(deps, (str, bytes)) or not hasattr(deps, "__iter__"):
