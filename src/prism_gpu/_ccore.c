@@ -32,7 +32,7 @@ static PyObject *kw_propagate, *kw_stamp, *kw_oid, *kw_force;
 
 /* ---------------------------------------------------------------- the op record */
 
-typedef struct {
+typedef struct { /* (object fields side by side: FIELD_RUN) */
     PyObject_HEAD
     PyObject *id, *type, *lane, *event, *start, *end, *name, *error, *keep, *on_done, *deps,
         *trace;
@@ -93,40 +93,37 @@ op_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     return op_make(op_type, lane, name);
 }
 
+/* The object fields of our types lie side by side in their structs, first to last:
+ * the garbage collector's traversal and clearing go over them as one run. */
+#define FIELD_RUN(obj, first, last) \
+    (&(obj)->first), (int)(&(obj)->last - &(obj)->first + 1)
+
+static int
+visit_run(PyObject **f, int n, visitproc visit, void *arg)
+{
+    for (int i = 0; i < n; i++)
+        Py_VISIT(f[i]);
+    return 0;
+}
+
+static int
+clear_run(PyObject **f, int n)
+{
+    for (int i = 0; i < n; i++)
+        Py_CLEAR(f[i]);
+    return 0;
+}
+
 static int
 op_traverse(OpObject *op, visitproc visit, void *arg)
 {
-    Py_VISIT(op->id);
-    Py_VISIT(op->type);
-    Py_VISIT(op->lane);
-    Py_VISIT(op->event);
-    Py_VISIT(op->start);
-    Py_VISIT(op->end);
-    Py_VISIT(op->name);
-    Py_VISIT(op->error);
-    Py_VISIT(op->keep);
-    Py_VISIT(op->on_done);
-    Py_VISIT(op->deps);
-    Py_VISIT(op->trace);
-    return 0;
+    return visit_run(FIELD_RUN(op, id, trace), visit, arg);
 }
 
 static int
 op_clear(OpObject *op)
 {
-    Py_CLEAR(op->id);
-    Py_CLEAR(op->type);
-    Py_CLEAR(op->lane);
-    Py_CLEAR(op->event);
-    Py_CLEAR(op->start);
-    Py_CLEAR(op->end);
-    Py_CLEAR(op->name);
-    Py_CLEAR(op->error);
-    Py_CLEAR(op->keep);
-    Py_CLEAR(op->on_done);
-    Py_CLEAR(op->deps);
-    Py_CLEAR(op->trace);
-    return 0;
+    return clear_run(FIELD_RUN(op, id, trace));
 }
 
 static void
@@ -300,7 +297,7 @@ list_pop(PyObject *list)
 
 /* ---------------------------------------------------------------- the engine */
 
-typedef struct {
+typedef struct { /* (object fields side by side, device to timing_obj: FIELD_RUN) */
     PyObject_HEAD
     PyObject *device, *table, *inflight, *lanes, *pool, *tpool, *in_callback, *tracer,
         *traced, *callback_errors;
@@ -313,37 +310,13 @@ static PyObject *engine_complete(EngineObject *self, PyObject *op);
 static int
 engine_traverse(EngineObject *e, visitproc visit, void *arg)
 {
-    Py_VISIT(e->device);
-    Py_VISIT(e->table);
-    Py_VISIT(e->inflight);
-    Py_VISIT(e->lanes);
-    Py_VISIT(e->pool);
-    Py_VISIT(e->tpool);
-    Py_VISIT(e->in_callback);
-    Py_VISIT(e->tracer);
-    Py_VISIT(e->traced);
-    Py_VISIT(e->callback_errors);
-    Py_VISIT(e->timing_obj);
-    Py_VISIT(e->max_in_flight);
-    return 0;
+    return visit_run(FIELD_RUN(e, device, timing_obj), visit, arg);
 }
 
 static int
 engine_clear(EngineObject *e)
 {
-    Py_CLEAR(e->device);
-    Py_CLEAR(e->table);
-    Py_CLEAR(e->inflight);
-    Py_CLEAR(e->lanes);
-    Py_CLEAR(e->pool);
-    Py_CLEAR(e->tpool);
-    Py_CLEAR(e->in_callback);
-    Py_CLEAR(e->tracer);
-    Py_CLEAR(e->traced);
-    Py_CLEAR(e->callback_errors);
-    Py_CLEAR(e->timing_obj);
-    Py_CLEAR(e->max_in_flight);
-    return 0;
+    return clear_run(FIELD_RUN(e, device, timing_obj));
 }
 
 static void
@@ -441,6 +414,49 @@ set_field(PyObject **field, PyObject *v)
     return 0;
 }
 
+/* n >= limit as Python compares them (limit any number): 1, 0, or -1 on error; a plain
+ * int limit, the usual case, without making an int object */
+static int
+compare_ge(Py_ssize_t n, PyObject *limit)
+{
+    if (PyLong_CheckExact(limit)) {
+        int overflow;
+        long long v = PyLong_AsLongLongAndOverflow(limit, &overflow);
+        if (overflow)
+            return overflow < 0;
+        if (v != -1 || !PyErr_Occurred())
+            return (long long)n >= v;
+        return -1;
+    }
+    PyObject *count = PyLong_FromSsize_t(n);
+    int ge = count ? PyObject_RichCompareBool(count, limit, Py_GE) : -1;
+    Py_XDECREF(count);
+    return ge;
+}
+
+/* H2D, LAUNCH or D2H for a kind compared as Python compares it (== LAUNCH, == H2D, else
+ * D2H); -1 on error */
+static int
+kind_of(PyObject *kind)
+{
+    if (PyLong_CheckExact(kind)) {
+        long k = PyLong_AsLong(kind);
+        if (k == -1 && PyErr_Occurred()) {
+            PyErr_Clear(); /* too large to be LAUNCH or H2D */
+            return D2H;
+        }
+        return k == LAUNCH ? LAUNCH : k == H2D ? H2D : D2H;
+    }
+    PyObject *launch = PyLong_FromLong(LAUNCH), *h2d = PyLong_FromLong(H2D);
+    int is_launch = launch ? PyObject_RichCompareBool(kind, launch, Py_EQ) : -1;
+    int is_h2d = is_launch == 0 && h2d ? PyObject_RichCompareBool(kind, h2d, Py_EQ) : 0;
+    Py_XDECREF(launch);
+    Py_XDECREF(h2d);
+    if (is_launch < 0 || is_h2d < 0)
+        return -1;
+    return is_launch ? LAUNCH : is_h2d ? H2D : D2H;
+}
+
 static const char *submit_kw[] = {"lane", "op_type", "name", "deps", "quiet", "kind", "a",
                                   "b", "c", "d", "keep", "on_done", "timing", "root", NULL};
 
@@ -506,24 +522,13 @@ engine_submit(EngineObject *self, PyObject *const *args, Py_ssize_t nargsf, PyOb
     }
     if (!need_field(self->max_in_flight, "max_in_flight"))
         return NULL;
-    PyObject *count = PyLong_FromSsize_t(PyDict_GET_SIZE(self->inflight));
-    int full = count ? PyObject_RichCompareBool(count, self->max_in_flight, Py_GE) : -1;
-    Py_XDECREF(count);
+    int full = compare_ge(PyDict_GET_SIZE(self->inflight), self->max_in_flight);
     if (full < 0)
         return NULL;
     /* the kind of work, compared as Python compares it (H2D, LAUNCH, else D2H) */
-    int kind = H2D;
-    {
-        PyObject *launch = PyLong_FromLong(LAUNCH), *h2d = PyLong_FromLong(H2D);
-        int is_launch = launch ? PyObject_RichCompareBool(kind_obj, launch, Py_EQ) : -1;
-        int is_h2d = is_launch == 0 && h2d ? PyObject_RichCompareBool(kind_obj, h2d, Py_EQ)
-                                           : 0;
-        Py_XDECREF(launch);
-        Py_XDECREF(h2d);
-        if (is_launch < 0 || is_h2d < 0)
-            return NULL;
-        kind = is_launch ? LAUNCH : is_h2d ? H2D : D2H;
-    }
+    int kind = kind_of(kind_obj);
+    if (kind < 0)
+        return NULL;
     if (full) {
         PyObject *r = PyObject_CallMethodNoArgs((PyObject *)self, s_throttle);
         if (r == NULL)
@@ -1346,11 +1351,11 @@ static PyObject *s_closed, *s_dtype, *s_capacity, *s_flags, *s_c_contiguous, *s_
     *s_filled, *s_id_type, *s_id, *s_ON_, *s_peek, *s_writeable, *s_valid, *s_writer,
     *s_array, *s_failed, *s_read, *s_touched, *s_resolve, *s_resolve_deps, *s_data_slots,
     *s_uses_arrays, *s_defaults, *s_check, *s_config, *s_default_config, *s_failed_total,
-    *s_root_pair, *s_readers, *s_buffer, *s_updated, *s_get, *s_submit, *s_name_attr,
+    *s_root_pair, *s_readers, *s_buffer, *s_updated, *s_submit, *s_name_attr,
     *s_inflight, *s_reporter, *s_settle;
 static PyObject *kw_keep_done, *kw_keep_done_root, *minus_one_tuple;
 
-typedef struct {
+typedef struct { /* (object fields side by side: FIELD_RUN) */
     PyObject_HEAD
     PyObject *owner, *engine, *device, *table, *kernels, *slots, *up, *compute, *down;
 } QueueObject;
@@ -1365,31 +1370,13 @@ typedef struct {
 static int
 queue_traverse(QueueObject *q, visitproc visit, void *arg)
 {
-    Py_VISIT(q->owner);
-    Py_VISIT(q->engine);
-    Py_VISIT(q->device);
-    Py_VISIT(q->table);
-    Py_VISIT(q->kernels);
-    Py_VISIT(q->slots);
-    Py_VISIT(q->up);
-    Py_VISIT(q->compute);
-    Py_VISIT(q->down);
-    return 0;
+    return visit_run(FIELD_RUN(q, owner, down), visit, arg);
 }
 
 static int
 queue_clear(QueueObject *q)
 {
-    Py_CLEAR(q->owner);
-    Py_CLEAR(q->engine);
-    Py_CLEAR(q->device);
-    Py_CLEAR(q->table);
-    Py_CLEAR(q->kernels);
-    Py_CLEAR(q->slots);
-    Py_CLEAR(q->up);
-    Py_CLEAR(q->compute);
-    Py_CLEAR(q->down);
-    return 0;
+    return clear_run(FIELD_RUN(q, owner, down));
 }
 
 static void
@@ -2335,7 +2322,7 @@ intern_all(void)
         {&s_config, "config"}, {&s_default_config, "_default_config"},
         {&s_failed_total, "failed_total"}, {&s_root_pair, "root_pair"},
         {&s_readers, "readers"}, {&s_buffer, "buffer"}, {&s_updated, "updated"},
-        {&s_get, "get"}, {&s_submit, "submit"}, {&s_name_attr, "name"},
+        {&s_submit, "submit"}, {&s_name_attr, "name"},
         {&s_inflight, "inflight"}, {&s_reporter, "reporter"}, {&s_settle, "_settle"},
     };
     for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
