@@ -8,7 +8,9 @@ calls go through cuda.core.
 
 from setuptools import Extension, setup
 
-setup(ext_modules=[Extension("prism_gpu._ccore", ["src/prism_gpu/_ccore.c"],
+setup(ext_modules=[Extension("prism_gpu._ccore",
+                             ["src/prism_gpu/_ccore.c", "src/prism_gpu/_cring.c"],
+                             depends=["src/prism_gpu/_ccore.h"],
                              extra_compile_args=["-O2"], optional=True),
                    Extension("prism_gpu._hostcopy", ["src/prism_gpu/_hostcopy.c"],
                              extra_compile_args=["-O2", "-pthread"],

@@ -4,6 +4,7 @@ alike, and neither may keep a reference to what a completed op used."""
 
 from __future__ import annotations
 
+import gc
 import sys
 from typing import Any
 
@@ -38,6 +39,12 @@ def make(request: Any, device: Any) -> Any:
         c.close()
 
 
+def _live_ops() -> int:
+    """Ops of either core alive now (both are tracked by the garbage collector)."""
+    gc.collect()
+    return sum(type(o) in (_core.Op, _core.PyOp) for o in gc.get_objects())
+
+
 @pytest.mark.parametrize("callbacks", [False, True])
 def test_pattern_one_answers_alike_and_holds_no_references(make: Any, device: Any,
                                                            callbacks: bool) -> None:
@@ -70,12 +77,14 @@ def test_pattern_one_answers_alike_and_holds_no_references(make: Any, device: An
     coord.poll()
     watched = (x, out, buf, kernel, coord, on_done)
     before = [sys.getrefcount(o) for o in watched]
+    ops_before = _live_ops()
     reports.clear()
     iterate(300)
     np.testing.assert_allclose(out, 3 * x, rtol=1e-6)
     coord.synchronize_all()
     coord.poll()
     assert [sys.getrefcount(o) for o in watched] == before
+    assert _live_ops() == ops_before  # (the slots keep their last writer and readers)
     assert sorted(reports) == (sorted([pg.OpType.UPLOAD, pg.OpType.COMPUTE,
                                        pg.OpType.DOWNLOAD] * 300) if callbacks else [])
 

@@ -1,119 +1,24 @@
-"""TripleBuffer: a ring of device slots and their state machine.
+"""TripleBuffer: a ring of device slots, their memory and the guide's API.
 
-The state machine is host-side plain data; GPU ordering is carried by each
-slot's last event (set by the coordinator), so state changes never block.
+The state machine (slots, cursors, take/untake) is ``RingCore`` (``_ring.py``), the
+base class; this module adds the device memory and the names users call.
 """
 
 from __future__ import annotations
 
-import threading
-import weakref
-from enum import Enum
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Optional
 
 import numpy as np
 
 from ._args import MAX_DEPTH, allocate_named, int_arg, resolve_device
-from ._errors import InvalidOperationError
+from ._ring import (DOWNLOADING_I, FREE_I, PROCESSING_I, UPLOADING_I, BufferState, RingCore,
+                    Slot)
 
-__all__ = ["BufferState", "Slot", "TripleBuffer", "GpuTripleBuffer", "ring_for"]
-
-
-class BufferState(str, Enum):
-    FREE = "free"
-    UPLOADING = "uploading"
-    PROCESSING = "processing"
-    DOWNLOADING = "downloading"
-
-    def __str__(self) -> str:
-        return self.value
+__all__ = ["BufferState", "Slot", "TripleBuffer", "GpuTripleBuffer", "ring_for",
+           "FREE_I", "UPLOADING_I", "PROCESSING_I", "DOWNLOADING_I"]
 
 
-# States in cycle order; transitions and cursors are indexed by position (enum
-# hashing is slow, and these are on every queued op's path).
-_CYCLE = (BufferState.FREE, BufferState.UPLOADING, BufferState.PROCESSING,
-          BufferState.DOWNLOADING)
-FREE_I, UPLOADING_I, PROCESSING_I, DOWNLOADING_I = range(4)
-
-
-class Slot:
-    """One device slot of a ring, with the hazards of its memory.
-
-    ``array`` is the device array holding the slot's valid elements (all of
-    them until an upload sets a shorter length); ``capacity`` is the full size.
-    The ring records, per slot, the last op that wrote it and the ops that read
-    it since: a new writer is ordered after all of them on the GPU, a reader
-    after the writer. ``failed`` is the root op of a failure known to have
-    spoiled the slot's data.
-    """
-
-    __slots__ = ("buffer", "index", "state", "full", "valid", "capacity", "writer", "readers",
-                 "ops", "failed", "ref", "__weakref__")
-
-    def __init__(self, buffer: "TripleBuffer", index: int, full: Any) -> None:
-        self.buffer = buffer
-        self.index = index
-        self.state = BufferState.FREE
-        self.full = full
-        self.valid = self.capacity = len(full)
-        self.writer: Any = None         # the last op that wrote the slot (an engine op)
-        self.readers: List[Any] = []    # ops that read it since
-        self.ops: List[int] = []        # ids of the ops on the slot's current data
-        self.failed: Any = None         # (root op id, its error) of spoiled data
-        self.ref = weakref.ref(self)
-
-    @property
-    def array(self) -> Any:
-        """The slot's valid elements (refused once its ring is closed: read it once)."""
-        full = self.full
-        if full is None:
-            raise InvalidOperationError("this TripleBuffer is closed")
-        return full if self.valid == self.capacity else full[:self.valid]
-
-    def head(self, n: int) -> Any:
-        """The slot's first ``n`` elements; refused once its ring is closed (another
-        thread may close it: the memory is read once, and then kept by the op)."""
-        full = self.full
-        if full is None:
-            raise InvalidOperationError("this TripleBuffer is closed")
-        return full if n == self.capacity else full[:n]
-
-    def write_hazards(self) -> Sequence[Any]:
-        """Ops a new write must follow on the device: every reader since the last write
-        (each followed the writer), or else the writer."""
-        if self.readers:
-            return self.readers
-        return (self.writer,) if self.writer is not None else ()
-
-    def filled(self, op: Any, valid: int) -> List[int]:
-        """``op`` writes fresh data of ``valid`` elements; returns the ids of the ops
-        on the old data (no longer the slot's)."""
-        old = self.ops
-        self.ops = [op.id]
-        self.writer = op
-        self.readers = []
-        self.valid = valid
-        self.failed = None
-        return old
-
-    def updated(self, op: Any, failed: Any = None) -> None:
-        """``op`` read and rewrote the slot's data in place."""
-        self.ops.append(op.id)
-        self.writer = op
-        self.readers = []
-        if failed is not None and self.failed is None:
-            self.failed = failed
-
-    def read(self, op: Any) -> None:
-        """``op`` reads the slot's data."""
-        self.ops.append(op.id)
-        self.readers.append(op)
-
-    def __repr__(self) -> str:
-        return f"Slot(index={self.index}, state={self.state.name}, valid={self.valid})"
-
-
-class TripleBuffer:
+class TripleBuffer(RingCore):
     """A ring of ``depth`` (1 to 1024) device slots of ``size`` elements of ``dtype``.
 
     Slots move ``FREE -> UPLOADING -> PROCESSING -> DOWNLOADING -> FREE``, each
@@ -134,24 +39,15 @@ class TripleBuffer:
         if self.dtype.hasobject:
             raise TypeError("object dtypes cannot live in device memory")
         self._size = int(size)
-        self.depth = depth
         nbytes = self._size * self.dtype.itemsize
         slot = f"a slot of {size} elements of {self.dtype}"
-        self._slots = [Slot(self, i, allocate_named(device.allocate, nbytes, slot)
-                            .view(self.dtype)) for i in range(self.depth)]
-        self._lock = threading.Lock()
-        # next slot index for each transition, indexed by the state it leaves
-        self._cursor = [0, 0, 0, 0]
-        self._closed = False
+        self._ring_init([Slot(self, i, allocate_named(device.allocate, nbytes, slot)
+                              .view(self.dtype)) for i in range(depth)])
 
-    # the guide's API ---------------------------------------------------------
+    # the guide's API (and advance, retire, get_states: RingCore's) -----------------
     def size(self) -> int:
         """Elements per slot."""
         return self._size
-
-    def get_states(self) -> List[BufferState]:
-        with self._lock:
-            return [s.state for s in self._slots]
 
     def get_upload_buffer(self) -> Optional[Slot]:
         """Oldest FREE slot -> UPLOADING, or None if no slot is FREE."""
@@ -165,102 +61,13 @@ class TripleBuffer:
         """Oldest PROCESSING slot -> DOWNLOADING, or None."""
         return self.take(PROCESSING_I)
 
-    def advance(self) -> bool:
-        """Oldest DOWNLOADING slot -> FREE. True if a slot was freed."""
-        return self.take(DOWNLOADING_I) is not None
-
-    def retire(self) -> bool:
-        """Oldest PROCESSING slot -> FREE without a download (its data is not needed).
-
-        The GPU still orders the next write into the slot after every op that
-        used it. True if a slot was retired.
-        """
-        with self._lock:
-            if self._closed:
-                raise InvalidOperationError("this TripleBuffer is closed")
-            cursor = self._cursor
-            i = cursor[PROCESSING_I]
-            slot = self._slots[i]
-            if slot.state is not BufferState.PROCESSING:
-                return False
-            if cursor[DOWNLOADING_I] != i:
-                from ._errors import BufferUnavailableError
-
-                raise BufferUnavailableError(
-                    "retire() needs every downloaded slot advanced first (ring order); "
-                    "call advance()")
-            slot.state = BufferState.FREE
-            cursor[PROCESSING_I] = cursor[DOWNLOADING_I] = (i + 1) % self.depth
-            return True
-
-    # reservations (used by the coordinator, pipelines and stream_map) ---------
-    def take(self, which: int) -> Optional[Slot]:
-        """Move the slot at cursor ``which`` (a state's position in the cycle) on.
-        Undo with :meth:`untake` if what the move was for is rejected."""
-        # (a with block: an interrupt between an acquire and a try would leave it held)
-        with self._lock:
-            if self._closed:
-                raise InvalidOperationError("this TripleBuffer is closed")
-            cursor = self._cursor
-            i = cursor[which]
-            slot = self._slots[i]
-            if slot.state is not _CYCLE[which]:
-                return None
-            slot.state = _CYCLE[(which + 1) & 3]
-            cursor[which] = (i + 1) % self.depth
-            return slot
-
-    def produce(self) -> Optional[Slot]:
-        """Oldest FREE slot straight to PROCESSING: a compute writes it, no upload."""
-        with self._lock:
-            if self._closed:
-                raise InvalidOperationError("this TripleBuffer is closed")
-            i = self._cursor[FREE_I]
-            slot = self._slots[i]
-            if slot.state is not BufferState.FREE:
-                return None
-            if self._cursor[UPLOADING_I] != i:
-                raise InvalidOperationError(
-                    "a compute output buffer must not have uploads waiting for a compute")
-            slot.state = BufferState.PROCESSING
-            self._cursor[FREE_I] = self._cursor[UPLOADING_I] = (i + 1) % self.depth
-            return slot
-
-    def peek(self, which: int, ahead: int = 0) -> Optional[Slot]:
-        """The slot the ``ahead``-th next take at cursor ``which`` would return, or None."""
-        if self._closed:
-            raise InvalidOperationError("this TripleBuffer is closed")
-        slot = self._slots[(self._cursor[which] + ahead) % self.depth]
-        return slot if slot.state is _CYCLE[which] else None
-
-    def untake(self, slot: Slot, which: int) -> None:
-        """Undo the last take at cursor ``which`` (a rejected call changes no state)."""
-        with self._lock:
-            slot.state = _CYCLE[which]
-            self._cursor[which] = (self._cursor[which] - 1) % self.depth
-
     @property
     def capacity(self) -> int:
         return self._size
 
     @property
-    def closed(self) -> bool:
-        return self._closed
-
-    @property
-    def slots(self) -> List[Slot]:
-        return list(self._slots)
-
-    @property
     def nbytes(self) -> int:
         return self._size * self.dtype.itemsize
-
-    def close(self) -> None:
-        """Drop the device memory. Ops still in flight keep what they use alive."""
-        with self._lock:
-            self._closed = True
-            for s in self._slots:
-                s.full = None
 
     def __enter__(self) -> "TripleBuffer":
         return self
@@ -269,7 +76,7 @@ class TripleBuffer:
         self.close()
 
     def __repr__(self) -> str:
-        states = ", ".join(s.state.name for s in self._slots)
+        states = ", ".join(s.state.name for s in self.slots)
         return f"TripleBuffer(size={self._size}, dtype={self.dtype}, depth={self.depth}: {states})"
 
 

@@ -12,8 +12,7 @@
  * EngineCore                        a base class: submit, _complete, _harvest_lane,
  *                                   harvest; its fields are set by the subclass
  */
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
+#include "_ccore.h"
 #include <structmember.h>
 
 #define H2D 0
@@ -91,27 +90,6 @@ op_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOO:Op", kwlist, &op_type, &lane, &name))
         return NULL;
     return op_make(op_type, lane, name);
-}
-
-/* The object fields of our types lie side by side in their structs, first to last:
- * the garbage collector's traversal and clearing go over them as one run. */
-#define FIELD_RUN(obj, first, last) \
-    (&(obj)->first), (int)(&(obj)->last - &(obj)->first + 1)
-
-static int
-visit_run(PyObject **f, int n, visitproc visit, void *arg)
-{
-    for (int i = 0; i < n; i++)
-        Py_VISIT(f[i]);
-    return 0;
-}
-
-static int
-clear_run(PyObject **f, int n)
-{
-    for (int i = 0; i < n; i++)
-        Py_CLEAR(f[i]);
-    return 0;
 }
 
 static int
@@ -1495,6 +1473,13 @@ flat(PyObject *a)
     return PyObject_CallMethodOneArg(a, s_reshape, minus_one_tuple);
 }
 
+/* a ring whose state machine is ours (a TripleBuffer of the compiled twins) */
+static int
+is_ring(PyObject *o)
+{
+    return Py_TYPE(o) == (PyTypeObject *)q_ring_type && PyObject_TypeCheck(o, &RingType);
+}
+
 static Py_ssize_t
 attr_ssize(PyObject *o, PyObject *name)
 {
@@ -1534,6 +1519,8 @@ hold(QueueObject *self, PyObject *lane, Held *h)
     if (!self->engine || !self->table || !self->slots || !lane || !self->kernels ||
         !self->owner || !self->device)
         return 0; /* a field deleted: the reference says so */
+    if (Py_TYPE(self->slots) != &SlotMapType)
+        return 0; /* another slot map: the reference calls its methods */
     h->engine = self->engine;
     h->table = self->table;
     h->slots = self->slots;
@@ -1614,8 +1601,9 @@ q_upload_impl(QueueObject *self, Held *h, PyObject *const *args, Py_ssize_t narg
     int ok = queue_usable(self);
     if (ok < 0)
         return NULL;
-    if (!ok || Py_TYPE(buffer) != (PyTypeObject *)q_ring_type)
+    if (!ok || !is_ring(buffer))
         return delegate(r_upload, (PyObject *)self, args, nargsf, kwnames);
+    RingObject *ring = (RingObject *)buffer;
     PyObject *dtype = PyObject_GetAttr(buffer, s_dtype);
     if (dtype == NULL)
         return NULL;
@@ -1636,28 +1624,22 @@ q_upload_impl(QueueObject *self, Held *h, PyObject *const *args, Py_ssize_t narg
     PyObject *done = reporter(h, on_done);
     if (done == NULL)
         return NULL;
-    PyObject *zero = PyLong_FromLong(0);
-    PyObject *slot = PyObject_CallMethodOneArg(buffer, s_take, zero);
+    PyObject *slot = ring_take(ring, FREE_I);
     if (slot == NULL) {
-        Py_DECREF(zero);
         Py_DECREF(done);
         return NULL;
     }
     if (slot == Py_None) { /* no FREE slot: nothing changed; the reference says why */
-        Py_DECREF(zero);
         Py_DECREF(slot);
         Py_DECREF(done);
         return delegate(r_upload, (PyObject *)self, args, nargsf, kwnames);
     }
-    PyObject *view = NULL, *hazards = NULL, *src = NULL, *op = NULL, *nobj = NULL;
-    nobj = PyLong_FromSsize_t(n);
-    if (nobj == NULL)
-        goto undo;
+    PyObject *view = NULL, *hazards = NULL, *src = NULL, *op = NULL;
     /* (closed by another thread since the take: refused) */
-    view = PyObject_CallMethodOneArg(slot, s_head, nobj);
+    view = slot_head((SlotObject *)slot, n);
     if (view == NULL)
         goto undo;
-    hazards = PyObject_CallMethodNoArgs(slot, s_write_hazards);
+    hazards = slot_write_hazards((SlotObject *)slot);
     if (hazards == NULL)
         goto undo;
     src = flat(data);
@@ -1678,16 +1660,16 @@ q_upload_impl(QueueObject *self, Held *h, PyObject *const *args, Py_ssize_t narg
     Py_CLEAR(view);
     Py_CLEAR(hazards);
     Py_CLEAR(src);
-    Py_DECREF(zero);
     Py_DECREF(done);
-    PyObject *r = PyObject_CallMethodObjArgs(h->slots, s_filled, slot, op, nobj, NULL);
+    PyObject *oid = op_get(op, offsetof(OpObject, id), s_id);
+    int rc = oid ? slotmap_filled((SlotMapObject *)h->slots, (SlotObject *)slot, op, oid, n)
+                 : -1;
+    Py_XDECREF(oid);
     Py_DECREF(slot);
-    Py_DECREF(nobj);
-    if (r == NULL) {
+    if (rc < 0) {
         Py_DECREF(op);
         return NULL;
     }
-    Py_DECREF(r);
     if (!settle_if_sync(self, op)) {
         Py_DECREF(op);
         return NULL;
@@ -1695,20 +1677,14 @@ q_upload_impl(QueueObject *self, Held *h, PyObject *const *args, Py_ssize_t narg
     PyObject *id = new_id(h, op);
     Py_DECREF(op);
     return id;
-undo: {
-        PyObject *exc = take_exception();
-        PyObject *u = PyObject_CallMethodObjArgs(buffer, s_untake, slot, zero, NULL);
-        Py_XDECREF(u);
-        raise_after_cleanup(exc, u == NULL);
-        Py_XDECREF(view);
-        Py_XDECREF(hazards);
-        Py_XDECREF(src);
-        Py_XDECREF(nobj);
-        Py_DECREF(slot);
-        Py_DECREF(zero);
-        Py_DECREF(done);
-        return NULL;
-    }
+undo:
+    ring_untake(ring, (SlotObject *)slot, FREE_I);
+    Py_XDECREF(view);
+    Py_XDECREF(hazards);
+    Py_XDECREF(src);
+    Py_DECREF(slot);
+    Py_DECREF(done);
+    return NULL;
 }
 
 static PyObject *
@@ -1723,16 +1699,13 @@ q_download_impl(QueueObject *self, Held *h, PyObject *const *args, Py_ssize_t na
     int ok = queue_usable(self);
     if (ok < 0)
         return NULL;
-    if (!ok || Py_TYPE(buffer) != (PyTypeObject *)q_ring_type)
+    if (!ok || !is_ring(buffer))
         return delegate(r_download, (PyObject *)self, args, nargsf, kwnames);
-    PyObject *two = PyLong_FromLong(2);
-    if (two == NULL)
+    RingObject *ring = (RingObject *)buffer;
+    PyObject *slot = ring_peek(ring, PROCESSING_I, 0);
+    if (slot == NULL)
         return NULL;
-    PyObject *slot = PyObject_CallMethodOneArg(buffer, s_peek, two);
-    if (slot == NULL) {
-        Py_DECREF(two);
-        return NULL;
-    }
+    Py_INCREF(slot);
     PyObject *dtype = NULL, *view = NULL, *w = NULL, *src = NULL, *deps = NULL, *keep = NULL,
              *root = NULL, *op = NULL, *r = NULL, *done = NULL;
     if (slot == Py_None)
@@ -1743,9 +1716,7 @@ q_download_impl(QueueObject *self, Held *h, PyObject *const *args, Py_ssize_t na
     Py_ssize_t n = plain_array(dst, dtype, 1);
     if (n < 0)
         goto fail;
-    Py_ssize_t valid = attr_ssize(slot, s_valid);
-    if (valid == -1 && PyErr_Occurred())
-        goto fail;
+    Py_ssize_t valid = ((SlotObject *)slot)->valid;
     if (n == 0 || n < valid)
         goto to_reference;
     view = flat(dst);
@@ -1760,13 +1731,13 @@ q_download_impl(QueueObject *self, Held *h, PyObject *const *args, Py_ssize_t na
     done = reporter(h, on_done);
     if (done == NULL)
         goto fail;
-    w = PyObject_GetAttr(slot, s_writer);
-    src = w ? PyObject_GetAttr(slot, s_array) : NULL;
+    w = Py_NewRef(((SlotObject *)slot)->writer);
+    src = slot_array((SlotObject *)slot);
     if (src == NULL)
         goto fail;
     deps = w == Py_None ? (Py_INCREF(empty_tuple), empty_tuple) : PyTuple_Pack(1, w);
     keep = deps ? PyTuple_Pack(2, src, dst) : NULL;
-    root = keep ? PyObject_GetAttr(slot, s_failed) : NULL;
+    root = keep ? Py_NewRef(((SlotObject *)slot)->failed) : NULL;
     if (root == NULL)
         goto fail;
     {
@@ -1780,29 +1751,24 @@ q_download_impl(QueueObject *self, Held *h, PyObject *const *args, Py_ssize_t na
     }
     if (op == NULL)
         goto fail;
-    r = PyObject_CallMethodOneArg(buffer, s_take, two);
-    if (r == NULL)
-        goto fail;
-    Py_CLEAR(r);
-    r = PyObject_CallMethodOneArg(slot, s_read, op);
+    r = ring_take(ring, PROCESSING_I);
     if (r == NULL)
         goto fail;
     Py_CLEAR(r);
     {
         PyObject *oid = op_get(op, offsetof(OpObject, id), s_id);
         PyObject *one_slot = oid ? PyTuple_Pack(1, slot) : NULL;
-        if (one_slot != NULL)
-            r = PyObject_CallMethodObjArgs(h->slots, s_touched, oid, one_slot, NULL);
+        int rc = one_slot ? slot_read((SlotObject *)slot, op, oid) : -1;
+        if (rc == 0)
+            rc = slotmap_touched((SlotMapObject *)h->slots, oid, one_slot);
         Py_XDECREF(oid);
         Py_XDECREF(one_slot);
-        if (r == NULL)
+        if (rc < 0)
             goto fail;
-        Py_CLEAR(r);
     }
     if (!settle_if_sync(self, op))
         goto fail;
     PyObject *id = new_id(h, op);
-    Py_DECREF(two);
     Py_DECREF(slot);
     Py_DECREF(dtype);
     Py_DECREF(view);
@@ -1815,12 +1781,10 @@ q_download_impl(QueueObject *self, Held *h, PyObject *const *args, Py_ssize_t na
     Py_DECREF(done);
     return id;
 to_reference:
-    Py_DECREF(two);
     Py_DECREF(slot);
     Py_XDECREF(dtype);
     return delegate(r_download, (PyObject *)self, args, nargsf, kwnames);
 fail:
-    Py_DECREF(two);
     Py_DECREF(slot);
     Py_XDECREF(dtype);
     Py_XDECREF(view);
@@ -1903,18 +1867,29 @@ q_compute_impl(QueueObject *self, Held *h, PyObject *const *args, Py_ssize_t nar
     done = reporter(h, on_done);
     if (done == NULL)
         goto fail;
-    if (PyList_GET_SIZE(dep_ids)) {
-        slots = PyObject_CallMethodOneArg(h->slots, s_data_slots, dep_ids);
-        if (slots == NULL)
-            goto fail;
-        if (!PyList_Check(slots)) {
-            PyErr_SetString(PyExc_TypeError, "data_slots must give a list");
-            goto fail;
-        }
-    }
-    else if ((slots = PyList_New(0)) == NULL)
+    if (PyList_GET_SIZE(dep_ids))
+        slots = slotmap_data_slots((SlotMapObject *)h->slots, dep_ids);
+    else
+        slots = PyList_New(0);
+    if (slots == NULL)
         goto fail;
-    if (PyList_GET_SIZE(slots)) {
+    if (PyList_GET_SIZE(slots) == 1) { /* the common case: one upload, its buffer's oldest */
+        SlotObject *s0 = (SlotObject *)PyList_GET_ITEM(slots, 0);
+        PyObject *oldest = NULL;
+        if (s0->state != UPLOADING_I)
+            pending = PyList_New(0);
+        else if (is_ring(s0->buffer) &&
+                 (oldest = ring_peek((RingObject *)s0->buffer, UPLOADING_I, 0)) ==
+                     (PyObject *)s0)
+            pending = Py_NewRef(slots);
+        else if (oldest == NULL && PyErr_Occurred())
+            goto fail;
+        else
+            pending = PyObject_CallOneArg(q_pending_uploads, slots);
+        if (pending == NULL)
+            goto fail;
+    }
+    else if (PyList_GET_SIZE(slots)) {
         pending = PyObject_CallOneArg(q_pending_uploads, slots);
         if (pending == NULL)
             goto fail;
@@ -1936,7 +1911,7 @@ q_compute_impl(QueueObject *self, Held *h, PyObject *const *args, Py_ssize_t nar
         if (arrays == NULL)
             goto fail;
         for (Py_ssize_t i = 0; i < ns; i++) {
-            PyObject *a = PyObject_GetAttr(PyList_GET_ITEM(slots, i), s_array);
+            PyObject *a = slot_array((SlotObject *)PyList_GET_ITEM(slots, i));
             if (a == NULL)
                 goto fail;
             PyList_SET_ITEM(arrays, i, a);
@@ -2024,10 +1999,8 @@ q_compute_impl(QueueObject *self, Held *h, PyObject *const *args, Py_ssize_t nar
         }
     }
     for (Py_ssize_t i = 0; i < PyList_GET_SIZE(slots); i++) {
-        PyObject *sl = PyList_GET_ITEM(slots, i);
-        PyObject *w = PyObject_GetAttr(sl, s_writer);
-        if (w == NULL)
-            goto fail;
+        SlotObject *sl = (SlotObject *)PyList_GET_ITEM(slots, i);
+        PyObject *w = Py_NewRef(sl->writer);
         int add = 0;
         if (w != Py_None) {
             int c = PySequence_Contains(waits, w);
@@ -2042,10 +2015,8 @@ q_compute_impl(QueueObject *self, Held *h, PyObject *const *args, Py_ssize_t nar
             goto fail;
         }
         Py_DECREF(w);
-        PyObject *readers = PyObject_GetAttr(sl, s_readers);
-        if (readers == NULL)
-            goto fail;
-        int some = truthy(readers);
+        PyObject *readers = Py_NewRef(sl->readers);
+        int some = PyList_GET_SIZE(readers) > 0;
         if (some > 0) {
             PyObject *ext2 = list_extend(quiet, readers);
             if (ext2 == NULL) {
@@ -2081,9 +2052,13 @@ q_compute_impl(QueueObject *self, Held *h, PyObject *const *args, Py_ssize_t nar
         Py_DECREF(sl);
         if (buf == NULL)
             goto fail;
-        PyObject *one_ = PyLong_FromLong(1);
-        r = one_ ? PyObject_CallMethodOneArg(buf, s_take, one_) : NULL;
-        Py_XDECREF(one_);
+        if (is_ring(buf))
+            r = ring_take((RingObject *)buf, UPLOADING_I);
+        else {
+            PyObject *one_ = PyLong_FromLong(UPLOADING_I);
+            r = one_ ? PyObject_CallMethodOneArg(buf, s_take, one_) : NULL;
+            Py_XDECREF(one_);
+        }
         Py_DECREF(buf);
         if (r == NULL)
             goto fail;
@@ -2103,21 +2078,18 @@ q_compute_impl(QueueObject *self, Held *h, PyObject *const *args, Py_ssize_t nar
         if (failed == NULL)
             goto fail;
     }
-    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(slots); i++) {
-        r = PyObject_CallMethodObjArgs(PyList_GET_ITEM(slots, i), s_updated, op, failed, NULL);
-        if (r == NULL)
-            goto fail;
-        Py_CLEAR(r);
-    }
     if (PyList_GET_SIZE(slots)) {
         PyObject *oid = op_get(op, offsetof(OpObject, id), s_id);
         if (oid == NULL)
             goto fail;
-        r = PyObject_CallMethodObjArgs(h->slots, s_touched, oid, slots, NULL);
+        int rc = 0;
+        for (Py_ssize_t i = 0; rc == 0 && i < PyList_GET_SIZE(slots); i++)
+            rc = slot_updated((SlotObject *)PyList_GET_ITEM(slots, i), op, oid, failed);
+        if (rc == 0)
+            rc = slotmap_touched((SlotMapObject *)h->slots, oid, slots);
         Py_DECREF(oid);
-        if (r == NULL)
+        if (rc < 0)
             goto fail;
-        Py_CLEAR(r);
     }
     if (!settle_if_sync(self, op))
         goto fail;
@@ -2283,6 +2255,8 @@ static PyMethodDef methods[] = {
     {"setup", (PyCFunction)setup, METH_O, "setup(helpers): the Python side's functions."},
     {"setup_queue", (PyCFunction)setup_queue, METH_O,
      "setup_queue(helpers): the queue calls' reference, types and constants."},
+    {"setup_ring", (PyCFunction)setup_ring, METH_O,
+     "setup_ring(helpers): the ring's states (in cycle order) and errors."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -2354,6 +2328,10 @@ PyInit__ccore(void)
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)
         return NULL;
+    if (ring_add_types(m) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
     Py_INCREF(&OpType);
     Py_INCREF(&EngineType);
     Py_INCREF(&QueueType);

@@ -4,24 +4,28 @@ One owner (:class:`SlotMap`, one per coordinator) maps op ids to the slots they
 touched, weakly, so dropped buffers are not kept alive; an id leaves when its
 slot is refilled. The checks here pick the slots a compute consumes (in ring
 order) and the slots it writes.
+
+:class:`PySlotMap` is the reference; ``_ccore`` has the same in C (``SlotMap``, used
+unless ``PRISM_GPU_COMPILED=0``), statement for statement.
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Sequence, Tuple
 
+from . import _core
 from ._buffers import FREE_I, UPLOADING_I, BufferState, Slot, TripleBuffer
 from ._errors import BufferUnavailableError, InvalidDependencyError, InvalidOperationError, \
     TransferError
 from ._args import int_arg
 
-__all__ = ["SlotMap", "pending_uploads", "output_slots"]
+__all__ = ["SlotMap", "PySlotMap", "pending_uploads", "output_slots"]
 
 _UPLOADING = BufferState.UPLOADING
 _PROCESSING = BufferState.PROCESSING
 
 
-class SlotMap:
+class PySlotMap:
     """op id -> the slot(s) it touched: a weakref, or a tuple of them."""
 
     def __init__(self) -> None:
@@ -68,6 +72,13 @@ class SlotMap:
                   if all(r() is None for r in (refs if type(refs) is tuple else (refs,)))]:
             del slots_of[k]
         self._sweep_at = 2 * len(slots_of) + 4096
+
+
+_C = _core.compiled_module()
+if TYPE_CHECKING:
+    SlotMap = PySlotMap
+else:
+    SlotMap = _C.SlotMap if _C is not None else PySlotMap
 
 
 def output_slots(outputs: Sequence[Any], device: Any) -> List[Tuple[Slot, int]]:

@@ -1,0 +1,77 @@
+/* What the compiled core's files share: the garbage collector's helpers and the ring's
+ * types (_cring.c), which the queue calls (_ccore.c) use as structs. */
+#ifndef PRISM_GPU_CCORE_H
+#define PRISM_GPU_CCORE_H
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+/* The object fields of our types lie side by side in their structs, first to last:
+ * the garbage collector's traversal and clearing go over them as one run. */
+#define FIELD_RUN(obj, first, last) \
+    (&(obj)->first), (int)(&(obj)->last - &(obj)->first + 1)
+
+static inline int
+visit_run(PyObject **f, int n, visitproc visit, void *arg)
+{
+    for (int i = 0; i < n; i++)
+        Py_VISIT(f[i]);
+    return 0;
+}
+
+static inline int
+clear_run(PyObject **f, int n)
+{
+    for (int i = 0; i < n; i++)
+        Py_CLEAR(f[i]);
+    return 0;
+}
+
+/* positions in the cycle FREE -> UPLOADING -> PROCESSING -> DOWNLOADING */
+#define FREE_I 0
+#define UPLOADING_I 1
+#define PROCESSING_I 2
+#define DOWNLOADING_I 3
+
+typedef struct { /* _ring.PySlot's fields (objects side by side, buffer to ref: FIELD_RUN) */
+    PyObject_HEAD
+    PyObject *buffer, *index, *full, *writer, *readers, *ops, *failed, *ref;
+    Py_ssize_t valid, capacity;
+    int state; /* its position in the cycle */
+    PyObject *weakreflist;
+} SlotObject;
+
+typedef struct { /* _ring.PyRingCore's state */
+    PyObject_HEAD
+    PyObject *slots; /* a tuple of Slot, NULL until _ring_init */
+    Py_ssize_t depth;
+    Py_ssize_t cursor[4]; /* the next slot of each transition, by the state it leaves */
+    int closed;
+} RingObject;
+
+typedef struct { /* _slotmap.PySlotMap's */
+    PyObject_HEAD
+    PyObject *map; /* op id -> a weakref to its slot, or a tuple of them */
+    Py_ssize_t sweep_at;
+} SlotMapObject;
+
+extern PyTypeObject SlotType, RingType, SlotMapType;
+
+int ring_add_types(PyObject *module);
+PyObject *setup_ring(PyObject *module, PyObject *helpers);
+
+/* The queue calls' uses; each does what the Python method of the same name does. */
+PyObject *ring_take(RingObject *r, int which);              /* the slot or None; NULL: error */
+void ring_untake(RingObject *r, SlotObject *s, int which);
+PyObject *ring_peek(RingObject *r, int which, Py_ssize_t ahead); /* borrowed; None; NULL */
+PyObject *slot_array(SlotObject *s);
+PyObject *slot_head(SlotObject *s, Py_ssize_t n);
+PyObject *slot_write_hazards(SlotObject *s);
+int slot_updated(SlotObject *s, PyObject *op, PyObject *oid, PyObject *failed);
+int slot_read(SlotObject *s, PyObject *op, PyObject *oid);
+int slotmap_filled(SlotMapObject *m, SlotObject *s, PyObject *op, PyObject *oid,
+                   Py_ssize_t n);
+int slotmap_touched(SlotMapObject *m, PyObject *oid, PyObject *slots); /* list or tuple */
+PyObject *slotmap_data_slots(SlotMapObject *m, PyObject *dep_ids);     /* a list */
+
+#endif
