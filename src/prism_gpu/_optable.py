@@ -16,7 +16,18 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 from ._errors import DependencyFailedError, InvalidDependencyError, PrismGpuError
 from ._ops import CompletedOp, OpId, OpType, id_type
 
-__all__ = ["OpTable"]
+__all__ = ["OpTable", "EngineCallback"]
+
+
+class EngineCallback:
+    """A base for the library's own completion callbacks (not users'): an ``on_done`` of
+    this kind is given to the engine as it is and called with the engine's op and its
+    time, ``(op, ms)`` (``op.id``, ``op.type``, ``op.error``), with no report built."""
+
+    __slots__ = ()
+
+    def __call__(self, op: Any, ms: Optional[float]) -> None:
+        raise NotImplementedError
 
 
 def scrub(exc: BaseException) -> None:
@@ -99,6 +110,8 @@ class OpTable:
         """An engine callback giving ``on_done`` the op's :class:`CompletedOp` and time."""
         if on_done is None:
             return None
+        if isinstance(on_done, EngineCallback):
+            return on_done
         if not callable(on_done):
             raise TypeError(f"on_done must be callable, got {type(on_done).__name__}")
         id_type = self.id_type
