@@ -233,6 +233,17 @@ call_method_kw(PyObject *obj, PyObject *name, PyObject *arg, PyObject *value, Py
     return PyObject_VectorcallMethod(name, args, 2 | PY_VECTORCALL_ARGUMENTS_OFFSET, kw);
 }
 
+/* _optable.OpTable, once the queue calls are set up (NULL before) */
+static PyObject *q_table_type;
+
+/* an op table whose hot path is ours, unchanged (an OpTable of the compiled twins) */
+static int
+is_table(PyObject *o)
+{
+    return q_table_type != NULL && Py_TYPE(o) == (PyTypeObject *)q_table_type &&
+           PyObject_TypeCheck(o, &TableType);
+}
+
 /* an op's field, by struct where it is one of ours */
 static PyObject *
 op_get(PyObject *op, size_t offset, PyObject *name)
@@ -972,7 +983,11 @@ engine_complete(EngineObject *self, PyObject *opobj)
         PyErr_SetString(PyExc_AttributeError, "an op's or the engine's field was deleted");
         goto fail_start;
     }
-    {
+    if (is_table(self->table)) {
+        if (table_complete((TableObject *)self->table, op->id, op->type, duration, err) < 0)
+            goto fail_start;
+    }
+    else {
         PyObject *args[5] = {self->table, op->id, op->type, duration, err};
         r = PyObject_VectorcallMethod(s_complete, args, 5 | PY_VECTORCALL_ARGUMENTS_OFFSET,
                                       NULL);
@@ -1497,7 +1512,10 @@ new_id(Held *h, PyObject *op)
     PyObject *oid = op_get(op, offsetof(OpObject, id), s_id);
     if (oid == NULL)
         return NULL;
-    PyObject *id_type = PyObject_GetAttr(h->table, s_id_type);
+    PyObject *id_type = is_table(h->table) ? Py_XNewRef(((TableObject *)h->table)->id_type)
+                                           : PyObject_GetAttr(h->table, s_id_type);
+    if (id_type == NULL && !PyErr_Occurred())
+        PyErr_SetString(PyExc_AttributeError, "the op table has no id_type");
     PyObject *r = id_type ? PyObject_CallOneArg(id_type, oid) : NULL;
     Py_XDECREF(id_type);
     Py_DECREF(oid);
@@ -1857,7 +1875,8 @@ q_compute_impl(QueueObject *self, Held *h, PyObject *const *args, Py_ssize_t nar
     }
     kernel = PyTuple_GET_ITEM(entry, 0);
     prepared = PyTuple_GET_ITEM(entry, 1);
-    dep_ids = PyObject_CallMethodOneArg(h->table, s_resolve_deps, deps);
+    dep_ids = is_table(h->table) ? table_resolve_deps((TableObject *)h->table, deps)
+                                 : PyObject_CallMethodOneArg(h->table, s_resolve_deps, deps);
     if (dep_ids == NULL)
         goto fail;
     if (!PyList_Check(dep_ids)) {
@@ -2197,7 +2216,7 @@ setup_queue(PyObject *module, PyObject *helpers)
                 {"ndarray", &q_ndarray},     {"sync", &q_sync},
                 {"pending_uploads", &q_pending_uploads}, {"UPLOAD", &q_UPLOAD},
                 {"COMPUTE", &q_COMPUTE},     {"DOWNLOAD", &q_DOWNLOAD},
-                {"DeviceArray", &q_device_array}};
+                {"DeviceArray", &q_device_array}, {"OpTable", &q_table_type}};
     for (size_t i = 0; i < sizeof want / sizeof want[0]; i++) {
         PyObject *v = PyDict_GetItemString(helpers, want[i].key);
         if (v == NULL) {
@@ -2207,8 +2226,9 @@ setup_queue(PyObject *module, PyObject *helpers)
         Py_INCREF(v);
         Py_XSETREF(*want[i].slot, v);
     }
-    if (!PyType_Check(q_ring_type) || !PyType_Check(q_ndarray)) {
-        PyErr_SetString(PyExc_TypeError, "setup_queue() needs the ring and array types");
+    if (!PyType_Check(q_ring_type) || !PyType_Check(q_ndarray) ||
+        !PyType_Check(q_table_type)) {
+        PyErr_SetString(PyExc_TypeError, "setup_queue() needs the ring, array and table types");
         return NULL;
     }
     Py_XSETREF(r_upload, PyObject_GetAttrString(q_reference, "queue_upload"));
@@ -2328,7 +2348,7 @@ PyInit__ccore(void)
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)
         return NULL;
-    if (ring_add_types(m) < 0) {
+    if (ring_add_types(m) < 0 || table_add_type(m) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -55,7 +55,18 @@ typedef struct { /* _slotmap.PySlotMap's */
     Py_ssize_t sweep_at;
 } SlotMapObject;
 
-extern PyTypeObject SlotType, RingType, SlotMapType;
+typedef struct { /* _tablecore.PyTableCore's fields (objects side by side: FIELD_RUN) */
+    PyObject_HEAD
+    PyObject *id_type, *reports;
+    Py_ssize_t next, backlog, dropped_reports, failed_total;
+} TableObject;
+
+extern PyTypeObject SlotType, RingType, SlotMapType, TableType;
+
+int table_add_type(PyObject *module);
+int table_complete(TableObject *t, PyObject *oid, PyObject *op_type, PyObject *duration,
+                   PyObject *error);
+PyObject *table_resolve_deps(TableObject *t, PyObject *deps);
 
 int ring_add_types(PyObject *module);
 PyObject *setup_ring(PyObject *module, PyObject *helpers);

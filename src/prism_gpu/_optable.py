@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import collections
 import traceback
-from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from ._errors import DependencyFailedError, InvalidDependencyError, PrismGpuError
-from ._ops import CompletedOp, OpId, OpType, id_type
+from ._ops import CompletedOp, OpId, id_type
+from ._tablecore import TableCore
 
 __all__ = ["OpTable", "EngineCallback"]
 
@@ -41,7 +42,7 @@ def scrub(exc: BaseException) -> None:
         seen += 1
 
 
-class OpTable:
+class OpTable(TableCore):
     """Ids, reports and failures of one coordinator's ops.
 
     Parameters
@@ -59,15 +60,10 @@ class OpTable:
     def __init__(self, report_backlog: int = 16384, keep_failures: int = 4096) -> None:
         if not 1 <= int(report_backlog) <= 1 << 31:
             raise ValueError(f"report_backlog must be between 1 and 2**31, got {report_backlog}")
-        self.id_type = id_type()
-        self.next = 0
-        self._reports: Deque[Tuple[int, OpType, Optional[float], Optional[BaseException]]] = \
-            collections.deque(maxlen=int(report_backlog))
-        self.dropped_reports = 0
+        self._table_init(int(report_backlog), id_type())
         self._failed: Dict[int, BaseException] = {}       # op id -> error (bounded)
         self._unobserved: Dict[int, None] = {}            # ordered set of op ids
         self._keep = int(keep_failures)
-        self.failed_total = 0
         self.forgotten_failures = 0
         self.dropped_unobserved = 0  # unobserved failures past keep_failures, not yet told
         # ids of failures dropped unobserved -> their error's type (bounded: a wait on one
@@ -93,12 +89,8 @@ class OpTable:
                         f"(ids issued so far: 0..{self.next - 1})")
         return oid
 
-    def resolve_deps(self, deps: Any) -> List[int]:
-        """Dependencies given as an op id or an iterable of them, as plain ints."""
-        if type(deps) is list and len(deps) == 1:  # the common [upload_id]
-            d = deps[0]
-            if type(d) is self.id_type and d < self.next:  # type: ignore[operator]
-                return [int(d)]  # type: ignore[call-overload]  # plain ints, as documented
+    def _resolve_deps(self, deps: Any) -> List[int]:
+        """:meth:`resolve_deps` past its common case (one id of this table in a list)."""
         if hasattr(deps, "__index__") and not isinstance(deps, bool):
             deps = (deps,)
         elif isinstance(deps, (str, bytes)) or not hasattr(deps, "__iter__"):
@@ -121,19 +113,14 @@ class OpTable:
         return report
 
     # completion -----------------------------------------------------------------
-    def complete(self, oid: int, op_type: OpType, duration: Optional[float],
-                 error: Optional[BaseException]) -> None:
-        reports = self._reports
-        if len(reports) == reports.maxlen:
-            self.dropped_reports += 1
-        reports.append((oid, op_type, duration, error))  # a CompletedOp once polled
-        if error is not None:
-            scrub(error)
-            self.failed_total += 1
-            self._failed[oid] = error
-            self._unobserved[oid] = None
-            if len(self._failed) > self._keep:
-                self._forget()
+    def _failed_op(self, oid: int, error: BaseException) -> None:
+        """Op ``oid`` failed (its report is kept already): its error kept, scrubbed."""
+        scrub(error)
+        self.failed_total += 1
+        self._failed[oid] = error
+        self._unobserved[oid] = None
+        if len(self._failed) > self._keep:
+            self._forget()
 
     def _forget(self) -> None:
         """Down to three quarters of ``keep_failures`` (so a pass comes once per quarter:

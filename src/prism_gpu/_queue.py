@@ -215,7 +215,7 @@ def _compiled() -> Any:
         c.setup_queue({"reference": PyQueueCore, "TripleBuffer": TripleBuffer,
                        "ndarray": np.ndarray, "sync": _sync, "pending_uploads": pending_uploads,
                        "UPLOAD": _UPLOAD, "COMPUTE": _COMPUTE, "DOWNLOAD": _DOWNLOAD,
-                       "DeviceArray": DeviceArray})
+                       "DeviceArray": DeviceArray, "OpTable": OpTable})
     return c
 
 
