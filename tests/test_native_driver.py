@@ -521,3 +521,54 @@ def test_a_stream_never_set_up_is_refused_and_streams_have_a_dict(stand_in: Path
         assert vars(t)["extra_note"] == 1
         t._device = dev  # writable, as the Python stream's
     """))
+
+
+def test_copies_keep_host_info_answers_until_a_registration_changes(stand_in: Path) -> None:
+    """With the registered ranges bound, a copy asks the device's host_info once per host
+    array and generation of registrations: again after a registration changes, again for
+    a new array at a dead one's address, and never for a hit (the pinned memory's address
+    still reaches the driver exactly); pageable answers are kept too (staged each time)."""
+    run(stand_in, TYPES_PRELUDE + textwrap.dedent("""
+        class Reg:
+            state = ((), 0)
+        asked = []
+        class CountingDev(Dev):
+            def host_info(self, a):
+                asked.append(id(a))
+                return Dev.host_info(self, a)
+        n.bind(InvalidOperationError, CUR, err, Reg)
+        s, d = St(CountingDev(), 0x50), DA(0xD0)
+        h, p = np.arange(16, dtype=np.float32), np.arange(7, dtype=np.float32)
+        for _ in range(5):
+            s.copy_h2d(d, h)
+            assert (last(0), last(1), last(2)) == (0xD0, h.ctypes.data, 64)
+            s.copy_d2h(h, d)
+            s.copy_h2d(d, p)
+            assert s.staged == ("h2d", 28)
+        assert asked == [id(h), id(p)], asked
+        Reg.state = ((), 1)  # a registration changed: asked again
+        s.copy_h2d(d, h)
+        assert asked[2:] == [id(h)]
+        del h
+        gc.collect()
+        fresh = [np.arange(16, dtype=np.float32) for _ in range(64)]
+        for a in fresh:  # some may take the dead array's address: never answered for it
+            s.copy_h2d(d, a)
+            assert last(1) == a.ctypes.data
+        assert len(asked) == 3 + 64
+        watched = (p, d)
+        base = [sys.getrefcount(x) for x in watched]
+        for _ in range(1000):
+            s.copy_h2d(d, p)
+        assert [sys.getrefcount(x) for x in watched] == base
+        r = weakref.ref(p)
+        del p, watched
+        gc.collect()
+        assert r() is None, "the cache kept an array alive"
+        n.bind(InvalidOperationError, CUR, err)  # None: off, every copy asks
+        h2 = np.arange(16, dtype=np.float32)
+        before = len(asked)
+        s.copy_h2d(d, h2)
+        s.copy_h2d(d, h2)
+        assert len(asked) == before + 2
+    """))

@@ -878,6 +878,82 @@ attr_u64(PyObject *o, PyObject *name, unsigned long long *out)
     return ok;
 }
 
+/* (address, pinned) of host arrays, as the device's host_info gives them, kept by
+ * identity (a weak reference tells a dead array's reused address) until a registration
+ * of host memory changes; a few entries, by address: a loop cycles through few arrays.
+ * The Python backend keeps the same in PinnedAllocator.host_info. */
+#define HOST_CACHE 32
+static PyObject *host_ranges; /* the registered ranges: their .state[1] is a generation */
+static struct {
+    PyObject *ref;
+    unsigned long long ptr;
+    long long generation;
+    int pinned;
+} host_cache[HOST_CACHE];
+
+/* the registrations' generation: >= 0, -1 without the cache, -2 on error */
+static long long
+host_generation(void)
+{
+    if (host_ranges == NULL)
+        return -1;
+    PyObject *state = PyObject_GetAttrString(host_ranges, "state");
+    if (state == NULL)
+        return -2;
+    long long g = -1;
+    if (PyTuple_Check(state) && PyTuple_GET_SIZE(state) == 2) {
+        g = PyLong_AsLongLong(PyTuple_GET_ITEM(state, 1));
+        if (g == -1 && PyErr_Occurred())
+            g = -2;
+    }
+    Py_DECREF(state);
+    return g;
+}
+
+/* 1 and (ptr, pinned) if ``host`` is known at ``generation``, else 0 */
+static int
+host_cached(PyObject *host, long long generation, unsigned long long *ptr, int *pinned)
+{
+    size_t k = ((uintptr_t)host >> 4) % HOST_CACHE;
+    PyObject *ref = host_cache[k].ref;
+    if (generation < 0 || ref == NULL || host_cache[k].generation != generation)
+        return 0;
+#if PY_VERSION_HEX >= 0x030D0000
+    PyObject *o;
+    if (PyWeakref_GetRef(ref, &o) < 0) {
+        PyErr_Clear();
+        return 0;
+    }
+    Py_XDECREF(o); /* (compared by identity only) */
+#else
+    PyObject *o = PyWeakref_GET_OBJECT(ref);
+#endif
+    if (o != host)
+        return 0;
+    *ptr = host_cache[k].ptr;
+    *pinned = host_cache[k].pinned;
+    return 1;
+}
+
+static void
+host_remember(PyObject *host, long long generation, unsigned long long ptr, int pinned)
+{
+    if (generation < 0)
+        return;
+    PyObject *ref = PyWeakref_NewRef(host, NULL);
+    if (ref == NULL) { /* an object without weak references: not kept */
+        PyErr_Clear();
+        return;
+    }
+    size_t k = ((uintptr_t)host >> 4) % HOST_CACHE;
+    PyObject *old = host_cache[k].ref;
+    host_cache[k].ref = ref;
+    host_cache[k].ptr = ptr;
+    host_cache[k].generation = generation;
+    host_cache[k].pinned = pinned;
+    Py_XDECREF(old);
+}
+
 /* a copy between host array ``host`` and device array ``dev``: pinned memory is copied
  * here, pageable memory through the Python method ``staged`` (a pinned staging buffer) */
 static PyObject *
@@ -898,32 +974,39 @@ stream_copy(StreamObject *self, PyObject *const *args, Py_ssize_t nargs, int h2d
     PyObject *nbytes = PyObject_GetAttr(host, s_nbytes);
     if (nbytes == NULL)
         return NULL;
-    unsigned long long n, hptr, dptr;
+    unsigned long long n, hptr = 0, dptr;
     PyObject *info = NULL;
     if (!as_u64(nbytes, &n))
         goto fail;
     if (!has_device(self))
         goto fail;
-    info = PyObject_CallMethodOneArg(self->device, s_host_info, host);
-    if (info == NULL)
+    long long generation = host_generation(); /* before the answer: a change meanwhile misses */
+    if (generation == -2)
         goto fail;
-    if (!PyTuple_Check(info) || PyTuple_GET_SIZE(info) != 2) {
-        PyErr_SetString(PyExc_TypeError, "host_info() must give (address, pinned)");
-        goto fail;
+    int pinned;
+    if (!host_cached(host, generation, &hptr, &pinned)) {
+        info = PyObject_CallMethodOneArg(self->device, s_host_info, host);
+        if (info == NULL)
+            goto fail;
+        if (!PyTuple_Check(info) || PyTuple_GET_SIZE(info) != 2) {
+            PyErr_SetString(PyExc_TypeError, "host_info() must give (address, pinned)");
+            goto fail;
+        }
+        pinned = PyObject_IsTrue(PyTuple_GET_ITEM(info, 1));
+        if (pinned < 0 || (pinned && !as_u64(PyTuple_GET_ITEM(info, 0), &hptr)))
+            goto fail;
+        host_remember(host, generation, pinned ? hptr : 0, pinned);
     }
-    int pinned = PyObject_IsTrue(PyTuple_GET_ITEM(info, 1));
-    if (pinned < 0)
-        goto fail;
     if (!pinned) {
         /* never hand pageable memory to an async copy: stage it */
         PyObject *r = PyObject_CallMethodObjArgs((PyObject *)self,
                                                  h2d ? s_copy_h2d_staged : s_copy_d2h_staged,
                                                  args[0], args[1], nbytes, NULL);
-        Py_DECREF(info);
+        Py_XDECREF(info);
         Py_DECREF(nbytes);
         return r;
     }
-    if (!as_u64(PyTuple_GET_ITEM(info, 0), &hptr) || !attr_u64(dev, s_ptr, &dptr))
+    if (!attr_u64(dev, s_ptr, &dptr))
         goto fail;
     CUresult r;
     unsigned long long sh = self->live; /* read with the lock held */
@@ -935,7 +1018,7 @@ stream_copy(StreamObject *self, PyObject *const *args, Py_ssize_t nargs, int h2d
                      (size_t)n, (CUstream)(uintptr_t)sh);
         Py_END_ALLOW_THREADS
     }
-    Py_DECREF(info);
+    Py_XDECREF(info);
     Py_DECREF(nbytes);
     if (r)
         return raise_error_of(self, r, what);
@@ -1029,8 +1112,9 @@ static PyTypeObject StreamType = {
 static PyObject *
 bind(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 3) {
-        PyErr_SetString(PyExc_TypeError, "bind(InvalidOperationError, current, error)");
+    if (nargs != 3 && nargs != 4) {
+        PyErr_SetString(PyExc_TypeError,
+                        "bind(InvalidOperationError, current, error, registered=None)");
         return NULL;
     }
     for (int i = 0; i < 3; i++)
@@ -1038,6 +1122,10 @@ bind(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     Py_XSETREF(InvalidOperation, args[0]);
     Py_XSETREF(current_local, args[1]);
     Py_XSETREF(error_fn, args[2]);
+    /* the registered host ranges turn the host_info cache on (None: off) */
+    Py_XSETREF(host_ranges, nargs == 4 && args[3] != Py_None ? Py_NewRef(args[3]) : NULL);
+    for (int i = 0; i < HOST_CACHE; i++)
+        Py_CLEAR(host_cache[i].ref);
     Py_RETURN_NONE;
 }
 
@@ -1080,8 +1168,9 @@ static PyMethodDef methods[] = {
      "launch_arrays(function, dims, stream, arrays, pointees, extra) -> CUresult (or a "
      "negative code: see the source)."},
     {"bind", (PyCFunction)(void (*)(void))bind, METH_FASTCALL,
-     "bind(InvalidOperationError, current, error): what the Event and Stream types raise "
-     "and the thread-local of the current device."},
+     "bind(InvalidOperationError, current, error, registered=None): what the Event and "
+     "Stream types raise, the thread-local of the current device, and the registered host "
+     "ranges (their generation keeps the copies' host_info answers; None: not kept)."},
     {NULL, NULL, 0, NULL},
 };
 

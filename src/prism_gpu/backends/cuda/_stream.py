@@ -11,7 +11,7 @@ from ..._errors import InvalidOperationError
 from ._driver import CURRENT, NATIVE, NOT_READY, bindings_memcpy, error, from_cuda_exception
 from .._hostranges import host_address
 from ._interop import foreign_contexts
-from ._memory import DeviceArray
+from ._memory import REGISTERED, DeviceArray
 
 # The driver calls of the hot path: native (one C call each) when built and loadable,
 # else cuda.core and cuda.bindings. Copies return a CUresult as an int either way.
@@ -332,7 +332,9 @@ class CudaStream(_StreamCommon):
 EVENT: Any = CudaEvent
 STREAM: Any = CudaStream
 if NATIVE is not None:
-    NATIVE.bind(InvalidOperationError, CURRENT, error)
+    # (the copies keep the device's host_info answers, as PinnedAllocator.host_info does,
+    # until a registration of host memory changes)
+    NATIVE.bind(InvalidOperationError, CURRENT, error, REGISTERED)
 
     class NativeCudaEvent(NATIVE.Event, _EventCommon):  # type: ignore[misc, name-defined]
         __slots__ = ()
