@@ -572,3 +572,64 @@ def test_copies_keep_host_info_answers_until_a_registration_changes(stand_in: Pa
         s.copy_h2d(d, h2)
         assert len(asked) == before + 2
     """))
+
+
+def test_a_source_kernel_launch_takes_its_common_case_from_the_method_caches(
+        stand_in: Path) -> None:
+    """A native stream launches a bound SourceKernel type from the caches its launch
+    method keeps: on a hit the driver gets the cached dimensions, the arrays as
+    (pointer, n) and the cached extra values, and the method is not called; any miss
+    (configuration, extra tuple, array count, layout, a list of extra values, no arrays,
+    a dtype refused, an array without a pointer, a value C cannot pass) calls the method
+    and nothing reaches the driver; a driver refusal raises the stream's error; another
+    type always calls its method; nothing leaks."""
+    run(stand_in, TYPES_PRELUDE + textwrap.dedent("""
+        class A:
+            def __init__(self, ptr, n, dtype=np.float32):
+                self.ptr, self.shape, self.dtype, self.size = ptr, (n,), np.dtype(dtype), n
+        class SK:  # SourceKernel's caches, as its launch method keeps them
+            name = "sk"
+            def __init__(self):
+                self._func, self._conv = 0xF0, [None] * 3  # (T*, size_t n, double)
+                self._pointee = [np.dtype(np.float32), None, None]
+                self._layouts, self._configs, self._ext = {1: True}, {}, None
+                self.slow = []
+            def launch(self, stream, config, arrays, extra):
+                self.slow.append((config, tuple(arrays), extra))
+        n.bind_kernel(SK, 32)
+        s, k, cfg = St(dev, 0x50), SK(), object()
+        extra, a = (np.float64(2.5),), A(0xA0, 5)
+        k._configs[id(cfg)] = (cfg, (4, 1, 1, 128, 1, 1, 0))
+        k._ext = (extra, 1, (np.float64(2.5),))
+        set_int("nparams", 3)
+        before = calls()
+        s.launch(k, cfg, [a], extra)
+        assert k.slow == [] and calls() == before + 1
+        assert [last(i) for i in range(9)] == [0xF0, 4, 1, 1, 128, 1, 1, 0, 0x50]
+        assert param(0, 8) == (0xA0).to_bytes(8, "little")
+        assert param(1, 8) == np.uint64(5).tobytes() and param(2, 8) == extra[0].tobytes()
+        misses = [(object(), [a], extra), (cfg, [a], (np.float64(2.5),)),  # cache misses
+                  (cfg, [a, a], extra), (cfg, [a], [np.float64(2.5)]), (cfg, [], extra),
+                  (cfg, [A(0xA0, 5, np.float64)], extra), (cfg, [A(None, 5)], extra)]
+        for config, arrays, ex in misses:
+            s.launch(k, config, arrays, ex)
+        k._ext = (extra, 1, (True,))  # a value C cannot pass: the method says so
+        s.launch(k, cfg, [a], extra)
+        k._ext, k._layouts = (extra, 1, (np.float64(2.5),)), {1: False}
+        s.launch(k, cfg, [a], extra)
+        assert len(k.slow) == len(misses) + 2 and calls() == before + 1, "a miss launched"
+        k._layouts = {1: True}
+        set_int("result", 701)
+        refused(KernelError, "launching kernel 'sk' failed with 701",
+                lambda: s.launch(k, cfg, [a], extra))
+        set_int("result", 0)
+        other = K()
+        s.launch(other, cfg, [a], extra)
+        assert other.got[1] is cfg
+        arrays = [a]
+        watched = (k, cfg, a, extra, arrays)
+        base = [sys.getrefcount(x) for x in watched]
+        for _ in range(3000):
+            s.launch(k, cfg, arrays, extra)
+        assert [sys.getrefcount(x) for x in watched] == base
+    """))

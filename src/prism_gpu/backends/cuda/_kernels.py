@@ -295,6 +295,12 @@ class SourceKernel:
             raise from_cuda_exception(exc, f"launching kernel {self.name!r}") from exc
 
 
+if NATIVE is not None:
+    # a native stream's launch of a SourceKernel takes the first branch of launch above
+    # in C, from the caches it keeps (_configs, _ext, _layouts); a miss calls launch
+    NATIVE.bind_kernel(SourceKernel, MAX_NATIVE_ARGS)
+
+
 class CallableKernel:
     """A Python callable run on the host at queue time, with its stream current."""
 

@@ -1041,6 +1041,143 @@ stream_copy_d2h(StreamObject *self, PyObject *const *args, Py_ssize_t nargs)
     return stream_copy(self, args, nargs, 0);
 }
 
+/* SourceKernel (the CUDA backend's compiled kernels), once bound: its launch's common case
+ * is done here, the first branch of SourceKernel.launch statement for statement, from the
+ * caches that method keeps (the configuration's dimensions, the extra values converted,
+ * the array layout); any miss goes to the method, which fills them. */
+static PyObject *source_kernel, *s_func_, *s_conv_, *s_layouts_, *s_configs_, *s_ext_,
+    *s_pointee_, *s_error_of;
+static Py_ssize_t max_native_args;
+
+/* an attribute of kernel ``k`` (NULL, no error, if absent) */
+static PyObject *
+kattr(PyObject *k, PyObject *name)
+{
+    PyObject *v = PyObject_GetAttr(k, name);
+    if (v == NULL && PyErr_ExceptionMatches(PyExc_AttributeError))
+        PyErr_Clear();
+    return v;
+}
+
+/* 1 launched, 0 not (the method must), -1 error (raised; nothing launched unless the
+ * driver refused the launch) */
+static int
+source_launch(StreamObject *self, PyObject *k, PyObject *config, PyObject *arrays,
+              PyObject *extra)
+{
+    if (!PyList_CheckExact(arrays) && !PyTuple_CheckExact(arrays))
+        return 0;
+    if (!PyTuple_CheckExact(extra))
+        return 0;
+    Py_ssize_t na = PySequence_Size(arrays), ne = PyTuple_GET_SIZE(extra);
+    if (na <= 0)
+        return 0;
+    int done = 0;
+    PyObject *func = NULL, *conv = NULL, *layouts = NULL, *configs = NULL, *ext = NULL,
+             *pointee = NULL, *key = NULL, *nakey = NULL;
+    func = kattr(k, s_func_);
+    conv = func ? kattr(k, s_conv_) : NULL;
+    if (conv == NULL || !PyLong_Check(func) || conv == Py_None)
+        goto out;
+    Py_ssize_t nconv = PyObject_Size(conv);
+    if (nconv < 0) {
+        done = -1;
+        goto out;
+    }
+    int truthy_func = PyObject_IsTrue(func);
+    if (truthy_func <= 0 || 2 * na + ne != nconv || nconv > max_native_args) {
+        done = truthy_func < 0 ? -1 : 0;
+        goto out;
+    }
+    layouts = kattr(k, s_layouts_);
+    nakey = PyLong_FromSsize_t(na);
+    if (layouts == NULL || nakey == NULL || !PyDict_CheckExact(layouts))
+        goto out;
+    if (PyDict_GetItemWithError(layouts, nakey) != Py_True) /* unknown yet, or not fast */
+        goto out;
+    configs = kattr(k, s_configs_);
+    key = PyLong_FromVoidPtr(config); /* id(config) */
+    if (configs == NULL || key == NULL || !PyDict_CheckExact(configs))
+        goto out;
+    PyObject *hit = PyDict_GetItemWithError(configs, key);
+    if (hit == NULL || !PyTuple_CheckExact(hit) || PyTuple_GET_SIZE(hit) != 2 ||
+        PyTuple_GET_ITEM(hit, 0) != config)
+        goto out;
+    PyObject *cfg = PyTuple_GET_ITEM(hit, 1);
+    ext = kattr(k, s_ext_);
+    if (ext == NULL || !PyTuple_CheckExact(ext) || PyTuple_GET_SIZE(ext) != 3 ||
+        PyTuple_GET_ITEM(ext, 0) != extra)
+        goto out;
+    int same_na = PyObject_RichCompareBool(PyTuple_GET_ITEM(ext, 1), nakey, Py_EQ);
+    if (same_na <= 0) {
+        done = same_na < 0 ? -1 : 0;
+        goto out;
+    }
+    pointee = kattr(k, s_pointee_);
+    if (pointee == NULL)
+        goto out;
+    {
+        PyObject *handle = PyLong_FromUnsignedLongLong(self->live);
+        if (handle == NULL) {
+            done = -1;
+            goto out;
+        }
+        Py_INCREF(cfg);
+        PyObject *vals = Py_NewRef(PyTuple_GET_ITEM(ext, 2));
+        PyObject *call[6] = {func, cfg, handle, arrays, pointee, vals};
+        PyObject *r = n_launch_arrays(NULL, call, 6);
+        Py_DECREF(handle);
+        Py_DECREF(cfg);
+        Py_DECREF(vals);
+        if (r == NULL) { /* refused before the driver: the method says so as it does */
+            if (PyErr_ExceptionMatches(PyExc_TypeError) ||
+                PyErr_ExceptionMatches(PyExc_OverflowError))
+                PyErr_Clear();
+            else
+                done = -1;
+            goto out;
+        }
+        long err = PyLong_AsLong(r);
+        Py_DECREF(r);
+        if (err == -1 && PyErr_Occurred()) {
+            done = -1;
+            goto out;
+        }
+        if (err == 0)
+            done = 1;
+        else if (err > 0) { /* the driver refused the launch: raised as the method does */
+            PyObject *name = PyObject_GetAttr(k, s_name);
+            PyObject *what = name ? PyUnicode_FromFormat("launching kernel %R", name) : NULL;
+            Py_XDECREF(name);
+            PyObject *code = what ? PyLong_FromLong(err) : NULL;
+            PyObject *exc = code ? PyObject_CallMethodObjArgs((PyObject *)self, s_error_of,
+                                                              code, what, NULL)
+                                 : NULL;
+            Py_XDECREF(what);
+            Py_XDECREF(code);
+            if (exc != NULL) {
+                PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
+                Py_DECREF(exc);
+            }
+            done = -1;
+        }
+        /* err < 0: a dtype refused or an array without a pointer, before the driver: the
+         * method says so, or takes its general path */
+    }
+out:
+    Py_XDECREF(func);
+    Py_XDECREF(conv);
+    Py_XDECREF(layouts);
+    Py_XDECREF(configs);
+    Py_XDECREF(ext);
+    Py_XDECREF(pointee);
+    Py_XDECREF(key);
+    Py_XDECREF(nakey);
+    if (done == 0 && PyErr_Occurred())
+        done = -1;
+    return done;
+}
+
 static PyObject *
 stream_launch(StreamObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -1060,6 +1197,13 @@ stream_launch(StreamObject *self, PyObject *const *args, Py_ssize_t nargs)
     }
     if (!ensure_current(self))
         return NULL;
+    if (source_kernel != NULL && (PyObject *)Py_TYPE(args[0]) == source_kernel) {
+        int done = source_launch(self, args[0], args[1], args[2], args[3]);
+        if (done < 0)
+            return NULL;
+        if (done)
+            Py_RETURN_NONE;
+    }
     PyObject *call[5] = {args[0], (PyObject *)self, args[1], args[2], args[3]};
     return PyObject_VectorcallMethod(s_launch, call, 5 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
 }
@@ -1129,6 +1273,21 @@ bind(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     Py_RETURN_NONE;
 }
 
+static PyObject *
+bind_kernel(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2 || !PyType_Check(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "bind_kernel(SourceKernel, max_args)");
+        return NULL;
+    }
+    Py_ssize_t m = PyNumber_AsSsize_t(args[1], PyExc_OverflowError);
+    if (m == -1 && PyErr_Occurred())
+        return NULL;
+    Py_XSETREF(source_kernel, Py_NewRef(args[0]));
+    max_native_args = m;
+    Py_RETURN_NONE;
+}
+
 static int
 intern_names(void)
 {
@@ -1141,7 +1300,9 @@ intern_names(void)
         {&s_host_info, "host_info"}, {&s_nbytes, "nbytes"},
         {&s_ptr, "ptr"}, {&s_copy_h2d_staged, "_copy_h2d_staged"},
         {&s_copy_d2h_staged, "_copy_d2h_staged"}, {&s_launch, "launch"}, {&s_name, "name"},
-        {&s_handle, "handle"},
+        {&s_handle, "handle"}, {&s_func_, "_func"}, {&s_conv_, "_conv"},
+        {&s_layouts_, "_layouts"}, {&s_configs_, "_configs"}, {&s_ext_, "_ext"},
+        {&s_pointee_, "_pointee"}, {&s_error_of, "error_of"},
     };
     for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
         *names[i].slot = PyUnicode_InternFromString(names[i].text);
@@ -1171,6 +1332,9 @@ static PyMethodDef methods[] = {
      "bind(InvalidOperationError, current, error, registered=None): what the Event and "
      "Stream types raise, the thread-local of the current device, and the registered host "
      "ranges (their generation keeps the copies' host_info answers; None: not kept)."},
+    {"bind_kernel", (PyCFunction)(void (*)(void))bind_kernel, METH_FASTCALL,
+     "bind_kernel(SourceKernel, max_args): launches of that exact type take their common "
+     "case here, from the caches its launch method keeps."},
     {NULL, NULL, 0, NULL},
 };
 
