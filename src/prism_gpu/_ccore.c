@@ -26,7 +26,7 @@ static PyObject *s_stream, *s_event, *s_error, *s_ops, *s_wait, *s_record, *s_la
     *s_create_event, *s_ACTIVE, *s_STATE, *s_index, *s_nbytes, *s_begin, *s_ON,
     *s_range_start, *s_range_end, *s_name, *s_value, *s_drop_start, *s_note_root,
     *s_attribute, *s_elapsed_ms, *s_give_event, *s_complete, *s_Trace, *s_HELD_EVENTS,
-    *s_read_times, *s_lane;
+    *s_read_times, *s_lane, *s_harvest;
 static PyObject *kw_propagate, *kw_stamp, *kw_oid, *kw_force;
 
 /* ---------------------------------------------------------------- the op record */
@@ -292,7 +292,10 @@ typedef struct { /* (object fields side by side, device to timing_obj: FIELD_RUN
         *traced, *callback_errors;
     PyObject *max_in_flight; /* compared with the ops in flight (any number, as in Python) */
     PyObject *timing_obj; /* the default for whether ops are timed (any truthy value) */
+    Py_ssize_t reclaim_at; /* ops in flight at which a submit short of events harvests */
 } EngineObject;
+
+#define RECLAIM 64 /* _core.RECLAIM */
 
 static PyObject *engine_complete(EngineObject *self, PyObject *op);
 
@@ -340,6 +343,7 @@ engine_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         Py_DECREF(e);
         return NULL;
     }
+    e->reclaim_at = RECLAIM;
     e->max_in_flight = PyLong_FromLong(1024);
     if (e->max_in_flight == NULL) {
         Py_DECREF(e);
@@ -523,6 +527,37 @@ engine_submit(EngineObject *self, PyObject *const *args, Py_ssize_t nargsf, PyOb
         if (r == NULL)
             return NULL;
         Py_DECREF(r);
+    }
+    else if (PyDict_GET_SIZE(self->inflight) >= self->reclaim_at) {
+        /* no pooled event for this op and RECLAIM ops in flight since the last look: take
+         * back the events of those complete (a few queries) rather than make one (a
+         * driver call costing about 13 queries) */
+        PyObject *t_obj = timing == Py_None ? (self->timing_obj ? self->timing_obj : Py_False)
+                                            : timing;
+        int t = truthy(t_obj);
+        if (t < 0)
+            return NULL;
+        if (!t) {
+            PyObject *active = PyObject_GetAttr(trace_mod, s_ACTIVE);
+            if (active == NULL)
+                return NULL;
+            t = active != Py_None;
+            Py_DECREF(active);
+        }
+        PyObject *pool = t ? self->tpool : self->pool;
+        if (!need_list(pool, t ? "_tpool" : "_pool"))
+            return NULL;
+        if (PyList_GET_SIZE(pool) == 0) {
+            PyObject *r = PyObject_CallMethodNoArgs((PyObject *)self, s_harvest);
+            if (r == NULL)
+                return NULL;
+            Py_DECREF(r);
+            if (!need_field(self->inflight, "inflight"))
+                return NULL;
+            self->reclaim_at = PyObject_Size(self->inflight) + RECLAIM;
+            if (self->reclaim_at < RECLAIM)
+                return NULL; /* (not a dict any more: its size's error) */
+        }
     }
     PyObject *root = v[13];
     Py_INCREF(root);
@@ -1287,6 +1322,7 @@ static PyMemberDef engine_members[] = {
     ENGINE_FIELD("_callback_errors", callback_errors),
     {"max_in_flight", T_OBJECT_EX, offsetof(EngineObject, max_in_flight), 0, NULL},
     {"timing", T_OBJECT_EX, offsetof(EngineObject, timing_obj), 0, NULL},
+    {"_reclaim_at", T_PYSSIZET, offsetof(EngineObject, reclaim_at), 0, NULL},
     {NULL},
 };
 
@@ -2302,7 +2338,7 @@ intern_all(void)
         {&s_note_root, "_note_root"}, {&s_attribute, "_attribute"},
         {&s_elapsed_ms, "elapsed_ms"}, {&s_give_event, "give_event"},
         {&s_complete, "complete"}, {&s_Trace, "Trace"}, {&s_HELD_EVENTS, "HELD_EVENTS"},
-        {&s_read_times, "read_times"}, {&s_lane, "lane"},
+        {&s_read_times, "read_times"}, {&s_lane, "lane"}, {&s_harvest, "harvest"},
         {&s_closed, "closed"}, {&s_dtype, "dtype"}, {&s_capacity, "capacity"},
         {&s_flags, "flags"}, {&s_c_contiguous, "c_contiguous"}, {&s_size, "size"},
         {&s_device, "device"}, {&s_take, "take"}, {&s_untake, "untake"}, {&s_head, "head"},

@@ -11,7 +11,7 @@ from collections import OrderedDict
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from . import _nvtx
-from ._core import EngineCore, Op
+from ._core import RECLAIM, EngineCore, Op
 from ._errors import InvalidOperationError
 from ._failures import dependency_error, own_error, refuse_in_callback
 from ._inflight import D2H, H2D, LAUNCH, Lane, Root
@@ -46,6 +46,7 @@ class Engine(EngineCore):
         self._pool: List[Event] = []
         self._tpool: List[Event] = []
         self._pool_cap = 2 * self.max_in_flight + 64
+        self._reclaim_at = RECLAIM  # ops in flight at which a submit short of events looks
         # id(exception) -> (exception, root): attributes a failure carried to a
         # dependent op (CPU streams pass it through waits) to its root op
         self._roots: "OrderedDict[int, Tuple[BaseException, Root]]" = OrderedDict()
