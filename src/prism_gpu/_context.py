@@ -5,29 +5,36 @@ from __future__ import annotations
 import time
 import weakref
 from threading import get_ident
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
 from ._args import check_timeout
 from ._buffers import TripleBuffer, ring_for
-from ._config import StepConfig
+from ._config import LaunchConfig, StepConfig
 from ._coordinator import AsyncCoordinator
 from ._devarray import DeviceArray, copier, empty_device, to_device
 from ._errors import InvalidOperationError
 from ._failures import refuse_in_callback, refuse_other_thread
-from ._ops import CompletedOp
+from ._ops import OpType
+from ._optable import EngineCallback
 from ._validate import download_destination, host_array
 
 __all__ = ["ManagedGpuContext", "StepTelemetry"]
 
+_UPLOAD, _COMPUTE, _DOWNLOAD = OpType.UPLOAD, OpType.COMPUTE, OpType.DOWNLOAD
+_ndarray = np.ndarray
 
-class StepTelemetry:
+
+class StepTelemetry(EngineCallback):
     """What :meth:`ManagedGpuContext.triple_buffered_step` queued.
 
     ``upload_ms``, ``compute_ms`` and ``download_ms`` are the GPU times of the
     three ops, None until they complete (see :meth:`done` and :meth:`wait`).
     """
+
+    # (internally, the telemetry is the engine's completion callback of its three ops:
+    # called as ``tel(op, ms)``, with no report built per op)
 
     __slots__ = ("upload_op", "compute_op", "download_op", "upload_ms", "compute_ms",
                  "download_ms", "error", "_coord", "_on_complete")
@@ -42,20 +49,23 @@ class StepTelemetry:
         self.download_ms: Optional[float] = None
         self.error: Optional[BaseException] = None
 
-    def _upload_done(self, report: CompletedOp, ms: Optional[float]) -> None:
-        self.upload_ms = ms
-        self.error = self.error or report.error
-
-    def _compute_done(self, report: CompletedOp, ms: Optional[float]) -> None:
-        self.compute_ms = ms
-        self.error = self.error or report.error
-
-    def _download_done(self, report: CompletedOp, ms: Optional[float]) -> None:
-        self.download_ms = ms
-        self.error = self.error or report.error
-        cb, self._on_complete = self._on_complete, None
-        if cb is not None:
-            cb(self)
+    def __call__(self, op: Any, ms: Optional[float]) -> None:
+        """The engine's callback of the step's ops, ``op`` the engine's (not a user's
+        call): records the op's time and the step's first error; after the download,
+        calls ``on_complete`` (once)."""
+        err = op.error
+        if err is not None or self.error is not None:
+            self.error = self.error or err
+        t = op.type
+        if t is _UPLOAD:
+            self.upload_ms = ms
+        elif t is _COMPUTE:
+            self.compute_ms = ms
+        elif t is _DOWNLOAD:
+            self.download_ms = ms
+            cb, self._on_complete = self._on_complete, None
+            if cb is not None:
+                cb(self)
 
     def done(self) -> bool:
         """True once the download completed (never blocks)."""
@@ -103,6 +113,9 @@ class ManagedGpuContext:
         self._buffers: "weakref.WeakSet[TripleBuffer]" = weakref.WeakSet()
         self._pipelines: "weakref.WeakSet[Any]" = weakref.WeakSet()
         self._rings: Dict[str, TripleBuffer] = {}
+        # the last ring _ring gave: (dtype asked for, its capacity, the ring); the dtype is
+        # held, so its identity names it (and its ``str``, the ring's key)
+        self._last_ring: Optional[Tuple[np.dtype, int, TripleBuffer]] = None
         self._arrays: "weakref.WeakSet[DeviceArray]" = weakref.WeakSet()
         self._copies: Any = None  # the device's stream of blocking copies, once made
         self._owner = get_ident()
@@ -191,6 +204,59 @@ class ManagedGpuContext:
         Everything is checked before anything is queued: a rejected step
         changes nothing.
         """
+        # The common step (an open context, a StepConfig naming a registered kernel, with
+        # plain numpy arrays that pass) is checked here, in one pass; anything else takes
+        # _check_step, the checks one by one, in order, with their messages. Every check
+        # runs before the upload (a refusal by a later queue call would leave the earlier
+        # ops queued), but one: with the ring cached, the coordinator's own (its thread,
+        # closed, called from a kernel) is left to the upload, which refuses first.
+        ring: Optional[TripleBuffer] = None
+        coord = self._coord
+        if coord is not None and type(config) is StepConfig and not self._closed:
+            x, out, kernel = config.input, config.output, config.kernel
+            extra, launch, on_complete = config.extra, config.config, config.on_complete
+            if type(x) is _ndarray and type(out) is _ndarray and type(kernel) is str \
+                    and (type(extra) is tuple or type(extra) is list) \
+                    and (launch is None or type(launch) is LaunchConfig) \
+                    and (on_complete is None or callable(on_complete)):
+                dtype, n = x.dtype, x.size
+                flags = out.flags
+                if n != 0 and x.flags.c_contiguous and flags.c_contiguous and flags.writeable \
+                        and (out.dtype is dtype or out.dtype == dtype) and out.size >= n \
+                        and coord.has_kernel(kernel):
+                    last = self._last_ring
+                    if last is not None and last[0] is dtype and last[1] >= n:
+                        ring = last[2]
+                    else:  # resolve_kernel's check, before a ring is made or grown
+                        coord.check()
+                        ring = self._ring(dtype, n)
+                    c = coord
+        if ring is None:
+            c, x, ring = self._check_step(config)
+            out, kernel = config.output, config.kernel
+            extra, launch, on_complete = config.extra, config.config, config.on_complete
+        if type(extra) is not tuple:  # a list: the compiled queue call takes a tuple
+            extra = tuple(extra)
+        tel = StepTelemetry(c, on_complete)  # the ops' callback, called (op, ms)
+        tel.upload_op = up = c.queue_upload(x, ring, on_done=tel)
+        try:
+            tel.compute_op = c.queue_compute(kernel, [up], extra=extra or None,
+                                             config=launch, on_done=tel)
+        except BaseException:
+            ring.get_process_buffer()  # the upload's slot goes back: nothing else uses it
+            ring.retire()
+            raise
+        try:
+            tel.download_op = c.queue_download(ring, out, on_done=tel)
+        except BaseException:
+            ring.retire()
+            raise
+        ring.advance()
+        return tel
+
+    def _check_step(self, config: StepConfig) -> Tuple[AsyncCoordinator, np.ndarray,
+                                                        TripleBuffer]:
+        """Every check of a step, one by one: (coordinator, input, ring) once all pass."""
         coord = self._require_coord()
         if not isinstance(config, StepConfig):
             raise TypeError(f"expected a StepConfig, got {type(config).__name__}")
@@ -199,28 +265,12 @@ class ManagedGpuContext:
                        "StepConfig.input")
         download_destination(config.output, x.dtype, x.size, "StepConfig.output")
         coord.resolve_kernel(config.kernel)  # unknown names fail before anything is queued
-        ring = self._ring(x.dtype, x.size)
-        tel = StepTelemetry(coord, config.on_complete)
-        tel.upload_op = coord.queue_upload(x, ring, on_done=tel._upload_done)
-        try:
-            tel.compute_op = coord.queue_compute(
-                config.kernel, [tel.upload_op], extra=config.extra or None,
-                config=config.config, on_done=tel._compute_done)
-        except BaseException:
-            ring.get_process_buffer()  # the upload's slot goes back: nothing else uses it
-            ring.retire()
-            raise
-        try:
-            tel.download_op = coord.queue_download(ring, config.output,
-                                                   on_done=tel._download_done)
-        except BaseException:
-            ring.retire()
-            raise
-        ring.advance()
-        return tel
+        return coord, x, self._ring(x.dtype, x.size)
 
     def _ring(self, dtype: np.dtype, n: int) -> TripleBuffer:
-        return ring_for(self._rings, dtype.str, self._device, dtype, n)
+        ring = ring_for(self._rings, dtype.str, self._device, dtype, n)
+        self._last_ring = (dtype, ring.capacity, ring)
+        return ring
 
     def close(self) -> None:
         """Wait for in-flight work; free every stream, event and buffer; then raise
@@ -257,6 +307,7 @@ class ManagedGpuContext:
                 arr.close()
             self._buffers.clear()
             self._rings.clear()
+            self._last_ring = None
             self._device.close()
             self._copies = None
         return errors

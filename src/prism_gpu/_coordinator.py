@@ -106,6 +106,11 @@ class AsyncCoordinator(QueueCore):
         self.check()
         return self._kernels.resolve(kernel)
 
+    def has_kernel(self, name: str) -> bool:
+        """Whether ``name`` is a kernel registered here, ready to queue (a built-in counts
+        once it was used). Never raises; :meth:`resolve_kernel` says why a name is not."""
+        return self._kernels.prepared(name)
+
     def check(self) -> None:
         """Raise unless this coordinator may be used now, here (not in one of its kernels)."""
         if get_ident() != self._owner or self._engine.closed or self._device.closed \

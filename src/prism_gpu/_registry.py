@@ -36,6 +36,10 @@ class KernelRegistry:
         k = as_kernel(kernel, name)
         self._named[name] = (k, self._prepare(k))
 
+    def prepared(self, name: str) -> bool:
+        """Whether kernel ``name`` is registered and prepared (a built-in once used)."""
+        return type(name) is str and name in self._named
+
     def resolve(self, kernel: Any) -> Entry:
         if isinstance(kernel, str):
             entry = self._named.get(kernel)
