@@ -233,8 +233,8 @@ call_method_kw(PyObject *obj, PyObject *name, PyObject *arg, PyObject *value, Py
     return PyObject_VectorcallMethod(name, args, 2 | PY_VECTORCALL_ARGUMENTS_OFFSET, kw);
 }
 
-/* _optable.OpTable, once the queue calls are set up (NULL before) */
-static PyObject *q_table_type;
+/* _optable.OpTable and EngineCallback, once the queue calls are set up (NULL before) */
+static PyObject *q_table_type, *q_engine_callback;
 
 /* an op table whose hot path is ours, unchanged (an OpTable of the compiled twins) */
 static int
@@ -1640,6 +1640,9 @@ reporter(Held *h, PyObject *on_done)
         Py_INCREF(Py_None);
         return Py_None;
     }
+    /* the library's own callbacks: what OpTable.reporter gives for them, themselves */
+    if (is_table(h->table) && PyObject_TypeCheck(on_done, (PyTypeObject *)q_engine_callback))
+        return Py_NewRef(on_done);
     return PyObject_CallMethodOneArg(h->table, s_reporter, on_done);
 }
 
@@ -2252,7 +2255,8 @@ setup_queue(PyObject *module, PyObject *helpers)
                 {"ndarray", &q_ndarray},     {"sync", &q_sync},
                 {"pending_uploads", &q_pending_uploads}, {"UPLOAD", &q_UPLOAD},
                 {"COMPUTE", &q_COMPUTE},     {"DOWNLOAD", &q_DOWNLOAD},
-                {"DeviceArray", &q_device_array}, {"OpTable", &q_table_type}};
+                {"DeviceArray", &q_device_array}, {"OpTable", &q_table_type},
+                {"EngineCallback", &q_engine_callback}};
     for (size_t i = 0; i < sizeof want / sizeof want[0]; i++) {
         PyObject *v = PyDict_GetItemString(helpers, want[i].key);
         if (v == NULL) {
@@ -2263,7 +2267,7 @@ setup_queue(PyObject *module, PyObject *helpers)
         Py_XSETREF(*want[i].slot, v);
     }
     if (!PyType_Check(q_ring_type) || !PyType_Check(q_ndarray) ||
-        !PyType_Check(q_table_type)) {
+        !PyType_Check(q_table_type) || !PyType_Check(q_engine_callback)) {
         PyErr_SetString(PyExc_TypeError, "setup_queue() needs the ring, array and table types");
         return NULL;
     }

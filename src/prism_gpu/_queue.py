@@ -23,7 +23,7 @@ from ._engine import D2H, H2D, LAUNCH, Engine, Lane
 from ._errors import BufferUnavailableError, TransferError
 from ._failures import root_of
 from ._ops import CompletedOp, OpId, OpType
-from ._optable import OpTable
+from ._optable import EngineCallback, OpTable
 from ._registry import KernelRegistry
 from ._slotmap import SlotMap, output_slots, pending_uploads
 from ._sync import sync_mode
@@ -215,7 +215,8 @@ def _compiled() -> Any:
         c.setup_queue({"reference": PyQueueCore, "TripleBuffer": TripleBuffer,
                        "ndarray": np.ndarray, "sync": _sync, "pending_uploads": pending_uploads,
                        "UPLOAD": _UPLOAD, "COMPUTE": _COMPUTE, "DOWNLOAD": _DOWNLOAD,
-                       "DeviceArray": DeviceArray, "OpTable": OpTable})
+                       "DeviceArray": DeviceArray, "OpTable": OpTable,
+                       "EngineCallback": EngineCallback})
     return c
 
 
