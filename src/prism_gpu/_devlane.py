@@ -5,7 +5,7 @@ from __future__ import annotations
 import collections
 import math
 import time
-from typing import Any, Callable, Deque, Dict, Optional, Tuple
+from typing import Any, Deque, Dict, Optional, Tuple
 
 import numpy as np
 
@@ -15,6 +15,7 @@ from ._coordinator import AsyncCoordinator
 from ._copypool import Ticket
 from ._errors import InvalidOperationError, PrismGpuError
 from ._feed import Pulled
+from ._kernels import as_kernel
 from ._sink import Sink
 from ._staging import Stager
 
@@ -28,12 +29,17 @@ class _Queued:
     __slots__ = ("up", "comp", "down", "result", "final", "raw", "ticket", "t0", "landed")
 
     def __init__(self, up: int, comp: int, down: int, result: np.ndarray,
-                 final: Optional[np.ndarray], raw: Optional[np.ndarray]) -> None:
+                 final: Optional[np.ndarray], raw: Optional[np.ndarray], t0: float) -> None:
         self.up, self.comp, self.down = up, comp, down
         self.result, self.final, self.raw = result, final, raw
         self.ticket: Optional[Ticket] = None
-        self.t0 = time.perf_counter()
+        self.t0 = t0
         self.landed = False
+
+
+# the stream_map's kernel on the lane's own coordinator: a name is one dict lookup per
+# batch, where a Kernel is a weak-keyed one and a plain callable is wrapped per batch
+_KERNEL = "\0stream_map"
 
 
 class DeviceLane:
@@ -41,10 +47,13 @@ class DeviceLane:
 
     Opens a private context on ``device`` (an ordinal, with ``backend``) unless
     ``ctx`` is given; the stream_map's kernel, ``extra`` and output spec apply.
+    ``paced``: the lane measures how long its batches take (:meth:`expected_wait`),
+    for a stream_map spreading batches over several lanes. :meth:`attach` gives it
+    the stream_map's sink and stager before any batch.
     """
 
     def __init__(self, ctx: Any, device: Optional[int], backend: str, depth: int,
-                 kernel: Any, extra: Tuple[Any, ...]) -> None:
+                 kernel: Any, extra: Tuple[Any, ...], paced: bool = False) -> None:
         self.own_ctx = ctx is None
         if ctx is None:
             from ._context import ManagedGpuContext
@@ -55,23 +64,43 @@ class DeviceLane:
             raise InvalidOperationError("stream_map: the context passed as ctx= is closed")
         self.ctx = ctx
         self.depth = depth
-        self.kernel = kernel
         self.extra = extra
+        self.paced = paced
         self.rings: Dict[Tuple[str, str], TripleBuffer] = {}
         self.queued: Deque[_Queued] = collections.deque()
         self.cost = 0.0           # seconds a batch takes here (running average of landings)
         self._last_landed = 0.0
+        self._extra = extra or None
+        self._in: Optional[Tuple[np.dtype, int, TripleBuffer]] = None  # the last input ring
+        self.sink: Any = None
+        self.stager: Any = None
+        self._results: Any = None
+        self._results_on: Any = None
         try:
-            self.coord = AsyncCoordinator(ctx.device, max_in_flight=8 * depth + 8)
-            self.coord.resolve_kernel(kernel)  # unknown names fail before any batch
+            self.coord = coord = AsyncCoordinator(ctx.device, max_in_flight=8 * depth + 8)
+            if isinstance(kernel, str):
+                coord.resolve_kernel(kernel)  # unknown names fail before any batch
+            else:  # (a callable wrapped once, as it would be per batch: its own name)
+                coord.register_kernel(_KERNEL, as_kernel(kernel))
+                kernel = _KERNEL
         except BaseException:
             if self.own_ctx:
                 ctx.close_collecting()
             raise
+        self.kernel = kernel
+        self._device = coord.device
+        self._engine = coord.engine
+        self._table = coord.table
 
     @property
     def device(self) -> Any:
         return self.ctx.device
+
+    def attach(self, sink: Sink, stager: Stager) -> None:
+        """Where this lane's results go, and the stager its batches' buffers go back to."""
+        self.sink, self.stager = sink, stager
+        self._results = sink.results.empty  # (what sink.destination does without out=)
+        self._results_on = sink.device
 
     def expected_wait(self) -> float:
         """About how long a batch queued now would take to land here (never blocks):
@@ -104,45 +133,99 @@ class DeviceLane:
                     self.ctx.close_collecting()
 
     # queue ------------------------------------------------------------------------
-    def submit(self, sink: Sink, entry: Pulled, stager: Stager) -> _Queued:
+    def submit(self, entry: Pulled) -> _Queued:
+        """Queue a batch as :func:`read_ahead` pulled it (staged, or as it is)."""
         entry.wait_staged()
-        batch = entry.batch
-        device = self.coord.device
-        src = self._ring(device, "in", batch.dtype, batch.size)
+        info = entry.info
+        return self.queue(entry.staged, entry.pos, entry.raw, info.output, info.final)
+
+    def queue(self, staged: np.ndarray, pos: int, raw: Optional[np.ndarray] = None,
+              output: Any = None, final: Optional[np.ndarray] = None) -> _Queued:
+        """Queue batch ``pos``'s ops: upload ``staged`` (the batch, or its copy in the
+        staging buffer ``raw``), compute, download into ``final`` (``out[pos]``) or
+        what stands in for it. With the defaults: a contiguous, page-locked batch,
+        uploaded as it is, whose result (of its shape and dtype) comes from the pool."""
+        dtype, size = staged.dtype, staged.size
+        last = self._in
+        if last is not None and last[0] is dtype and last[1] >= size:
+            src = last[2]
+        else:
+            src = self._ring("in", dtype, size)
+            self._in = (dtype, src.capacity, src)
         dst, n = None, 0
-        if entry.info.output is not None:
-            shape, dtype = entry.info.output
-            n = math.prod(shape)
-            dst = self._ring(device, "out", dtype, n)
+        if output is not None:
+            n = math.prod(output[0])
+            dst = self._ring("out", output[1], n)
+        coord = self.coord
         tracing = _trace.ACTIVE is not None
         if tracing:
-            _trace.set_index(entry.pos)
+            _trace.set_index(pos)
         try:
-            q = self._queue(sink, entry, stager, src, dst, n)
+            try:
+                up = coord.queue_upload(staged, src)  # n-d batches are taken flat
+            except BaseException:
+                self.stager.recycle(raw)
+                raise
+            try:  # a rejected compute: the upload's slot goes back to FREE (a consistent ring)
+                if output is None:
+                    comp = coord.queue_compute(self.kernel, [up], extra=self._extra)
+                else:
+                    comp = coord.queue_compute(self.kernel, [up], extra=self._extra,
+                                               outputs=[(dst, n)])
+            except BaseException:
+                src.get_process_buffer()
+                src.retire()
+                raise
+            if output is None:
+                result = self._results(self._results_on, staged.shape, dtype, staged.nbytes) \
+                    if final is None else self.sink.destination(final, staged.shape, dtype)
+                down = coord.queue_download(src, result)
+                src.advance()
+            else:
+                assert dst is not None
+                src.retire()  # the input slot is done once the compute is (the GPU orders it)
+                result = self.sink.destination(final, *output)
+                down = coord.queue_download(dst, result)
+                dst.advance()
         finally:
             if tracing:
                 _trace.set_index(None)
+        q = _Queued(int(up), int(comp), int(down), result, final, raw,
+                    time.perf_counter() if self.paced else 0.0)
         self.queued.append(q)
         return q
 
-    def finish(self, q: _Queued, sink: Sink, stager: Stager) -> np.ndarray:
+    def finish(self, q: _Queued) -> np.ndarray:
         """``q``'s result (the oldest batch queued here), once it is complete."""
         coord = self.coord
         self.queued.popleft()
+        down = q.down
         try:
-            coord.wait(q.down)  # retires the upload and compute before it too
+            # coord.wait(down) for an id of ours, in steps: the same checks, the same
+            # wait (which retires the upload and compute before it too); a failure
+            # raised by coord.wait itself (no op here has an on_done callback)
+            coord.check()
+            self._engine.wait(down)
+            table = self._table
+            if table.failed_total and table.error(down, False) is not None:
+                coord.wait(down)
         except PrismGpuError:
             coord.wait(q.up)    # the first failure of the chain is the batch's error
-            stager.recycle(q.raw)
+            self.stager.recycle(q.raw)
             coord.wait(q.comp)
             raise
-        stager.recycle(q.raw)
-        if not q.landed:
+        if q.raw is not None:
+            self.stager.recycle(q.raw)
+        if self.paced and not q.landed:
             self._landed(q)
+        final = q.final
+        if final is None:  # no out=: the download is the result (and nothing to start)
+            return q.result
+        sink = self.sink
         if q.ticket is None:
-            q.ticket = sink.start(q.result, q.final)
+            q.ticket = sink.start(q.result, final)
         self._start_landed(sink)
-        return sink.deliver(q.result, q.final, q.ticket)
+        return sink.deliver(q.result, final, q.ticket)  # type: ignore[no-any-return]
 
     def _start_landed(self, sink: Sink) -> None:
         """Start the copies into ``out`` of later batches whose downloads have landed, so
@@ -155,45 +238,5 @@ class DeviceLane:
                 return
             q.ticket = sink.start(q.result, q.final)
 
-    def _ring(self, device: Any, key: str, dtype: np.dtype, n: int) -> TripleBuffer:
-        return ring_for(self.rings, (key, dtype.str), device, dtype, n, self.depth)
-
-    def _queue(self, sink: Sink, entry: Pulled, stager: Stager, src: TripleBuffer,
-               dst: Optional[TripleBuffer], n: int) -> _Queued:
-        """Queue ``entry``'s ops; ``dst`` (``n`` elements written) when it has an output."""
-        coord = self.coord
-        batch = entry.batch
-        final = entry.info.final
-        extra = self.extra or None
-        try:
-            up = coord.queue_upload(entry.staged, src)  # n-d batches are taken flat
-        except BaseException:
-            stager.recycle(entry.raw)
-            raise
-        if entry.info.output is None:
-            comp = _rollback_on_error(src, lambda: coord.queue_compute(
-                self.kernel, [up], extra=extra))
-            result = sink.destination(final, batch.shape, batch.dtype)
-            down = coord.queue_download(src, result)
-            src.advance()
-        else:
-            assert dst is not None
-            shape, dtype = entry.info.output
-            comp = _rollback_on_error(src, lambda: coord.queue_compute(
-                self.kernel, [up], extra=extra, outputs=[(dst, n)]))
-            src.retire()  # the input slot is done once the compute is (the GPU orders it)
-            result = sink.destination(final, shape, dtype)
-            down = coord.queue_download(dst, result)
-            dst.advance()
-        return _Queued(int(up), int(comp), int(down), result, final, entry.raw)
-
-
-def _rollback_on_error(src: TripleBuffer, queue: Callable[[], Any]) -> Any:
-    """Queue a compute on the upload just queued into ``src``; if the compute is
-    rejected, the upload's slot goes back to FREE so the ring stays consistent."""
-    try:
-        return queue()
-    except BaseException:
-        src.get_process_buffer()
-        src.retire()
-        raise
+    def _ring(self, key: str, dtype: np.dtype, n: int) -> TripleBuffer:
+        return ring_for(self.rings, (key, dtype.str), self._device, dtype, n, self.depth)

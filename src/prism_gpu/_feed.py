@@ -9,13 +9,14 @@ threads while earlier batches run on the device.
 from __future__ import annotations
 
 import collections
-from typing import (Any, Callable, Deque, Generator, Iterable, Iterator, NamedTuple, Optional,
-                    Tuple)
+from threading import get_ident
+from typing import Any, Callable, Deque, Generator, Iterable, Iterator, NamedTuple, Optional
 
 import numpy as np
 
 from ._copypool import Ticket
-from ._errors import DependencyFailedError, KernelError, PrismGpuError, TransferError
+from ._errors import (DependencyFailedError, InvalidOperationError, KernelError,
+                      PrismGpuError, TransferError)
 from ._staging import Stager
 
 __all__ = ["Pulled", "read_ahead", "batch_error", "check_batch"]
@@ -78,6 +79,12 @@ def _pull(it: Iterator[Any], pos: int, stager: Stager,
         return None
     except Exception as exc:  # noqa: BLE001 - the iterable's own error, at its turn
         return Pulled(pos, None, None, None, None, None, exc, True)
+    return _take(batch, pos, stager, prepare)
+
+
+def _take(batch: Any, pos: int, stager: Stager,
+          prepare: Callable[[np.ndarray, int], Any]) -> Pulled:
+    """Batch ``pos`` checked, prepared and (where it needs it) its staging started."""
     try:
         check_batch(batch, pos)
         info = prepare(batch, pos)
@@ -93,8 +100,9 @@ def read_ahead(batches: Iterable[Any], depth: int, prefetch: int, stager: Stager
                prepare: Callable[[np.ndarray, int], Any],
                submit: Callable[[Pulled], Any],
                finish: Callable[[Any], Any], what: str = "batch",
-               window: Optional[int] = None, max_bytes: Optional[int] = None
-               ) -> Generator[Any, None, None]:
+               window: Optional[int] = None, max_bytes: Optional[int] = None,
+               as_is: Optional[Callable[[np.ndarray, int], Any]] = None,
+               moved: Optional[str] = None) -> Generator[Any, None, None]:
     """Results of ``finish(submit(batch))`` for every batch, in input order.
 
     Up to ``window`` batches (default ``depth + 1``) are submitted before the oldest
@@ -105,9 +113,19 @@ def read_ahead(batches: Iterable[Any], depth: int, prefetch: int, stager: Stager
     (from ``prepare``, ``submit`` or ``finish``) is raised at its turn, after
     every earlier result, with ``batch_index``; the iterable's own error is
     raised as it is, at its turn.
+
+    ``as_is(batch, pos)``, where given, submits instead of ``submit`` the batches
+    that need nothing done before: numpy arrays (not a subclass) that
+    :func:`check_batch` passes and that need no staging (contiguous, page-locked).
+    ``prepare`` is not called for those: give ``as_is`` only where it would make
+    nothing of them. They are pulled, held and submitted when the others would be.
+
+    ``moved``, where given: the message of the InvalidOperationError raised (as
+    such, not as a batch's error) when the generator is resumed on another thread
+    than the one that started it.
     """
-    ahead: Deque[Pulled] = collections.deque()
-    pending: Deque[Tuple[int, Any]] = collections.deque()
+    ahead: Deque[Any] = collections.deque()  # Pulled, or a batch as it is (as_is)
+    pending: Deque[Any] = collections.deque()  # handles of batches yielded, yielded + 1, ...
 
     def done(pos: int, handle: Any) -> Any:
         try:
@@ -118,46 +136,94 @@ def read_ahead(batches: Iterable[Any], depth: int, prefetch: int, stager: Stager
     limit = depth + 1 if window is None else window
     held: Deque[int] = collections.deque()  # bytes of each batch pulled, not yet yielded
     held_bytes = 0
+    cap = float("inf") if max_bytes is None else max_bytes
     it = iter(batches)
+    reach = depth + prefetch  # pulled while pulled <= yielded + reach
+    pinned = stager.is_pinned if as_is is not None else None
+    ndarray = np.ndarray
+    owner = get_ident() if moved is not None else None
+    pull_ahead, take_ahead, hold, unhold = ahead.append, ahead.popleft, held.append, \
+        held.popleft
+    pend, unpend = pending.append, pending.popleft
     pulled = yielded = 0
     exhausted = False
     try:
         while True:
-            while not exhausted and pulled <= yielded + depth + prefetch and (
-                    max_bytes is None or held_bytes < max_bytes or len(held) <= depth):
-                entry = _pull(it, pulled, stager, prepare)
-                if entry is None:
-                    exhausted = True
-                    break
-                ahead.append(entry)
+            while not exhausted and pulled <= yielded + reach and (
+                    held_bytes < cap or len(held) <= depth):
+                if pinned is None:
+                    entry = _pull(it, pulled, stager, prepare)
+                    if entry is None:
+                        exhausted = True
+                        break
+                else:
+                    try:
+                        batch = next(it)
+                    except StopIteration:
+                        exhausted = True
+                        break
+                    except Exception as exc:  # noqa: BLE001 - the iterable's own error
+                        entry = Pulled(pulled, None, None, None, None, None, exc, True)
+                    else:
+                        # what check_batch passes and needs_staging says no to, as is
+                        if type(batch) is ndarray and batch.flags.c_contiguous \
+                                and batch.size and batch.itemsize \
+                                and not batch.dtype.hasobject and pinned(batch):
+                            pull_ahead(batch)
+                            nbytes = batch.nbytes
+                            del batch  # (held where it is queued, as long as need be)
+                            hold(nbytes)
+                            held_bytes += nbytes
+                            pulled += 1
+                            continue
+                        entry = _take(batch, pulled, stager, prepare)
+                        del batch
+                pull_ahead(entry)
                 # what the batch holds: its pinned staging buffer where it has one
                 nbytes = getattr(entry.batch, "nbytes", 0) if entry.raw is None \
                     else entry.raw.nbytes  # a staging buffer: at least the batch
-                held.append(nbytes)
+                hold(nbytes)
                 held_bytes += nbytes
                 pulled += 1
                 if entry.error is not None:
                     exhausted = True
-            if ahead and len(pending) < limit:
-                entry = ahead.popleft()
-                if entry.error is None:
+            # (submitting changes nothing the pulls above wait on: no pull in between)
+            while ahead and len(pending) < limit:
+                pos = pulled - len(ahead)  # ahead holds batches pos, pos + 1, ...
+                entry = take_ahead()
+                if type(entry) is ndarray:
                     try:
-                        pending.append((entry.pos, submit(entry)))
+                        pend(as_is(entry, pos))  # type: ignore[misc]
                         continue
                     except Exception as exc:  # rejected batch: earlier results first
                         err: BaseException = exc
+                        entry = None
+                elif entry.error is None:
+                    try:
+                        pend(submit(entry))
+                        continue
+                    except Exception as exc:  # rejected batch: earlier results first
+                        err = exc
                 else:
                     err = entry.error
                 while pending:
-                    yield done(*pending.popleft())
-                if entry.from_iterable:
+                    yield done(yielded, unpend())
+                    if owner is not None and get_ident() != owner:
+                        raise InvalidOperationError(moved)
+                    yielded += 1
+                if entry is not None and entry.from_iterable:
                     raise err
-                raise batch_error(err, entry.pos, what) from err
+                raise batch_error(err, pos, what) from err
             if not pending:
                 break
-            result = done(*pending.popleft())
-            held_bytes -= held.popleft()
+            try:
+                result = finish(unpend())
+            except PrismGpuError as exc:
+                raise batch_error(exc, yielded, what) from exc
+            held_bytes -= unhold()
             yield result
+            if owner is not None and get_ident() != owner:
+                raise InvalidOperationError(moved)
             yielded += 1
     finally:
         ahead.clear()  # copies still running finish before the stager closes

@@ -32,9 +32,9 @@ class Sink:
 
     def __init__(self, out: Any, device: Any, stager: Stager, results: ResultPool) -> None:
         self._out = out
-        self._device = device
+        self.device = device
         self._stager = stager
-        self._results = results
+        self.results = results  # where results go without ``out``
 
     def claim(self, pos: int, shape: Tuple[int, ...], dtype: np.dtype) -> Optional[np.ndarray]:
         """``out[pos]`` checked against the result's shape and dtype (None without ``out``).
@@ -64,10 +64,10 @@ class Sink:
         """What the download writes: ``final`` itself when it is page-locked and
         contiguous, else pinned memory from the pool."""
         if final is None:
-            return self._results.empty(self._device, shape, dtype)
-        if final.flags.c_contiguous and self._device.is_pinned(final):
+            return self.results.empty(self.device, shape, dtype)
+        if final.flags.c_contiguous and self.device.is_pinned(final):
             return final
-        return self._results.empty(self._device, final.shape, dtype)
+        return self.results.empty(self.device, final.shape, dtype)
 
     def start(self, dest: np.ndarray, final: Optional[np.ndarray]) -> Ticket:
         """Begin moving a complete download from ``dest`` into ``final``."""

@@ -8,7 +8,7 @@ import os
 import sys
 import threading
 import weakref
-from typing import Any, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -49,6 +49,8 @@ class Stager:
     def __init__(self, device: Any, cache: "PinnedCache") -> None:
         self._device = device
         self._cache = cache
+        # whether an array lies in page-locked memory (the device's answer)
+        self.is_pinned: Callable[[np.ndarray], bool] = device.is_pinned
         cores = _cores()
         free = self.FREE_CORES if cores > 4 * self.FREE_CORES else 0
         self._pool = CopyPool(max(1, min(self.WORKERS, cores)), self.CHUNK_BYTES,
@@ -58,7 +60,7 @@ class Stager:
 
     def needs_staging(self, batch: np.ndarray) -> bool:
         return bool(batch.size) and (not batch.flags.c_contiguous
-                                     or not self._device.is_pinned(batch))
+                                     or not self.is_pinned(batch))
 
     def copy(self, dst: np.ndarray, src: np.ndarray, urgent: bool = False) -> Ticket:
         """Start copying ``src`` into ``dst`` (same shape); ``urgent`` goes first."""
@@ -85,37 +87,78 @@ def _root(array: np.ndarray) -> np.ndarray:
     return array
 
 
+class _Pooled:
+    """One pinned buffer of the pool, and a view of it of the shape and dtype last asked
+    for: what is handed out are new views of that one (one numpy call, not three),
+    which never leaves the pool, so nothing a consumer does to a result changes it.
+
+    ``idle``: the buffer's reference count with nothing outside the pool holding a view
+    of it, taken as it is checked later (the same expression, no other name bound to
+    the buffer), so references held inside the array machinery (DLPack owners) are
+    counted in."""
+
+    __slots__ = ("root", "idle", "view", "shape", "dtype")
+
+    def __init__(self, root: np.ndarray) -> None:
+        self.root = root
+        self.idle = 0
+        self.view: Optional[np.ndarray] = None
+        self.shape: Tuple[int, ...] = ()
+        self.dtype: Optional[np.dtype] = None
+
+    def reshape(self, nbytes: int, shape: Tuple[int, ...], dtype: np.dtype) -> None:
+        """Make ``view`` one of ``shape`` and ``dtype`` (the buffer is idle)."""
+        self.view = self.root[:nbytes].view(dtype).reshape(shape)
+        self.shape, self.dtype = shape, dtype
+        self.idle = sys.getrefcount(self.root)
+
+
 class ResultPool:
     """Pinned memory for results, so downloads go straight into what is yielded.
 
     A buffer is reused only once nothing but the pool refers to it: every view
     of a yielded result keeps its buffer's reference count up, so results the
-    consumer keeps are never overwritten. The idle count of each buffer is taken
-    right after it is made, in the same way it is checked later, so references
-    held inside the array machinery (DLPack owners) are counted in.
+    consumer keeps are never overwritten. Buffers are looked at least recently
+    handed out first.
     """
 
     KEEP = 16  # idle buffers kept per size class
 
     def __init__(self) -> None:
-        self._pool: dict = {}
+        self._pool: Dict[int, List[_Pooled]] = {}
         self._lock = threading.Lock()
+        self._last = (-1, 0)  # (bytes, their size class) of the last call
         self.allocations = 0
 
-    def empty(self, device: Any, shape: Tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-        nbytes = math.prod(shape) * dtype.itemsize
-        size = max(4096, 1 << (max(1, nbytes) - 1).bit_length())
+    def empty(self, device: Any, shape: Tuple[int, ...], dtype: np.dtype,
+              nbytes: Optional[int] = None) -> np.ndarray:
+        """A pinned array of ``shape`` and ``dtype`` (``nbytes``: its size, if known)."""
+        if nbytes is None:
+            nbytes = math.prod(shape) * dtype.itemsize
+        last = self._last
+        if last[0] == nbytes:
+            size = last[1]
+        else:
+            size = max(4096, 1 << (max(1, nbytes) - 1).bit_length())
+            self._last = (nbytes, size)
         with self._lock:
-            entries = self._pool.setdefault(size, [])
+            entries = self._pool.get(size)
+            if entries is None:
+                entries = self._pool[size] = []
             for entry in entries:
-                if sys.getrefcount(entry[0]) == entry[1]:
-                    return entry[0][:nbytes].view(dtype).reshape(shape)
-            entry = [_root(device.allocate_pinned(size)), 0]
-            entry[1] = sys.getrefcount(entry[0])
-            self.allocations += 1
-            if len(entries) < self.KEEP:
-                entries.append(entry)
-            return entry[0][:nbytes].view(dtype).reshape(shape)
+                if sys.getrefcount(entry.root) == entry.idle:
+                    if entry is not entries[-1]:
+                        entries.remove(entry)
+                        entries.append(entry)
+                    break
+            else:
+                entry = _Pooled(_root(device.allocate_pinned(size)))
+                self.allocations += 1
+                if len(entries) < self.KEEP:
+                    entries.append(entry)
+            if entry.shape != shape or entry.dtype is not dtype:
+                entry.reshape(nbytes, shape, dtype)
+            return entry.view.view()  # type: ignore[union-attr]
 
 
 class PinnedCache:

@@ -5,14 +5,12 @@ from __future__ import annotations
 from typing import Any, Callable, Iterable, Iterator, List, NamedTuple, Optional, Tuple, Union
 
 import math
-import threading
 import numpy as np
 
 from ._args import MAX_DEPTH, device_ids, dtype_arg, int_arg, iterable_arg, shape_arg
 from ._context import ManagedGpuContext
 from ._devarray import DeviceArray
 from ._devlane import DeviceLane
-from ._errors import InvalidOperationError
 from ._feed import Pulled, read_ahead
 from ._hostmem import pinned_empty
 from ._kernels import Kernel
@@ -156,13 +154,17 @@ def _lanes(ctx: Any, devices: Optional[List[int]], backend: str, depth: int, ker
         return [DeviceLane(ctx, None, backend, depth, kernel, extra)]
     lanes: List[DeviceLane] = []
     try:
-        for d in devices:
-            lanes.append(DeviceLane(None, d, backend, depth, kernel, extra))
+        for d in devices:  # several lanes: each measures its pace, for expected_wait
+            lanes.append(DeviceLane(None, d, backend, depth, kernel, extra,
+                                    paced=len(devices) > 1))
     except BaseException:
         for lane in lanes:
             lane.close()
         raise
     return lanes
+
+
+_AS_IS = _Prepared(None, None)  # a batch's result in the pool, of its shape and dtype
 
 
 def _run(kernel: Any, batches: Iterable[np.ndarray], depth: int, prefetch: int, ctx: Any,
@@ -175,41 +177,62 @@ def _run(kernel: Any, batches: Iterable[np.ndarray], depth: int, prefetch: int, 
     cache = cache_of(device)  # pinned host memory serves every device
     stager = Stager(device, cache)
     sink = Sink(out, device, stager, cache.results)
+    for lane in lanes:
+        lane.attach(sink, stager)
+    plain = output is None and out is None  # each result in the pool, shaped as its batch
 
     def prepare(batch: np.ndarray, pos: int) -> _Prepared:
+        if plain:
+            return _AS_IS
         spec = _resolve_output(output, batch) if callable(output) else output
         shape, dtype = spec if spec is not None else (batch.shape, batch.dtype)
         return _Prepared(spec, sink.claim(pos, shape, dtype))
 
-    def submit(entry: Pulled) -> Tuple[DeviceLane, Any]:
-        lane = lanes[0] if len(lanes) == 1 else min(
-            lanes, key=lambda ln: (ln.expected_wait(), len(ln.queued)))
-        return lane, lane.submit(sink, entry, stager)
+    submit: Callable[[Pulled], Any]
+    as_is: Optional[Callable[[np.ndarray, int], Any]]
+    finish: Callable[[Any], np.ndarray]
+    if len(lanes) == 1:  # the handle is the lane's queued batch
+        lane = lanes[0]
+        submit, finish = lane.submit, lane.finish
+        as_is = lane.queue if plain else None
+    else:  # (lane, its queued batch)
+        def load(ln: DeviceLane) -> Tuple[float, int]:
+            return ln.expected_wait(), len(ln.queued)
 
-    def finish(handle: Tuple[DeviceLane, Any]) -> np.ndarray:
-        lane, q = handle
-        result = lane.finish(q, sink, stager)
-        if bar is not None:
+        def pick() -> DeviceLane:
+            return min(lanes, key=load)
+
+        def submit(entry: Pulled) -> Tuple[DeviceLane, Any]:
+            ln = pick()
+            return ln, ln.submit(entry)
+
+        def submit_as_is(batch: np.ndarray, pos: int) -> Tuple[DeviceLane, Any]:
+            ln = pick()
+            return ln, ln.queue(batch, pos)
+
+        def finish(handle: Tuple[DeviceLane, Any]) -> np.ndarray:
+            return handle[0].finish(handle[1])
+
+        as_is = submit_as_is if plain else None
+    if bar is not None:
+        def finish_shown(handle: Any, finish: Callable[[Any], np.ndarray] = finish
+                         ) -> np.ndarray:
+            result = finish(handle)
             bar.advance()
-        return result
+            return result
+
+        finish = finish_shown
 
     n = len(lanes)
     try:
         # batches staged ahead queue behind the ring's slots on the device (the GPU
         # orders each slot's reuse), so host copies of several batches overlap
-        results = read_ahead(batches, n * depth, prefetch, stager, prepare, submit, finish,
-                             "stream_map: batch", window=n * (depth + 1) + prefetch // 2,
-                             max_bytes=n * _READ_AHEAD_BYTES)
-        owner = threading.get_ident()
-        try:
-            for result in results:
-                yield result
-                if threading.get_ident() != owner:  # said as such, not as a batch's error
-                    raise InvalidOperationError(
-                        "a stream_map iterator was started on another thread: its "
-                        "coordinators are that thread's; iterate it where it started")
-        finally:
-            results.close()
+        yield from read_ahead(
+            batches, n * depth, prefetch, stager, prepare, submit, finish,
+            "stream_map: batch", window=n * (depth + 1) + prefetch // 2,
+            max_bytes=n * _READ_AHEAD_BYTES, as_is=as_is,
+            moved="a stream_map iterator was started on another thread: its "
+                  "coordinators are that thread's; iterate it where it started")
     finally:
         stager.close()
         for lane in lanes:
