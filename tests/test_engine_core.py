@@ -284,6 +284,48 @@ def test_a_gpu_behind_is_looked_at_once_per_reclaim_ops(engine_cls: Any) -> None
     assert eng._reclaim_at == 1000 // _core.RECLAIM * _core.RECLAIM + _core.RECLAIM
 
 
+def test_wait_blocks_on_the_op_and_retires_it_and_those_before(engine_cls: Any) -> None:
+    """wait(oid) on both cores: an op not in flight is done at once; an op in flight is
+    synchronized (its timeout passed on) and harvested with the ops before it on its lane;
+    a timeout that passes answers False and retires nothing; from a callback, refused."""
+    from prism_gpu._errors import InvalidOperationError
+
+    class Slow(Ev):
+        asked: List[Any] = []
+
+        def synchronize(self, timeout: Optional[float] = None) -> bool:
+            Slow.asked.append(timeout)
+            if timeout is not None:
+                return False
+            return super().synchronize(timeout)
+
+    dev = Device()
+    dev.create_event = lambda timing=False: Slow(dev.queries, timing)  # type: ignore
+    eng = engine_cls(dev, OpTable())
+    lane = eng.lane("upload")
+    ops = [eng.submit(lane, OpType.UPLOAD, None, (), (), H2D, None, None) for _ in range(3)]
+    assert eng.wait(99) is True and eng.wait(oid=ops[1].id, timeout=0.5) is False
+    assert Slow.asked == [0.5] and len(eng.inflight) == 3
+    ops[0].event.done = True
+    assert eng.wait(ops[1].id) is True and Slow.asked == [0.5, None]
+    assert sorted(eng.inflight) == [ops[2].id], "the op waited on and those before it retire"
+    seen: List[BaseException] = []
+
+    def reenter(op: Any, ms: Any) -> None:
+        try:
+            eng.wait(ops[2].id)
+        except InvalidOperationError as exc:
+            seen.append(exc)
+    eng.submit(lane, OpType.UPLOAD, None, (), (), H2D, None, None, on_done=reenter)
+    eng.wait(ops[2].id)
+    for op in list(eng.inflight.values()):
+        op.event.done = True
+    eng.harvest()
+    assert len(seen) == 1 and "callback" in str(seen[0])
+    with pytest.raises(TypeError):
+        eng.wait()
+
+
 def test_an_engine_in_a_cycle_with_its_ops_is_collected(engine_cls: Any) -> None:
     """Ops in flight whose callbacks hold the engine (a coordinator's reporters do): the
     cycle through the compiled types is found by the garbage collector."""

@@ -26,7 +26,7 @@ static PyObject *s_stream, *s_event, *s_error, *s_ops, *s_wait, *s_record, *s_la
     *s_create_event, *s_ACTIVE, *s_STATE, *s_index, *s_nbytes, *s_begin, *s_ON,
     *s_range_start, *s_range_end, *s_name, *s_value, *s_drop_start, *s_note_root,
     *s_attribute, *s_elapsed_ms, *s_give_event, *s_complete, *s_Trace, *s_HELD_EVENTS,
-    *s_read_times, *s_lane, *s_harvest;
+    *s_read_times, *s_lane, *s_harvest, *s_get, *s_synchronize;
 static PyObject *kw_propagate, *kw_stamp, *kw_oid, *kw_force;
 
 /* ---------------------------------------------------------------- the op record */
@@ -1295,6 +1295,53 @@ engine_harvest(EngineObject *self, PyObject *const *args, Py_ssize_t nargsf,
     return NULL;
 }
 
+/* wait(oid, timeout=None): _core.PyEngineCore.wait */
+static PyObject *
+engine_wait(EngineObject *self, PyObject *const *args, Py_ssize_t nargsf, PyObject *kwnames)
+{
+    static const char *const names[] = {"oid", "timeout"};
+    PyObject *vals[2];
+    if (!parse_args(args, nargsf, kwnames, "wait(oid, timeout=None)", names, 2, 1, vals))
+        return NULL;
+    PyObject *oid = vals[0], *timeout = vals[1];
+    int busy = in_callback(self);
+    if (busy < 0)
+        return NULL;
+    if (busy) {
+        PyObject *r = PyObject_CallOneArg(refuse_in_callback, self->in_callback);
+        Py_XDECREF(r);
+        if (r != NULL && !PyErr_Occurred())
+            PyErr_SetString(PyExc_RuntimeError, "refuse_in_callback returned");
+        return NULL;
+    }
+    if (!need_field(self->inflight, "inflight"))
+        return NULL;
+    PyObject *op = PyObject_CallMethodOneArg(self->inflight, s_get, oid);
+    if (op == NULL)
+        return NULL;
+    if (op == Py_None) {
+        Py_DECREF(op);
+        Py_RETURN_TRUE;
+    }
+    PyObject *ev = op_get(op, offsetof(OpObject, event), s_event);
+    PyObject *r = ev ? PyObject_CallMethodOneArg(ev, s_synchronize, timeout) : NULL;
+    Py_XDECREF(ev);
+    int done = r ? truthy(r) : -1;
+    Py_XDECREF(r);
+    if (done <= 0) {
+        Py_DECREF(op);
+        if (done < 0)
+            return NULL;
+        Py_RETURN_FALSE;
+    }
+    r = PyObject_CallMethodOneArg((PyObject *)self, s_harvest, op);
+    Py_DECREF(op);
+    if (r == NULL)
+        return NULL;
+    Py_DECREF(r);
+    Py_RETURN_TRUE;
+}
+
 static PyObject *
 engine_complete_method(EngineObject *self, PyObject *const *args, Py_ssize_t nargsf,
                        PyObject *kwnames)
@@ -1335,6 +1382,8 @@ static PyMethodDef engine_methods[] = {
      METH_FASTCALL | METH_KEYWORDS, "Complete the done ops at the head of a lane."},
     {"harvest", (PyCFunction)(void (*)(void))engine_harvest, METH_FASTCALL | METH_KEYWORDS,
      "Complete every op known done."},
+    {"wait", (PyCFunction)(void (*)(void))engine_wait, METH_FASTCALL | METH_KEYWORDS,
+     "Block until op oid completes (False if timeout passed first)."},
     {NULL},
 };
 
@@ -2343,6 +2392,7 @@ intern_all(void)
         {&s_elapsed_ms, "elapsed_ms"}, {&s_give_event, "give_event"},
         {&s_complete, "complete"}, {&s_Trace, "Trace"}, {&s_HELD_EVENTS, "HELD_EVENTS"},
         {&s_read_times, "read_times"}, {&s_lane, "lane"}, {&s_harvest, "harvest"},
+        {&s_get, "get"}, {&s_synchronize, "synchronize"},
         {&s_closed, "closed"}, {&s_dtype, "dtype"}, {&s_capacity, "capacity"},
         {&s_flags, "flags"}, {&s_c_contiguous, "c_contiguous"}, {&s_size, "size"},
         {&s_device, "device"}, {&s_take, "take"}, {&s_untake, "untake"}, {&s_head, "head"},

@@ -153,6 +153,18 @@ class PyEngineCore:
             _nvtx.range_end(mark)
         return op
 
+    def wait(self, oid: int, timeout: Optional[float] = None) -> bool:
+        """Block until op ``oid`` completes (False if ``timeout`` passed first)."""
+        if self.in_callback:
+            refuse_in_callback(self.in_callback)
+        op = self.inflight.get(oid)
+        if op is None:
+            return True
+        if not op.event.synchronize(timeout):
+            return False
+        self.harvest(op)
+        return True
+
     def _complete(self, op: Op) -> None:
         self.inflight.pop(op.id, None)  # (absent if a Ctrl-C cut its submit short)
         ev = op.event

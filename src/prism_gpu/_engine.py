@@ -142,18 +142,6 @@ class Engine(EngineCore):
             oldest.event.synchronize()
             self.harvest(oldest)
 
-    def wait(self, oid: int, timeout: Optional[float] = None) -> bool:
-        """Block until op ``oid`` completes (False if ``timeout`` passed first)."""
-        if self.in_callback:
-            refuse_in_callback(self.in_callback)
-        op = self.inflight.get(oid)
-        if op is None:
-            return True
-        if not op.event.synchronize(timeout):
-            return False
-        self.harvest(op)
-        return True
-
     def wait_ops(self, ops: Sequence[Op]) -> None:
         """Block until ``ops`` completed (another engine's, of a shared ring, by events)."""
         for op in ops:

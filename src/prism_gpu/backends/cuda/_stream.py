@@ -36,6 +36,8 @@ class _EventCommon:
         raise NotImplementedError
 
     def synchronize(self, timeout: Optional[float] = None) -> bool:
+        if self.query():  # done already (the common case of a wait on an old op): one
+            return True   # query, its host work run, rather than a blocking call
         if timeout is None:
             try:
                 self._ev.sync()  # releases the GIL while it waits (checked on the GPU)
