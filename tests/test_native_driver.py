@@ -579,10 +579,12 @@ def test_a_source_kernel_launch_takes_its_common_case_from_the_method_caches(
     """A native stream launches a bound SourceKernel type from the caches its launch
     method keeps: on a hit the driver gets the cached dimensions, the arrays as
     (pointer, n) and the cached extra values, and the method is not called; any miss
-    (configuration, extra tuple, array count, layout, a list of extra values, no arrays,
-    a dtype refused, an array without a pointer, a value C cannot pass) calls the method
-    and nothing reaches the driver; a driver refusal raises the stream's error; another
-    type always calls its method; nothing leaks."""
+    (configuration, extra tuple, array count, layout, a list of extra values, no arrays
+    but extra values, a dtype refused, an array without a pointer, a value C cannot pass)
+    calls the method and nothing reaches the driver; a launch with neither arrays nor
+    extra values takes the method's general branch here (cached dimensions, no
+    arguments); a driver refusal raises the stream's error; another type always calls its
+    method; nothing leaks."""
     run(stand_in, TYPES_PRELUDE + textwrap.dedent("""
         class A:
             def __init__(self, ptr, n, dtype=np.float32):
@@ -626,10 +628,26 @@ def test_a_source_kernel_launch_takes_its_common_case_from_the_method_caches(
         other = K()
         s.launch(other, cfg, [a], extra)
         assert other.got[1] is cfg
+        # no arrays and no extra values: the method's general branch, no arguments
+        before, slow = calls(), len(k.slow)
+        set_int("null_params", 0)
+        s.launch(k, cfg, [], ())
+        assert calls() == before + 1 and len(k.slow) == slow
+        assert [last(i) for i in range(9)] == [0xF0, 4, 1, 1, 128, 1, 1, 0, 0x50]
+        s.launch(k, object(), [], ())  # dimensions not cached: the method
+        k._func = 0                    # no native function: the method
+        s.launch(k, cfg, (), ())
+        k._func = 0xF0
+        assert calls() == before + 1 and len(k.slow) == slow + 2
+        set_int("result", 702)
+        refused(KernelError, "launching kernel 'sk' failed with 702",
+                lambda: s.launch(k, cfg, [], ()))
+        set_int("result", 0)
         arrays = [a]
         watched = (k, cfg, a, extra, arrays)
         base = [sys.getrefcount(x) for x in watched]
         for _ in range(3000):
             s.launch(k, cfg, arrays, extra)
+            s.launch(k, cfg, (), ())
         assert [sys.getrefcount(x) for x in watched] == base
     """))

@@ -1059,6 +1059,86 @@ kattr(PyObject *k, PyObject *name)
     return v;
 }
 
+/* the launch's driver refusal (err > 0) raised as the method raises it: -1 */
+static int
+refused_launch(StreamObject *self, PyObject *k, long err)
+{
+    PyObject *name = PyObject_GetAttr(k, s_name);
+    PyObject *what = name ? PyUnicode_FromFormat("launching kernel %R", name) : NULL;
+    Py_XDECREF(name);
+    PyObject *code = what ? PyLong_FromLong(err) : NULL;
+    PyObject *exc = code ? PyObject_CallMethodObjArgs((PyObject *)self, s_error_of, code, what,
+                                                      NULL)
+                         : NULL;
+    Py_XDECREF(what);
+    Py_XDECREF(code);
+    if (exc != NULL) {
+        PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
+        Py_DECREF(exc);
+    }
+    return -1;
+}
+
+/* the cached dimensions of ``config`` for kernel ``k`` (a new reference), or NULL (no
+ * error set: not cached) */
+static PyObject *
+cached_dims(PyObject *k, PyObject *config)
+{
+    PyObject *configs = kattr(k, s_configs_);
+    PyObject *key = configs ? PyLong_FromVoidPtr(config) : NULL; /* id(config) */
+    PyObject *cfg = NULL;
+    if (key != NULL && PyDict_CheckExact(configs)) {
+        PyObject *hit = PyDict_GetItemWithError(configs, key);
+        if (hit != NULL && PyTuple_CheckExact(hit) && PyTuple_GET_SIZE(hit) == 2 &&
+            PyTuple_GET_ITEM(hit, 0) == config)
+            cfg = Py_NewRef(PyTuple_GET_ITEM(hit, 1));
+    }
+    Py_XDECREF(configs);
+    Py_XDECREF(key);
+    return cfg;
+}
+
+/* A launch with no arrays and no extra values: the method's general branch with no
+ * arguments (the native call, cached dimensions); 1, 0 or -1 as source_launch */
+static int
+bare_launch(StreamObject *self, PyObject *k, PyObject *config)
+{
+    PyObject *func = kattr(k, s_func_);
+    int ok = func != NULL && PyLong_Check(func) ? PyObject_IsTrue(func) : 0;
+    PyObject *cfg = ok > 0 ? cached_dims(k, config) : NULL;
+    if (cfg == NULL || !PyTuple_CheckExact(cfg) || PyTuple_GET_SIZE(cfg) != 7) {
+        Py_XDECREF(func);
+        Py_XDECREF(cfg);
+        return PyErr_Occurred() ? -1 : 0;
+    }
+    PyObject *handle = PyLong_FromUnsignedLongLong(self->live);
+    PyObject *none = PyTuple_New(0);
+    PyObject *r = NULL;
+    if (handle != NULL && none != NULL) {
+        PyObject *call[10] = {func, NULL, NULL, NULL, NULL, NULL, NULL, NULL, handle, none};
+        for (int i = 0; i < 7; i++)
+            call[1 + i] = PyTuple_GET_ITEM(cfg, i);
+        r = n_launch(NULL, call, 10);
+    }
+    Py_XDECREF(handle);
+    Py_XDECREF(none);
+    Py_DECREF(cfg);
+    Py_DECREF(func);
+    if (r == NULL) { /* refused before the driver: the method says so as it does */
+        if (PyErr_ExceptionMatches(PyExc_TypeError) ||
+            PyErr_ExceptionMatches(PyExc_OverflowError)) {
+            PyErr_Clear();
+            return 0;
+        }
+        return -1;
+    }
+    long err = PyLong_AsLong(r);
+    Py_DECREF(r);
+    if (err == -1 && PyErr_Occurred())
+        return -1;
+    return err ? refused_launch(self, k, err) : 1;
+}
+
 /* 1 launched, 0 not (the method must), -1 error (raised; nothing launched unless the
  * driver refused the launch) */
 static int
@@ -1070,11 +1150,15 @@ source_launch(StreamObject *self, PyObject *k, PyObject *config, PyObject *array
     if (!PyTuple_CheckExact(extra))
         return 0;
     Py_ssize_t na = PySequence_Size(arrays), ne = PyTuple_GET_SIZE(extra);
-    if (na <= 0)
+    if (na < 0)
+        return -1;
+    if (na == 0 && ne == 0)
+        return bare_launch(self, k, config);
+    if (na == 0)
         return 0;
     int done = 0;
     PyObject *func = NULL, *conv = NULL, *layouts = NULL, *configs = NULL, *ext = NULL,
-             *pointee = NULL, *key = NULL, *nakey = NULL;
+             *pointee = NULL, *nakey = NULL;
     func = kattr(k, s_func_);
     conv = func ? kattr(k, s_conv_) : NULL;
     if (conv == NULL || !PyLong_Check(func) || conv == Py_None)
@@ -1095,15 +1179,10 @@ source_launch(StreamObject *self, PyObject *k, PyObject *config, PyObject *array
         goto out;
     if (PyDict_GetItemWithError(layouts, nakey) != Py_True) /* unknown yet, or not fast */
         goto out;
-    configs = kattr(k, s_configs_);
-    key = PyLong_FromVoidPtr(config); /* id(config) */
-    if (configs == NULL || key == NULL || !PyDict_CheckExact(configs))
+    configs = cached_dims(k, config); /* (held here as the dimensions) */
+    if (configs == NULL)
         goto out;
-    PyObject *hit = PyDict_GetItemWithError(configs, key);
-    if (hit == NULL || !PyTuple_CheckExact(hit) || PyTuple_GET_SIZE(hit) != 2 ||
-        PyTuple_GET_ITEM(hit, 0) != config)
-        goto out;
-    PyObject *cfg = PyTuple_GET_ITEM(hit, 1);
+    PyObject *cfg = configs;
     ext = kattr(k, s_ext_);
     if (ext == NULL || !PyTuple_CheckExact(ext) || PyTuple_GET_SIZE(ext) != 3 ||
         PyTuple_GET_ITEM(ext, 0) != extra)
@@ -1145,22 +1224,8 @@ source_launch(StreamObject *self, PyObject *k, PyObject *config, PyObject *array
         }
         if (err == 0)
             done = 1;
-        else if (err > 0) { /* the driver refused the launch: raised as the method does */
-            PyObject *name = PyObject_GetAttr(k, s_name);
-            PyObject *what = name ? PyUnicode_FromFormat("launching kernel %R", name) : NULL;
-            Py_XDECREF(name);
-            PyObject *code = what ? PyLong_FromLong(err) : NULL;
-            PyObject *exc = code ? PyObject_CallMethodObjArgs((PyObject *)self, s_error_of,
-                                                              code, what, NULL)
-                                 : NULL;
-            Py_XDECREF(what);
-            Py_XDECREF(code);
-            if (exc != NULL) {
-                PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
-                Py_DECREF(exc);
-            }
-            done = -1;
-        }
+        else if (err > 0) /* the driver refused the launch: raised as the method does */
+            done = refused_launch(self, k, err);
         /* err < 0: a dtype refused or an array without a pointer, before the driver: the
          * method says so, or takes its general path */
     }
@@ -1171,7 +1236,6 @@ out:
     Py_XDECREF(configs);
     Py_XDECREF(ext);
     Py_XDECREF(pointee);
-    Py_XDECREF(key);
     Py_XDECREF(nakey);
     if (done == 0 && PyErr_Occurred())
         done = -1;
