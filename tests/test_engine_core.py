@@ -326,6 +326,25 @@ def test_wait_blocks_on_the_op_and_retires_it_and_those_before(engine_cls: Any) 
         eng.wait()
 
 
+def test_given_events_go_to_their_pool_up_to_its_cap_then_are_closed(engine_cls: Any) -> None:
+    closed: List[Any] = []
+
+    class Closing(Ev):
+        def close(self) -> None:
+            closed.append(self)
+
+    eng = engine_cls(Device(), OpTable(), max_in_flight=2)
+    assert eng._pool_cap == 2 * 2 + 64
+    eng._pool_cap = 2
+    evs = [Closing([], timing=bool(i % 2)) for i in range(6)]
+    for ev in evs:
+        eng.give_event(ev)
+    assert eng._pool == evs[0:4:2][:2] and eng._tpool == evs[1:4:2][:2]
+    assert closed == evs[4:]
+    with pytest.raises(AttributeError):
+        eng.give_event(object())
+
+
 def test_an_engine_in_a_cycle_with_its_ops_is_collected(engine_cls: Any) -> None:
     """Ops in flight whose callbacks hold the engine (a coordinator's reporters do): the
     cycle through the compiled types is found by the garbage collector."""

@@ -63,6 +63,11 @@ CUresult cuStreamWaitEvent(void *s, void *e, unsigned flags) {
     return through_gate() ? 999 : result;
 }
 CUresult cuEventQuery(void *e) { calls++; last[0] = (unsigned long long)e; return result; }
+CUresult cuEventElapsedTime(float *ms, void *s, void *e) {
+    calls++; last[0] = (unsigned long long)s; last[1] = (unsigned long long)e;
+    *ms = 1.25f;
+    return result;
+}
 CUresult cuLaunchKernel(void *f, unsigned gx, unsigned gy, unsigned gz, unsigned bx,
                         unsigned by, unsigned bz, unsigned smem, void *s, void **kp,
                         void **extra) {
@@ -650,4 +655,24 @@ def test_a_source_kernel_launch_takes_its_common_case_from_the_method_caches(
             s.launch(k, cfg, arrays, extra)
             s.launch(k, cfg, (), ())
         assert [sys.getrefcount(x) for x in watched] == base
+    """))
+
+
+def test_an_event_reads_its_time_from_the_start_event_in_c(stand_in: Path) -> None:
+    """elapsed_ms(start): the start's and this event's handles reach the driver in that
+    order and its milliseconds come back; a closed event, another type of start and a
+    driver refusal are refused as the Python reads refuse them."""
+    run(stand_in, TYPES_PRELUDE + textwrap.dedent("""
+        start, end = Ev(FakeEv(0xA1), True), Ev(FakeEv(0xA2), True)
+        before = calls()
+        assert end.elapsed_ms(start) == 1.25
+        assert (calls(), last(0), last(1)) == (before + 1, 0xA1, 0xA2)
+        set_int("result", 600)
+        refused(KernelError, "reading event times failed with 600",
+                lambda: end.elapsed_ms(start))
+        set_int("result", 0)
+        refused(TypeError, "start event", lambda: end.elapsed_ms(object()))
+        start._h = 0
+        refused(InvalidOperationError, "closed event", lambda: end.elapsed_ms(start))
+        assert calls() == before + 2, "refused reads reached the driver"
     """))

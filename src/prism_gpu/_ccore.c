@@ -25,8 +25,8 @@ static PyObject *s_stream, *s_event, *s_error, *s_ops, *s_wait, *s_record, *s_la
     *s_copy_h2d, *s_copy_d2h, *s_query, *s_popleft, *s_append, *s_throttle, *s_next,
     *s_create_event, *s_ACTIVE, *s_STATE, *s_index, *s_nbytes, *s_begin, *s_ON,
     *s_range_start, *s_range_end, *s_name, *s_value, *s_drop_start, *s_note_root,
-    *s_attribute, *s_elapsed_ms, *s_give_event, *s_complete, *s_Trace, *s_HELD_EVENTS,
-    *s_read_times, *s_lane, *s_harvest, *s_get, *s_synchronize;
+    *s_attribute, *s_elapsed_ms, *s_complete, *s_Trace, *s_HELD_EVENTS,
+    *s_read_times, *s_lane, *s_harvest, *s_get, *s_synchronize, *s_timing, *s_close;
 static PyObject *kw_propagate, *kw_stamp, *kw_oid, *kw_force;
 
 /* ---------------------------------------------------------------- the op record */
@@ -293,11 +293,13 @@ typedef struct { /* (object fields side by side, device to timing_obj: FIELD_RUN
     PyObject *max_in_flight; /* compared with the ops in flight (any number, as in Python) */
     PyObject *timing_obj; /* the default for whether ops are timed (any truthy value) */
     Py_ssize_t reclaim_at; /* ops in flight at which a submit short of events harvests */
+    Py_ssize_t pool_cap;   /* events kept in each pool */
 } EngineObject;
 
 #define RECLAIM 64 /* _core.RECLAIM */
 
 static PyObject *engine_complete(EngineObject *self, PyObject *op);
+static PyObject *give_event(EngineObject *self, PyObject *ev);
 
 static int
 engine_traverse(EngineObject *e, visitproc visit, void *arg)
@@ -344,6 +346,7 @@ engine_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         return NULL;
     }
     e->reclaim_at = RECLAIM;
+    e->pool_cap = 2 * 1024 + 64;
     e->max_in_flight = PyLong_FromLong(1024);
     if (e->max_in_flight == NULL) {
         Py_DECREF(e);
@@ -995,7 +998,7 @@ engine_complete(EngineObject *self, PyObject *opobj)
         Py_CLEAR(r);
     }
     else if (start != Py_None) { /* (an op whose trace ended: its times are not wanted) */
-        r = call_method1((PyObject *)self, s_give_event, start);
+        r = give_event(self, start);
         if (r == NULL)
             goto fail_start;
         Py_CLEAR(r);
@@ -1005,7 +1008,7 @@ engine_complete(EngineObject *self, PyObject *opobj)
             goto fail_start;
         }
         Py_INCREF(end);
-        r = call_method1((PyObject *)self, s_give_event, end);
+        r = give_event(self, end);
         Py_DECREF(end);
         if (r == NULL)
             goto fail_start;
@@ -1295,6 +1298,26 @@ engine_harvest(EngineObject *self, PyObject *const *args, Py_ssize_t nargsf,
     return NULL;
 }
 
+/* give_event(ev): _core.PyEngineCore.give_event */
+static PyObject *
+give_event(EngineObject *self, PyObject *ev)
+{
+    PyObject *t = PyObject_GetAttr(ev, s_timing);
+    int timed = t ? truthy(t) : -1;
+    Py_XDECREF(t);
+    if (timed < 0)
+        return NULL;
+    PyObject *pool = timed ? self->tpool : self->pool;
+    if (!need_list(pool, timed ? "_tpool" : "_pool"))
+        return NULL;
+    if (PyList_GET_SIZE(pool) < self->pool_cap) {
+        if (PyList_Append(pool, ev) < 0)
+            return NULL;
+        Py_RETURN_NONE;
+    }
+    return PyObject_CallMethodNoArgs(ev, s_close);
+}
+
 /* wait(oid, timeout=None): _core.PyEngineCore.wait */
 static PyObject *
 engine_wait(EngineObject *self, PyObject *const *args, Py_ssize_t nargsf, PyObject *kwnames)
@@ -1370,6 +1393,7 @@ static PyMemberDef engine_members[] = {
     {"max_in_flight", T_OBJECT_EX, offsetof(EngineObject, max_in_flight), 0, NULL},
     {"timing", T_OBJECT_EX, offsetof(EngineObject, timing_obj), 0, NULL},
     {"_reclaim_at", T_PYSSIZET, offsetof(EngineObject, reclaim_at), 0, NULL},
+    {"_pool_cap", T_PYSSIZET, offsetof(EngineObject, pool_cap), 0, NULL},
     {NULL},
 };
 
@@ -1382,6 +1406,8 @@ static PyMethodDef engine_methods[] = {
      METH_FASTCALL | METH_KEYWORDS, "Complete the done ops at the head of a lane."},
     {"harvest", (PyCFunction)(void (*)(void))engine_harvest, METH_FASTCALL | METH_KEYWORDS,
      "Complete every op known done."},
+    {"give_event", (PyCFunction)give_event, METH_O,
+     "An event back to its pool (closed past the pool's cap)."},
     {"wait", (PyCFunction)(void (*)(void))engine_wait, METH_FASTCALL | METH_KEYWORDS,
      "Block until op oid completes (False if timeout passed first)."},
     {NULL},
@@ -2389,10 +2415,11 @@ intern_all(void)
         {&s_ON, "ON"}, {&s_range_start, "range_start"}, {&s_range_end, "range_end"},
         {&s_name, "name"}, {&s_value, "value"}, {&s_drop_start, "_drop_start"},
         {&s_note_root, "_note_root"}, {&s_attribute, "_attribute"},
-        {&s_elapsed_ms, "elapsed_ms"}, {&s_give_event, "give_event"},
+        {&s_elapsed_ms, "elapsed_ms"},
         {&s_complete, "complete"}, {&s_Trace, "Trace"}, {&s_HELD_EVENTS, "HELD_EVENTS"},
         {&s_read_times, "read_times"}, {&s_lane, "lane"}, {&s_harvest, "harvest"},
-        {&s_get, "get"}, {&s_synchronize, "synchronize"},
+        {&s_get, "get"}, {&s_synchronize, "synchronize"}, {&s_timing, "timing"},
+        {&s_close, "close"},
         {&s_closed, "closed"}, {&s_dtype, "dtype"}, {&s_capacity, "capacity"},
         {&s_flags, "flags"}, {&s_c_contiguous, "c_contiguous"}, {&s_size, "size"},
         {&s_device, "device"}, {&s_take, "take"}, {&s_untake, "untake"}, {&s_head, "head"},

@@ -43,10 +43,10 @@ class PyEngineCore:
     max_in_flight: int
     timing: bool
     _reclaim_at: int
+    _pool_cap: int
     _roots: "OrderedDict[int, Tuple[BaseException, Root]]"
     # the subclass's
     throttle: Callable[[], None]
-    give_event: Callable[[Event], None]
     _drop_start: Callable[..., None]
     _note_root: Callable[[BaseException, Root], None]
     _attribute: Callable[[Op, BaseException], BaseException]
@@ -152,6 +152,14 @@ class PyEngineCore:
         if mark is not None:
             _nvtx.range_end(mark)
         return op
+
+    def give_event(self, ev: Event) -> None:
+        """An event back to its pool (closed past the pool's cap)."""
+        pool = self._tpool if ev.timing else self._pool
+        if len(pool) < self._pool_cap:
+            pool.append(ev)
+        else:
+            ev.close()
 
     def wait(self, oid: int, timeout: Optional[float] = None) -> bool:
         """Block until op ``oid`` completes (False if ``timeout`` passed first)."""

@@ -45,7 +45,7 @@ class Engine(EngineCore):
         self.lanes: List[Lane] = []
         self._pool: List[Event] = []
         self._tpool: List[Event] = []
-        self._pool_cap = 2 * self.max_in_flight + 64
+        self._pool_cap = min(2 * self.max_in_flight + 64, 1 << 62)  # (events kept per pool)
         self._reclaim_at = RECLAIM  # ops in flight at which a submit short of events looks
         # id(exception) -> (exception, root): attributes a failure carried to a
         # dependent op (CPU streams pass it through waits) to its root op
@@ -62,13 +62,6 @@ class Engine(EngineCore):
         lane = Lane(self.device.create_stream(priority), name)
         self.lanes.append(lane)
         return lane
-
-    def give_event(self, ev: Event) -> None:
-        pool = self._tpool if ev.timing else self._pool
-        if len(pool) < self._pool_cap:
-            pool.append(ev)
-        else:
-            ev.close()
 
     def give_timing_events(self, events: List[Event]) -> None:
         """Give back timing events (a trace's, once it read their times)."""

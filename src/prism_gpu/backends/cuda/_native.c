@@ -44,6 +44,7 @@ typedef CUresult (*memcpy_fn)(CUdeviceptr, CUdeviceptr, size_t, CUstream);
 typedef CUresult (*record_fn)(CUevent, CUstream);
 typedef CUresult (*wait_fn)(CUstream, CUevent, unsigned int);
 typedef CUresult (*query_fn)(CUevent);
+typedef CUresult (*elapsed_fn)(float *, CUevent, CUevent);
 typedef CUresult (*launch_fn)(CUfunction, unsigned int, unsigned int, unsigned int,
                               unsigned int, unsigned int, unsigned int, unsigned int,
                               CUstream, void **, void **);
@@ -53,6 +54,7 @@ static record_fn p_record;
 static wait_fn p_wait;
 static query_fn p_query;
 static launch_fn p_launch;
+static elapsed_fn p_elapsed; /* NULL if the driver has neither name (not required) */
 
 #define MAX_ARGS 256 /* more go through cuda.core (the caller checks) */
 #define SLOT 16 /* bytes per argument: the widest numpy scalar a kernel takes (complex128) */
@@ -109,6 +111,9 @@ load(PyObject *self, PyObject *types)
     p_record = r;
     p_wait = w;
     p_query = q;
+    p_elapsed = (elapsed_fn)dlsym(lib, "cuEventElapsedTime_v2");
+    if (p_elapsed == NULL)
+        p_elapsed = (elapsed_fn)dlsym(lib, "cuEventElapsedTime");
     p_launch = l; /* last: loaded() tests it */
     Py_RETURN_NONE;
 }
@@ -601,6 +606,41 @@ event_error(EventObject *self, PyObject *unused)
     return e;
 }
 
+static PyTypeObject EventType;
+
+/* elapsed_ms(start): milliseconds from timing event ``start`` to this one, both complete
+ * (_EventCommon.elapsed_ms, which reads them through cuda.core) */
+static PyObject *
+event_elapsed_ms(EventObject *self, PyObject *start)
+{
+    if (!bound())
+        return NULL;
+    if (!PyObject_TypeCheck(start, &EventType)) {
+        PyErr_SetString(PyExc_TypeError, "elapsed_ms() takes the start event");
+        return NULL;
+    }
+    unsigned long long s = ((EventObject *)start)->h;
+    if (!self->h || !s) {
+        PyErr_SetString(InvalidOperation, "reading the times of a closed event");
+        return NULL;
+    }
+    if (p_elapsed == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "the CUDA driver library has no cuEventElapsedTime");
+        return NULL;
+    }
+    float ms = 0;
+    CUresult r = p_elapsed(&ms, (CUevent)(uintptr_t)s, (CUevent)(uintptr_t)self->h);
+    if (r) {
+        PyObject *exc = PyObject_CallFunction(error_fn, "is", (int)r, "reading event times");
+        if (exc != NULL) {
+            PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
+            Py_DECREF(exc);
+        }
+        return NULL;
+    }
+    return PyFloat_FromDouble(ms);
+}
+
 static PyMemberDef event_members[] = {
     {"_h", T_ULONGLONG, offsetof(EventObject, h), 0, NULL},
     {"_ev", T_OBJECT, offsetof(EventObject, ev), 0, NULL},
@@ -615,6 +655,8 @@ static PyMethodDef event_methods[] = {
     {"query", (PyCFunction)event_query, METH_NOARGS, "True once the record is complete."},
     {"error", (PyCFunction)event_error, METH_NOARGS,
      "What the record's host work raised (called once it is known complete)."},
+    {"elapsed_ms", (PyCFunction)event_elapsed_ms, METH_O,
+     "Milliseconds from timing event start to this one (both complete)."},
     {NULL},
 };
 
