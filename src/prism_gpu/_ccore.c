@@ -384,6 +384,20 @@ in_callback(EngineObject *self)
     return self->in_callback == NULL ? 0 : truthy(self->in_callback);
 }
 
+/* 1 (raised) inside a callback or launch, as refuse_in_callback raises; 0 if not */
+static int
+refused_in_callback(EngineObject *self)
+{
+    int busy = in_callback(self);
+    if (busy <= 0)
+        return busy < 0;
+    PyObject *r = PyObject_CallOneArg(refuse_in_callback, self->in_callback);
+    Py_XDECREF(r);
+    if (r != NULL && !PyErr_Occurred())
+        PyErr_SetString(PyExc_RuntimeError, "refuse_in_callback returned");
+    return 1;
+}
+
 static void
 set_in_callback(EngineObject *self, PyObject *v)
 {
@@ -500,16 +514,8 @@ engine_submit(EngineObject *self, PyObject *const *args, Py_ssize_t nargsf, PyOb
     PyObject *c = v[8], *d = v[9], *keep = v[10], *on_done = v[11], *timing = v[12];
     PyObject *kind_obj = v[5];
 
-    int busy = in_callback(self);
-    if (busy < 0)
+    if (refused_in_callback(self))
         return NULL;
-    if (busy) {
-        PyObject *r = PyObject_CallOneArg(refuse_in_callback, self->in_callback);
-        Py_XDECREF(r);
-        if (r != NULL && !PyErr_Occurred())
-            PyErr_SetString(PyExc_RuntimeError, "refuse_in_callback returned");
-        return NULL;
-    }
     if (!need_field(self->inflight, "inflight"))
         return NULL;
     if (!PyDict_Check(self->inflight)) {
@@ -1327,16 +1333,8 @@ engine_wait(EngineObject *self, PyObject *const *args, Py_ssize_t nargsf, PyObje
     if (!parse_args(args, nargsf, kwnames, "wait(oid, timeout=None)", names, 2, 1, vals))
         return NULL;
     PyObject *oid = vals[0], *timeout = vals[1];
-    int busy = in_callback(self);
-    if (busy < 0)
+    if (refused_in_callback(self))
         return NULL;
-    if (busy) {
-        PyObject *r = PyObject_CallOneArg(refuse_in_callback, self->in_callback);
-        Py_XDECREF(r);
-        if (r != NULL && !PyErr_Occurred())
-            PyErr_SetString(PyExc_RuntimeError, "refuse_in_callback returned");
-        return NULL;
-    }
     if (!need_field(self->inflight, "inflight"))
         return NULL;
     PyObject *op = PyObject_CallMethodOneArg(self->inflight, s_get, oid);

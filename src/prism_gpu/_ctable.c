@@ -120,18 +120,8 @@ table_resolve_deps(TableObject *t, PyObject *deps)
             Py_DECREF(d);
             if (v == -1 && PyErr_Occurred())
                 return NULL;
-            if (!overflow && v < t->next) {
-                PyObject *plain = PyLong_FromLongLong(v); /* plain ints, as documented */
-                PyObject *out = plain ? PyList_New(1) : NULL;
-                if (out == NULL) {
-                    Py_XDECREF(plain);
-                    return NULL;
-                }
-                PyList_SET_ITEM(out, 0, plain);
-                return out;
-            }
-            if (overflow < 0) { /* below any id: d < next holds */
-                PyObject *plain = PyNumber_Index(d);
+            if ((!overflow && v < t->next) || overflow < 0) { /* (below any id: d < next) */
+                PyObject *plain = PyNumber_Index(d); /* plain ints, as documented */
                 PyObject *out = plain ? PyList_New(1) : NULL;
                 if (out == NULL) {
                     Py_XDECREF(plain);
