@@ -922,9 +922,10 @@ attr_u64(PyObject *o, PyObject *name, unsigned long long *out)
 
 /* (address, pinned) of host arrays, as the device's host_info gives them, kept by
  * identity (a weak reference tells a dead array's reused address) until a registration
- * of host memory changes; a few entries, by address: a loop cycles through few arrays.
+ * of host memory changes; a few entries, by hashed address: a loop cycles through few
+ * arrays.
  * The Python backend keeps the same in PinnedAllocator.host_info. */
-#define HOST_CACHE 32
+#define HOST_CACHE 128 /* in pairs: an array may stand in either entry of its pair */
 static PyObject *host_ranges; /* the registered ranges: their .state[1] is a generation */
 static struct {
     PyObject *ref;
@@ -952,29 +953,48 @@ host_generation(void)
     return g;
 }
 
-/* 1 and (ptr, pinned) if ``host`` is known at ``generation``, else 0 */
-static int
-host_cached(PyObject *host, long long generation, unsigned long long *ptr, int *pinned)
+/* the first entry of ``host``'s pair */
+static size_t
+host_slot(PyObject *host)
 {
-    size_t k = ((uintptr_t)host >> 4) % HOST_CACHE;
+    unsigned long long h = (unsigned long long)(uintptr_t)host * 0x9E3779B97F4A7C15ull;
+    return (size_t)(h >> 40) % HOST_CACHE & ~(size_t)1;
+}
+
+/* the object entry ``k`` refers to (compared by identity only; None if dead or empty) */
+static PyObject *
+host_referent(size_t k)
+{
     PyObject *ref = host_cache[k].ref;
-    if (generation < 0 || ref == NULL || host_cache[k].generation != generation)
-        return 0;
+    if (ref == NULL)
+        return Py_None;
 #if PY_VERSION_HEX >= 0x030D0000
     PyObject *o;
     if (PyWeakref_GetRef(ref, &o) < 0) {
         PyErr_Clear();
-        return 0;
+        return Py_None;
     }
-    Py_XDECREF(o); /* (compared by identity only) */
+    Py_XDECREF(o);
+    return o ? o : Py_None;
 #else
-    PyObject *o = PyWeakref_GET_OBJECT(ref);
+    return PyWeakref_GET_OBJECT(ref);
 #endif
-    if (o != host)
+}
+
+/* 1 and (ptr, pinned) if ``host`` is known at ``generation``, else 0 */
+static int
+host_cached(PyObject *host, long long generation, unsigned long long *ptr, int *pinned)
+{
+    if (generation < 0)
         return 0;
-    *ptr = host_cache[k].ptr;
-    *pinned = host_cache[k].pinned;
-    return 1;
+    size_t pair = host_slot(host);
+    for (size_t k = pair; k < pair + 2; k++)
+        if (host_cache[k].generation == generation && host_referent(k) == host) {
+            *ptr = host_cache[k].ptr;
+            *pinned = host_cache[k].pinned;
+            return 1;
+        }
+    return 0;
 }
 
 static void
@@ -987,7 +1007,9 @@ host_remember(PyObject *host, long long generation, unsigned long long ptr, int 
         PyErr_Clear();
         return;
     }
-    size_t k = ((uintptr_t)host >> 4) % HOST_CACHE;
+    size_t k = host_slot(host); /* the pair's first entry, unless it holds a live array */
+    if (host_referent(k) != Py_None && host_referent(k + 1) == Py_None)
+        k++;
     PyObject *old = host_cache[k].ref;
     host_cache[k].ref = ref;
     host_cache[k].ptr = ptr;
