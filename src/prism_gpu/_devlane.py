@@ -99,7 +99,8 @@ class DeviceLane:
     def attach(self, sink: Sink, stager: Stager) -> None:
         """Where this lane's results go, and the stager its batches' buffers go back to."""
         self.sink, self.stager = sink, stager
-        self._results = sink.results.empty  # (what sink.destination does without out=)
+        # (what sink.destination does without out=, and the object the download writes)
+        self._results = sink.results.empty_and_target
         self._results_on = sink.device
 
     def expected_wait(self) -> float:
@@ -177,9 +178,12 @@ class DeviceLane:
                 src.retire()
                 raise
             if output is None:
-                result = self._results(self._results_on, staged.shape, dtype, staged.nbytes) \
-                    if final is None else self.sink.destination(final, staged.shape, dtype)
-                down = coord.queue_download(src, result)
+                if final is None:  # (the result, held by the batch, keeps its buffer)
+                    result, target = self._results(self._results_on, staged.shape, dtype,
+                                                   staged.nbytes)
+                else:
+                    result = target = self.sink.destination(final, staged.shape, dtype)
+                down = coord.queue_download(src, target)
                 src.advance()
             else:
                 assert dst is not None

@@ -133,6 +133,15 @@ class ResultPool:
     def empty(self, device: Any, shape: Tuple[int, ...], dtype: np.dtype,
               nbytes: Optional[int] = None) -> np.ndarray:
         """A pinned array of ``shape`` and ``dtype`` (``nbytes``: its size, if known)."""
+        return self.empty_and_target(device, shape, dtype, nbytes)[0]
+
+    def empty_and_target(self, device: Any, shape: Tuple[int, ...], dtype: np.dtype,
+                         nbytes: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray]:
+        """:meth:`empty`'s array, and the pool's own view of the same memory, the one
+        object a download into the buffer should write (the same object for as long as
+        the buffer keeps its shape: a copy's host-memory checks are kept by object).
+        Only the array handed out keeps the buffer from reuse: hold it while the
+        download runs."""
         if nbytes is None:
             nbytes = math.prod(shape) * dtype.itemsize
         last = self._last
@@ -158,7 +167,8 @@ class ResultPool:
                     entries.append(entry)
             if entry.shape != shape or entry.dtype is not dtype:
                 entry.reshape(nbytes, shape, dtype)
-            return entry.view.view()  # type: ignore[union-attr]
+            view = entry.view
+            return view.view(), view  # type: ignore[union-attr, return-value]
 
 
 class PinnedCache:
