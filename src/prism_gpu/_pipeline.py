@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 from threading import get_ident
-from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Set, Tuple
+from types import MappingProxyType
+from typing import (Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Set,
+                    Tuple)
 
 import numpy as np
 
@@ -16,8 +18,8 @@ from . import _trace
 from ._args import MAX_DEPTH, int_arg, iterable_arg
 from ._buffers import FREE_I, UPLOADING_I, Slot, TripleBuffer
 from ._coordinator import AsyncCoordinator
-from ._engine import D2H, H2D, LAUNCH, Engine, Lane, Op
-from ._failures import refuse_close, refuse_in_callback, refuse_other_thread, root_of
+from ._engine import Engine, Lane
+from ._failures import refuse_close, refuse_in_callback, refuse_other_thread
 from ._errors import BufferUnavailableError, InvalidOperationError
 from ._ops import OpType
 from ._optable import raise_failures
@@ -27,6 +29,7 @@ from ._pipefeed import check_inputs, run_pipeline, valid_lengths, written_buffer
 from ._plan import Step as _Step
 from ._plan import check_open, make_plan
 from ._sink import check_out
+from ._pipequeue import StageQueue
 from ._stats import Window
 from ._sync import sync_mode
 from ._validate import download_destination
@@ -34,6 +37,8 @@ from ._validate import download_destination
 __all__ = ["GpuPipelineStage", "PipelineStageManager", "PipelineStats", "PipelineIteration"]
 
 _UPLOAD, _COMPUTE, _DOWNLOAD = OpType.UPLOAD, OpType.COMPUTE, OpType.DOWNLOAD
+_NOTHING: Mapping[Any, Any] = MappingProxyType({})  # what a plain iteration feeds
+_NO_DOWNLOADS: Tuple[Any, ...] = ()
 
 
 class PipelineStageManager:
@@ -56,17 +61,20 @@ class PipelineStageManager:
         self.depth = int_arg(depth, "depth", 1, MAX_DEPTH)
         coordinator.check()
         self._coord, self._owner, self._owns = coordinator, get_ident(), _owns_coordinator
-        self._read_only = coordinator.device.read_only
         self._engine: Engine = coordinator.engine
         self._buffers: List[TripleBuffer] = []
         self._stages: List[GpuPipelineStage] = []
         self._lanes: Dict[Any, Lane] = {}       # stage index (or "upload"...) -> its stream
         self._order: Optional[List[int]] = None
         self._plan: List[_Step] = []
+        self._open_checks: List[_Step] = []    # the plan's steps with DeviceArrays in extra
         self._flows: Dict[Tuple[int, ...], Tuple[int, ...]] = {}  # checked input sets
         self._iter = 0
         self._win = Window()
         self._failed: Set[int] = set()          # failed ops not yet raised
+        # how an iteration's ops are queued (the plan as it runs, the views it gives)
+        self._queue = StageQueue(self._engine, self._buffers, self._lane, self._failed,
+                                 coordinator.device.read_only)
         self._closed = False
 
     def coordinator(self) -> AsyncCoordinator:
@@ -116,7 +124,7 @@ class PipelineStageManager:
         """
         self._check()
         order = _indices(indices, "set_order")
-        self._plan = self._make_plan(order)
+        self._set_plan(self._make_plan(order))
         self._order = order
         self._flows.clear()
 
@@ -124,12 +132,16 @@ class PipelineStageManager:
         return make_plan(order, self._stages, self._buffers, self._coord.resolve_kernel,
                          self._lane, self._coord.device)
 
+    def _set_plan(self, plan: List[_Step]) -> None:
+        self._plan = plan
+        self._open_checks = [step for step in plan if step.constants]
+
     def _current_plan(self) -> List[_Step]:
         if not self._plan:
-            self._plan = self._make_plan(list(range(len(self._stages))) if self._order is None
-                                         else self._order)
-        else:
-            check_open(self._plan)
+            self._set_plan(self._make_plan(list(range(len(self._stages)))
+                                           if self._order is None else self._order))
+        elif self._open_checks:
+            check_open(self._open_checks)
         return self._plan
 
     def _lane(self, key: Any, name: str) -> Lane:
@@ -158,41 +170,66 @@ class PipelineStageManager:
         ``wait()`` returns. Everything is checked before anything is queued. Raises
         the failure of an op of this pipeline found failed since the last call.
         """
-        self._check()
+        if self._closed or get_ident() != self._owner:
+            self._check()  # raises
         coord = self._coord
-        if self._engine.in_callback:  # refused before any slot is taken
-            refuse_in_callback(self._engine.in_callback)
-        fed = check_inputs(self, inputs)
-        if outputs is not None and not isinstance(outputs, Mapping):
-            raise TypeError(f"outputs must map buffer indices to arrays, got "
-                            f"{type(outputs).__name__}")
-        plan = self._current_plan()
-        touched = self._flow(plan, tuple(sorted(fed)))
-        valid = valid_lengths(plan, self._buffers, fed) if fed else {}
-        bufs = self._buffers
-        downs: List[Tuple[int, np.ndarray]] = []
-        for b, y in (outputs or {}).items():
-            buf = self.buffer(b)
-            if int(b) not in touched:
-                raise InvalidOperationError(
-                    f"output buffer {b} is not written by any stage of the iteration")
-            n = valid.get(int(b), buf.capacity)
-            downs.append((int(b), download_destination(y, buf.dtype, n,
-                                                       f"output for buffer {b}")))
+        coord.check()
         eng = self._engine
+        if eng.in_callback:  # refused before any slot is taken
+            refuse_in_callback(eng.in_callback)
+        fed: Mapping[int, Tuple[np.ndarray, int]]
+        valid: Mapping[int, int]
+        downs: Sequence[Tuple[int, np.ndarray]]
+        if inputs is None and outputs is None:  # nothing fed, nothing read back
+            plan = self._plan
+            if not plan or self._open_checks:
+                plan = self._current_plan()
+            fed, valid, downs = _NOTHING, _NOTHING, _NO_DOWNLOADS
+            touched = self._flows.get(())
+            if touched is None:
+                touched = self._flow(plan, ())
+        else:
+            fed = check_inputs(self, inputs)
+            if outputs is not None and not isinstance(outputs, Mapping):
+                raise TypeError(f"outputs must map buffer indices to arrays, got "
+                                f"{type(outputs).__name__}")
+            plan = self._current_plan()
+            touched = self._flow(plan, tuple(sorted(fed)))
+            valid = valid_lengths(plan, self._buffers, fed) if fed else {}
+            downs = wanted = []
+            for b, y in (outputs or {}).items():
+                buf = self.buffer(b)
+                if int(b) not in touched:
+                    raise InvalidOperationError(
+                        f"output buffer {b} is not written by any stage of the iteration")
+                n = valid.get(int(b), buf.capacity)
+                wanted.append((int(b), download_destination(y, buf.dtype, n,
+                                                            f"output for buffer {b}")))
         eng.harvest()
-        self._raise_failures()
+        if self._failed:
+            self._raise_failures()
         eng.raise_callback_errors()
         # the next FREE slot of each buffer (the older iteration still using it is waited
         # for by the op that writes it, just before it is queued)
-        slots: Dict[int, Slot] = {b: self._next_free(bufs[b]) for b in touched}
+        bufs = self._buffers
+        slots: Dict[int, Slot] = {}
+        try:
+            for b in touched:
+                buf = bufs[b]
+                slot = buf.peek(FREE_I)
+                if slot is None or buf.peek(UPLOADING_I) is not None:
+                    slot = self._next_free(buf)  # says why not
+                slots[b] = slot
+        except InvalidOperationError:  # a ring closed: its views go too
+            self._queue.drop_views()
+            raise
         # nothing below is rejected: the iteration is queued whole
         it = self._iter
         tracing = _trace.ACTIVE is not None
         if tracing:
             _trace.set_index(it)
         try:
-            ops = self._queue_iteration(plan, fed, touched, slots, valid, downs, it)
+            ops = self._queue.iteration(plan, self._win, fed, touched, slots, valid, downs)
         finally:
             if tracing:
                 _trace.set_index(None)
@@ -201,82 +238,6 @@ class PipelineStageManager:
         if sync_mode():
             done.wait()
         return done
-
-    def _queue_iteration(self, plan: List[_Step], fed: Dict[int, Tuple[np.ndarray, int]],
-                         touched: Tuple[int, ...], slots: Dict[int, Slot],
-                         valid: Dict[int, int], downs: List[Tuple[int, np.ndarray]],
-                         it: int) -> List[int]:
-        eng = self._engine
-        bufs = self._buffers
-        win = self._win
-        if win.ref is None:
-            win.start(eng.mark(plan[0].lane), it)
-        last_step = len(plan) - 1 if not downs else -1
-        ops: List[int] = []
-        for b, (x, n) in fed.items():
-            slot = bufs[b].take(FREE_I)
-            assert slot is not None
-            view = slot.head(n)
-            op = eng.submit(self._lane("upload", "upload"), _UPLOAD, None, (),
-                            slot.write_hazards(), H2D, view, x, keep=view,
-                            on_done=self._timer("upload", it, False), timing=True)
-            slot.filled(op, n)
-            bufs[b].take(UPLOADING_I)
-            slots[b] = slot
-            ops.append(op.id)
-        for b in touched:
-            if b not in fed:
-                bufs[b].produce()
-                slots[b].valid = valid.get(b, slots[b].capacity)
-        for pos, step in enumerate(plan):
-            op = self._stage_op(step, slots, valid, it, pos == last_step)
-            ops.append(op.id)
-        for b, dst in downs:
-            slot = slots[b]
-            w, src = slot.writer, slot.array
-            op = eng.submit(self._lane("download", "download"), _DOWNLOAD, None,
-                            (w,) if w is not None else (), (), D2H, dst, src,
-                            keep=(src, dst), root=slot.failed,
-                            on_done=self._timer("download", it, b == downs[-1][0]),
-                            timing=True)
-            slot.read(op)
-            ops.append(op.id)
-        for b in touched:
-            bufs[b].retire()  # FREE again on the host; the GPU orders the next write
-            #                   into the slot after this iteration's readers
-        return ops
-
-    def _stage_op(self, step: _Step, slots: Dict[int, Slot], valid: Dict[int, int], it: int,
-                  last: bool) -> Op:
-        ins = [slots[b] for b in step.reads]
-        waits = [s.writer for s in ins if s.writer is not None]
-        quiet = [o for b in step.fresh for o in slots[b].write_hazards()]
-        ro = self._read_only  # inputs only read: a CPU kernel writing one fails
-        arrays = [ro(s.array) if only else s.array for s, only in zip(ins, step.reads_only)]
-        arrays += [slots[b].array for b in step.writes]
-        eng = self._engine
-        # the host waits only here, for the iteration ``depth`` before that still uses
-        # this stage's output slots: earlier stages of this iteration are queued already
-        eng.wait_ops(quiet)
-        # a buffer rewritten in place also follows the stages reading it since its last
-        # write (on the device: they are this iteration's, queued already)
-        quiet += [o for b in step.inplace for o in slots[b].readers]
-        op = eng.submit(step.lane, _COMPUTE, step.stage.name, waits, quiet, LAUNCH,
-                        step.prepared, step.config, arrays if step.uses_arrays else (),
-                        step.extra, keep=arrays,
-                        on_done=self._timer(step.stage.name, it, last), timing=True)
-        failed = root_of(op) if op.error is not None else None
-        for s, only in zip(ins, step.reads_only):
-            if only:
-                s.read(op)
-            else:
-                s.updated(op, failed)
-        for b in step.fresh:
-            s = slots[b]
-            s.filled(op, s.valid)
-            if failed is not None:
-                s.failed = failed
-        return op
 
     @staticmethod
     def _next_free(buf: TripleBuffer) -> Slot:
@@ -289,18 +250,6 @@ class PipelineStageManager:
             raise InvalidOperationError("pipeline buffer holds an upload of another API "
                                         "waiting for a compute: queue that compute first")
         return slot
-
-    def _timer(self, stage: str, it: int, last: bool) -> Any:
-        win = self._win
-        failed = self._failed
-
-        def done(op: Op, _ms: Optional[float]) -> None:
-            if op.error is not None:
-                failed.add(op.id)
-            if win is self._win and it >= win.first_iter and op.start is not None:
-                start, end = op.times_since(win.settled_ref())
-                win.add(stage, start, end, last)
-        return done
 
     def _raise_failures(self) -> None:
         if self._failed:
@@ -351,7 +300,9 @@ class PipelineStageManager:
         """Start a new statistics window with the next iteration."""
         self._check()
         old = self._win
+        old.end()  # its callbacks of ops in flight record nothing: its ref may be reused
         self._win = Window()
+        self._queue.forget_plan()
         if old.ref is not None and old.ref.query():
             self._engine.give_event(old.ref)
 
@@ -386,6 +337,7 @@ class PipelineStageManager:
                 errors.extend(self._coord.close_collecting())
         finally:
             self._failed.clear()
+            self._queue.drop_views()
             for buf in self._buffers:
                 buf.close()
         return errors

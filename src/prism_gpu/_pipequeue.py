@@ -1,0 +1,201 @@
+"""How a pipeline iteration's ops are queued: the plan as the loop runs it (each step's
+fields and timers unpacked once per plan and statistics window), the read-only views
+given to stages, and the ops themselves with their slots' bookkeeping. Owned by one
+:class:`prism_gpu.PipelineStageManager`, which checks an iteration before it is queued
+here (nothing here is refused).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple
+
+import numpy as np
+
+from ._buffers import FREE_I, UPLOADING_I, Slot, TripleBuffer
+from ._engine import D2H, H2D, LAUNCH, Engine, Lane
+from ._failures import root_of
+from ._ops import OpType
+from ._plan import Step as _Step
+from ._stage import RESERVED_NAMES
+from ._stats import QUEUED, Window
+
+__all__ = ["StageQueue"]
+
+_UPLOAD, _COMPUTE, _DOWNLOAD = OpType.UPLOAD, OpType.COMPUTE, OpType.DOWNLOAD
+
+# a plan as the loop runs it: (plan, window, the steps as the loop unpacks them when the
+# last stage ends the iteration, and when downloads do, (copy lane, last) -> (its timer,
+# its accumulator))
+_Run = Tuple[List[_Step], Window, List[Tuple[Any, ...]], List[Tuple[Any, ...]],
+             Dict[Tuple[str, bool], Tuple[Any, List[Any]]]]
+
+
+class StageQueue:
+    """Queues a pipeline's iterations on ``engine``: ``buffers`` (the pipeline's list),
+    ``lane_of(key, name)`` (its lanes), ``failed`` (the set its stage timers add failed
+    op ids to), ``read_only(array)`` (the device's read-only view)."""
+
+    def __init__(self, engine: Engine, buffers: List[TripleBuffer],
+                 lane_of: Callable[[Any, str], Lane], failed: Set[int],
+                 read_only: Callable[[Any], Any]) -> None:
+        self._engine = engine
+        self._buffers = buffers
+        self._lane_of = lane_of
+        self._failed = failed
+        self._read_only = read_only
+        # the plan as the loop runs it, with the window's timers: (plan, window, steps,
+        # copy timers), made again when either changes
+        self._run: Optional[_Run] = None
+        # read-only views given to stages, made once per slot: slot -> (its full array,
+        # valid length, the view); one entry per slot read, dropped when a ring closes
+        self._views: Dict[Any, Tuple[Any, int, Any]] = {}
+
+    def forget_plan(self) -> None:
+        """The statistics window changed: the timers are made again."""
+        self._run = None
+
+    def drop_views(self) -> None:
+        """A ring closed (or the pipeline): the views of its slots go."""
+        self._views.clear()
+
+    def compile(self, plan: List[_Step], win: Window) -> _Run:
+        """The plan's steps as the loop unpacks them, with the timers of window ``win``,
+        and the timers of the copies (made once per plan and window)."""
+        failed = self._failed
+        ends, goes_on = [], []  # the last step's timer ends an iteration, or not
+        for pos, step in enumerate(plan):
+            name = step.stage.name
+            fresh, inplace = step.fresh, step.inplace
+            # the one buffer filled anew, whose hazards are the slot's own list, or None
+            single = fresh[0] if len(fresh) == 1 and not inplace else None
+            head = (step.lane, name, step.prepared, step.config, step.uses_arrays, step.extra,
+                    step.reads, step.reads_only, step.writes, fresh, single, inplace)
+            acc = win.lane(name)
+            mid = win.timer(name, False, failed)
+            goes_on.append((*head, mid, acc))
+            ends.append((*head, win.timer(name, True, failed) if pos == len(plan) - 1
+                         else mid, acc))
+        copies = {(lane, last): (win.timer(lane, last, failed), win.lane(lane))
+                  for lane in RESERVED_NAMES for last in (False, True)}
+        run = self._run = (plan, win, ends, goes_on, copies)
+        return run
+
+    def iteration(self, plan: List[_Step], win: Window,
+                  fed: Mapping[int, Tuple[np.ndarray, int]], touched: Tuple[int, ...],
+                  slots: Dict[int, Slot], valid: Mapping[int, int],
+                  downs: Sequence[Tuple[int, np.ndarray]]) -> List[int]:
+        """Queue one iteration of ``plan`` (checked: nothing here is refused) on the slots
+        taken for it, its stage times going to ``win``; the ids of its ops."""
+        eng = self._engine
+        submit = eng.submit
+        bufs = self._buffers
+        if win.ref is None:
+            win.start(eng.mark(plan[0].lane))
+        run = self._run
+        if run is None or run[0] is not plan or run[1] is not win:
+            run = self.compile(plan, win)
+        steps, copies = run[3] if downs else run[2], run[4]
+        ops: List[int] = []
+        if fed:
+            timer, acc = copies[("upload", False)]
+            for b, (x, n) in fed.items():
+                slot = bufs[b].take(FREE_I)
+                assert slot is not None
+                view = slot.head(n)
+                op = submit(self._lane_of("upload", "upload"), _UPLOAD, None, (),
+                            slot.write_hazards(), H2D, view, x, None, None, view, timer, True)
+                acc[QUEUED] += 1
+                slot.filled(op, n)
+                bufs[b].take(UPLOADING_I)
+                slots[b] = slot
+                ops.append(op.id)
+        if fed:
+            for b in touched:
+                if b not in fed:
+                    bufs[b].produce()
+                    slot = slots[b]
+                    slot.valid = valid.get(b, slot.capacity)
+        else:  # (nothing fed: every buffer's length is its capacity)
+            for b in touched:
+                bufs[b].produce()
+                slot = slots[b]
+                slot.valid = slot.capacity
+        views = self._views
+        read_only = self._read_only
+        for (lane, name, prepared, config, uses_arrays, extra, reads, reads_only, writes, fresh,
+             single, inplace, timer, acc) in steps:
+            # (loops, not comprehensions: each of those is a call on Python 3.11)
+            arrays: List[Any] = []
+            waits: Sequence[Any] = ()
+            only_read: Sequence[Slot] = ()
+            rewritten: Sequence[Slot] = ()
+            if reads:
+                waits, only_read, rewritten = [], [], []
+                for b, only in zip(reads, reads_only):
+                    s = slots[b]
+                    w = s.writer
+                    if w is not None:
+                        waits.append(w)
+                    if only:  # only read: a read-only view (a CPU kernel writing it fails)
+                        only_read.append(s)
+                        hit = views.get(s)
+                        if hit is None or hit[0] is not s.full or hit[1] != s.valid:
+                            # (a closed ring's slot has no full array: s.array refuses it)
+                            hit = views[s] = (s.full, s.valid, read_only(s.array))
+                        arrays.append(hit[2])
+                    else:
+                        rewritten.append(s)
+                        arrays.append(s.array)
+            for b in writes:
+                arrays.append(slots[b].array)
+            # the host waits only here, for the iteration ``depth`` before that still uses
+            # this stage's output slots: earlier stages of this iteration are queued already
+            quiet: Sequence[Any] = ()
+            if single is not None:
+                quiet = slots[single].write_hazards()  # (read before the slot changes)
+            elif fresh:
+                quiet = [o for b in fresh for o in slots[b].write_hazards()]
+            for o in quiet:
+                if o.event is not None:  # one in flight: wait for them
+                    eng.wait_ops(quiet)
+                    break
+            if inplace:
+                # a buffer rewritten in place also follows the stages reading it since its
+                # last write (on the device: they are this iteration's, queued already)
+                quiet = [*quiet, *(o for b in inplace for o in slots[b].readers)]
+            op = submit(lane, _COMPUTE, name, waits, quiet, LAUNCH, prepared, config,
+                        arrays if uses_arrays else (), extra, arrays, timer, True)
+            acc[QUEUED] += 1
+            ops.append(op.id)
+            for s in only_read:
+                s.read(op)
+            if op.error is None:
+                for s in rewritten:
+                    s.updated(op)
+                for b in fresh:
+                    s = slots[b]
+                    s.filled(op, s.valid)
+            else:  # failed as it was queued, or a dependency had: the data it makes is spoilt
+                failed = root_of(op)
+                for s in rewritten:
+                    s.updated(op, failed)
+                for b in fresh:
+                    s = slots[b]
+                    s.filled(op, s.valid)
+                    s.failed = failed
+        if downs:
+            last_b = downs[-1][0]
+            for b, dst in downs:
+                slot = slots[b]
+                w, src = slot.writer, slot.array
+                timer, acc = copies[("download", b == last_b)]
+                op = submit(self._lane_of("download", "download"), _DOWNLOAD, None,
+                            (w,) if w is not None else (), (), D2H, dst, src, None, None,
+                            (src, dst), timer, True, slot.failed)
+                acc[QUEUED] += 1
+                slot.read(op)
+                ops.append(op.id)
+        for b in touched:
+            bufs[b].retire()  # FREE again on the host; the GPU orders the next write
+            #                   into the slot after this iteration's readers
+        return ops
