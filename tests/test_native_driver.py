@@ -635,6 +635,9 @@ def test_a_source_kernel_launch_takes_its_common_case_from_the_method_caches(
         assert other.got[1] is cfg
         # no arrays and no extra values: the method's general branch, no arguments
         before, slow = calls(), len(k.slow)
+        s.launch(k, cfg, [], ())  # a signature with parameters: the method refuses it
+        assert calls() == before and len(k.slow) == slow + 1
+        k._conv, slow = [], slow + 1  # a kernel without parameters
         set_int("null_params", 0)
         s.launch(k, cfg, [], ())
         assert calls() == before + 1 and len(k.slow) == slow
@@ -651,9 +654,12 @@ def test_a_source_kernel_launch_takes_its_common_case_from_the_method_caches(
         arrays = [a]
         watched = (k, cfg, a, extra, arrays)
         base = [sys.getrefcount(x) for x in watched]
+        k._conv = [None] * 3
         for _ in range(3000):
             s.launch(k, cfg, arrays, extra)
+            k._conv = []
             s.launch(k, cfg, (), ())
+            k._conv = [None] * 3
         assert [sys.getrefcount(x) for x in watched] == base
     """))
 

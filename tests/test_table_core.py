@@ -68,8 +68,10 @@ def test_the_one_id_dependency_and_every_other_form_resolve_alike(table_type: An
                      ([1.0], TypeError), (None, TypeError)):
         with pytest.raises(err):
             t.resolve_deps(bad)
-    # (an id below zero made of this table's type is passed on, as the reference does)
-    assert t.resolve_deps([mine(-(1 << 70))]) == [-(1 << 70)]
+    for below in (-1, -(1 << 70)):  # of this table's type, but never issued
+        for form in ([mine(below)], mine(below)):
+            with pytest.raises(pg.InvalidDependencyError, match="never issued"):
+                t.resolve_deps(form)
 
 
 def test_completions_keep_no_references(table_type: Any) -> None:

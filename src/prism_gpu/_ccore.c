@@ -537,6 +537,12 @@ engine_submit(EngineObject *self, PyObject *const *args, Py_ssize_t nargsf, PyOb
             return NULL;
         Py_DECREF(r);
     }
+    else if (!need_field(self->inflight, "inflight") || !PyDict_Check(self->inflight)) {
+        /* (deleted or rebound by code the comparisons above ran) */
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_TypeError, "the engine's inflight must be a dict");
+        return NULL;
+    }
     else if (PyDict_GET_SIZE(self->inflight) >= self->reclaim_at) {
         /* no pooled event for this op and RECLAIM ops in flight since the last look: take
          * back the events of those complete (a few queries) rather than make one (a
@@ -571,6 +577,7 @@ engine_submit(EngineObject *self, PyObject *const *args, Py_ssize_t nargsf, PyOb
     PyObject *root = v[13];
     Py_INCREF(root);
     OpObject *op = (OpObject *)op_make(op_type, lane, name);
+    PyObject *timed_obj = NULL; /* held: code run below (a trace's begin) may rebind it */
     PyObject *stream = NULL, *seq = NULL, *tracer = NULL, *mark = NULL, *start = NULL,
              *table = NULL, *oid = NULL, *ev = NULL, *r = NULL;
     if (op == NULL)
@@ -641,8 +648,8 @@ engine_submit(EngineObject *self, PyObject *const *args, Py_ssize_t nargsf, PyOb
         Py_DECREF(dev);
     }
     Py_CLEAR(seq);
-    PyObject *timed_obj = timing == Py_None ? (self->timing_obj ? self->timing_obj : Py_False)
-                                            : timing;
+    timed_obj = Py_NewRef(timing == Py_None ? (self->timing_obj ? self->timing_obj : Py_False)
+                                            : timing);
     int timed = truthy(timed_obj);
     if (timed < 0)
         goto fail;
@@ -855,8 +862,10 @@ engine_submit(EngineObject *self, PyObject *const *args, Py_ssize_t nargsf, PyOb
     Py_DECREF(table);
     Py_DECREF(oid);
     Py_DECREF(ev);
+    Py_DECREF(timed_obj);
     return (PyObject *)op;
 fail:
+    Py_XDECREF(timed_obj);
     Py_XDECREF(root);
     Py_XDECREF(op);
     Py_XDECREF(stream);
@@ -1028,7 +1037,14 @@ engine_complete(EngineObject *self, PyObject *opobj)
         goto fail_start;
     }
     if (is_table(self->table)) {
-        if (table_complete((TableObject *)self->table, op->id, op->type, duration, err) < 0)
+        /* (held: a report dropped from the backlog may run code that rebinds them) */
+        PyObject *table = Py_NewRef(self->table), *id = Py_NewRef(op->id),
+                 *type = Py_NewRef(op->type);
+        int rc = table_complete((TableObject *)table, id, type, duration, err);
+        Py_DECREF(table);
+        Py_DECREF(id);
+        Py_DECREF(type);
+        if (rc < 0)
             goto fail_start;
     }
     else {

@@ -166,16 +166,29 @@ static PyObject *
 slot_head_method(SlotObject *s, PyObject *n)
 {
     if (PyLong_CheckExact(n)) {
-        Py_ssize_t k = PyLong_AsSsize_t(n);
+        int overflow;
+        long long k = PyLong_AsLongLongAndOverflow(n, &overflow);
         if (k == -1 && PyErr_Occurred())
             return NULL;
-        return slot_head(s, k);
+        if (!overflow)
+            return slot_head(s, (Py_ssize_t)k);
     }
-    /* any other index: full[:n] as Python slices it */
+    /* any other number: full if n == capacity, else full[:n], as Python has it */
     if (s->full == Py_None) {
         refuse_closed();
         return NULL;
     }
+    PyObject *cap = PyLong_FromSsize_t(s->capacity);
+    int whole = cap ? PyObject_RichCompareBool(n, cap, Py_EQ) : -1;
+    Py_XDECREF(cap);
+    if (whole < 0)
+        return NULL;
+    if (s->full == Py_None) { /* closed by the comparison's own code */
+        refuse_closed();
+        return NULL;
+    }
+    if (whole)
+        return Py_NewRef(s->full);
     PyObject *cut = PySlice_New(NULL, n, NULL);
     if (cut == NULL)
         return NULL;
@@ -438,6 +451,11 @@ ring_init_method(RingObject *r, PyObject *slots)
     PyObject *t = PySequence_Tuple(slots);
     if (t == NULL)
         return NULL;
+    if (r->slots != NULL) { /* started meanwhile, by the iteration's own code */
+        Py_DECREF(t);
+        PyErr_SetString(PyExc_RuntimeError, "this ring was started already");
+        return NULL;
+    }
     Py_ssize_t n = PyTuple_GET_SIZE(t);
     for (Py_ssize_t i = 0; i < n; i++)
         if (Py_TYPE(PyTuple_GET_ITEM(t, i)) != &SlotType) {
@@ -777,16 +795,22 @@ static PyObject *
 slotmap_sweep(SlotMapObject *m, PyObject *unused)
 {
     PyObject *map = Py_NewRef(m->map);
-    PyObject *dead = PyList_New(0), *key, *value;
-    Py_ssize_t pos = 0;
-    while (dead && PyDict_Next(map, &pos, &key, &value)) {
-        int gone = all_dropped(value);
-        if (gone < 0 || (gone && PyList_Append(dead, key) < 0))
+    /* a snapshot: a slot's ref called below may run code that changes the map */
+    PyObject *items = PyDict_Items(map), *dead = items ? PyList_New(0) : NULL;
+    for (Py_ssize_t i = 0; dead && i < PyList_GET_SIZE(items); i++) {
+        PyObject *kv = PyList_GET_ITEM(items, i);
+        int gone = all_dropped(PyTuple_GET_ITEM(kv, 1));
+        if (gone < 0 || (gone && PyList_Append(dead, PyTuple_GET_ITEM(kv, 0)) < 0))
             Py_CLEAR(dead);
     }
+    Py_XDECREF(items);
     for (Py_ssize_t i = 0; dead && i < PyList_GET_SIZE(dead); i++)
-        if (PyDict_DelItem(map, PyList_GET_ITEM(dead, i)) < 0)
-            Py_CLEAR(dead);
+        if (PyDict_DelItem(map, PyList_GET_ITEM(dead, i)) < 0) {
+            if (PyErr_ExceptionMatches(PyExc_KeyError)) /* (gone meanwhile, as in Python) */
+                PyErr_Clear();
+            else
+                Py_CLEAR(dead);
+        }
     if (dead != NULL)
         m->sweep_at = 2 * PyDict_GET_SIZE(map) + 4096;
     Py_DECREF(map);
@@ -803,12 +827,14 @@ slotmap_filled(SlotMapObject *m, SlotObject *s, PyObject *op, PyObject *oid, Py_
     PyObject *old = slot_filled(s, op, oid, n);
     int rc = old == NULL ? -1 : 0;
     for (Py_ssize_t i = 0; rc == 0 && i < PyList_GET_SIZE(old); i++) {
-        if (PyDict_DelItem(map, PyList_GET_ITEM(old, i)) < 0) {
+        PyObject *id = Py_NewRef(PyList_GET_ITEM(old, i)); /* (a key's __eq__ may run code) */
+        if (PyDict_DelItem(map, id) < 0) {
             if (!PyErr_ExceptionMatches(PyExc_KeyError))
                 rc = -1;
             else
                 PyErr_Clear();
         }
+        Py_DECREF(id);
     }
     Py_XDECREF(old);
     if (rc == 0)
@@ -872,9 +898,7 @@ slotmap_touched(SlotMapObject *m, PyObject *oid, PyObject *slots)
             PyTuple_SET_ITEM(v, i, Py_NewRef(SLOT(s)->ref));
     }
     Py_DECREF(seq);
-    if (n == 0) /* as Python: slots[0] of none */
-        return Py_XDECREF(v), PyErr_SetString(PyExc_IndexError, "touched() needs a slot"), -1;
-    int rc = PyDict_SetItem(m->map, oid, v);
+    int rc = PyDict_SetItem(m->map, oid, v); /* (no slots: an empty tuple, as in Python) */
     Py_DECREF(v);
     return rc;
 }
@@ -899,13 +923,15 @@ slotmap_data_slots(SlotMapObject *m, PyObject *dep_ids)
         return NULL;
     PyObject *map = Py_NewRef(m->map), *slots = PyList_New(0);
     for (Py_ssize_t k = 0; slots && k < PySequence_Fast_GET_SIZE(deps); k++) {
-        PyObject *refs = PyDict_GetItemWithError(map, PySequence_Fast_GET_ITEM(deps, k));
+        PyObject *id = Py_NewRef(PySequence_Fast_GET_ITEM(deps, k)); /* (its __eq__ may run) */
+        PyObject *refs = PyDict_GetItemWithError(map, id);
+        Py_XINCREF(refs);
+        Py_DECREF(id);
         if (refs == NULL) {
             if (PyErr_Occurred())
                 Py_CLEAR(slots);
             continue;
         }
-        Py_INCREF(refs);
         int tuple = PyTuple_Check(refs);
         Py_ssize_t n = tuple ? PyTuple_GET_SIZE(refs) : 1;
         for (Py_ssize_t i = 0; slots && i < n; i++) {

@@ -113,15 +113,14 @@ table_resolve_deps(TableObject *t, PyObject *deps)
 {
     if (PyList_CheckExact(deps) && PyList_GET_SIZE(deps) == 1 && t->id_type != NULL) {
         PyObject *d = PyList_GET_ITEM(deps, 0);
-        if ((PyObject *)Py_TYPE(d) == t->id_type) {
-            Py_INCREF(d);
+        /* an id of this table's type (an int: its value read with no Python code run) */
+        if ((PyObject *)Py_TYPE(d) == t->id_type && PyLong_Check(d)) {
             int overflow;
             long long v = PyLong_AsLongLongAndOverflow(d, &overflow);
-            Py_DECREF(d);
             if (v == -1 && PyErr_Occurred())
                 return NULL;
-            if ((!overflow && v < t->next) || overflow < 0) { /* (below any id: d < next) */
-                PyObject *plain = PyNumber_Index(d); /* plain ints, as documented */
+            if (!overflow && 0 <= v && v < t->next) {
+                PyObject *plain = PyLong_FromLongLong(v); /* plain ints, as documented */
                 PyObject *out = plain ? PyList_New(1) : NULL;
                 if (out == NULL) {
                     Py_XDECREF(plain);

@@ -55,7 +55,7 @@ class PyTableCore:
         """Dependencies given as an op id or an iterable of them, as plain ints."""
         if type(deps) is list and len(deps) == 1:  # the common [upload_id]
             d = deps[0]
-            if type(d) is self.id_type and d < self.next:
+            if type(d) is self.id_type and 0 <= d < self.next:
                 return [int(d)]  # plain ints, as documented
         return self._resolve_deps(deps)  # type: ignore[no-any-return]
 

@@ -275,7 +275,8 @@ class SourceKernel:
                                   f"{self._params[2 * i]}, got an array of {arrays[i].dtype}")
             # an array without a device pointer of its own (CuPy, ...): the general path
         cfg = self._config(config)
-        args = self.arguments(arrays, extra) if (arrays or extra) else ()
+        # (a signature with parameters and nothing passed: arguments() refuses it)
+        args = self.arguments(arrays, extra) if (arrays or extra or self._conv) else ()
         if self._func and len(args) <= MAX_NATIVE_ARGS:
             try:
                 err = NATIVE.launch(self._func, *cfg, stream.live_handle, args)

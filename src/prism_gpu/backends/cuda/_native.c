@@ -1169,6 +1169,13 @@ bare_launch(StreamObject *self, PyObject *k, PyObject *config)
 {
     PyObject *func = kattr(k, s_func_);
     int ok = func != NULL && PyLong_Check(func) ? PyObject_IsTrue(func) : 0;
+    if (ok > 0) { /* a kernel whose signature has parameters: the method refuses it */
+        PyObject *conv = kattr(k, s_conv_);
+        Py_ssize_t nconv = conv == NULL || conv == Py_None ? 0 : PyObject_Size(conv);
+        Py_XDECREF(conv);
+        if (nconv != 0)
+            ok = nconv < 0 ? -1 : 0;
+    }
     PyObject *cfg = ok > 0 ? cached_dims(k, config) : NULL;
     if (cfg == NULL || !PyTuple_CheckExact(cfg) || PyTuple_GET_SIZE(cfg) != 7) {
         Py_XDECREF(func);
