@@ -178,7 +178,9 @@ def test_pooled_results_are_reused_once_dropped(ctx: pg.ManagedGpuContext,
     held[:] = 3
     assert (c == 7).all()
     ref = weakref.ref(c)
-    c.shape = (64,)
+    with warnings.catch_warnings():  # (deprecated from NumPy 2.5 on; users still do it)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        c.shape = (64,)
     c.flags.writeable = False
     del c
     assert ref() is None                         # a new view each time: none comes back
