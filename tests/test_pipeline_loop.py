@@ -327,3 +327,36 @@ def test_a_window_folds_nothing_a_busy_lane_may_still_overlap() -> None:
     queue("b")
     report("b", 7, 30.0, 31.0, last=True)
     assert win.stats() == stats
+
+
+def test_a_closed_pipeline_lets_go_of_what_its_plan_held_without_the_collector() -> None:
+    """A closed pipeline dropped its plan's prepared kernels (a callable stage and what it
+    captured) and is freed by reference counting alone: its queuing held a bound method
+    of it (a cycle), so its memory went only when the collector ran, in the middle of
+    whatever ran next (on the GPU, a stall of the next loop)."""
+
+    coord = pg.AsyncCoordinator(pg.open_device("cpu"))
+    box = [np.ones(1024, np.float32)]  # what the stage's callable captures
+    held = weakref.ref(box[0])
+
+    def fill(slot: Any) -> None:
+        slot[:] = box[0][:slot.size]
+    coord.register_kernel("fill", pg.Kernel.from_callable(fill))
+    gc.disable()
+    try:
+        pipe = pg.PipelineStageManager(coord)
+        b0 = pipe.add_buffer(64)
+        pipe.set_order([pipe.add_stage(pg.GpuPipelineStage("fill", [], [b0]))])
+        for _ in range(3):
+            pipe.execute_iteration()
+        pipe.close()
+        coord.register_kernel("fill", pg.Kernel.from_callable(lambda slot: None))
+        del fill
+        box.clear()
+        assert held() is None, "the closed pipeline's plan kept the stage's callable"
+        gone = weakref.ref(pipe)
+        del pipe
+        assert gone() is None, "the pipeline is in a reference cycle"
+    finally:
+        gc.enable()
+        coord.close()

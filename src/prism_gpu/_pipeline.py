@@ -64,7 +64,6 @@ class PipelineStageManager:
         self._engine: Engine = coordinator.engine
         self._buffers: List[TripleBuffer] = []
         self._stages: List[GpuPipelineStage] = []
-        self._lanes: Dict[Any, Lane] = {}       # stage index (or "upload"...) -> its stream
         self._order: Optional[List[int]] = None
         self._plan: List[_Step] = []
         self._open_checks: List[_Step] = []    # the plan's steps with DeviceArrays in extra
@@ -72,9 +71,12 @@ class PipelineStageManager:
         self._iter = 0
         self._win = Window()
         self._failed: Set[int] = set()          # failed ops not yet raised
-        # how an iteration's ops are queued (the plan as it runs, the views it gives)
-        self._queue = StageQueue(self._engine, self._buffers, self._lane, self._failed,
+        # how an iteration's ops are queued (the plan as it runs, the views it gives, the
+        # lanes: stage index or "upload"... -> its stream); it refers to nothing of ours
+        # but these (no cycle through us: what a plan holds goes when we do)
+        self._queue = StageQueue(self._engine, self._buffers, self._failed,
                                  coordinator.device.read_only)
+        self._lanes: Dict[Any, Lane] = self._queue.lanes  # (the queue's, read here)
         self._closed = False
 
     def coordinator(self) -> AsyncCoordinator:
@@ -145,10 +147,7 @@ class PipelineStageManager:
         return self._plan
 
     def _lane(self, key: Any, name: str) -> Lane:
-        lane = self._lanes.get(key)
-        if lane is None:
-            lane = self._lanes[key] = self._engine.lane(name)
-        return lane
+        return self._queue.lane(key, name)
 
     def _flow(self, plan: List[_Step], fed: Tuple[int, ...]) -> Tuple[int, ...]:
         hit = self._flows.get(fed)
@@ -338,6 +337,7 @@ class PipelineStageManager:
         finally:
             self._failed.clear()
             self._queue.drop_views()
+            self._queue.forget_plan()  # its prepared kernels (callables and what they hold)
             for buf in self._buffers:
                 buf.close()
         return errors

@@ -32,23 +32,29 @@ _Run = Tuple[List[_Step], Window, List[Tuple[Any, ...]], List[Tuple[Any, ...]],
 
 class StageQueue:
     """Queues a pipeline's iterations on ``engine``: ``buffers`` (the pipeline's list),
-    ``lane_of(key, name)`` (its lanes), ``failed`` (the set its stage timers add failed
-    op ids to), ``read_only(array)`` (the device's read-only view)."""
+    ``failed`` (the set its stage timers add failed op ids to), ``read_only(array)`` (the
+    device's read-only view). Owns the pipeline's lanes (:meth:`lane`, :attr:`lanes`)."""
 
-    def __init__(self, engine: Engine, buffers: List[TripleBuffer],
-                 lane_of: Callable[[Any, str], Lane], failed: Set[int],
+    def __init__(self, engine: Engine, buffers: List[TripleBuffer], failed: Set[int],
                  read_only: Callable[[Any], Any]) -> None:
         self._engine = engine
         self._buffers = buffers
-        self._lane_of = lane_of
         self._failed = failed
         self._read_only = read_only
+        self.lanes: Dict[Any, Lane] = {}  # stage index (or "upload"...) -> its stream
         # the plan as the loop runs it, with the window's timers: (plan, window, steps,
         # copy timers), made again when either changes
         self._run: Optional[_Run] = None
         # read-only views given to stages, made once per slot: slot -> (its full array,
         # valid length, the view); one entry per slot read, dropped when a ring closes
         self._views: Dict[Any, Tuple[Any, int, Any]] = {}
+
+    def lane(self, key: Any, name: str) -> Lane:
+        """The lane of stage ``key`` (or "upload", "download"), made on first use."""
+        lane = self.lanes.get(key)
+        if lane is None:
+            lane = self.lanes[key] = self._engine.lane(name)
+        return lane
 
     def forget_plan(self) -> None:
         """The statistics window changed: the timers are made again."""
@@ -102,7 +108,7 @@ class StageQueue:
                 slot = bufs[b].take(FREE_I)
                 assert slot is not None
                 view = slot.head(n)
-                op = submit(self._lane_of("upload", "upload"), _UPLOAD, None, (),
+                op = submit(self.lane("upload", "upload"), _UPLOAD, None, (),
                             slot.write_hazards(), H2D, view, x, None, None, view, timer, True)
                 acc[QUEUED] += 1
                 slot.filled(op, n)
@@ -189,7 +195,7 @@ class StageQueue:
                 slot = slots[b]
                 w, src = slot.writer, slot.array
                 timer, acc = copies[("download", b == last_b)]
-                op = submit(self._lane_of("download", "download"), _DOWNLOAD, None,
+                op = submit(self.lane("download", "download"), _DOWNLOAD, None,
                             (w,) if w is not None else (), (), D2H, dst, src, None, None,
                             (src, dst), timer, True, slot.failed)
                 acc[QUEUED] += 1
