@@ -368,3 +368,27 @@ def doubling_pipeline(ctx: pg.ManagedGpuContext, n: int) -> Tuple[Any, int, int]
     pipe.add_stage(pg.GpuPipelineStage("s", [a], [b],
                                        kernel=lambda x, y: np.multiply(x, 2, out=y)))
     return pipe, a, b
+
+
+def over_reference(cls: type, reference: type) -> type:
+    """``cls`` (a class deriving from a compiled core) rebuilt over that core's Python
+    ``reference``: the same methods, so a test runs both twins."""
+    return type(f"Py{cls.__name__}", (reference,),
+                {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")})
+
+
+def peak_memory_of_iterations(pipe: pg.PipelineStageManager, count: int) -> int:
+    """Run ``count`` iterations of ``pipe``, then ``get_stats()``: the most memory traced
+    meanwhile (``tracemalloc`` running). The coordinator's completion reports are drained
+    after every iteration: they are bounded by its ``report_backlog``, a separate matter."""
+    import tracemalloc
+
+    coord = pipe.coordinator()
+    peak = 0
+    for _ in range(count):
+        pipe.execute_iteration()
+        coord.poll()
+        peak = max(peak, tracemalloc.get_traced_memory()[0])
+    pipe.get_stats()
+    coord.poll()
+    return max(peak, tracemalloc.get_traced_memory()[0])

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 import prism_gpu as pg
-from _support import Boom, boom, checked_round, device_view, F32, rand
+from _support import Boom, boom, checked_round, device_view, F32, peak_memory_of_iterations, rand
 
 N = 256
 
@@ -179,23 +179,6 @@ def _two_stage_pipeline(ctx: pg.ManagedGpuContext) -> pg.PipelineStageManager:
     return pipe
 
 
-def _run_iterations(pipe: pg.PipelineStageManager, count: int) -> int:
-    """Run ``count`` iterations, then ``get_stats()``; the most memory traced meanwhile.
-
-    The coordinator's completion reports are drained after every iteration: they
-    are bounded by its ``report_backlog``, a separate matter.
-    """
-    coord = pipe.coordinator()
-    peak = 0
-    for _ in range(count):
-        pipe.execute_iteration()
-        coord.poll()
-        peak = max(peak, tracemalloc.get_traced_memory()[0])
-    pipe.get_stats()
-    coord.poll()
-    return max(peak, tracemalloc.get_traced_memory()[0])
-
-
 @pytest.mark.timeout(120)
 def test_pipeline_stats_memory_is_constant(ctx: pg.ManagedGpuContext) -> None:
     """Statistics of 3000 iterations take no more memory than those of 1000.
@@ -210,10 +193,10 @@ def test_pipeline_stats_memory_is_constant(ctx: pg.ManagedGpuContext) -> None:
         pipe.execute_iteration()
     tracemalloc.start()
     try:
-        _run_iterations(pipe, 200)
-        early = _run_iterations(pipe, 500)
-        _run_iterations(pipe, 1500)
-        late = _run_iterations(pipe, 500)
+        peak_memory_of_iterations(pipe, 200)
+        early = peak_memory_of_iterations(pipe, 500)
+        peak_memory_of_iterations(pipe, 1500)
+        late = peak_memory_of_iterations(pipe, 500)
     finally:
         tracemalloc.stop()
     assert pipe.get_stats().iterations == 3000

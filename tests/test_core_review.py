@@ -15,7 +15,7 @@ import pytest
 import prism_gpu as pg
 from prism_gpu import _core, _queue, _ring, _slotmap
 from prism_gpu._coordinator import AsyncCoordinator
-from _support import mul3
+from _support import mul3, over_reference
 
 pytestmark = pytest.mark.skipif(not _core.COMPILED,
                                 reason=f"the compiled core is {_core.STATUS}")
@@ -155,9 +155,7 @@ def test_touching_no_slots_stores_an_empty_tuple(map_type: Any) -> None:
     assert m._map == {5: ()} and m.data_slots([5]) == []
 
 
-PyCoordinator = type("PyCoordinator", (_queue.PyQueueCore,),
-                     {k: v for k, v in AsyncCoordinator.__dict__.items()
-                      if k not in ("__dict__", "__weakref__")})
+PyCoordinator = over_reference(AsyncCoordinator, _queue.PyQueueCore)
 
 
 @pytest.mark.parametrize("coord_type", [PyCoordinator, AsyncCoordinator])

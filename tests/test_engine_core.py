@@ -11,10 +11,10 @@ from prism_gpu import _core
 from prism_gpu._engine import H2D, Engine
 from prism_gpu._ops import OpType
 from prism_gpu._optable import OpTable
+from _support import over_reference
 
 # the engine over each core: the compiled one (where built) and the Python reference
-PyEngine = type("PyEngine", (_core.PyEngineCore,),
-                {k: v for k, v in Engine.__dict__.items() if k not in ("__dict__", "__weakref__")})
+PyEngine = over_reference(Engine, _core.PyEngineCore)
 CORES = [pytest.param(PyEngine, id="python"),
          pytest.param(Engine, id="compiled", marks=pytest.mark.skipif(
              not _core.COMPILED, reason=f"the compiled core is {_core.STATUS}"))]

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import prism_gpu as pg
-from _support import F32, affine, rand
+from _support import F32, affine, peak_memory_of_iterations, rand
 from prism_gpu._stats import QUEUED, Window, fold, merge
 
 
@@ -34,18 +34,6 @@ def _gen_use(ctx: pg.ManagedGpuContext, n: int = 16) -> Any:
     return pipe, b0, b1
 
 
-def _peak(pipe: pg.PipelineStageManager, count: int) -> int:
-    coord = pipe.coordinator()
-    peak = 0
-    for _ in range(count):
-        pipe.execute_iteration()
-        coord.poll()
-        peak = max(peak, tracemalloc.get_traced_memory()[0])
-    pipe.get_stats()
-    coord.poll()
-    return max(peak, tracemalloc.get_traced_memory()[0])
-
-
 @pytest.mark.timeout(240)
 def test_stats_stay_bounded_after_a_copy_lane_goes_quiet() -> None:
     """One iteration downloads (the download lane reports once), then none does: the
@@ -60,10 +48,10 @@ def test_stats_stay_bounded_after_a_copy_lane_goes_quiet() -> None:
             pipe.execute_iteration()
         tracemalloc.start()
         try:
-            _peak(pipe, 200)
-            early = _peak(pipe, 500)
-            _peak(pipe, 1500)
-            late = _peak(pipe, 500)
+            peak_memory_of_iterations(pipe, 200)
+            early = peak_memory_of_iterations(pipe, 500)
+            peak_memory_of_iterations(pipe, 1500)
+            late = peak_memory_of_iterations(pipe, 500)
         finally:
             tracemalloc.stop()
         stats = pipe.get_stats()

@@ -14,12 +14,10 @@ import pytest
 import prism_gpu as pg
 from prism_gpu import _core, _queue
 from prism_gpu._coordinator import AsyncCoordinator
-from _support import mul3
+from _support import mul3, over_reference
 
 # the coordinator over each core (the Python one: the same class over the reference)
-PyCoordinator = type("PyCoordinator", (_queue.PyQueueCore,),
-                     {k: v for k, v in AsyncCoordinator.__dict__.items()
-                      if k not in ("__dict__", "__weakref__")})
+PyCoordinator = over_reference(AsyncCoordinator, _queue.PyQueueCore)
 CORES = [pytest.param(PyCoordinator, id="python"),
          pytest.param(AsyncCoordinator, id="compiled", marks=pytest.mark.skipif(
              not _core.COMPILED, reason=f"the compiled core is {_core.STATUS}"))]

@@ -12,10 +12,9 @@ import prism_gpu as pg
 from prism_gpu import _core, _tablecore
 from prism_gpu._ops import id_type
 from prism_gpu._optable import OpTable
+from _support import over_reference
 
-PyOpTable = type("PyOpTable", (_tablecore.PyTableCore,),
-                 {k: v for k, v in OpTable.__dict__.items()
-                  if k not in ("__dict__", "__weakref__")})
+PyOpTable = over_reference(OpTable, _tablecore.PyTableCore)
 TABLES = [pytest.param(PyOpTable, id="python"),
           pytest.param(OpTable, id="compiled", marks=pytest.mark.skipif(
               not _core.COMPILED, reason=f"the compiled core is {_core.STATUS}"))]

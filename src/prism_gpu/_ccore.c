@@ -1465,11 +1465,9 @@ static PyObject *q_reference, *q_ring_type, *q_ndarray, *q_sync, *q_pending_uplo
     *q_UPLOAD, *q_COMPUTE, *q_DOWNLOAD;
 static PyObject *r_upload, *r_compute, *r_download; /* the reference's functions */
 static PyObject *s_closed, *s_dtype, *s_capacity, *s_flags, *s_c_contiguous, *s_size,
-    *s_device, *s_take, *s_untake, *s_head, *s_write_hazards, *s_ndim, *s_reshape,
-    *s_filled, *s_id_type, *s_id, *s_ON_, *s_peek, *s_writeable, *s_valid, *s_writer,
-    *s_array, *s_failed, *s_read, *s_touched, *s_resolve, *s_resolve_deps, *s_data_slots,
-    *s_uses_arrays, *s_defaults, *s_check, *s_config, *s_default_config, *s_failed_total,
-    *s_root_pair, *s_readers, *s_buffer, *s_updated, *s_submit, *s_name_attr,
+    *s_device, *s_take, *s_ndim, *s_reshape, *s_id_type, *s_id, *s_ON_, *s_writeable,
+    *s_resolve, *s_resolve_deps, *s_uses_arrays, *s_defaults, *s_check, *s_config, *s_default_config, *s_failed_total,
+    *s_root_pair, *s_buffer, *s_submit, *s_name_attr,
     *s_inflight, *s_reporter, *s_settle;
 static PyObject *kw_keep_done, *kw_keep_done_root, *minus_one_tuple;
 
@@ -2436,18 +2434,14 @@ intern_all(void)
         {&s_close, "close"},
         {&s_closed, "closed"}, {&s_dtype, "dtype"}, {&s_capacity, "capacity"},
         {&s_flags, "flags"}, {&s_c_contiguous, "c_contiguous"}, {&s_size, "size"},
-        {&s_device, "device"}, {&s_take, "take"}, {&s_untake, "untake"}, {&s_head, "head"},
-        {&s_write_hazards, "write_hazards"}, {&s_ndim, "ndim"}, {&s_reshape, "reshape"},
-        {&s_filled, "filled"}, {&s_id_type, "id_type"}, {&s_id, "id"}, {&s_ON_, "_ON"},
-        {&s_peek, "peek"}, {&s_writeable, "writeable"}, {&s_valid, "valid"},
-        {&s_writer, "writer"}, {&s_array, "array"}, {&s_failed, "failed"},
-        {&s_read, "read"}, {&s_touched, "touched"}, {&s_resolve, "resolve"},
-        {&s_resolve_deps, "resolve_deps"}, {&s_data_slots, "data_slots"},
-        {&s_uses_arrays, "uses_arrays"}, {&s_defaults, "defaults"}, {&s_check, "check"},
+        {&s_device, "device"}, {&s_take, "take"}, {&s_ndim, "ndim"}, {&s_reshape, "reshape"},
+        {&s_id_type, "id_type"}, {&s_id, "id"}, {&s_ON_, "_ON"},
+        {&s_writeable, "writeable"}, {&s_resolve, "resolve"},
+        {&s_resolve_deps, "resolve_deps"}, {&s_uses_arrays, "uses_arrays"},
+        {&s_defaults, "defaults"}, {&s_check, "check"},
         {&s_config, "config"}, {&s_default_config, "_default_config"},
         {&s_failed_total, "failed_total"}, {&s_root_pair, "root_pair"},
-        {&s_readers, "readers"}, {&s_buffer, "buffer"}, {&s_updated, "updated"},
-        {&s_submit, "submit"}, {&s_name_attr, "name"},
+        {&s_buffer, "buffer"}, {&s_submit, "submit"}, {&s_name_attr, "name"},
         {&s_inflight, "inflight"}, {&s_reporter, "reporter"}, {&s_settle, "_settle"},
     };
     for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {

@@ -64,7 +64,6 @@ class DeviceLane:
             raise InvalidOperationError("stream_map: the context passed as ctx= is closed")
         self.ctx = ctx
         self.depth = depth
-        self.extra = extra
         self.paced = paced
         self.rings: Dict[Tuple[str, str], TripleBuffer] = {}
         self.queued: Deque[_Queued] = collections.deque()
