@@ -40,6 +40,7 @@ def tiny(ctx: Any, iterations: int, repeats: int, run_variants: Callable[..., An
         "CuPy (hand-written)": cupy_loop,
         "PyTorch (hand-written)": torch_loop,
         **prism_loops.variants(ctx),
+        **prism_loops.tiny_variants(ctx),
     }
     rows = run_variants(variants, lambda seed: Work(n, n, us, scale=True,
                                                     inputs=inputs(n, seed)), iterations, repeats)

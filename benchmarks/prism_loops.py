@@ -28,6 +28,19 @@ def variants(ctx: Any) -> Dict[str, Callable[[Work, int], float]]:
     }
 
 
+def tiny_variants(ctx: Any) -> Dict[str, Callable[[Work, int], float]]:
+    """Two more ways through the API for the tiny workload, where host cost is the figure:
+    the coordinator timing every op (as the step's and the pipeline's do), and a
+    pipeline whose copy stages are Python callables (each runs with the stage's stream
+    made current in CuPy and PyTorch)."""
+    return {
+        "prism AsyncCoordinator, timing=True": lambda w, it: coordinator_loop(
+            ctx, w, it, timing=True),
+        "prism PipelineStageManager, callable copies": lambda w, it: pipeline_callables_loop(
+            ctx, w, it),
+    }
+
+
 def kernel(n: int) -> pg.Kernel:
     return pg.Kernel.from_source(SPIN_SCALE_SOURCE, "spin_scale",
                                  config=pg.LaunchConfig(grid=spin_scale_grid(n), block=256),
@@ -93,10 +106,10 @@ def cupy_callable(n: int) -> pg.Kernel:
     return pg.Kernel.from_callable(spin_scale)
 
 
-def coordinator_loop(ctx: Any, work: Work, iterations: int, with_cupy: bool = False
-                     ) -> float:
+def coordinator_loop(ctx: Any, work: Work, iterations: int, with_cupy: bool = False,
+                     timing: bool = False) -> float:
     """Pattern 1: queue_upload / queue_compute / queue_download / advance."""
-    coord = pg.AsyncCoordinator(ctx.device)
+    coord = pg.AsyncCoordinator(ctx.device, timing=timing)
     try:
         coord.register_kernel("spin_scale",
                               cupy_callable(work.n_up) if with_cupy else kernel(work.n_up))
@@ -140,7 +153,37 @@ def triple_buffered_step_loop(ctx: Any, work: Work, iterations: int) -> float:
 
 
 def pipeline_loop(ctx: Any, work: Work, iterations: int) -> float:
-    """PipelineStageManager: H2D, compute and D2H stages on their own streams."""
+    """PipelineStageManager fed by execute_iteration(inputs=, outputs=): the pipeline's
+    upload, its compute stage and its download, each on its own stream."""
+    pipe = ctx.create_pipeline_manager()
+    pipe.coordinator().register_kernel("spin_scale2", pg.Kernel.from_source(
+        SPIN_SCALE2_SOURCE, "spin_scale2", cpu=_spin_scale2_cpu,
+        config=pg.LaunchConfig(grid=spin_scale_grid(work.n_up), block=256)))
+    h_in = _pinned_inputs(work, ctx)
+    h_out = [pg.pinned_empty(work.n_up, np.float32, ctx=ctx) for _ in range(DEPTH)]
+    b0 = pipe.add_buffer(work.n_up)
+    b1 = pipe.add_buffer(work.n_up)
+    pipe.add_stage(pg.GpuPipelineStage("compute", [b0], [b1], kernel="spin_scale2",
+                                       extra=(work.spin_us,)))
+
+    def step(i: int) -> None:
+        # an output array is rewritten by a later download on the same stream, read at
+        # the end (as the hand-written loops do)
+        pipe.execute_iteration(inputs={b0: h_in[i % len(h_in)]},
+                               outputs={b1: h_out[i % DEPTH]})
+
+    try:
+        ms = _timed(step, pipe.get_stats, iterations)
+    finally:
+        pipe.close()
+    last = 2 * DEPTH + iterations
+    work.outputs = [h_out[i % DEPTH].copy() for i in range(last - DEPTH, last)]
+    return ms
+
+
+def pipeline_callables_loop(ctx: Any, work: Work, iterations: int) -> float:
+    """PipelineStageManager: H2D, compute and D2H stages on their own streams, the copy
+    stages Python callables."""
     pipe = ctx.create_pipeline_manager()
     coord = pipe.coordinator()
     h_in = _pinned_inputs(work, ctx)
