@@ -564,7 +564,7 @@ def test_out_register_and_device_arrays_stay_bounded(backend: str, rng: np.rando
                 pass
         assert not ctx.device.is_pinned(x)
         if backend == "cpu":
-            assert CpuDevice._registered.ranges == ()
+            assert CpuDevice.host_ranges.ranges == ()
         for _ in range(2000):                    # device arrays made and dropped per batch
             ctx.to_device(x).close()
         assert len(ctx._arrays) < 50             # noqa: SLF001 - tracked weakly

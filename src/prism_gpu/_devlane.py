@@ -70,7 +70,7 @@ class DeviceLane:
         self.cost = 0.0           # seconds a batch takes here (running average of landings)
         self._last_landed = 0.0
         self._extra = extra or None
-        self._in: Optional[Tuple[np.dtype, int, TripleBuffer]] = None  # the last input ring
+        self.in_ring: Optional[Tuple[np.dtype, int, TripleBuffer]] = None  # the last input ring
         self.sink: Any = None
         self.stager: Any = None
         self._results: Any = None
@@ -146,12 +146,12 @@ class DeviceLane:
         what stands in for it. With the defaults: a contiguous, page-locked batch,
         uploaded as it is, whose result (of its shape and dtype) comes from the pool."""
         dtype, size = staged.dtype, staged.size
-        last = self._in
+        last = self.in_ring
         if last is not None and last[0] is dtype and last[1] >= size:
             src = last[2]
         else:
             src = self._ring("in", dtype, size)
-            self._in = (dtype, src.capacity, src)
+            self.in_ring = (dtype, src.capacity, src)
         dst, n = None, 0
         if output is not None:
             n = math.prod(output[0])
@@ -198,9 +198,34 @@ class DeviceLane:
         self.queued.append(q)
         return q
 
-    def finish(self, q: _Queued) -> np.ndarray:
+    def as_is_calls(self) -> Tuple[Any, ...]:
+        """What :func:`read_ahead` (given this lane) calls to queue a batch itself as
+        :meth:`queue` would with its defaults (a contiguous, page-locked batch, uploaded
+        as it is into the ring ``in_ring`` names, its result from the pool) and to finish it
+        as :meth:`finish` does a ``(download, result, upload, compute)`` handle: the
+        coordinator's check, queue calls and waits, the engine's wait, the op table, the
+        kernel and ``extra``, and the pool's call and its first argument."""
+        coord = self.coord
+        return (coord.check, coord.queue_upload, coord.queue_compute, coord.queue_download,
+                self._engine.wait, coord.wait, self._table, self.kernel, self._extra,
+                self._results, self._results_on)
+
+    def finish(self, q: Any) -> np.ndarray:
         """``q``'s result (the oldest batch queued here), once it is complete."""
         coord = self.coord
+        if type(q) is tuple:  # queued by read_ahead itself, which finishes it so too
+            down, result, up, comp = q
+            try:
+                coord.check()
+                self._engine.wait(down)
+                table = self._table
+                if table.failed_total and table.error(down, False) is not None:
+                    coord.wait(down)
+            except PrismGpuError:
+                coord.wait(up)
+                coord.wait(comp)
+                raise
+            return result  # type: ignore[no-any-return]
         self.queued.popleft()
         down = q.down
         try:

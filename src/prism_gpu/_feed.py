@@ -14,6 +14,7 @@ from typing import Any, Callable, Deque, Generator, Iterable, Iterator, NamedTup
 
 import numpy as np
 
+from . import _trace
 from ._copypool import Ticket
 from ._errors import (DependencyFailedError, InvalidOperationError, KernelError,
                       PrismGpuError, TransferError)
@@ -102,7 +103,7 @@ def read_ahead(batches: Iterable[Any], depth: int, prefetch: int, stager: Stager
                finish: Callable[[Any], Any], what: str = "batch",
                window: Optional[int] = None, max_bytes: Optional[int] = None,
                as_is: Optional[Callable[[np.ndarray, int], Any]] = None,
-               moved: Optional[str] = None) -> Generator[Any, None, None]:
+               moved: Optional[str] = None, lane: Any = None) -> Generator[Any, None, None]:
     """Results of ``finish(submit(batch))`` for every batch, in input order.
 
     Up to ``window`` batches (default ``depth + 1``) are submitted before the oldest
@@ -123,6 +124,13 @@ def read_ahead(batches: Iterable[Any], depth: int, prefetch: int, stager: Stager
     ``moved``, where given: the message of the InvalidOperationError raised (as
     such, not as a batch's error) when the generator is resumed on another thread
     than the one that started it.
+
+    ``lane``, where given: a :class:`DeviceLane` alone (not paced) whose results come
+    from the pool, with ``submit``, ``finish`` and ``as_is`` its ``submit``, ``finish``
+    and ``queue``. What ``as_is`` and ``finish`` do for a batch its input ring fits,
+    outside a trace, is then done here, the same calls in the same order (a function
+    call less each, the calls bound once; see :meth:`DeviceLane.as_is_calls`), except
+    the coordinator's check before a wait where a queue call just made the same.
     """
     ahead: Deque[Any] = collections.deque()  # Pulled, or a batch as it is (as_is)
     pending: Deque[Any] = collections.deque()  # handles of batches yielded, yielded + 1, ...
@@ -139,14 +147,19 @@ def read_ahead(batches: Iterable[Any], depth: int, prefetch: int, stager: Stager
     cap = float("inf") if max_bytes is None else max_bytes
     it = iter(batches)
     reach = depth + prefetch  # pulled while pulled <= yielded + reach
-    pinned = stager.is_pinned if as_is is not None else None
+    pinned = stager.page_locked if as_is is not None else None
+    known, ranges = stager.known, stager.ranges  # page_locked's answers: the same, faster
     ndarray = np.ndarray
     owner = get_ident() if moved is not None else None
     pull_ahead, take_ahead, hold, unhold = ahead.append, ahead.popleft, held.append, \
         held.popleft
     pend, unpend = pending.append, pending.popleft
+    fast = lane is not None
+    calls: Any = lane.as_is_calls() if fast else (None,) * 11
+    check, upload, compute, download, wait, wait_op, table, kernel, extra, results, \
+        results_on = calls
     pulled = yielded = 0
-    exhausted = False
+    exhausted = queued = False
     try:
         while True:
             while not exhausted and pulled <= yielded + reach and (
@@ -166,7 +179,10 @@ def read_ahead(batches: Iterable[Any], depth: int, prefetch: int, stager: Stager
                         entry = Pulled(pulled, None, None, None, None, None, exc, True)
                     else:
                         # what check_batch passes and needs_staging says no to, as is
-                        if type(batch) is ndarray and batch.flags.c_contiguous \
+                        hit = known.get(id(batch))
+                        if hit is not None and hit[0]() is batch \
+                                and hit[1] is ranges.state and batch.flags.c_contiguous \
+                                or type(batch) is ndarray and batch.flags.c_contiguous \
                                 and batch.size and batch.itemsize \
                                 and not batch.dtype.hasobject and pinned(batch):
                             pull_ahead(batch)
@@ -189,11 +205,28 @@ def read_ahead(batches: Iterable[Any], depth: int, prefetch: int, stager: Stager
                     exhausted = True
             # (submitting changes nothing the pulls above wait on: no pull in between)
             while ahead and len(pending) < limit:
-                pos = pulled - len(ahead)  # ahead holds batches pos, pos + 1, ...
-                entry = take_ahead()
+                entry = take_ahead()  # batch pulled - len(ahead) - 1: ahead holds the next
                 if type(entry) is ndarray:
                     try:
-                        pend(as_is(entry, pos))  # type: ignore[misc]
+                        last = lane.in_ring if fast else None  # lane.queue(entry, pos):
+                        if last is not None and last[0] is entry.dtype \
+                                and last[1] >= entry.size and _trace.ACTIVE is None:
+                            src = last[2]
+                            up = upload(entry, src)
+                            try:
+                                comp = compute(kernel, [up], extra=extra)
+                            except BaseException:  # the upload's slot back to FREE
+                                src.get_process_buffer()
+                                src.retire()
+                                raise
+                            result, target = results(results_on, entry.shape, entry.dtype,
+                                                     entry.nbytes)
+                            down = download(src, target)
+                            src.advance()
+                            pend((down, result, up, comp))
+                            queued = True  # (see the wait below)
+                            continue
+                        pend(as_is(entry, pulled - len(ahead) - 1))  # type: ignore[misc]
                         continue
                     except Exception as exc:  # rejected batch: earlier results first
                         err: BaseException = exc
@@ -206,6 +239,7 @@ def read_ahead(batches: Iterable[Any], depth: int, prefetch: int, stager: Stager
                         err = exc
                 else:
                     err = entry.error
+                pos = pulled - len(ahead) - 1
                 while pending:
                     yield done(yielded, unpend())
                     if owner is not None and get_ident() != owner:
@@ -216,12 +250,31 @@ def read_ahead(batches: Iterable[Any], depth: int, prefetch: int, stager: Stager
                 raise batch_error(err, pos, what) from err
             if not pending:
                 break
+            handle = unpend()
             try:
-                result = finish(unpend())
+                if fast and type(handle) is tuple:  # lane.finish(handle):
+                    down, result, up, comp = handle
+                    try:
+                        # the coordinator's check, unless its queue calls made the same
+                        # checks (its thread, it and its device open, no kernel of its
+                        # running) since the iterable or the consumer last ran: only
+                        # this generator's own calls ran since
+                        if not queued:
+                            check()
+                        wait(down)
+                        if table.failed_total and table.error(down, False) is not None:
+                            wait_op(down)
+                    except PrismGpuError:
+                        wait_op(up)  # the first failure of the chain is the batch's error
+                        wait_op(comp)
+                        raise
+                else:
+                    result = finish(handle)
             except PrismGpuError as exc:
                 raise batch_error(exc, yielded, what) from exc
             held_bytes -= unhold()
             yield result
+            queued = False
             if owner is not None and get_ident() != owner:
                 raise InvalidOperationError(moved)
             yielded += 1

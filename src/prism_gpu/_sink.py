@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional, Tuple
+from typing import Any, Optional, Tuple, Union
 
 import math
 import numpy as np
 
 from ._copypool import DONE, Ticket
 from ._errors import TransferError
-from ._staging import ResultPool, Stager
+from ._staging import ResultLease, ResultPool, Stager
 
 __all__ = ["Sink", "check_out"]
 
@@ -30,7 +30,8 @@ class Sink:
     stager's workers.
     """
 
-    def __init__(self, out: Any, device: Any, stager: Stager, results: ResultPool) -> None:
+    def __init__(self, out: Any, device: Any, stager: Stager,
+                 results: Union[ResultPool, ResultLease]) -> None:
         self._out = out
         self.device = device
         self._stager = stager

@@ -176,7 +176,8 @@ def _run(kernel: Any, batches: Iterable[np.ndarray], depth: int, prefetch: int, 
     bar = _Progress(batches) if progress else None
     cache = cache_of(device)  # pinned host memory serves every device
     stager = Stager(device, cache)
-    sink = Sink(out, device, stager, cache.results)
+    results = cache.results.lease()  # (this generator's thread alone calls it)
+    sink = Sink(out, device, stager, results)
     for lane in lanes:
         lane.attach(sink, stager)
     plain = output is None and out is None  # each result in the pool, shaped as its batch
@@ -232,11 +233,15 @@ def _run(kernel: Any, batches: Iterable[np.ndarray], depth: int, prefetch: int, 
             "stream_map: batch", window=n * (depth + 1) + prefetch // 2,
             max_bytes=n * _READ_AHEAD_BYTES, as_is=as_is,
             moved="a stream_map iterator was started on another thread: its "
-                  "coordinators are that thread's; iterate it where it started")
+                  "coordinators are that thread's; iterate it where it started",
+            # (a lane alone, its results from the pool: read_ahead queues and finishes
+            # its page-locked batches itself; not with a bar counting the finish calls)
+            lane=lanes[0] if plain and n == 1 and bar is None else None)
     finally:
         stager.close()
         for lane in lanes:
             lane.close()
+        results.close()  # (once no download writes its buffers: not if a close raised)
         if bar is not None:
             bar.close()
 

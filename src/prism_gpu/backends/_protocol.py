@@ -103,6 +103,10 @@ class Device(Protocol):
         ...
 
     def is_pinned(self, array: np.ndarray) -> bool:
+        """Whether ``array`` lies in page-locked memory. A device may also have a
+        ``host_ranges`` attribute (an object whose ``state`` is replaced whenever a host
+        registration changes): then the answer for a live array that does not own its
+        memory changes only with that ``state``, and callers may remember it so."""
         ...
 
     def is_device_array(self, obj: Any) -> bool:

@@ -38,7 +38,9 @@ class CpuDevice:
     # Page-locked memory is a property of the host, not of one device object.
     _pinned: Dict[int, "weakref.ref[np.ndarray]"] = {}
     _pinned_lock = threading.Lock()
-    _registered = HostRanges()
+    # the registered ranges; is_pinned's answer for a live array that does not own its
+    # memory changes only when their ``state`` does (read by stream_map's staging)
+    host_ranges = HostRanges()
 
     def __init__(self, ordinal: int = 0) -> None:
         if not 0 <= ordinal < MAX_DEVICES:
@@ -81,15 +83,15 @@ class CpuDevice:
 
     def is_pinned(self, array: np.ndarray) -> bool:
         root = _root(array)
-        return id(root) in self._pinned or self._registered.covers(array, root)
+        return id(root) in self._pinned or self.host_ranges.covers(array, root)
 
     def register_host(self, array: np.ndarray) -> Any:
         """Bookkeeping only (host memory is what this device computes on), so code
         that registers memory runs, and is checked, the same way as on a GPU."""
-        return self._registered.reserve(array)
+        return self.host_ranges.reserve(array)
 
     def unregister_host(self, handle: Any) -> None:
-        self._registered.remove(*handle)
+        self.host_ranges.remove(*handle)
 
     def is_device_array(self, obj: Any) -> bool:
         return isinstance(obj, np.ndarray) and id(_root(obj)) in self._device_mem

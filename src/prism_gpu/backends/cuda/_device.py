@@ -10,7 +10,7 @@ import numpy as np
 from ..._errors import BackendUnavailableError, KernelError
 from ._driver import CURRENT as _CURRENT, NATIVE_STATUS, check, driver, from_cuda_exception
 from ._kernels import prepare
-from ._memory import (DeviceArray, PinnedAllocator, StagingPool, device_alloc, register_host,
+from ._memory import (REGISTERED, DeviceArray, PinnedAllocator, StagingPool, device_alloc, register_host,
                       unregister_host)
 from ._stream import EVENT, STREAM, CudaEvent, CudaStream
 
@@ -20,6 +20,9 @@ class CudaDevice:
     """One CUDA device through cuda.core."""
 
     kind = "cuda"
+    # the registered ranges; is_pinned's answer for a live array that does not own its
+    # memory changes only when their ``state`` does (read by stream_map's staging)
+    host_ranges = REGISTERED
 
     def __init__(self, ordinal: int = 0) -> None:
         from cuda.core import Device, EventOptions, StreamOptions

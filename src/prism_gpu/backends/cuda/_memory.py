@@ -158,7 +158,7 @@ class PinnedAllocator:
     def host_info(cls, array: np.ndarray) -> Tuple[int, bool]:
         """(address, pinned?) of a host array; cached until a registration changes."""
         key = id(array)
-        generation = REGISTERED.generation  # before the answer: a change meanwhile misses
+        generation = REGISTERED.state[1]  # before the answer: a change meanwhile misses
         hit = cls._info.get(key)
         if hit is not None and hit[0]() is array and hit[3] == generation:
             return hit[1], hit[2]
