@@ -10,8 +10,8 @@ import numpy as np
 from ..._errors import BackendUnavailableError, KernelError
 from ._driver import CURRENT as _CURRENT, NATIVE_STATUS, check, driver, from_cuda_exception
 from ._kernels import prepare
-from ._memory import (REGISTERED, DeviceArray, PinnedAllocator, StagingPool, device_alloc, register_host,
-                      unregister_host)
+from ._memory import (REGISTERED, DeviceArray, PinnedAllocator, StagingPool, device_alloc,
+                      register_host, unregister_host)
 from ._stream import EVENT, STREAM, CudaEvent, CudaStream
 
 
