@@ -1655,7 +1655,18 @@ new_id(Held *h, PyObject *op)
                                            : PyObject_GetAttr(h->table, s_id_type);
     if (id_type == NULL && !PyErr_Occurred())
         PyErr_SetString(PyExc_AttributeError, "the op table has no id_type");
-    PyObject *r = id_type ? PyObject_CallOneArg(id_type, oid) : NULL;
+    PyObject *r = NULL;
+    if (id_type != NULL && PyType_Check(id_type) &&
+        ((PyTypeObject *)id_type)->tp_new == PyLong_Type.tp_new &&
+        ((PyTypeObject *)id_type)->tp_init == PyBaseObject_Type.tp_init) {
+        /* an int subclass with neither __new__ nor __init__ of its own (the table's OpId
+         * type): made by int's __new__ alone, as calling the type would */
+        PyObject *one = PyTuple_Pack(1, oid);
+        r = one ? PyLong_Type.tp_new((PyTypeObject *)id_type, one, NULL) : NULL;
+        Py_XDECREF(one);
+    }
+    else if (id_type != NULL)
+        r = PyObject_CallOneArg(id_type, oid);
     Py_XDECREF(id_type);
     Py_DECREF(oid);
     return r;
