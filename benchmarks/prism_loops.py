@@ -29,14 +29,16 @@ def variants(ctx: Any) -> Dict[str, Callable[[Work, int], float]]:
 
 
 def tiny_variants(ctx: Any) -> Dict[str, Callable[[Work, int], float]]:
-    """Two more ways through the API for the tiny workload, where host cost is the figure:
-    the coordinator timing every op (as the step's and the pipeline's do), and a
-    pipeline whose copy stages are Python callables (each runs with the stage's stream
-    made current in CuPy and PyTorch)."""
+    """More ways through the API for the tiny workload, where host cost is the figure: the
+    coordinator timing every op (as the step's and the pipeline's do), a pipeline whose
+    copy stages are Python callables (each runs with the stage's stream made current in
+    CuPy and PyTorch), and the step on a context that times nothing."""
     return {
         "prism AsyncCoordinator, timing=True": lambda w, it: coordinator_loop(
             ctx, w, it, timing=True),
         "prism PipelineStageManager, callable copies": lambda w, it: pipeline_callables_loop(
+            ctx, w, it),
+        "prism triple_buffered_step, timing=False": lambda w, it: untimed_step_loop(
             ctx, w, it),
     }
 
@@ -150,6 +152,13 @@ def triple_buffered_step_loop(ctx: Any, work: Work, iterations: int) -> float:
     last = 2 * DEPTH + iterations
     work.outputs = [h_out[i % DEPTH].copy() for i in range(last - DEPTH, last)]
     return ms
+
+
+def untimed_step_loop(ctx: Any, work: Work, iterations: int) -> float:
+    """triple_buffered_step on a context of the same device made with timing=False."""
+    with pg.ManagedGpuContext(device=ctx.device.ordinal, backend=ctx.backend,
+                              timing=False) as own:
+        return triple_buffered_step_loop(own, work, iterations)
 
 
 def pipeline_loop(ctx: Any, work: Work, iterations: int) -> float:

@@ -351,3 +351,55 @@ def test_has_kernel_tells_registered_names_and_never_raises() -> None:
         assert not coord.has_kernel(5) and not coord.has_kernel([])  # type: ignore[arg-type]
     finally:
         coord.close()
+
+
+# --- timing off, and the kernel name remembered ------------------------------------------
+
+def test_a_context_without_timing_steps_with_no_times(backend: str,
+                                                      rng: np.random.Generator) -> None:
+    """``timing=False``: the coordinator times nothing, each step's result is right and
+    its telemetry's times stay None (on_complete still called once, error None)."""
+    with pg.ManagedGpuContext(backend=backend, timing=False) as ctx:
+        assert ctx.async_coordinator().timing is False
+        seen: List[pg.StepTelemetry] = []
+        for _ in range(5):
+            x, y = rand(rng, N), np.full(N, np.nan, dtype=F32)
+            tel = ctx.triple_buffered_step(pg.StepConfig(kernel="scale", input=x, output=y,
+                                                         on_complete=seen.append))
+            tel.wait()
+            np.testing.assert_array_equal(y, x * F32(2))
+            assert (tel.upload_ms, tel.compute_ms, tel.download_ms, tel.total_ms) == \
+                (None, None, None, None)
+        ctx.async_coordinator().poll()
+        assert len(seen) == 5 and all(t.error is None for t in seen)
+    with pg.ManagedGpuContext(backend=backend) as ctx:  # the default times every op
+        x, y = rand(rng, N), np.full(N, np.nan, dtype=F32)
+        tel = ctx.triple_buffered_step(pg.StepConfig(kernel="scale", input=x, output=y))
+        tel.wait()
+        ctx.async_coordinator().poll()
+        assert all(isinstance(t, float) and t >= 0 for t in
+                   (tel.upload_ms, tel.compute_ms, tel.download_ms))
+
+
+@pytest.mark.parametrize("bad", [1, "yes", None])
+def test_timing_must_be_a_bool(bad: Any) -> None:
+    with pytest.raises(TypeError, match="timing must be True or False"):
+        pg.ManagedGpuContext(backend="cpu", timing=bad)
+
+
+def test_a_name_after_the_remembered_one_is_still_checked(ctx: pg.ManagedGpuContext,
+                                                          rng: np.random.Generator) -> None:
+    """The step remembers the last kernel name it found registered; another name is
+    checked again: an unknown one is refused before anything is queued, a registered
+    one runs."""
+    _steps(ctx, rng, 2)  # "scale" remembered
+    before = _issued(ctx)
+    x, y = rand(rng, N), np.full(N, np.nan, dtype=F32)
+    with pytest.raises(pg.InvalidOperationError, match="no kernel named 'scal'"):
+        ctx.triple_buffered_step(pg.StepConfig(kernel="scal", input=x, output=y))
+    assert _issued(ctx) == before
+    ctx.async_coordinator().register_kernel("double", _double)
+    tel = ctx.triple_buffered_step(pg.StepConfig(kernel="double", input=x, output=y))
+    tel.wait()
+    np.testing.assert_array_equal(y, x * F32(2))
+    _steps(ctx, rng, 2)

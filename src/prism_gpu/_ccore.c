@@ -469,6 +469,24 @@ kind_of(PyObject *kind)
 
 static const char *submit_kw[] = {"lane", "op_type", "name", "deps", "quiet", "kind", "a",
                                   "b", "c", "d", "keep", "on_done", "timing", "root", NULL};
+/* the same names interned: a call's keywords (interned where they come from code, and in
+ * the queue calls' own tuples) are found by identity, without comparing text */
+static PyObject *submit_kw_obj[14];
+
+/* the position of keyword ``key`` in submit_kw, 14 if none */
+static int
+submit_kw_index(PyObject *key)
+{
+    int j = 0;
+    while (j < 14 && submit_kw_obj[j] != key)
+        j++;
+    if (j < 14)
+        return j;
+    j = 0;
+    while (submit_kw[j] && PyUnicode_CompareWithASCIIString(key, submit_kw[j]) != 0)
+        j++;
+    return j;
+}
 
 static PyObject *
 engine_submit(EngineObject *self, PyObject *const *args, Py_ssize_t nargsf, PyObject *kwnames)
@@ -490,9 +508,7 @@ engine_submit(EngineObject *self, PyObject *const *args, Py_ssize_t nargsf, PyOb
     if (kwnames != NULL) {
         for (Py_ssize_t k = 0; k < PyTuple_GET_SIZE(kwnames); k++) {
             PyObject *key = PyTuple_GET_ITEM(kwnames, k);
-            int j = 0;
-            while (submit_kw[j] && PyUnicode_CompareWithASCIIString(key, submit_kw[j]) != 0)
-                j++;
+            int j = submit_kw_index(key);
             if (!submit_kw[j] || given[j]) {
                 PyErr_Format(PyExc_TypeError, "submit() got an unexpected or repeated "
                              "keyword argument %R", key);
@@ -1466,7 +1482,7 @@ static PyObject *q_reference, *q_ring_type, *q_ndarray, *q_sync, *q_pending_uplo
 static PyObject *r_upload, *r_compute, *r_download; /* the reference's functions */
 static PyObject *s_closed, *s_dtype, *s_capacity, *s_flags, *s_c_contiguous, *s_size,
     *s_device, *s_take, *s_ndim, *s_reshape, *s_id_type, *s_id, *s_ON_, *s_writeable,
-    *s_resolve, *s_resolve_deps, *s_uses_arrays, *s_defaults, *s_check, *s_config, *s_default_config, *s_failed_total,
+    *s_resolve, *s_named, *s_resolve_deps, *s_uses_arrays, *s_defaults, *s_check, *s_config, *s_default_config, *s_failed_total,
     *s_root_pair, *s_buffer, *s_submit, *s_name_attr,
     *s_inflight, *s_reporter, *s_settle;
 static PyObject *kw_keep_done, *kw_keep_done_root, *minus_one_tuple;
@@ -1639,19 +1655,55 @@ new_id(Held *h, PyObject *op)
                                            : PyObject_GetAttr(h->table, s_id_type);
     if (id_type == NULL && !PyErr_Occurred())
         PyErr_SetString(PyExc_AttributeError, "the op table has no id_type");
-    PyObject *r = id_type ? PyObject_CallOneArg(id_type, oid) : NULL;
+    PyObject *r = NULL;
+    if (id_type != NULL && PyType_Check(id_type) &&
+        ((PyTypeObject *)id_type)->tp_new == PyLong_Type.tp_new &&
+        ((PyTypeObject *)id_type)->tp_init == PyBaseObject_Type.tp_init) {
+        /* an int subclass with neither __new__ nor __init__ of its own (the table's OpId
+         * type): made by int's __new__ alone, as calling the type would */
+        PyObject *one = PyTuple_Pack(1, oid);
+        r = one ? PyLong_Type.tp_new((PyTypeObject *)id_type, one, NULL) : NULL;
+        Py_XDECREF(one);
+    }
+    else if (id_type != NULL)
+        r = PyObject_CallOneArg(id_type, oid);
     Py_XDECREF(id_type);
     Py_DECREF(oid);
     return r;
 }
 
+/* EngineCore.submit as its type has it: an engine whose class has this one is called
+ * directly */
+static PyObject *core_submit;
+
 /* engine.submit(*args[1:1 + nargs], **kwargs): args[0] is set to the engine */
 static PyObject *
 engine_submit_call(PyObject *engine, PyObject **args, Py_ssize_t nargs, PyObject *kwnames)
 {
+    if (PyObject_TypeCheck(engine, &EngineType) &&
+        _PyType_Lookup(Py_TYPE(engine), s_submit) == core_submit)
+        return engine_submit((EngineObject *)engine, args + 1, nargs, kwnames);
     args[0] = engine;
     return PyObject_VectorcallMethod(s_submit, args, (nargs + 1) | PY_VECTORCALL_ARGUMENTS_OFFSET,
                                      kwnames);
+}
+
+/* kernels.resolve(kernel): a registered name found in the registry's ``named`` (name ->
+ * (kernel, prepared)) directly, anything else by the method */
+static PyObject *
+registry_entry(PyObject *kernels, PyObject *kernel)
+{
+    if (PyUnicode_CheckExact(kernel)) {
+        PyObject *named = PyObject_GetAttr(kernels, s_named);
+        if (named == NULL)
+            return NULL;
+        PyObject *e = PyDict_CheckExact(named) ? PyDict_GetItemWithError(named, kernel) : NULL;
+        Py_XINCREF(e);
+        Py_DECREF(named);
+        if (e != NULL || PyErr_Occurred())
+            return e;
+    }
+    return PyObject_CallMethodOneArg(kernels, s_resolve, kernel);
 }
 
 static int
@@ -1755,7 +1807,10 @@ q_upload_impl(QueueObject *self, Held *h, PyObject *const *args, Py_ssize_t narg
     Py_DECREF(dtype);
     if (n < 0)
         return NULL;
-    Py_ssize_t cap = attr_ssize(buffer, s_capacity);
+    /* (TripleBuffer.capacity, its size: every slot's capacity) */
+    Py_ssize_t cap = ring->slots != NULL && PyTuple_GET_SIZE(ring->slots) > 0
+                         ? ((SlotObject *)PyTuple_GET_ITEM(ring->slots, 0))->capacity
+                         : attr_ssize(buffer, s_capacity);
     if (cap == -1 && PyErr_Occurred())
         return NULL;
     PyObject *dev = n > 0 && n <= cap ? PyObject_GetAttr(buffer, s_device) : NULL;
@@ -1992,7 +2047,7 @@ q_compute_impl(QueueObject *self, Held *h, PyObject *const *args, Py_ssize_t nar
              *pending = NULL, *arrays = NULL, *ext = NULL, *config = NULL, *waits = NULL,
              *quiet = NULL, *root = NULL, *inflight = NULL, *op = NULL, *keep = NULL,
              *kname = NULL, *failed = NULL, *r = NULL, *kind = NULL, *done = NULL;
-    entry = PyObject_CallMethodOneArg(h->kernels, s_resolve, args[0]);
+    entry = registry_entry(h->kernels, args[0]);
     if (entry == NULL)
         goto fail;
     if (!PyTuple_Check(entry) || PyTuple_GET_SIZE(entry) != 2) {
@@ -2411,6 +2466,18 @@ static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "_ccore", "The engine's hot path, compiled.", -1, methods,
 };
 
+/* (name,): a call's keyword names, interned as code's are */
+static PyObject *
+kw_tuple(const char *name)
+{
+    PyObject *key = PyUnicode_InternFromString(name);
+    if (key == NULL)
+        return NULL;
+    PyObject *t = PyTuple_Pack(1, key);
+    Py_DECREF(key);
+    return t;
+}
+
 static int
 intern_all(void)
 {
@@ -2436,7 +2503,7 @@ intern_all(void)
         {&s_flags, "flags"}, {&s_c_contiguous, "c_contiguous"}, {&s_size, "size"},
         {&s_device, "device"}, {&s_take, "take"}, {&s_ndim, "ndim"}, {&s_reshape, "reshape"},
         {&s_id_type, "id_type"}, {&s_id, "id"}, {&s_ON_, "_ON"},
-        {&s_writeable, "writeable"}, {&s_resolve, "resolve"},
+        {&s_writeable, "writeable"}, {&s_resolve, "resolve"}, {&s_named, "named"},
         {&s_resolve_deps, "resolve_deps"}, {&s_uses_arrays, "uses_arrays"},
         {&s_defaults, "defaults"}, {&s_check, "check"},
         {&s_config, "config"}, {&s_default_config, "_default_config"},
@@ -2449,15 +2516,21 @@ intern_all(void)
         if (*names[i].slot == NULL)
             return 0;
     }
-    kw_propagate = Py_BuildValue("(s)", "propagate");
-    kw_stamp = Py_BuildValue("(s)", "stamp");
-    kw_oid = Py_BuildValue("(s)", "oid");
-    kw_force = Py_BuildValue("(s)", "force");
+    kw_propagate = kw_tuple("propagate");
+    kw_stamp = kw_tuple("stamp");
+    kw_oid = kw_tuple("oid");
+    kw_force = kw_tuple("force");
     minus_one = PyLong_FromLong(-1);
     one = PyLong_FromLong(1);
     empty_tuple = PyTuple_New(0);
-    kw_keep_done = Py_BuildValue("(ss)", "keep", "on_done");
-    kw_keep_done_root = Py_BuildValue("(sss)", "keep", "on_done", "root");
+    for (int j = 0; j < 14; j++) {
+        submit_kw_obj[j] = PyUnicode_InternFromString(submit_kw[j]);
+        if (submit_kw_obj[j] == NULL)
+            return 0;
+    }
+    kw_keep_done = PyTuple_Pack(2, submit_kw_obj[10], submit_kw_obj[11]);
+    kw_keep_done_root = PyTuple_Pack(3, submit_kw_obj[10], submit_kw_obj[11],
+                                     submit_kw_obj[13]);
     minus_one_tuple = Py_BuildValue("(i)", -1);
     if (!kw_keep_done || !kw_keep_done_root || !minus_one_tuple)
         return 0;
@@ -2470,6 +2543,11 @@ PyInit__ccore(void)
     if (!intern_all() || PyType_Ready(&OpType) < 0 || PyType_Ready(&EngineType) < 0 ||
         PyType_Ready(&QueueType) < 0)
         return NULL;
+    core_submit = _PyType_Lookup(&EngineType, s_submit); /* (borrowed: the type is static) */
+    if (core_submit == NULL) {
+        PyErr_SetString(PyExc_SystemError, "EngineCore has no submit");
+        return NULL;
+    }
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)
         return NULL;

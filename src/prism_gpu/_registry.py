@@ -25,7 +25,9 @@ class KernelRegistry:
 
     def __init__(self, prepare: Callable[[Kernel], Any]) -> None:
         self._prepare = prepare
-        self._named: Dict[str, Entry] = {}
+        # name -> (kernel, prepared): the kernels registered by name (and built-ins once
+        # used); read directly by the compiled queue core, so never rebound
+        self.named: Dict[str, Entry] = {}
         self._builtins = builtin_kernels()
         # Kernel -> prepared; the prepared form never refers back to its Kernel
         self._direct: "weakref.WeakKeyDictionary[Kernel, Any]" = weakref.WeakKeyDictionary()
@@ -34,23 +36,23 @@ class KernelRegistry:
         if not isinstance(name, str) or not name:
             raise TypeError(f"kernel name must be a non-empty str, got {name!r}")
         k = as_kernel(kernel, name)
-        self._named[name] = (k, self._prepare(k))
+        self.named[name] = (k, self._prepare(k))
 
     def prepared(self, name: str) -> bool:
         """Whether kernel ``name`` is registered and prepared (a built-in once used)."""
-        return type(name) is str and name in self._named
+        return type(name) is str and name in self.named
 
     def resolve(self, kernel: Any) -> Entry:
         if isinstance(kernel, str):
-            entry = self._named.get(kernel)
+            entry = self.named.get(kernel)
             if entry is None:
                 k = self._builtins.get(kernel)
                 if k is None:
-                    known = sorted(set(self._named) | set(self._builtins))
+                    known = sorted(set(self.named) | set(self._builtins))
                     raise InvalidOperationError(
                         f"no kernel named {kernel!r}; known: {', '.join(known)}. "
                         "Register it first with coord.register_kernel(name, kernel)")
-                entry = self._named[kernel] = (k, self._prepare(k))
+                entry = self.named[kernel] = (k, self._prepare(k))
             return entry
         if isinstance(kernel, Kernel):
             prepared = self._direct.get(kernel)
@@ -64,8 +66,8 @@ class KernelRegistry:
                         f"got {type(kernel).__name__}")
 
     def __len__(self) -> int:
-        return len(self._named) + len(self._direct)
+        return len(self.named) + len(self._direct)
 
     def clear(self) -> None:
-        self._named.clear()
+        self.named.clear()
         self._direct.clear()

@@ -54,11 +54,8 @@ class CpuDevice:
         self._device_mem: Dict[int, "weakref.ref[np.ndarray]"] = {}
         self._streams: "weakref.WeakSet[CpuStream]" = weakref.WeakSet()
         self._lock = threading.Lock()
-        self._closed = False
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
+        # True once closed (a plain attribute: the queue calls read it on every op)
+        self.closed = False
 
     @property
     def properties(self) -> dict:
@@ -137,9 +134,9 @@ class CpuDevice:
         return any(s.runs_here() for s in list(self._streams))
 
     def close(self) -> None:
-        if self._closed:
+        if self.closed:
             return
-        self._closed = True
+        self.closed = True
         for stream in list(self._streams):
             stream.close()
 

@@ -44,7 +44,8 @@ class CudaDevice:
         self.staging = StagingPool(self.pinned, self.create_event)
         self._streams: "weakref.WeakSet[CudaStream]" = weakref.WeakSet()
         self._limits: Dict[str, int] = {}
-        self._closed = False
+        # True once closed (a plain attribute: the queue calls read it on every op)
+        self.closed = False
 
     def _current(self) -> None:
         """Make this device's context current on the calling thread: a thread may drive
@@ -52,10 +53,6 @@ class CudaDevice:
         if getattr(_CURRENT, "ordinal", None) != self.ordinal:
             self._dev.set_current()
             _CURRENT.ordinal = self.ordinal
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
 
     @property
     def properties(self) -> dict:
@@ -159,9 +156,9 @@ class CudaDevice:
             raise from_cuda_exception(exc, "device synchronize") from exc
 
     def close(self) -> None:
-        if self._closed:
+        if self.closed:
             return
-        self._closed = True
+        self.closed = True
         for s in list(self._streams):
             try:
                 s.close()

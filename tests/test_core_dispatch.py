@@ -1,0 +1,138 @@
+"""Shortcuts of the compiled queue calls, on both cores: a registered name is looked up
+in the registry's ``named`` table directly, an engine's own ``submit`` is called without
+a method lookup, a ring's capacity is read from its slots. Each must answer as the
+Python reference does, including where a subclass or a later change is in the way."""
+
+from __future__ import annotations
+
+from typing import Any, List
+
+import numpy as np
+import pytest
+
+import prism_gpu as pg
+from prism_gpu import _coordinator, _core, _queue
+from prism_gpu._coordinator import AsyncCoordinator
+from prism_gpu._engine import Engine
+from _support import F32, add1, mul3, over_reference
+
+PyCoordinator = over_reference(AsyncCoordinator, _queue.PyQueueCore)
+CORES = [pytest.param(PyCoordinator, id="python"),
+         pytest.param(AsyncCoordinator, id="compiled", marks=pytest.mark.skipif(
+             not _core.COMPILED, reason=f"the compiled core is {_core.STATUS}"))]
+N = 512
+
+
+def _iterate(coord: Any, buf: pg.TripleBuffer, x: np.ndarray, out: np.ndarray,
+             kernel: Any) -> None:
+    up = coord.queue_upload(x, buf)
+    coord.queue_compute(kernel, [up])
+    d = coord.queue_download(buf, out)
+    buf.advance()
+    coord.wait(d)
+
+
+@pytest.mark.parametrize("make", CORES)
+def test_a_name_registered_again_runs_its_new_kernel(make: Any, device: Any) -> None:
+    """The compiled lookup reads the live table: a name registered again runs the new
+    kernel on the next compute, and a name never registered still says which are."""
+    rng = np.random.default_rng(11)
+    with make(device) as coord:
+        buf = pg.TripleBuffer(device, N)
+        out = np.empty(N, F32)
+        coord.register_kernel("k", mul3())
+        x = rng.standard_normal(N).astype(F32)
+        _iterate(coord, buf, x, out, "k")
+        np.testing.assert_array_equal(out, x * F32(3))
+        coord.register_kernel("k", add1())
+        x = rng.standard_normal(N).astype(F32)
+        _iterate(coord, buf, x, out, "k")
+        np.testing.assert_array_equal(out, x + F32(1))
+        up = coord.queue_upload(x, buf)
+        with pytest.raises(pg.InvalidOperationError, match="no kernel named 'nope'; known: "):
+            coord.queue_compute("nope", [up])
+        coord.synchronize_all()
+
+
+@pytest.mark.parametrize("make", CORES)
+def test_a_builtin_name_resolves_on_first_use(make: Any, device: Any) -> None:
+    """A built-in is not in the registered table until first used: the lookup misses and
+    the registry's resolve prepares it (then the table has it)."""
+    rng = np.random.default_rng(12)
+    with make(device) as coord:
+        buf = pg.TripleBuffer(device, N)
+        out = np.empty(N, F32)
+        assert not coord.has_kernel("scale")
+        x = rng.standard_normal(N).astype(F32)
+        up = coord.queue_upload(x, buf)
+        coord.queue_compute("scale", [up], extra=(2.0,))
+        d = coord.queue_download(buf, out)
+        buf.advance()
+        coord.wait(d)
+        np.testing.assert_allclose(out, x * F32(2), rtol=1e-6)
+        assert coord.has_kernel("scale")
+
+
+class _CountingEngine(Engine):
+    """An engine whose class has its own submit: every op must go through it."""
+
+    submits: List[Any] = []
+
+    def submit(self, *args: Any, **kw: Any) -> Any:
+        op = super().submit(*args, **kw)
+        _CountingEngine.submits.append(op.type)
+        return op
+
+
+@pytest.mark.parametrize("make", CORES)
+def test_an_engine_overriding_submit_is_called(make: Any, device: Any,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The compiled queue calls call an engine's submit directly only when its class has
+    the core's own; an override is called, for each of the three ops."""
+    monkeypatch.setattr(_coordinator, "Engine", _CountingEngine)
+    _CountingEngine.submits = []
+    rng = np.random.default_rng(13)
+    with make(device) as coord:
+        assert type(coord.engine) is _CountingEngine
+        coord.register_kernel("mul3", mul3())
+        buf = pg.TripleBuffer(device, N)
+        out = np.empty(N, F32)
+        for _ in range(4):
+            x = rng.standard_normal(N).astype(F32)
+            _iterate(coord, buf, x, out, "mul3")
+            np.testing.assert_array_equal(out, x * F32(3))
+    types = [pg.OpType.UPLOAD, pg.OpType.COMPUTE, pg.OpType.DOWNLOAD]
+    assert _CountingEngine.submits == types * 4
+
+
+@pytest.mark.parametrize("make", CORES)
+def test_capacity_read_from_the_slots_bounds_an_upload(make: Any, device: Any) -> None:
+    """An upload longer than the ring's slots is refused, naming both sizes, and changes
+    nothing; one exactly as long goes."""
+    rng = np.random.default_rng(14)
+    with make(device) as coord:
+        buf = pg.TripleBuffer(device, N)
+        with pytest.raises(pg.TransferError, match=f"{N + 1}.*{N}"):
+            coord.queue_upload(np.ones(N + 1, F32), buf)
+        assert [s.name for s in buf.get_states()] == ["FREE"] * 3
+        coord.register_kernel("mul3", mul3())
+        out = np.empty(N, F32)
+        x = rng.standard_normal(N).astype(F32)
+        _iterate(coord, buf, x, out, "mul3")
+        np.testing.assert_array_equal(out, x * F32(3))
+
+
+@pytest.mark.parametrize("make", CORES)
+def test_a_closed_device_refuses_the_next_queue_call(make: Any) -> None:
+    """A device's ``closed`` (a plain attribute) is read by every queue call: closing the
+    device under the coordinator makes the next one refuse, saying so."""
+    dev = pg.open_device("cpu")
+    coord = make(dev)
+    buf = pg.TripleBuffer(dev, N)
+    x = np.ones(N, F32)
+    coord.wait(coord.queue_upload(x, buf))
+    dev.close()
+    assert dev.closed
+    with pytest.raises(pg.InvalidOperationError, match="closed"):
+        coord.queue_upload(x, buf)
+    coord.close()
