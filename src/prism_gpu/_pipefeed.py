@@ -14,7 +14,14 @@ from ._sink import Sink
 from ._staging import Stager, cache_of
 from ._validate import host_array
 
-__all__ = ["check_inputs", "valid_lengths", "written_buffers", "run_pipeline"]
+__all__ = ["check_inputs", "valid_lengths", "written_buffers", "run_pipeline", "io_entry",
+           "fast_io"]
+
+_ndarray = np.ndarray
+# an iteration checked once, for the pipeline's plan then: (buffer fed -> (dtype, capacity),
+# buffer read back -> (dtype, valid elements), the buffers it writes, the valid lengths)
+IoEntry = Tuple[Dict[int, Tuple[Any, int]], Dict[int, Tuple[Any, int]], Tuple[int, ...],
+                Mapping[int, int]]
 
 
 def written_buffers(plan: Sequence[Any], fed: Tuple[int, ...]) -> Tuple[int, ...]:
@@ -37,28 +44,33 @@ def written_buffers(plan: Sequence[Any], fed: Tuple[int, ...]) -> Tuple[int, ...
     return tuple(sorted(written))
 
 
-def check_inputs(pipe: Any, inputs: Any) -> Dict[int, Tuple[np.ndarray, int]]:
-    """``inputs`` checked against the pipeline's buffers: buffer -> (flat array, length)."""
+def check_inputs(pipe: Any, inputs: Any) -> Tuple[Dict[int, np.ndarray], Dict[int, int]]:
+    """``inputs`` checked against the pipeline's buffers: buffer -> flat array, and
+    buffer -> its length."""
     if inputs is None:
-        return {}
+        return {}, {}
     if not isinstance(inputs, Mapping):
         raise TypeError(f"inputs must map buffer indices to arrays, got "
                         f"{type(inputs).__name__}")
-    out = {}
+    out, lengths = {}, {}
     for b, x in inputs.items():
         buf = pipe.buffer(b)
         host_array(x, buf.dtype, f"input for buffer {b}")
         if x.size > buf.capacity:
             raise TransferError(f"input for buffer {b} has {x.size} elements, its slots "
                                 f"hold {buf.capacity}; add a larger buffer or split it")
-        out[int(b)] = (x if x.ndim == 1 else x.reshape(-1), int(x.size))
-    return out
+        i = int(b)
+        out[i] = x if x.ndim == 1 else x.reshape(-1)
+        lengths[i] = int(x.size)
+    return out, lengths
+
 
 def valid_lengths(plan: Sequence[Any], bufs: Sequence[TripleBuffer],
-                  fed: Mapping[int, Tuple[Any, int]]) -> Dict[int, int]:
-    """Valid elements per buffer this iteration: a short input's length flows to
-    every buffer a stage writes from buffers of the same size."""
-    valid = {b: n for b, (_, n) in fed.items()}
+                  fed: Mapping[int, int]) -> Dict[int, int]:
+    """Valid elements per buffer this iteration, given the length of each buffer fed: a
+    short input's length flows to every buffer a stage writes from buffers of the same
+    size."""
+    valid = dict(fed)
     for step in plan:
         for w in step.writes:
             cap = bufs[w].capacity
@@ -67,6 +79,59 @@ def valid_lengths(plan: Sequence[Any], bufs: Sequence[TripleBuffer],
             if w not in valid or w not in step.reads:
                 valid[w] = min(short) if short else cap
     return valid
+
+
+def io_entry(bufs: Sequence[TripleBuffer], fed: Mapping[int, Any], downs: Mapping[int, Any],
+             touched: Tuple[int, ...], valid: Mapping[int, int]) -> Optional[IoEntry]:
+    """What :func:`fast_io` needs to check the next iteration of the same plan feeding and
+    reading back the same buffers (this one passed every check), or None unless every
+    input fills its buffer (no short length flows anywhere: the valid lengths are the
+    same each time)."""
+    for b in fed:
+        if valid[b] != bufs[b].capacity:
+            return None
+    return ({b: (bufs[b].dtype, bufs[b].capacity) for b in fed},
+            {b: (bufs[b].dtype, valid.get(b, bufs[b].capacity)) for b in downs}, touched, valid)
+
+
+def fast_io(entry: IoEntry, inputs: Optional[Dict[Any, Any]],
+            outputs: Optional[Dict[Any, Any]]) -> Optional[Tuple[
+                Dict[int, np.ndarray], Dict[int, np.ndarray], Tuple[int, ...], Mapping[int, int]]]:
+    """``(fed, downloads, buffers written, valid lengths)`` of an iteration feeding the
+    buffers of ``entry`` (:func:`io_entry`; in any order) and reading back some of those it
+    read back, when its inputs and outputs pass every check without a word: int indices,
+    numpy arrays (not subclasses) of the buffer's dtype, C-contiguous, of the full length
+    (an output also writable); else None, and the general checks run (and say what is
+    wrong, in their order)."""
+    specs, out_specs = entry[0], entry[1]
+    fed: Dict[int, np.ndarray] = {}  # (ours: the caller's may change before it is queued)
+    if inputs:
+        if len(inputs) != len(specs):  # (the buffers read back may be fewer: all written)
+            return None
+        for b, x in inputs.items():
+            if type(b) is not int:  # (before the look-up, which compares it)
+                return None
+            spec = specs.get(b)
+            if spec is None or type(x) is not _ndarray or x.dtype is not spec[0] \
+                    or x.size != spec[1] or not x.flags.c_contiguous:
+                return None
+            fed[b] = x if x.ndim == 1 else x.reshape(-1)
+    elif specs:
+        return None
+    downs: Dict[int, np.ndarray] = {}
+    if outputs:
+        for b, y in outputs.items():
+            if type(b) is not int:
+                return None
+            spec = out_specs.get(b)
+            if spec is None or type(y) is not _ndarray or y.dtype is not spec[0] \
+                    or y.size != spec[1]:
+                return None
+            flags = y.flags
+            if not flags.c_contiguous or not flags.writeable:
+                return None
+            downs[b] = y if y.ndim == 1 else y.reshape(-1)
+    return fed, downs, entry[2], entry[3]
 
 
 def run_pipeline(pipe: Any, batches: Iterable[np.ndarray], b_in: int, b_out: int,

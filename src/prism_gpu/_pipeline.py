@@ -9,12 +9,12 @@ from __future__ import annotations
 import dataclasses
 from threading import get_ident
 from types import MappingProxyType
-from typing import (Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Set,
+from typing import (Any, Dict, Iterable, Iterator, List, Mapping, Optional, Set,
                     Tuple)
 
 import numpy as np
 
-from . import _trace
+from . import _sync, _trace
 from ._args import MAX_DEPTH, int_arg, iterable_arg
 from ._buffers import FREE_I, UPLOADING_I, Slot, TripleBuffer
 from ._coordinator import AsyncCoordinator
@@ -25,20 +25,19 @@ from ._ops import OpType
 from ._optable import raise_failures
 from ._stage import GpuPipelineStage, PipelineIteration, PipelineStats
 from ._stage import indices as _indices
-from ._pipefeed import check_inputs, run_pipeline, valid_lengths, written_buffers
+from ._pipefeed import (IoEntry, check_inputs, fast_io, io_entry, run_pipeline, valid_lengths,
+                        written_buffers)
 from ._plan import Step as _Step
 from ._plan import check_open, make_plan
 from ._sink import check_out
 from ._pipequeue import StageQueue
 from ._stats import Window
-from ._sync import sync_mode
 from ._validate import download_destination
 
 __all__ = ["GpuPipelineStage", "PipelineStageManager", "PipelineStats", "PipelineIteration"]
 
 _UPLOAD, _COMPUTE, _DOWNLOAD = OpType.UPLOAD, OpType.COMPUTE, OpType.DOWNLOAD
 _NOTHING: Mapping[Any, Any] = MappingProxyType({})  # what a plain iteration feeds
-_NO_DOWNLOADS: Tuple[Any, ...] = ()
 
 
 class PipelineStageManager:
@@ -61,6 +60,7 @@ class PipelineStageManager:
         self.depth = int_arg(depth, "depth", 1, MAX_DEPTH)
         coordinator.check()
         self._coord, self._owner, self._owns = coordinator, get_ident(), _owns_coordinator
+        self._device = coordinator.device
         self._engine: Engine = coordinator.engine
         self._buffers: List[TripleBuffer] = []
         self._stages: List[GpuPipelineStage] = []
@@ -68,6 +68,7 @@ class PipelineStageManager:
         self._plan: List[_Step] = []
         self._open_checks: List[_Step] = []    # the plan's steps with DeviceArrays in extra
         self._flows: Dict[Tuple[int, ...], Tuple[int, ...]] = {}  # checked input sets
+        self._io: Optional[IoEntry] = None  # the last iteration fed or read back, checked
         self._iter = 0
         self._win = Window()
         self._failed: Set[int] = set()          # failed ops not yet raised
@@ -112,7 +113,7 @@ class PipelineStageManager:
                                             "does not exist: add_buffer() first")
         self._stages.append(dataclasses.replace(stage))  # a copy: later edits stay out
         if self._order is None:  # rebuilt with every stage, in the order added
-            self._plan, self._flows = [], {}
+            self._plan, self._flows, self._io = [], {}, None
         return len(self._stages) - 1
 
     def set_order(self, indices: Any) -> None:
@@ -136,6 +137,7 @@ class PipelineStageManager:
 
     def _set_plan(self, plan: List[_Step]) -> None:
         self._plan = plan
+        self._io = None  # (checked against the plan before)
         self._open_checks = [step for step in plan if step.constants]
 
     def _current_plan(self) -> List[_Step]:
@@ -169,41 +171,37 @@ class PipelineStageManager:
         ``wait()`` returns. Everything is checked before anything is queued. Raises
         the failure of an op of this pipeline found failed since the last call.
         """
-        if self._closed or get_ident() != self._owner:
-            self._check()  # raises
         coord = self._coord
-        coord.check()
         eng = self._engine
-        if eng.in_callback:  # refused before any slot is taken
-            refuse_in_callback(eng.in_callback)
-        fed: Mapping[int, Tuple[np.ndarray, int]]
+        if self._closed or get_ident() != self._owner or eng.in_callback or eng.closed \
+                or self._device.closed:
+            self._check()  # raises when closed, called from another thread or a kernel
+            if eng.in_callback:  # refused before any slot is taken
+                refuse_in_callback(eng.in_callback)
+        fed: Mapping[int, np.ndarray]
         valid: Mapping[int, int]
-        downs: Sequence[Tuple[int, np.ndarray]]
+        downs: Mapping[int, np.ndarray]
         if inputs is None and outputs is None:  # nothing fed, nothing read back
             plan = self._plan
             if not plan or self._open_checks:
                 plan = self._current_plan()
-            fed, valid, downs = _NOTHING, _NOTHING, _NO_DOWNLOADS
+            fed = valid = downs = _NOTHING
             touched = self._flows.get(())
             if touched is None:
                 touched = self._flow(plan, ())
         else:
-            fed = check_inputs(self, inputs)
-            if outputs is not None and not isinstance(outputs, Mapping):
-                raise TypeError(f"outputs must map buffer indices to arrays, got "
-                                f"{type(outputs).__name__}")
-            plan = self._current_plan()
-            touched = self._flow(plan, tuple(sorted(fed)))
-            valid = valid_lengths(plan, self._buffers, fed) if fed else {}
-            downs = wanted = []
-            for b, y in (outputs or {}).items():
-                buf = self.buffer(b)
-                if int(b) not in touched:
-                    raise InvalidOperationError(
-                        f"output buffer {b} is not written by any stage of the iteration")
-                n = valid.get(int(b), buf.capacity)
-                wanted.append((int(b), download_destination(y, buf.dtype, n,
-                                                            f"output for buffer {b}")))
+            plan = self._plan
+            entry, hit = self._io, None  # (made with this plan: a new one drops it)
+            if entry is not None and (type(inputs) is dict or inputs is None) \
+                    and (type(outputs) is dict or outputs is None):
+                # the buffers of the last iteration checked, the arrays passing every check
+                hit = fast_io(entry, inputs, outputs)
+            if hit is None:
+                plan, fed, touched, valid, downs = self._check_io(inputs, outputs)
+            else:
+                if self._open_checks:
+                    check_open(self._open_checks)
+                fed, downs, touched, valid = hit
         eng.harvest()
         if self._failed:
             self._raise_failures()
@@ -234,9 +232,35 @@ class PipelineStageManager:
                 _trace.set_index(None)
         self._iter += 1
         done = PipelineIteration(it, coord, ops)
-        if sync_mode():
+        if _sync._ON:  # (sync_mode())
             done.wait()
         return done
+
+    def _check_io(self, inputs: Any, outputs: Any) -> Tuple[
+            List[_Step], Dict[int, np.ndarray], Tuple[int, ...], Mapping[int, int],
+            Dict[int, np.ndarray]]:
+        """Every check of an iteration fed ``inputs`` and reading back ``outputs``, in
+        order: (plan, buffer -> flat input, buffers written, valid lengths, buffer -> flat
+        output). Remembered for :func:`fast_io` (the last such iteration)."""
+        fed, lengths = check_inputs(self, inputs)
+        if outputs is not None and not isinstance(outputs, Mapping):
+            raise TypeError(f"outputs must map buffer indices to arrays, got "
+                            f"{type(outputs).__name__}")
+        plan = self._current_plan()
+        touched = self._flow(plan, tuple(sorted(fed)))
+        valid = valid_lengths(plan, self._buffers, lengths) if fed else {}
+        downs = {}
+        for b, y in (outputs or {}).items():
+            buf = self.buffer(b)
+            if int(b) not in touched:
+                raise InvalidOperationError(
+                    f"output buffer {b} is not written by any stage of the iteration")
+            n = valid.get(int(b), buf.capacity)
+            downs[int(b)] = download_destination(y, buf.dtype, n, f"output for buffer {b}")
+        entry = io_entry(self._buffers, fed, downs, touched, valid)
+        if entry is not None:
+            self._io = entry
+        return plan, fed, touched, valid, downs
 
     @staticmethod
     def _next_free(buf: TripleBuffer) -> Slot:
@@ -281,7 +305,7 @@ class PipelineStageManager:
         def out_valid(n: int) -> int:  # the elements a batch of n leaves in the output
             if n == in_buf.capacity:  # a full batch fills every buffer it flows into
                 return out_buf.capacity
-            lengths = valid_lengths(self._current_plan(), self._buffers, {b_in: (None, n)})
+            lengths = valid_lengths(self._current_plan(), self._buffers, {b_in: n})
             return lengths.get(b_out, out_buf.capacity)
         return run_pipeline(self, batches, b_in, b_out, in_buf, out_buf, ahead, out, out_valid)
 
@@ -338,6 +362,7 @@ class PipelineStageManager:
             self._failed.clear()
             self._queue.drop_views()
             self._queue.forget_plan()  # its prepared kernels (callables and what they hold)
+            self._io = None
             for buf in self._buffers:
                 buf.close()
         return errors

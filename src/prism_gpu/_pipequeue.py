@@ -24,10 +24,10 @@ __all__ = ["StageQueue"]
 _UPLOAD, _COMPUTE, _DOWNLOAD = OpType.UPLOAD, OpType.COMPUTE, OpType.DOWNLOAD
 
 # a plan as the loop runs it: (plan, window, the steps as the loop unpacks them when the
-# last stage ends the iteration, and when downloads do, (copy lane, last) -> (its timer,
-# its accumulator))
+# last stage ends the iteration, and when downloads do, the copies' timers and accumulators:
+# (upload's, its accumulator, download's, download's ending the iteration, its accumulator))
 _Run = Tuple[List[_Step], Window, List[Tuple[Any, ...]], List[Tuple[Any, ...]],
-             Dict[Tuple[str, bool], Tuple[Any, List[Any]]]]
+             Tuple[Any, List[Any], Any, Any, List[Any]]]
 
 
 class StageQueue:
@@ -42,6 +42,8 @@ class StageQueue:
         self._failed = failed
         self._read_only = read_only
         self.lanes: Dict[Any, Lane] = {}  # stage index (or "upload"...) -> its stream
+        self._up: Optional[Lane] = None    # lanes["upload"], lanes["download"] once made
+        self._down: Optional[Lane] = None
         # the plan as the loop runs it, with the window's timers: (plan, window, steps,
         # copy timers), made again when either changes
         self._run: Optional[_Run] = None
@@ -55,6 +57,64 @@ class StageQueue:
         if lane is None:
             lane = self.lanes[key] = self._engine.lane(name)
         return lane
+
+    def _copy_lane(self, name: str) -> Lane:
+        """The lane of the pipeline's uploads or downloads, made on first use."""
+        lane = self.lane(name, name)
+        if name == "upload":
+            self._up = lane
+        else:
+            self._down = lane
+        return lane
+
+    def _rewrite(self, step: Tuple[Any, ...], slots: Dict[int, Slot]) -> Any:
+        """Queue a stage rewriting a buffer it reads (in place), as :meth:`iteration` runs
+        the others, its reads as (buffer, only read) pairs; the op."""
+        (lane, name, prepared, config, uses_arrays, extra, reads, writes, fresh, _, inplace,
+         timer, acc) = step
+        arrays: List[Any] = []
+        waits: List[Any] = []
+        only_read: List[Slot] = []
+        rewritten: List[Slot] = []
+        views = self._views
+        for b, only in reads:
+            s = slots[b]
+            w = s.writer
+            if w is not None:
+                waits.append(w)
+            if only:
+                only_read.append(s)
+                hit = views.get(s)
+                if hit is None or hit[0] is not s.full or hit[1] != s.valid:
+                    hit = views[s] = (s.full, s.valid, self._read_only(s.array))
+                arrays.append(hit[2])
+            else:
+                rewritten.append(s)
+                arrays.append(s.array)
+        for b in writes:
+            arrays.append(slots[b].array)
+        quiet: Sequence[Any] = [o for b in fresh for o in slots[b].write_hazards()]
+        for o in quiet:
+            if o.event is not None:
+                self._engine.wait_ops(quiet)
+                break
+        # it also follows the stages reading the buffer since its last write (on the
+        # device: they are this iteration's, queued already)
+        quiet = [*quiet, *(o for b in inplace for o in slots[b].readers)]
+        op = self._engine.submit(lane, _COMPUTE, name, waits, quiet, LAUNCH, prepared, config,
+                                 arrays if uses_arrays else (), extra, arrays, timer, True)
+        acc[QUEUED] += 1
+        for s in only_read:
+            s.read(op)
+        failed = None if op.error is None else root_of(op)
+        for s in rewritten:
+            s.updated(op, failed)
+        for b in fresh:
+            s = slots[b]
+            s.filled(op, s.valid)
+            if failed is not None:
+                s.failed = failed
+        return op
 
     def forget_plan(self) -> None:
         """The statistics window changed: the timers are made again."""
@@ -74,24 +134,29 @@ class StageQueue:
             fresh, inplace = step.fresh, step.inplace
             # the one buffer filled anew, whose hazards are the slot's own list, or None
             single = fresh[0] if len(fresh) == 1 and not inplace else None
+            # its reads, as (buffer, only read) pairs where it rewrites one in place
+            reads = tuple(zip(step.reads, step.reads_only)) if inplace else step.reads
             head = (step.lane, name, step.prepared, step.config, step.uses_arrays, step.extra,
-                    step.reads, step.reads_only, step.writes, fresh, single, inplace)
+                    reads, step.writes, fresh, single, inplace)
             acc = win.lane(name)
             mid = win.timer(name, False, failed)
             goes_on.append((*head, mid, acc))
             ends.append((*head, win.timer(name, True, failed) if pos == len(plan) - 1
                          else mid, acc))
-        copies = {(lane, last): (win.timer(lane, last, failed), win.lane(lane))
-                  for lane in RESERVED_NAMES for last in (False, True)}
+        up, down = RESERVED_NAMES
+        copies = (win.timer(up, False, failed), win.lane(up), win.timer(down, False, failed),
+                  win.timer(down, True, failed), win.lane(down))
         run = self._run = (plan, win, ends, goes_on, copies)
         return run
 
     def iteration(self, plan: List[_Step], win: Window,
-                  fed: Mapping[int, Tuple[np.ndarray, int]], touched: Tuple[int, ...],
+                  fed: Mapping[int, np.ndarray], touched: Tuple[int, ...],
                   slots: Dict[int, Slot], valid: Mapping[int, int],
-                  downs: Sequence[Tuple[int, np.ndarray]]) -> List[int]:
+                  downs: Mapping[int, np.ndarray]) -> List[int]:
         """Queue one iteration of ``plan`` (checked: nothing here is refused) on the slots
-        taken for it, its stage times going to ``win``; the ids of its ops."""
+        taken for it, its stage times going to ``win``: upload each ``fed[b]`` (its length
+        ``valid[b]``), run the steps, download buffer ``b`` into each ``downs[b]``; the ids
+        of its ops."""
         eng = self._engine
         submit = eng.submit
         bufs = self._buffers
@@ -103,19 +168,21 @@ class StageQueue:
         steps, copies = run[3] if downs else run[2], run[4]
         ops: List[int] = []
         if fed:
-            timer, acc = copies[("upload", False)]
-            for b, (x, n) in fed.items():
-                slot = bufs[b].take(FREE_I)
+            timer, acc = copies[0], copies[1]
+            lane = self._up or self._copy_lane("upload")
+            for b, x in fed.items():
+                n = valid[b]
+                buf = bufs[b]
+                slot = buf.take(FREE_I)
                 assert slot is not None
                 view = slot.head(n)
-                op = submit(self.lane("upload", "upload"), _UPLOAD, None, (),
-                            slot.write_hazards(), H2D, view, x, None, None, view, timer, True)
+                op = submit(lane, _UPLOAD, None, (), slot.write_hazards(), H2D, view, x, None,
+                            None, view, timer, True)
                 acc[QUEUED] += 1
                 slot.filled(op, n)
-                bufs[b].take(UPLOADING_I)
+                buf.take(UPLOADING_I)
                 slots[b] = slot
                 ops.append(op.id)
-        if fed:
             for b in touched:
                 if b not in fed:
                     bufs[b].produce()
@@ -128,76 +195,72 @@ class StageQueue:
                 slot.valid = slot.capacity
         views = self._views
         read_only = self._read_only
-        for (lane, name, prepared, config, uses_arrays, extra, reads, reads_only, writes, fresh,
-             single, inplace, timer, acc) in steps:
+        for step in steps:
+            (lane, name, prepared, config, uses_arrays, extra, reads, writes, fresh, single,
+             inplace, timer, acc) = step
+            if inplace:  # (a stage rewriting a buffer it reads)
+                ops.append(self._rewrite(step, slots).id)
+                continue
+            # every buffer it reads is only read: a read-only view (a CPU kernel writing it
+            # fails); every buffer it writes is filled anew
             # (loops, not comprehensions: each of those is a call on Python 3.11)
             arrays: List[Any] = []
-            waits: Sequence[Any] = ()
-            only_read: Sequence[Slot] = ()
-            rewritten: Sequence[Slot] = ()
-            if reads:
-                waits, only_read, rewritten = [], [], []
-                for b, only in zip(reads, reads_only):
-                    s = slots[b]
-                    w = s.writer
-                    if w is not None:
-                        waits.append(w)
-                    if only:  # only read: a read-only view (a CPU kernel writing it fails)
-                        only_read.append(s)
-                        hit = views.get(s)
-                        if hit is None or hit[0] is not s.full or hit[1] != s.valid:
-                            # (a closed ring's slot has no full array: s.array refuses it)
-                            hit = views[s] = (s.full, s.valid, read_only(s.array))
-                        arrays.append(hit[2])
-                    else:
-                        rewritten.append(s)
-                        arrays.append(s.array)
-            for b in writes:
-                arrays.append(slots[b].array)
+            waits: List[Any] = []
+            for b in reads:
+                s = slots[b]
+                w = s.writer
+                if w is not None:
+                    waits.append(w)
+                hit = views.get(s)
+                if hit is None or hit[0] is not s.full or hit[1] != s.valid:
+                    # (a closed ring's slot has no full array: s.array refuses it)
+                    hit = views[s] = (s.full, s.valid, read_only(s.array))
+                arrays.append(hit[2])
             # the host waits only here, for the iteration ``depth`` before that still uses
             # this stage's output slots: earlier stages of this iteration are queued already
             quiet: Sequence[Any] = ()
-            if single is not None:
-                quiet = slots[single].write_hazards()  # (read before the slot changes)
-            elif fresh:
-                quiet = [o for b in fresh for o in slots[b].write_hazards()]
+            if single is not None:  # (the one buffer written)
+                out = slots[single]
+                arrays.append(out.array)
+                quiet = out.write_hazards()  # (read before the slot changes)
+            elif writes:
+                for b in writes:
+                    arrays.append(slots[b].array)
+                quiet = [o for b in writes for o in slots[b].write_hazards()]
             for o in quiet:
                 if o.event is not None:  # one in flight: wait for them
                     eng.wait_ops(quiet)
                     break
-            if inplace:
-                # a buffer rewritten in place also follows the stages reading it since its
-                # last write (on the device: they are this iteration's, queued already)
-                quiet = [*quiet, *(o for b in inplace for o in slots[b].readers)]
             op = submit(lane, _COMPUTE, name, waits, quiet, LAUNCH, prepared, config,
                         arrays if uses_arrays else (), extra, arrays, timer, True)
             acc[QUEUED] += 1
             ops.append(op.id)
-            for s in only_read:
-                s.read(op)
+            for b in reads:
+                slots[b].read(op)
             if op.error is None:
-                for s in rewritten:
-                    s.updated(op)
-                for b in fresh:
-                    s = slots[b]
-                    s.filled(op, s.valid)
+                if single is not None:
+                    out.filled(op, out.valid)
+                else:
+                    for b in writes:
+                        s = slots[b]
+                        s.filled(op, s.valid)
             else:  # failed as it was queued, or a dependency had: the data it makes is spoilt
                 failed = root_of(op)
-                for s in rewritten:
-                    s.updated(op, failed)
-                for b in fresh:
+                for b in writes:
                     s = slots[b]
                     s.filled(op, s.valid)
                     s.failed = failed
         if downs:
-            last_b = downs[-1][0]
-            for b, dst in downs:
+            left = len(downs)
+            acc = copies[4]
+            lane = self._down or self._copy_lane("download")
+            for b, dst in downs.items():
                 slot = slots[b]
                 w, src = slot.writer, slot.array
-                timer, acc = copies[("download", b == last_b)]
-                op = submit(self.lane("download", "download"), _DOWNLOAD, None,
-                            (w,) if w is not None else (), (), D2H, dst, src, None, None,
-                            (src, dst), timer, True, slot.failed)
+                left -= 1
+                timer = copies[2] if left else copies[3]  # the last ends the iteration
+                op = submit(lane, _DOWNLOAD, None, (w,) if w is not None else (), (), D2H, dst,
+                            src, None, None, (src, dst), timer, True, slot.failed)
                 acc[QUEUED] += 1
                 slot.read(op)
                 ops.append(op.id)

@@ -99,10 +99,10 @@ class PipelineIteration:
 
     __slots__ = ("index", "_coord", "_ops")
 
-    def __init__(self, index: int, coord: "AsyncCoordinator", ops: Sequence[int]) -> None:
+    def __init__(self, index: int, coord: "AsyncCoordinator", ops: List[int]) -> None:
         self.index = index
         self._coord = coord
-        self._ops = tuple(ops)
+        self._ops = ops  # (the pipeline's own list, never changed)
 
     def done(self) -> bool:
         """True once every op of the iteration completed (never blocks)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from operator import itemgetter
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
-__all__ = ["Window", "merge", "fold", "SUM", "TIMED", "END", "QUEUED", "REPORTED"]
+__all__ = ["Window", "merge", "fold", "SUM", "UNTIMED", "END", "QUEUED", "REPORTED"]
 
 Interval = Tuple[float, float]
 _start = itemgetter(0)
@@ -50,18 +50,20 @@ def fold(intervals: List[Interval], mark: float) -> Tuple[float, List[Interval],
     return done, keep, ordered[0][0]
 
 
-# a lane's accumulator: [sum of op times (ms), ops timed, last end, ops queued, ops reported]
-SUM, TIMED, END, QUEUED, REPORTED = range(5)
+# a lane's accumulator: [sum of op times (ms), ops reported untimed, last end, ops queued,
+# ops reported] (those timed: reported less untimed, one count fewer per report)
+SUM, UNTIMED, END, QUEUED, REPORTED = range(5)
 
 
 class Window:
     """Timings of one stats window: running sums, and busy time as a union of intervals.
 
     Ops report through :meth:`timer` callbacks, one per (lane, last), made once and
-    shared by every op of the lane; whoever queues an op with one adds 1 to its lane's
-    ``QUEUED`` count (:meth:`lane`) once the op is queued. A window is live until
-    :meth:`end`: a callback of an ended window records nothing (its reference event
-    may be in use again).
+    shared by every op of the lane (they keep the lane's sums, which reach its
+    accumulator when the window reads them: a fold, the stats); whoever queues an op
+    with one adds 1 to its lane's ``QUEUED`` count (:meth:`lane`) once the op is queued.
+    A window is live until :meth:`end`: a callback of an ended window records nothing
+    (its reference event may be in use again).
 
     Intervals are folded into a running total once no interval still to come can
     overlap them: a stream runs its ops in order, so an op of a lane with ops in
@@ -74,7 +76,7 @@ class Window:
     FOLD_AT = 512
 
     __slots__ = ("ref", "live", "_settled", "_pending", "_busy_folded", "_lanes", "_count",
-                 "_first_end", "_last_end", "_t0")
+                 "_first_end", "_last_end", "_t0", "_timers", "_syncs")
 
     def __init__(self) -> None:
         self.ref: Any = None
@@ -88,6 +90,8 @@ class Window:
         self._first_end = float("inf")
         self._last_end = float("-inf")
         self._t0 = float("inf")  # the earliest start folded
+        self._timers: Dict[str, Tuple[Any, ...]] = {}  # lane -> (failed, its two timers)
+        self._syncs: List[Callable[[], None]] = []  # each writes a lane's sums into acc
 
     def start(self, ref: Any) -> None:
         """Times are measured from timing event ``ref``, recorded before the window's
@@ -111,7 +115,7 @@ class Window:
         return ref
 
     def lane(self, name: str) -> List[Any]:
-        """The accumulator of lane ``name`` (indexed by ``SUM``, ``TIMED``, ``END``,
+        """The accumulator of lane ``name`` (indexed by ``SUM``, ``UNTIMED``, ``END``,
         ``QUEUED``, ``REPORTED``)."""
         acc = self._lanes.get(name)
         if acc is None:
@@ -121,43 +125,64 @@ class Window:
     def timer(self, lane: str, last: bool,
               failed: Set[int]) -> Callable[[Any, Optional[float]], None]:
         """An engine ``on_done`` for the timed ops of ``lane`` (``last``: each ends an
-        iteration): adds a failed op's id to ``failed`` (whatever the window) and, while
-        the window is live, records the op's start and end."""
+        iteration): adds a failed op's id to ``failed`` (whatever the window; one set per
+        lane) and, while the window is live, records the op's start and end."""
+        timers = self._timers.get(lane)
+        if timers is None:
+            timers = self._timers[lane] = self._make_timers(lane, failed)
+        elif timers[0] is not failed:
+            raise ValueError(f"the timers of lane {lane!r} add failed ops to another set")
+        return timers[2] if last else timers[1]
+
+    def _make_timers(self, lane: str, failed: Set[int]) -> Tuple[Any, ...]:
+        """(failed, the timer of ops going on, of ops ending an iteration) of ``lane``. They
+        keep the lane's running sums in their closure (cheaper to add to than a list's),
+        which ``sync`` writes into its accumulator whenever the window reads them."""
         acc = self.lane(lane)
         pending = self._pending
         push = pending.append
         fold_at = self.FOLD_AT
+        total, end_, reported, untimed = acc[SUM], acc[END], acc[REPORTED], acc[UNTIMED]
 
-        def done(op: Any, ms: Optional[float]) -> None:
-            if op.error is not None:
-                failed.add(op.id)
-            if not self.live:
-                return
-            acc[4] += 1  # REPORTED
-            if ms is None:  # untimed (a pipeline's ops are timed: its copies and stages)
-                return
-            # its end since the reference, and its start as end - ms: one event read fewer,
-            # and the op's own time exact (not a difference of two times since the ref)
-            ref = self._settled
-            if ref is None:
-                ref = self.settled_ref()
-            end = op.end.elapsed_ms(ref)
-            start = end - ms
-            push((start, end))
-            acc[0] += ms           # SUM
-            acc[1] += 1            # TIMED
-            acc[2] = end           # END (a lane reports in stream order: its ends grow)
-            if last:
-                self._count += 1
-                if end < self._first_end:
-                    self._first_end = end
-                if end > self._last_end:
-                    self._last_end = end
-            if len(pending) > fold_at:
-                self._fold()
-        return done
+        def sync() -> None:
+            acc[SUM], acc[END], acc[REPORTED], acc[UNTIMED] = total, end_, reported, untimed
+
+        def make(last: bool) -> Callable[[Any, Optional[float]], None]:
+            def done(op: Any, ms: Optional[float]) -> None:
+                nonlocal total, end_, reported, untimed
+                if op.error is not None:
+                    failed.add(op.id)
+                if not self.live:
+                    return
+                reported += 1
+                if ms is None:  # untimed (a pipeline's ops are timed: its copies and stages)
+                    untimed += 1
+                    return
+                # its end since the reference, and its start as end - ms: one event read
+                # fewer, and the op's own time exact (not a difference of two times since
+                # the ref)
+                ref = self._settled
+                if ref is None:
+                    ref = self.settled_ref()
+                end = op.end.elapsed_ms(ref)
+                push((end - ms, end))
+                total += ms
+                end_ = end  # (a lane reports in stream order: its ends grow)
+                if last:
+                    self._count += 1
+                    if end < self._first_end:
+                        self._first_end = end
+                    if end > self._last_end:
+                        self._last_end = end
+                if len(pending) > fold_at:
+                    self._fold()
+            return done
+        self._syncs.append(sync)
+        return failed, make(False), make(True)
 
     def _fold(self) -> None:
+        for sync in self._syncs:
+            sync()
         mark = min((acc[END] for acc in self._lanes.values() if acc[QUEUED] > acc[REPORTED]),
                    default=float("inf"))
         done, keep, first = fold(self._pending, mark)
@@ -170,6 +195,8 @@ class Window:
         """The window as :class:`PipelineStats`."""
         from ._stage import PipelineStats
 
+        for sync in self._syncs:
+            sync()
         n = self._count
         if n == 0:
             return PipelineStats(0, 0.0, 0.0, 0.0, {})
@@ -181,5 +208,5 @@ class Window:
             avg_iteration_ms=(self._last_end - self._first_end) / (n - 1) if n > 1 else span,
             throughput=n / (span / 1e3) if span > 0 else 0.0,
             gpu_utilization=min(1.0, busy / span) if span > 0 else 0.0,
-            stage_ms={s: acc[SUM] / acc[TIMED] for s, acc in self._lanes.items()
-                      if acc[TIMED]})
+            stage_ms={s: acc[SUM] / (acc[REPORTED] - acc[UNTIMED])
+                      for s, acc in self._lanes.items() if acc[REPORTED] - acc[UNTIMED]})
