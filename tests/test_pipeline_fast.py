@@ -282,7 +282,9 @@ def test_a_closed_device_array_in_extra_is_refused_on_the_fast_path(
     pipe = ctx.create_pipeline_manager()
     b0, b1 = pipe.add_buffer(N), pipe.add_buffer(N)
     pipe.add_stage(pg.GpuPipelineStage("s", [b0], [b1], kernel=affine(), extra=(2.0, 1.0)))
-    pipe.add_stage(pg.GpuPipelineStage("c", [b1], [], kernel="noop", extra=(w,)))
+    def ignore(*args: Any) -> None:  # (reads its slot and the constant: any backend)
+        pass
+    pipe.add_stage(pg.GpuPipelineStage("c", [b1], [], kernel=ignore, extra=(w,)))
     x, y = rand(rng, N), np.empty(N, F32)
     for _ in range(2):
         pipe.execute_iteration(inputs={b0: x}, outputs={b1: y})
