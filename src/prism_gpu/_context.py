@@ -102,7 +102,7 @@ class ManagedGpuContext:
 
     ``timing`` (default True): the context's coordinator times every op, so each
     :class:`StepTelemetry` gets its GPU milliseconds. Timing events cost the host
-    about 3 us per op (measured on an H100); ``timing=False`` skips them (the telemetry's times
+    2 to 3.5 us per op (measured on an H100); ``timing=False`` skips them (the telemetry's times
     stay None). Pipelines time their stages either way (their statistics need it).
 
     >>> with ManagedGpuContext(device=0, backend="cpu") as ctx:   # doctest: +SKIP
