@@ -210,38 +210,34 @@ class DeviceLane:
                 self._engine.wait, coord.wait, self._table, self.kernel, self._extra,
                 self._results, self._results_on)
 
-    def finish(self, q: Any) -> np.ndarray:
-        """``q``'s result (the oldest batch queued here), once it is complete."""
+    def _await(self, down: int, up: int, comp: int, staged: bool, raw: Any) -> None:
+        """coord.wait(down) for an id of ours, in steps: the same checks, the same wait
+        (which retires the upload and compute before it too); a failure raised by
+        coord.wait itself (no op here has an on_done callback). On a failure the first
+        of the chain is the batch's error (its staging buffer ``raw`` recycled first,
+        where ``staged``)."""
         coord = self.coord
-        if type(q) is tuple:  # queued by read_ahead itself, which finishes it so too
-            down, result, up, comp = q
-            try:
-                coord.check()
-                self._engine.wait(down)
-                table = self._table
-                if table.failed_total and table.error(down, False) is not None:
-                    coord.wait(down)
-            except PrismGpuError:
-                coord.wait(up)
-                coord.wait(comp)
-                raise
-            return result  # type: ignore[no-any-return]
-        self.queued.popleft()
-        down = q.down
         try:
-            # coord.wait(down) for an id of ours, in steps: the same checks, the same
-            # wait (which retires the upload and compute before it too); a failure
-            # raised by coord.wait itself (no op here has an on_done callback)
             coord.check()
             self._engine.wait(down)
             table = self._table
             if table.failed_total and table.error(down, False) is not None:
                 coord.wait(down)
         except PrismGpuError:
-            coord.wait(q.up)    # the first failure of the chain is the batch's error
-            self.stager.recycle(q.raw)
-            coord.wait(q.comp)
+            coord.wait(up)
+            if staged:
+                self.stager.recycle(raw)
+            coord.wait(comp)
             raise
+
+    def finish(self, q: Any) -> np.ndarray:
+        """``q``'s result (the oldest batch queued here), once it is complete."""
+        if type(q) is tuple:  # queued by read_ahead itself, which finishes it so too
+            down, result, up, comp = q
+            self._await(down, up, comp, False, None)
+            return result  # type: ignore[no-any-return]
+        self.queued.popleft()
+        self._await(q.down, q.up, q.comp, True, q.raw)
         if q.raw is not None:
             self.stager.recycle(q.raw)
         if self.paced and not q.landed:
