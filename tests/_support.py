@@ -392,3 +392,20 @@ def peak_memory_of_iterations(pipe: pg.PipelineStageManager, count: int) -> int:
     pipe.get_stats()
     coord.poll()
     return max(peak, tracemalloc.get_traced_memory()[0])
+
+
+def pipeline_memory_growth(pipe: pg.PipelineStageManager) -> int:
+    """Bytes more at the peak of iterations 2200..2700 than at that of 200..700 (counted
+    from now), with ``tracemalloc`` running meanwhile: bounded structures fill and empty
+    as they go, so two windows' peaks are compared, not two single points."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        peak_memory_of_iterations(pipe, 200)
+        early = peak_memory_of_iterations(pipe, 500)
+        peak_memory_of_iterations(pipe, 1500)
+        late = peak_memory_of_iterations(pipe, 500)
+    finally:
+        tracemalloc.stop()
+    return late - early

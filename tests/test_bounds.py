@@ -12,7 +12,6 @@ import gc
 import os
 import sys
 import threading
-import tracemalloc
 import weakref
 from contextlib import closing
 from typing import Any, Iterator, List, Optional
@@ -21,7 +20,7 @@ import numpy as np
 import pytest
 
 import prism_gpu as pg
-from _support import Boom, boom, checked_round, device_view, F32, peak_memory_of_iterations, rand
+from _support import Boom, boom, checked_round, device_view, F32, pipeline_memory_growth, rand
 
 N = 256
 
@@ -191,16 +190,8 @@ def test_pipeline_stats_memory_is_constant(ctx: pg.ManagedGpuContext) -> None:
     pipe.set_order([0, 1])
     for _ in range(300):
         pipe.execute_iteration()
-    tracemalloc.start()
-    try:
-        peak_memory_of_iterations(pipe, 200)
-        early = peak_memory_of_iterations(pipe, 500)
-        peak_memory_of_iterations(pipe, 1500)
-        late = peak_memory_of_iterations(pipe, 500)
-    finally:
-        tracemalloc.stop()
+    grown = pipeline_memory_growth(pipe)
     assert pipe.get_stats().iterations == 3000
-    grown = late - early
     assert grown < 64 * 1024, f"{grown} bytes more after 2000 more iterations"
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import gc
 import random
-import tracemalloc
 import weakref
 from typing import Any, List
 
@@ -16,7 +15,7 @@ import numpy as np
 import pytest
 
 import prism_gpu as pg
-from _support import F32, affine, peak_memory_of_iterations, rand
+from _support import F32, affine, pipeline_memory_growth, rand
 from prism_gpu._stats import QUEUED, Window, fold, merge
 
 
@@ -46,19 +45,11 @@ def test_stats_stay_bounded_after_a_copy_lane_goes_quiet() -> None:
         pipe.execute_iteration(outputs={b1: y}).wait()
         for _ in range(300):
             pipe.execute_iteration()
-        tracemalloc.start()
-        try:
-            peak_memory_of_iterations(pipe, 200)
-            early = peak_memory_of_iterations(pipe, 500)
-            peak_memory_of_iterations(pipe, 1500)
-            late = peak_memory_of_iterations(pipe, 500)
-        finally:
-            tracemalloc.stop()
+        grown = pipeline_memory_growth(pipe)
         stats = pipe.get_stats()
         assert stats.iterations == 3001
         assert set(stats.stage_ms) == {"gen", "use", "download"}
         assert 0 < stats.gpu_utilization <= 1
-        grown = late - early
         assert grown < 64 * 1024, f"{grown} bytes more after 2000 more iterations"
         pipe.close()
 
