@@ -387,6 +387,11 @@ def test_timing_must_be_a_bool(bad: Any) -> None:
         pg.ManagedGpuContext(backend="cpu", timing=bad)
 
 
+def test_timing_takes_a_numpy_bool() -> None:
+    with pg.ManagedGpuContext(backend="cpu", timing=np.bool_(False)) as ctx:
+        assert ctx.async_coordinator().timing is False
+
+
 def test_a_name_after_the_remembered_one_is_still_checked(ctx: pg.ManagedGpuContext,
                                                           rng: np.random.Generator) -> None:
     """The step remembers the last kernel name it found registered; another name is

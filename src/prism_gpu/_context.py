@@ -111,8 +111,9 @@ class ManagedGpuContext:
 
     def __init__(self, device: int = 0, enable_streams: bool = True, backend: str = "auto", *,
                  max_in_flight: int = 1024, timing: bool = True) -> None:
-        if not isinstance(timing, bool):
+        if not isinstance(timing, (bool, np.bool_)):
             raise TypeError(f"timing must be True or False, got {type(timing).__name__}")
+        timing = bool(timing)
         from .backends import open_device
 
         self._device = open_device(backend, device)
