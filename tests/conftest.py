@@ -65,6 +65,14 @@ def ctx(backend: str) -> Iterator[pg.ManagedGpuContext]:
 
 
 @pytest.fixture
+def timed_ctx(backend: str) -> Iterator[pg.ManagedGpuContext]:
+    """A context whose coordinator times every op (its steps' telemetry gets times)."""
+    c = pg.ManagedGpuContext(backend=backend, timing=True)
+    yield c
+    c.close()
+
+
+@pytest.fixture
 def latch(backend: str, coord: pg.AsyncCoordinator) -> Iterator[Latch]:
     """A latch registered on ``coord`` as ``"latch"``; released before ``coord`` closes."""
     lt = make_latch(backend)

@@ -47,16 +47,27 @@ def test_create_triple_buffer(ctx: pg.ManagedGpuContext, rng: np.random.Generato
     np.testing.assert_array_equal(out, x * F32(2))
 
 
-def test_triple_buffered_step(ctx: pg.ManagedGpuContext, rng: np.random.Generator) -> None:
+def test_triple_buffered_step(timed_ctx: pg.ManagedGpuContext,
+                              rng: np.random.Generator) -> None:
     x = rand(rng, 1000)
     y = np.full(1000, np.nan, dtype=F32)
-    tel = ctx.triple_buffered_step(pg.StepConfig(kernel="scale", input=x, output=y))
+    tel = timed_ctx.triple_buffered_step(pg.StepConfig(kernel="scale", input=x, output=y))
     assert isinstance(tel, pg.StepTelemetry)
     assert tel.wait() is tel
     assert tel.done()
     np.testing.assert_array_equal(y, x * F32(2))
     for ms in (tel.upload_ms, tel.compute_ms, tel.download_ms):
         assert isinstance(ms, float) and ms >= 0
+
+
+def test_a_context_times_nothing_by_default(ctx: pg.ManagedGpuContext,
+                                            rng: np.random.Generator) -> None:
+    """As a coordinator of its own: untimed unless made with ``timing=True``."""
+    assert ctx.async_coordinator().timing is False
+    x, y = rand(rng, 1000), np.full(1000, np.nan, dtype=F32)
+    tel = ctx.triple_buffered_step(pg.StepConfig(kernel="scale", input=x, output=y)).wait()
+    np.testing.assert_array_equal(y, x * F32(2))
+    assert (tel.upload_ms, tel.compute_ms, tel.download_ms) == (None, None, None)
 
 
 def test_many_steps_of_varying_size(ctx: pg.ManagedGpuContext, rng: np.random.Generator) -> None:

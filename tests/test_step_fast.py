@@ -50,9 +50,9 @@ def _steps(ctx: pg.ManagedGpuContext, rng: np.random.Generator, count: int,
 
 # --- the telemetry: times, errors, on_complete ----------------------------------------------
 
-def test_on_complete_is_called_once_with_the_three_times(ctx: pg.ManagedGpuContext,
+def test_on_complete_is_called_once_with_the_three_times(timed_ctx: pg.ManagedGpuContext,
                                                          rng: np.random.Generator) -> None:
-    _steps(ctx, rng, 1)  # "scale" registered and the ring made: the common path
+    _steps(timed_ctx, rng, 1)  # "scale" registered and the ring made: the common path
     seen: List[Dict[str, Any]] = []
 
     def on_complete(tel: pg.StepTelemetry) -> None:
@@ -60,11 +60,11 @@ def test_on_complete_is_called_once_with_the_three_times(ctx: pg.ManagedGpuConte
                      "compute": tel.compute_ms, "download": tel.download_ms})
 
     x, y = rand(rng, N), np.full(N, np.nan, dtype=F32)
-    tel = ctx.triple_buffered_step(pg.StepConfig(kernel="scale", input=x, output=y,
+    tel = timed_ctx.triple_buffered_step(pg.StepConfig(kernel="scale", input=x, output=y,
                                                  on_complete=on_complete))
     assert tel.wait() is tel
-    ctx.async_coordinator().synchronize_all()
-    _steps(ctx, rng, 4)
+    timed_ctx.async_coordinator().synchronize_all()
+    _steps(timed_ctx, rng, 4)
     assert len(seen) == 1, f"on_complete called {len(seen)} times"
     got = seen[0]
     assert got["tel"] is tel and got["error"] is None and tel.error is None
@@ -78,14 +78,14 @@ def test_on_complete_is_called_once_with_the_three_times(ctx: pg.ManagedGpuConte
     np.testing.assert_array_equal(y, x * F32(2))
 
 
-def test_a_failing_kernel_is_the_step_error(ctx: pg.ManagedGpuContext,
+def test_a_failing_kernel_is_the_step_error(timed_ctx: pg.ManagedGpuContext,
                                             rng: np.random.Generator) -> None:
-    coord = ctx.async_coordinator()
+    coord = timed_ctx.async_coordinator()
     coord.register_kernel("boom", pg.Kernel.from_callable(boom))
-    _steps(ctx, rng, 2)
+    _steps(timed_ctx, rng, 2)
     calls: List[Any] = []
     x, y = rand(rng, N), np.full(N, np.nan, dtype=F32)
-    tel = ctx.triple_buffered_step(pg.StepConfig(kernel="boom", input=x, output=y,
+    tel = timed_ctx.triple_buffered_step(pg.StepConfig(kernel="boom", input=x, output=y,
                                                  on_complete=lambda t: calls.append(t.error)))
     with pytest.raises(Exception) as raised:
         tel.wait()
@@ -100,17 +100,18 @@ def test_a_failing_kernel_is_the_step_error(ctx: pg.ManagedGpuContext,
     assert calls == [kept], "on_complete: once, after the download, with the error"
     assert coord.error(tel.upload_op) is None and isinstance(tel.upload_ms, float)
     assert np.isnan(y).all(), "a failed step's output is left alone"
-    _steps(ctx, rng, 4)  # the ring goes on
+    _steps(timed_ctx, rng, 4)  # the ring goes on
 
 
-def test_each_step_has_its_own_telemetry(ctx: pg.ManagedGpuContext,
+def test_each_step_has_its_own_telemetry(timed_ctx: pg.ManagedGpuContext,
                                          rng: np.random.Generator) -> None:
     """Each step's telemetry gets its own three ops only (one callback object per step)."""
     tels = []
     for _ in range(5):
         x, y = rand(rng, N), np.full(N, np.nan, dtype=F32)
-        tels.append(ctx.triple_buffered_step(pg.StepConfig(kernel="scale", input=x, output=y)))
-    ctx.async_coordinator().synchronize_all()
+        tels.append(timed_ctx.triple_buffered_step(
+            pg.StepConfig(kernel="scale", input=x, output=y)))
+    timed_ctx.async_coordinator().synchronize_all()
     ids = [(t.upload_op, t.compute_op, t.download_op) for t in tels]
     assert len({i for trio in ids for i in trio}) == 15
     for t in tels:
@@ -372,7 +373,7 @@ def test_a_context_without_timing_steps_with_no_times(backend: str,
                 (None, None, None, None)
         ctx.async_coordinator().poll()
         assert len(seen) == 5 and all(t.error is None for t in seen)
-    with pg.ManagedGpuContext(backend=backend) as ctx:  # the default times every op
+    with pg.ManagedGpuContext(backend=backend, timing=True) as ctx:  # times every op
         x, y = rand(rng, N), np.full(N, np.nan, dtype=F32)
         tel = ctx.triple_buffered_step(pg.StepConfig(kernel="scale", input=x, output=y))
         tel.wait()

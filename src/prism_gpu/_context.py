@@ -31,7 +31,7 @@ class StepTelemetry(EngineCallback):
 
     ``upload_ms``, ``compute_ms`` and ``download_ms`` are the GPU times of the
     three ops, None until they complete (see :meth:`done` and :meth:`wait`), and
-    always None on a context made with ``timing=False``.
+    always None unless the context was made with ``timing=True``.
     """
 
     # (internally, the telemetry is the engine's completion callback of its three ops:
@@ -100,17 +100,18 @@ class ManagedGpuContext:
     everything, and raises failures no call has reported yet (never masking an
     exception already propagating).
 
-    ``timing`` (default True): the context's coordinator times every op, so each
-    :class:`StepTelemetry` gets its GPU milliseconds. Timing events cost the host
-    2 to 3.5 us per op (measured on an H100); ``timing=False`` skips them (the telemetry's times
-    stay None). Pipelines time their stages either way (their statistics need it).
+    ``timing`` (default False, as for :class:`AsyncCoordinator`): with ``timing=True``
+    the context's coordinator times every op, so each :class:`StepTelemetry` gets its
+    GPU milliseconds. Timing events cost the host 2 to 3.5 us per op (measured on an
+    H100), which shows in loops of small batches; without them the telemetry's times
+    stay None. Pipelines time their stages either way (their statistics need it).
 
     >>> with ManagedGpuContext(device=0, backend="cpu") as ctx:   # doctest: +SKIP
     ...     buf = ctx.create_triple_buffer(2048, dtype=np.float32)
     """
 
     def __init__(self, device: int = 0, enable_streams: bool = True, backend: str = "auto", *,
-                 max_in_flight: int = 1024, timing: bool = True) -> None:
+                 max_in_flight: int = 1024, timing: bool = False) -> None:
         if not isinstance(timing, (bool, np.bool_)):
             raise TypeError(f"timing must be True or False, got {type(timing).__name__}")
         timing = bool(timing)
