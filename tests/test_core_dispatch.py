@@ -136,3 +136,81 @@ def test_a_closed_device_refuses_the_next_queue_call(make: Any) -> None:
     with pytest.raises(pg.InvalidOperationError, match="closed"):
         coord.queue_upload(x, buf)
     coord.close()
+
+
+def test_the_compiled_core_reads_this_numpys_array_fields() -> None:
+    """The queue calls read a plain array's dtype, flags and shape from its struct where
+    setup found the struct to match what Python sees; on this numpy it must."""
+    if not _core.COMPILED:
+        pytest.skip(f"the compiled core is {_core.STATUS}")
+    from prism_gpu import _ccore  # type: ignore[attr-defined]
+
+    assert _ccore.np_fields() is True
+
+
+@pytest.mark.parametrize("make", CORES)
+def test_an_array_changed_in_place_is_checked_again(make: Any, device: Any) -> None:
+    """The same array object, changed between calls (made read-only, reshaped, given
+    another dtype in place), is checked again as it is now: a read-only destination is
+    refused, a reshaped input goes, an input of another dtype is refused; each refusal
+    leaves the ring as it was."""
+    rng = np.random.default_rng(15)
+    with make(device) as coord:
+        coord.register_kernel("mul3", mul3())
+        buf = pg.TripleBuffer(device, N)
+        x, out = rng.standard_normal(N).astype(F32), np.empty(N, F32)
+        _iterate(coord, buf, x, out, "mul3")
+        np.testing.assert_array_equal(out, x * F32(3))
+        out.flags.writeable = False
+        up = coord.queue_upload(x, buf)
+        coord.queue_compute("mul3", [up])
+        before = buf.get_states()
+        with pytest.raises(pg.PrismGpuError, match="read-only|writ"):
+            coord.queue_download(buf, out)
+        assert buf.get_states() == before
+        out.flags.writeable = True
+        coord.wait(coord.queue_download(buf, out))
+        buf.advance()
+        np.testing.assert_array_equal(out, x * F32(3))
+        x = rng.standard_normal(N).astype(F32)
+        x.shape = (N // 2, 2)
+        _iterate(coord, buf, x, out, "mul3")
+        np.testing.assert_array_equal(out, x.reshape(-1) * F32(3))
+        x.shape = (N,)
+        x.dtype = np.int32
+        states = buf.get_states()
+        with pytest.raises(pg.PrismGpuError, match="int32|dtype"):
+            coord.queue_upload(x, buf)
+        assert buf.get_states() == states
+        coord.synchronize_all()
+
+
+@pytest.mark.parametrize("make", CORES)
+def test_a_kernel_attribute_replaced_on_the_class_is_read(
+        make: Any, device: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kernel's fields are read from their slots while the class stands as it was: once
+    the class replaces one (here ``check``, with a property refusing every value), the
+    next compute reads it, and is refused; put back, the slot is read again."""
+    rng = np.random.default_rng(16)
+    with make(device) as coord:
+        coord.register_kernel("mul3", mul3())
+        buf = pg.TripleBuffer(device, N)
+        x, out = rng.standard_normal(N).astype(F32), np.empty(N, F32)
+        _iterate(coord, buf, x, out, "mul3")
+
+        def refuse(values: Any) -> None:
+            raise ValueError("refused by the replaced check")
+        with monkeypatch.context() as m:
+            m.setattr(pg.Kernel, "check", property(lambda self: refuse))
+            up = coord.queue_upload(x, buf)
+            with pytest.raises(ValueError, match="replaced check"):
+                coord.queue_compute("mul3", [up])
+            coord.wait(up)
+        x = rng.standard_normal(N).astype(F32)
+        coord.queue_compute("mul3", [up])  # the upload still waits for its compute
+        d = coord.queue_download(buf, out)
+        buf.advance()
+        coord.wait(d)
+        x2 = rng.standard_normal(N).astype(F32)
+        _iterate(coord, buf, x2, out, "mul3")
+        np.testing.assert_array_equal(out, x2 * F32(3))

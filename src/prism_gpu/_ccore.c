@@ -299,6 +299,8 @@ typedef struct { /* (object fields side by side, device to timing_obj: FIELD_RUN
 #define RECLAIM 64 /* _core.RECLAIM */
 
 static PyObject *engine_complete(EngineObject *self, PyObject *op);
+/* call sites' slot attributes (see slot_attr) */
+static SlotAttr c_lane_ops, c_lane_stream;
 static PyObject *give_event(EngineObject *self, PyObject *ev);
 
 static int
@@ -569,7 +571,7 @@ engine_submit(EngineObject *self, PyObject *const *args, Py_ssize_t nargsf, PyOb
         if (t < 0)
             return NULL;
         if (!t) {
-            PyObject *active = PyObject_GetAttr(trace_mod, s_ACTIVE);
+            PyObject *active = mod_get(trace_mod, s_ACTIVE);
             if (active == NULL)
                 return NULL;
             t = active != Py_None;
@@ -598,7 +600,7 @@ engine_submit(EngineObject *self, PyObject *const *args, Py_ssize_t nargsf, PyOb
              *table = NULL, *oid = NULL, *ev = NULL, *r = NULL;
     if (op == NULL)
         goto fail;
-    stream = PyObject_GetAttr(lane, s_stream);
+    stream = slot_attr(lane, s_stream, &c_lane_stream);
     if (stream == NULL)
         goto fail;
     Py_INCREF(deps);
@@ -669,7 +671,7 @@ engine_submit(EngineObject *self, PyObject *const *args, Py_ssize_t nargsf, PyOb
     int timed = truthy(timed_obj);
     if (timed < 0)
         goto fail;
-    tracer = PyObject_GetAttr(trace_mod, s_ACTIVE);
+    tracer = mod_get(trace_mod, s_ACTIVE);
     if (tracer == NULL)
         goto fail;
     if (tracer != Py_None) {
@@ -683,7 +685,7 @@ engine_submit(EngineObject *self, PyObject *const *args, Py_ssize_t nargsf, PyOb
             Py_XSETREF(self->traced, traced);
             set_field(&self->tracer, tracer);
         }
-        PyObject *state = PyObject_GetAttr(trace_mod, s_STATE);
+        PyObject *state = mod_get(trace_mod, s_STATE);
         if (state == NULL)
             goto fail;
         PyObject *index = PyObject_GetAttr(state, s_index);
@@ -704,7 +706,7 @@ engine_submit(EngineObject *self, PyObject *const *args, Py_ssize_t nargsf, PyOb
             goto fail;
         Py_XSETREF(op->trace, tr);
     }
-    PyObject *on = PyObject_GetAttr(nvtx_mod, s_ON);
+    PyObject *on = mod_get(nvtx_mod, s_ON);
     if (on == NULL)
         goto fail;
     int nvtx_on = truthy(on);
@@ -848,7 +850,7 @@ engine_submit(EngineObject *self, PyObject *const *args, Py_ssize_t nargsf, PyOb
     Py_DECREF(next);
     if (bad < 0)
         goto fail;
-    PyObject *ops = PyObject_GetAttr(lane, s_ops);
+    PyObject *ops = slot_attr(lane, s_ops, &c_lane_ops);
     if (ops == NULL)
         goto fail;
     r = call_method1(ops, s_append, (PyObject *)op);
@@ -1079,7 +1081,7 @@ engine_complete(EngineObject *self, PyObject *opobj)
         Py_ssize_t n = PyObject_Size(held);
         if (n < 0)
             goto fail_start;
-        PyObject *trace_cls = PyObject_GetAttr(trace_mod, s_Trace);
+        PyObject *trace_cls = mod_get(trace_mod, s_Trace);
         PyObject *limit = trace_cls ? PyObject_GetAttr(trace_cls, s_HELD_EVENTS) : NULL;
         Py_XDECREF(trace_cls);
         if (limit == NULL)
@@ -1146,7 +1148,7 @@ complete_head(EngineObject *self, PyObject *ops, Py_ssize_t count)
 static PyObject *
 harvest_lane(EngineObject *self, PyObject *lane, PyObject *upto)
 {
-    PyObject *ops = PyObject_GetAttr(lane, s_ops);
+    PyObject *ops = slot_attr(lane, s_ops, &c_lane_ops);
     if (ops == NULL)
         return NULL;
     Py_ssize_t n = PyObject_Size(ops);
@@ -1313,7 +1315,7 @@ engine_harvest(EngineObject *self, PyObject *const *args, Py_ssize_t nargsf,
     for (Py_ssize_t i = 0; ok && i < PyList_GET_SIZE(lanes); i++) {
         PyObject *lane = PyList_GET_ITEM(lanes, i);
         Py_INCREF(lane);
-        PyObject *ops = PyObject_GetAttr(lane, s_ops);
+        PyObject *ops = slot_attr(lane, s_ops, &c_lane_ops);
         Py_ssize_t n = ops ? PyObject_Size(ops) : -1;
         Py_XDECREF(ops);
         if (n > 0) {
@@ -1551,6 +1553,18 @@ attr_true(PyObject *o, PyObject *name)
     return t;
 }
 
+/* 1 if the module's attribute is True, 0 if not, -1 on error */
+static int
+mod_true(PyObject *mod, PyObject *name)
+{
+    PyObject *v = mod_get(mod, name);
+    if (v == NULL)
+        return -1;
+    int t = truthy(v);
+    Py_DECREF(v);
+    return t;
+}
+
 /* whether this call may take the fast path as far as the coordinator goes: the owner's
  * thread, open, not in sync mode (-1 on error) */
 static int
@@ -1570,11 +1584,28 @@ queue_usable(QueueObject *self)
     c = attr_true(self->device, s_closed);
     if (c != 0)
         return c < 0 ? -1 : 0;
-    c = attr_true(q_sync, s_ON_);
+    c = mod_true(q_sync, s_ON_);
     if (c != 0)
         return c < 0 ? -1 : 0;
     return 1;
 }
+
+/* The first fields of a numpy array's struct (numpy's PyArrayObject_fields, the same in
+ * numpy 1.x and 2.x): read directly where setup_queue found them to match what Python
+ * sees of a test array, else (np_fields_ok 0) through attributes. */
+typedef struct {
+    PyObject_HEAD
+    char *data;
+    int nd;
+    Py_ssize_t *dimensions;
+    Py_ssize_t *strides;
+    PyObject *base;
+    PyObject *descr;
+    int flags;
+} NpFields;
+#define NP_C_CONTIGUOUS 0x0001
+#define NP_WRITEABLE 0x0400
+static int np_fields_ok;
 
 /* n elements of a plain numpy array of ``dtype`` (C-contiguous, writable if asked),
  * or 0 if the reference must look at it (-1 on error) */
@@ -1583,6 +1614,16 @@ plain_array(PyObject *a, PyObject *dtype, int writable)
 {
     if (Py_TYPE(a) != (PyTypeObject *)q_ndarray)
         return 0;
+    if (np_fields_ok) {
+        NpFields *f = (NpFields *)a;
+        int need = NP_C_CONTIGUOUS | (writable ? NP_WRITEABLE : 0);
+        if (f->descr != dtype || (f->flags & need) != need)
+            return 0;
+        Py_ssize_t n = 1;
+        for (int i = 0; i < f->nd; i++)
+            n *= f->dimensions[i];
+        return n;
+    }
     PyObject *dt = PyObject_GetAttr(a, s_dtype);
     if (dt == NULL)
         return -1;
@@ -1613,6 +1654,8 @@ plain_array(PyObject *a, PyObject *dtype, int writable)
 static PyObject *
 flat(PyObject *a)
 {
+    if (np_fields_ok && Py_TYPE(a) == (PyTypeObject *)q_ndarray && ((NpFields *)a)->nd == 1)
+        return Py_NewRef(a);
     PyObject *nd = PyObject_GetAttr(a, s_ndim);
     if (nd == NULL)
         return NULL;
@@ -1742,7 +1785,7 @@ release(Held *h)
 static int
 settle_if_sync(QueueObject *self, PyObject *op)
 {
-    int on = attr_true(q_sync, s_ON_);
+    int on = mod_true(q_sync, s_ON_);
     if (on <= 0)
         return on == 0;
     PyObject *oid = op_get(op, offsetof(OpObject, id), s_id);
@@ -2098,7 +2141,10 @@ q_compute_impl(QueueObject *self, Held *h, PyObject *const *args, Py_ssize_t nar
         Py_INCREF(slots);
         pending = slots;
     }
-    int uses = attr_true(kernel, s_uses_arrays);
+    static SlotAttr c_uses;
+    PyObject *uses_obj = slot_attr(kernel, s_uses_arrays, &c_uses);
+    int uses = uses_obj == NULL ? -1 : truthy(uses_obj);
+    Py_XDECREF(uses_obj);
     if (uses < 0)
         goto fail;
     if (!uses) {
@@ -2117,14 +2163,16 @@ q_compute_impl(QueueObject *self, Held *h, PyObject *const *args, Py_ssize_t nar
             PyList_SET_ITEM(arrays, i, a);
         }
     }
+    static SlotAttr c_defaults;
     if (extra != Py_None) {
         Py_INCREF(extra);
         ext = extra;
     }
-    else if ((ext = PyObject_GetAttr(kernel, s_defaults)) == NULL)
+    else if ((ext = slot_attr(kernel, s_defaults, &c_defaults)) == NULL)
         goto fail;
     {
-        PyObject *check = PyObject_GetAttr(kernel, s_check);
+        static SlotAttr c_check;
+        PyObject *check = slot_attr(kernel, s_check, &c_check);
         if (check == NULL)
             goto fail;
         if (check != Py_None) {
@@ -2137,7 +2185,8 @@ q_compute_impl(QueueObject *self, Held *h, PyObject *const *args, Py_ssize_t nar
         else
             Py_DECREF(check);
     }
-    config = PyObject_GetAttr(kernel, s_config);
+    static SlotAttr c_config;
+    config = slot_attr(kernel, s_config, &c_config);
     if (config == NULL)
         goto fail;
     int has = truthy(config);
@@ -2165,7 +2214,8 @@ q_compute_impl(QueueObject *self, Held *h, PyObject *const *args, Py_ssize_t nar
     }
     /* data flows from each dependency and each slot's writer; a slot rewritten in
      * place also follows its readers */
-    inflight = PyObject_GetAttr(h->engine, s_inflight);
+    static SlotAttr c_inflight;
+    inflight = slot_attr(h->engine, s_inflight, &c_inflight);
     if (inflight == NULL || !PyDict_Check(inflight)) {
         if (inflight != NULL)
             PyErr_SetString(PyExc_TypeError, "the engine's inflight must be a dict");
@@ -2230,7 +2280,8 @@ q_compute_impl(QueueObject *self, Held *h, PyObject *const *args, Py_ssize_t nar
             goto fail;
     }
     keep = PyTuple_Pack(2, arrays, ext);
-    kname = keep ? PyObject_GetAttr(kernel, s_name_attr) : NULL;
+    static SlotAttr c_kname;
+    kname = keep ? slot_attr(kernel, s_name_attr, &c_kname) : NULL;
     kind = kname ? PyLong_FromLong(LAUNCH) : NULL;
     if (kind == NULL)
         goto fail;
@@ -2383,6 +2434,50 @@ static PyTypeObject QueueType = {
     .tp_methods = queue_methods,
 };
 
+/* whether NpFields matches the arrays of the numpy imported (1), or not (0): what
+ * Python sees of a 2x3 float32 test array (its data address, dimensions, dtype, flags,
+ * also once made read-only, and of a transposed view) against the fields; -1 on error */
+static int
+np_fields_match(void)
+{
+    int ok = 0;
+    PyObject *a = PyObject_CallFunction(q_ndarray, "(ii)s", 2, 3, "f4");
+    PyObject *t = NULL, *iface = NULL, *dt = NULL, *flags = NULL;
+    if (a == NULL)
+        goto done;
+    NpFields *f = (NpFields *)a;
+    iface = PyObject_GetAttrString(a, "__array_interface__");
+    dt = PyObject_GetAttrString(a, "dtype");
+    if (iface == NULL || dt == NULL)
+        goto done;
+    PyObject *data = PyDict_GetItemString(iface, "data"); /* (address, read-only) */
+    if (data == NULL || !PyTuple_Check(data) || PyTuple_GET_SIZE(data) < 1)
+        goto done;
+    void *addr = PyLong_AsVoidPtr(PyTuple_GET_ITEM(data, 0));
+    if (addr == NULL && PyErr_Occurred())
+        goto done;
+    ok = f->data == addr && f->nd == 2 && f->dimensions[0] == 2 && f->dimensions[1] == 3 &&
+         f->descr == dt && (f->flags & (NP_C_CONTIGUOUS | NP_WRITEABLE)) ==
+                               (NP_C_CONTIGUOUS | NP_WRITEABLE);
+    if (!ok)
+        goto done;
+    flags = PyObject_GetAttrString(a, "flags");
+    if (flags == NULL || PyObject_SetAttrString(flags, "writeable", Py_False) < 0)
+        goto done;
+    t = PyObject_GetAttrString(a, "T");
+    ok = t != NULL && !(f->flags & NP_WRITEABLE) &&
+         ((NpFields *)t)->nd == 2 && !(((NpFields *)t)->flags & NP_C_CONTIGUOUS);
+done:
+    Py_XDECREF(a);
+    Py_XDECREF(t);
+    Py_XDECREF(iface);
+    Py_XDECREF(dt);
+    Py_XDECREF(flags);
+    if (PyErr_Occurred())
+        return -1;
+    return ok;
+}
+
 static PyObject *
 setup_queue(PyObject *module, PyObject *helpers)
 {
@@ -2413,6 +2508,9 @@ setup_queue(PyObject *module, PyObject *helpers)
         PyErr_SetString(PyExc_TypeError, "setup_queue() needs the ring, array and table types");
         return NULL;
     }
+    np_fields_ok = np_fields_match();
+    if (np_fields_ok < 0)
+        return NULL;
     Py_XSETREF(r_upload, PyObject_GetAttrString(q_reference, "queue_upload"));
     Py_XSETREF(r_compute, PyObject_GetAttrString(q_reference, "queue_compute"));
     Py_XSETREF(r_download, PyObject_GetAttrString(q_reference, "queue_download"));
@@ -2453,8 +2551,16 @@ setup(PyObject *self, PyObject *helpers)
     Py_RETURN_NONE;
 }
 
+static PyObject *
+np_fields(PyObject *module, PyObject *unused)
+{
+    return PyBool_FromLong(np_fields_ok);
+}
+
 static PyMethodDef methods[] = {
     {"setup", (PyCFunction)setup, METH_O, "setup(helpers): the Python side's functions."},
+    {"np_fields", (PyCFunction)np_fields, METH_NOARGS,
+     "np_fields(): whether the queue calls read numpy arrays' fields directly (set up)."},
     {"setup_queue", (PyCFunction)setup_queue, METH_O,
      "setup_queue(helpers): the queue calls' reference, types and constants."},
     {"setup_ring", (PyCFunction)setup_ring, METH_O,

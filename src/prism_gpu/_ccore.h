@@ -27,6 +27,60 @@ clear_run(PyObject **f, int n)
     return 0;
 }
 
+/* A module's attribute (new reference), read from the module's dict when it is a plain
+ * module: what getattr gives for a name its dict holds, at a dict lookup's cost rather
+ * than a generic attribute lookup's; anything else goes the generic way. */
+static inline PyObject *
+mod_get(PyObject *mod, PyObject *name)
+{
+    if (PyModule_CheckExact(mod)) {
+        PyObject *d = PyModule_GetDict(mod); /* borrowed, never NULL for a module */
+        PyObject *v = PyDict_GetItemWithError(d, name);
+        if (v != NULL)
+            return Py_NewRef(v);
+        if (PyErr_Occurred())
+            return NULL;
+    }
+    return PyObject_GetAttr(mod, name);
+}
+
+/* An attribute held in a slot of the object's struct (a ``__slots__`` name, or a C type's
+ * object member), read at its offset: a call site keeps the type and offset found by
+ * its first lookup, valid while the type's version tag stands (any change to the type
+ * or its bases gives a new tag). A member is a data descriptor, which comes before the
+ * instance dict, so this is what getattr gives; anything else goes the generic way. */
+#include <structmember.h>
+typedef struct {
+    PyTypeObject *type; /* borrowed: compared only, while its tag matches */
+    unsigned int tag;
+    Py_ssize_t offset;
+} SlotAttr;
+
+static inline PyObject *
+slot_attr(PyObject *o, PyObject *name, SlotAttr *c)
+{
+    PyTypeObject *t = Py_TYPE(o);
+    if (c->type == t && c->tag == t->tp_version_tag &&
+        PyType_HasFeature(t, Py_TPFLAGS_VALID_VERSION_TAG)) {
+        PyObject *v = *(PyObject **)((char *)o + c->offset);
+        if (v != NULL)
+            return Py_NewRef(v);
+    }
+    else {
+        PyObject *d = _PyType_Lookup(t, name); /* borrowed; sets the version tag */
+        if (d != NULL && Py_IS_TYPE(d, &PyMemberDescr_Type) &&
+            PyType_HasFeature(t, Py_TPFLAGS_VALID_VERSION_TAG)) {
+            PyMemberDef *m = ((PyMemberDescrObject *)d)->d_member;
+            if (m->type == T_OBJECT_EX) {
+                c->type = t;
+                c->tag = t->tp_version_tag;
+                c->offset = m->offset;
+            }
+        }
+    }
+    return PyObject_GetAttr(o, name);
+}
+
 /* positions in the cycle FREE -> UPLOADING -> PROCESSING -> DOWNLOADING */
 #define FREE_I 0
 #define UPLOADING_I 1
