@@ -47,7 +47,7 @@ def tiny(ctx: Any, iterations: int, repeats: int, run_variants: Callable[..., An
     ratios(rows, None)
     raw: List[float] = []
     ours: List[float] = []
-    for _ in range(3):  # in pairs, so that drift of the host's speed falls on both
+    for _ in range(5):  # in pairs, so that drift of the host's speed falls on both
         raw.append(host_overhead.raw_cuda_core(2000)["raw_cuda_core_us_per_iteration"])
         ours.append(host_overhead.prism(2000, False)["prism_us_per_iteration"])
     host = {"raw cuda.core calls, us per iteration": statistics.median(raw),
@@ -55,11 +55,32 @@ def tiny(ctx: Any, iterations: int, repeats: int, run_variants: Callable[..., An
     host["ratio"] = statistics.median(o / r for o, r in zip(ours, raw))
     return {"workload": "tiny (64 KiB batches, 10 us kernel)", "kind": "tiny",
             "iterations": iterations, "repeats": repeats, "rows": rows,
-            "note": "Host-overhead bound: iterations/s is the figure. Host time per "
-                    "iteration (upload + compute + download queued) vs the raw cuda.core "
-                    "calls of the same loop, measured in the same run (three pairs; the "
-                    "ratio is the median pair's):",
-            "extra": {"host overhead": json_line(host)}}
+            "note": "Host-overhead bound: iterations/s is the figure. Below the table: "
+                    "iterations/s as ratios within each repeat (a repeat runs every "
+                    "variant in turn, so a drift of the host's speed falls on both sides "
+                    "of a ratio; the median repeat's ratio), and host time per iteration "
+                    "(upload + compute + download queued) vs the raw cuda.core calls of "
+                    "the same loop, measured in the same run (five pairs; the ratio is "
+                    "the median pair's):",
+            "extra": {"iterations/s, paired within each repeat": json_line(paired(rows)),
+                      "host overhead": json_line(host)}}
+
+
+def paired(rows: List[Dict[str, Any]]) -> Dict[str, float]:
+    """Iterations/s ratios within each repeat, the median repeat's: the coordinator's
+    against hand-written CuPy's, and each other prism-gpu variant's against the
+    coordinator's."""
+    got = {r["name"]: r["samples"] for r in rows if r.get("samples")}
+    coord, cupy = got.get("prism AsyncCoordinator"), got.get("CuPy (hand-written)")
+    out: Dict[str, float] = {}
+    if coord and cupy:
+        out["prism AsyncCoordinator vs CuPy"] = statistics.median(
+            p / c for p, c in zip(cupy, coord))
+    for name, ms in got.items():
+        if coord and name.startswith("prism") and name != "prism AsyncCoordinator":
+            out[f"{name} vs the coordinator"] = statistics.median(
+                c / v for c, v in zip(coord, ms))
+    return out
 
 
 def json_line(d: Dict[str, float]) -> str:

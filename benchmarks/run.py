@@ -40,8 +40,11 @@ import host_overhead  # noqa: E402
 Variant = Callable[[Work, int], float]
 
 
-def _stats(samples: List[float]) -> Dict[str, float]:
-    return {"median": statistics.median(samples), "min": min(samples), "max": max(samples)}
+def _stats(samples: List[float]) -> Dict[str, Any]:
+    """Median, min and max of a variant's repeats, and the repeats themselves (in order:
+    repeat r of every variant ran in the same round)."""
+    return {"median": statistics.median(samples), "min": min(samples), "max": max(samples),
+            "samples": list(samples)}
 
 
 def _inputs(n: int, seed: int) -> List[np.ndarray]:
