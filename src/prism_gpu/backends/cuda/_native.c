@@ -45,6 +45,9 @@ typedef CUresult (*record_fn)(CUevent, CUstream);
 typedef CUresult (*wait_fn)(CUstream, CUevent, unsigned int);
 typedef CUresult (*query_fn)(CUevent);
 typedef CUresult (*elapsed_fn)(float *, CUevent, CUevent);
+typedef void *CUcontext;
+typedef CUresult (*ctx_current_fn)(CUcontext *);
+typedef CUresult (*stream_ctx_fn)(CUstream, CUcontext *);
 typedef CUresult (*launch_fn)(CUfunction, unsigned int, unsigned int, unsigned int,
                               unsigned int, unsigned int, unsigned int, unsigned int,
                               CUstream, void **, void **);
@@ -55,6 +58,10 @@ static wait_fn p_wait;
 static query_fn p_query;
 static launch_fn p_launch;
 static elapsed_fn p_elapsed; /* NULL if the driver has neither name (not required) */
+/* the calling thread's current context, a stream's context: NULL without them (then
+ * every call asks the Python side whether its device's context is current) */
+static ctx_current_fn p_ctx_current;
+static stream_ctx_fn p_stream_ctx;
 
 #define MAX_ARGS 256 /* more go through cuda.core (the caller checks) */
 #define SLOT 16 /* bytes per argument: the widest numpy scalar a kernel takes (complex128) */
@@ -114,6 +121,10 @@ load(PyObject *self, PyObject *types)
     p_elapsed = (elapsed_fn)dlsym(lib, "cuEventElapsedTime_v2");
     if (p_elapsed == NULL)
         p_elapsed = (elapsed_fn)dlsym(lib, "cuEventElapsedTime");
+    p_ctx_current = (ctx_current_fn)dlsym(lib, "cuCtxGetCurrent");
+    p_stream_ctx = (stream_ctx_fn)dlsym(lib, "cuStreamGetCtx");
+    if (p_ctx_current == NULL || p_stream_ctx == NULL)
+        p_ctx_current = NULL, p_stream_ctx = NULL;
     p_launch = l; /* last: loaded() tests it */
     Py_RETURN_NONE;
 }
@@ -480,6 +491,7 @@ typedef struct {
     unsigned long long live;
     PyObject *device, *pending, *dict;
     long ordinal;
+    CUcontext ctx; /* the stream's context once found current (NULL: not yet) */
     char closed;
     PyObject *weakrefs;
 } StreamObject;
@@ -731,7 +743,8 @@ stream_dealloc(StreamObject *self)
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
-/* the stream's device's context current on this thread (device._current() if not) */
+static int current_by_device(StreamObject *self);
+
 /* the stream's device, or an error for a stream never initialised */
 static int
 has_device(StreamObject *self)
@@ -743,11 +756,36 @@ has_device(StreamObject *self)
     return 1;
 }
 
+/* the stream's device's context current on this thread: where the driver says the
+ * stream's own context is current, at once; else as the Python side does it (and the
+ * stream's context kept once found current, for the next call) */
 static int
 ensure_current(StreamObject *self)
 {
     if (!has_device(self))
         return 0;
+    if (self->ctx != NULL) { /* the driver says it is current: nothing to ask */
+        CUcontext cur = NULL;
+        if (p_ctx_current(&cur) == 0 && cur == self->ctx)
+            return 1;
+    }
+    if (!current_by_device(self))
+        return 0;
+    /* now current: the stream's own context (which the driver tells), for next time */
+    CUcontext mine = NULL, cur = NULL;
+    unsigned long long sh = self->live;
+    if (self->ctx == NULL && p_stream_ctx != NULL && sh != 0 &&
+        p_stream_ctx((CUstream)(uintptr_t)sh, &mine) == 0 && p_ctx_current(&cur) == 0 &&
+        mine != NULL && mine == cur)
+        self->ctx = mine;
+    return 1;
+}
+
+/* the Python side's check: its thread-local says which device's context it made
+ * current on this thread; device._current() if not this stream's */
+static int
+current_by_device(StreamObject *self)
+{
     PyObject *o = PyObject_GetAttr(current_local, s_ordinal);
     if (o == NULL) {
         if (!PyErr_ExceptionMatches(PyExc_AttributeError))
