@@ -420,3 +420,46 @@ def test_a_closed_stream_refuses_work_by_name(monkeypatch):
         np.testing.assert_array_equal(back, host)
     finally:
         dev.close()
+
+
+def test_queue_calls_go_on_after_other_code_changes_the_current_context():
+    """Other code on the thread (a library, the driver API) leaves no context current,
+    or a context of its own, between iterations: the native stream calls see it and make
+    their own current again, and every result is right. (The Python stream trusts the
+    device's thread-local: this is for the native calls.)"""
+    from cuda.bindings import driver
+
+    from prism_gpu.backends.cuda import _driver
+
+    if _driver.NATIVE is None:
+        pytest.skip("the native driver calls are off: the Python stream's context check "
+                    "trusts its thread-local")
+    dev = pg.open_device("cuda")
+    coord = pg.AsyncCoordinator(dev)
+    own = None
+    try:
+        rng = np.random.default_rng(21)
+        k = pg.Kernel.from_source(AXPY, "axpy")
+        err, cu_dev = driver.cuDeviceGet(0)
+        assert err == driver.CUresult.CUDA_SUCCESS
+        err, own = driver.cuCtxCreate(None, 0, cu_dev)  # a context of its own
+        assert err == driver.CUresult.CUDA_SUCCESS
+        n = 4096  # (everything made first: only the queue calls run after the change)
+        buf = pg.TripleBuffer(dev, n)
+        x, out = pg.pinned_empty(n, np.float32), pg.pinned_empty(n, np.float32)
+        coord.register_kernel("axpy", k)
+        for i, other in enumerate([driver.CUcontext(0), own] * 3):
+            x[:] = rng.standard_normal(n).astype(np.float32)
+            out[:] = np.nan
+            assert driver.cuCtxSetCurrent(other)[0] == driver.CUresult.CUDA_SUCCESS
+            up = coord.queue_upload(x, buf)
+            coord.queue_compute("axpy", [up], extra=(2.0, float(i)))
+            down = coord.queue_download(buf, out)
+            buf.advance()
+            coord.wait(down)
+            np.testing.assert_allclose(out, 2 * x + i, rtol=1e-6, atol=1e-6)
+    finally:
+        coord.close()
+        dev.close()
+        if own is not None:
+            driver.cuCtxDestroy(own)

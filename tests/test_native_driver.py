@@ -68,6 +68,12 @@ CUresult cuEventElapsedTime(float *ms, void *s, void *e) {
     *ms = 1.25f;
     return result;
 }
+void *cur_ctx = 0;              /* the calling thread's current context (one thread) */
+void *stream_ctx = (void *)0xC0;  /* every stream's context */
+int ctx_result = 0;             /* what cuCtxGetCurrent returns */
+int ctx_calls = 0;
+CUresult cuCtxGetCurrent(void **c) { ctx_calls++; *c = cur_ctx; return ctx_result; }
+CUresult cuStreamGetCtx(void *s, void **c) { *c = stream_ctx; return 0; }
 CUresult cuLaunchKernel(void *f, unsigned gx, unsigned gy, unsigned gz, unsigned bx,
                         unsigned by, unsigned bz, unsigned smem, void *s, void **kp,
                         void **extra) {
@@ -681,4 +687,44 @@ def test_an_event_reads_its_time_from_the_start_event_in_c(stand_in: Path) -> No
         start._h = 0
         refused(InvalidOperationError, "closed event", lambda: end.elapsed_ms(start))
         assert calls() == before + 2, "refused reads reached the driver"
+    """))
+
+
+def test_a_stream_asks_its_device_only_when_the_driver_says_another_context_is_current(
+        stand_in: Path) -> None:
+    """The driver tells a stream its context and which one is current: while its own is,
+    no call asks the device (whatever the thread-local says); another context made
+    current by other code (or none) is replaced by the stream's own through the device,
+    even where the thread-local still names the stream's device, the first call
+    included; a driver that cannot tell leaves it to the thread-local."""
+    run(stand_in, TYPES_PRELUDE + textwrap.dedent("""
+        cur = ctypes.c_void_p.in_dll(lib, "cur_ctx")
+        class CtxDev(Dev):
+            def _current(self):
+                Dev.currents += 1
+                CUR.ordinal = self.ordinal
+                cur.value = 0xC0  # the device's context, as the stream's is
+        s, e, d = St(CtxDev(), 0x50), Ev(FakeEv(0xE1), False), DA(0xD0)
+        h = np.arange(16, dtype=np.float32)
+        CUR.ordinal = 0  # (the thread-local names the device: the driver says otherwise)
+        s.record(e)
+        assert Dev.currents == 1 and cur.value == 0xC0
+        del CUR.ordinal  # the thread-local no longer says: the driver does
+        for _ in range(100):
+            s.record(e)
+            s.copy_h2d(d, h)
+        assert Dev.currents == 1
+        for other in (0xBB, None):  # another context current, then none
+            cur.value = other
+            CUR.ordinal = 0  # (stale: still names the stream's device)
+            s.record(e)
+            assert Dev.currents == 2 + (other is None) and cur.value == 0xC0
+            assert CUR.ordinal == 0 and last(1) == 0x50
+        set_int("ctx_result", 201)  # the driver cannot tell: the Python side decides
+        before = Dev.currents
+        s.record(e)
+        assert Dev.currents == before  # (its thread-local names the stream's device)
+        del CUR.ordinal
+        s.record(e)
+        assert Dev.currents == before + 1
     """))

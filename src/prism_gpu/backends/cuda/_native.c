@@ -757,28 +757,33 @@ has_device(StreamObject *self)
 }
 
 /* the stream's device's context current on this thread: where the driver says the
- * stream's own context is current, at once; else as the Python side does it (and the
- * stream's context kept once found current, for the next call) */
+ * stream's own context (asked once) is current, at once; else as the Python side does
+ * it, its thread-local cleared first where another context is current (set by other
+ * code on this thread), so that the device makes its own current again. */
 static int
 ensure_current(StreamObject *self)
 {
     if (!has_device(self))
         return 0;
-    if (self->ctx != NULL) { /* the driver says it is current: nothing to ask */
-        CUcontext cur = NULL;
-        if (p_ctx_current(&cur) == 0 && cur == self->ctx)
-            return 1;
-    }
-    if (!current_by_device(self))
-        return 0;
-    /* now current: the stream's own context (which the driver tells), for next time */
-    CUcontext mine = NULL, cur = NULL;
     unsigned long long sh = self->live;
-    if (self->ctx == NULL && p_stream_ctx != NULL && sh != 0 &&
-        p_stream_ctx((CUstream)(uintptr_t)sh, &mine) == 0 && p_ctx_current(&cur) == 0 &&
-        mine != NULL && mine == cur)
-        self->ctx = mine;
-    return 1;
+    if (self->ctx == NULL && p_stream_ctx != NULL && sh > 2) {
+        /* (handles 1 and 2 name the default streams, whose context is the current one) */
+        CUcontext mine = NULL;
+        if (p_stream_ctx((CUstream)(uintptr_t)sh, &mine) == 0 && mine != NULL)
+            self->ctx = mine;
+    }
+    if (self->ctx != NULL) {
+        CUcontext cur = NULL;
+        CUresult r = p_ctx_current(&cur);
+        if (r == 0 && cur == self->ctx) /* the driver says it is current: nothing to ask */
+            return 1;
+        /* another context (or none) is current, made so by other code (a library, a
+         * thread's own calls): the Python side's thread-local may still name this
+         * stream's device; cleared, its device makes its context current again */
+        if (r == 0 && PyObject_SetAttr(current_local, s_ordinal, Py_None) < 0)
+            return 0;
+    }
+    return current_by_device(self);
 }
 
 /* the Python side's check: its thread-local says which device's context it made
