@@ -15,7 +15,7 @@ import prism_gpu as pg
 from prism_gpu import _coordinator, _core, _queue
 from prism_gpu._coordinator import AsyncCoordinator
 from prism_gpu._engine import Engine
-from _support import F32, add1, mul3, over_reference
+from _support import F32, MUL3_SRC, add1, mul3, over_reference
 
 PyCoordinator = over_reference(AsyncCoordinator, _queue.PyQueueCore)
 CORES = [pytest.param(PyCoordinator, id="python"),
@@ -217,3 +217,38 @@ def test_a_kernel_attribute_replaced_on_the_class_is_read(
         x2 = rng.standard_normal(N).astype(F32)
         _iterate(coord, buf, x2, out, "mul3")
         np.testing.assert_array_equal(out, x2 * F32(3))
+
+
+class _Refusing(pg.Kernel):
+    """A kernel whose class answers ``check`` from its own ``__getattribute__``."""
+
+    def __getattribute__(self, name: str) -> Any:
+        if name == "check":
+            def refuse(values: Any) -> None:
+                raise ValueError("refused by __getattribute__")
+            return refuse
+        return super().__getattribute__(name)
+
+
+@pytest.mark.parametrize("make", CORES)
+def test_a_kernel_class_with_its_own_getattribute_is_asked(make: Any, device: Any) -> None:
+    """A slot is read directly only for a class with the generic attribute lookup: a
+    kernel class with its own ``__getattribute__`` is asked, after a plain kernel's
+    slots were read at the same call site; the refused compute queues nothing."""
+    rng = np.random.default_rng(17)
+    with make(device) as coord:
+        coord.register_kernel("mul3", mul3())
+        coord.register_kernel("refusing", _Refusing.from_source(
+            MUL3_SRC, "mul3", cpu=lambda a: None))
+        buf = pg.TripleBuffer(device, N)
+        x, out = rng.standard_normal(N).astype(F32), np.empty(N, F32)
+        _iterate(coord, buf, x, out, "mul3")
+        up = coord.queue_upload(x, buf)
+        for _ in range(3):  # (a call site keeps what its first lookup found)
+            with pytest.raises(ValueError, match="__getattribute__"):
+                coord.queue_compute("refusing", [up])
+        coord.queue_compute("mul3", [up])
+        d = coord.queue_download(buf, out)
+        buf.advance()
+        coord.wait(d)
+        np.testing.assert_array_equal(out, x * F32(3))

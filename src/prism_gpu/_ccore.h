@@ -48,7 +48,8 @@ mod_get(PyObject *mod, PyObject *name)
  * object member), read at its offset: a call site keeps the type and offset found by
  * its first lookup, valid while the type's version tag stands (any change to the type
  * or its bases gives a new tag). A member is a data descriptor, which comes before the
- * instance dict, so this is what getattr gives; anything else goes the generic way. */
+ * instance dict, so for a type with the generic getattr this is what getattr gives;
+ * anything else goes the generic way. */
 #include <structmember.h>
 typedef struct {
     PyTypeObject *type; /* borrowed: compared only, while its tag matches */
@@ -60,6 +61,9 @@ static inline PyObject *
 slot_attr(PyObject *o, PyObject *name, SlotAttr *c)
 {
     PyTypeObject *t = Py_TYPE(o);
+    if (t->tp_getattro != PyObject_GenericGetAttr) /* (a __getattribute__ or __getattr__ of
+                                                     * its own: getattr runs it) */
+        return PyObject_GetAttr(o, name);
     if (c->type == t && c->tag == t->tp_version_tag &&
         PyType_HasFeature(t, Py_TPFLAGS_VALID_VERSION_TAG)) {
         PyObject *v = *(PyObject **)((char *)o + c->offset);
