@@ -252,3 +252,32 @@ def test_a_kernel_class_with_its_own_getattribute_is_asked(make: Any, device: An
         buf.advance()
         coord.wait(d)
         np.testing.assert_array_equal(out, x * F32(3))
+
+
+class _OtherSlots:
+    __slots__ = ("a", "b")
+
+
+class _Borrowing(pg.Kernel):
+    """A kernel class given another class's member as ``check`` (getattr refuses it)."""
+
+    __slots__ = ()
+
+
+@pytest.mark.parametrize("make", CORES)
+def test_a_member_of_another_class_is_never_read_at_its_offset(
+        make: Any, device: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A member descriptor of an unrelated class set on a kernel class: getattr refuses it
+    (TypeError), on every call, and the kernel's own function is never taken for it."""
+    ran: List[Any] = []
+    k = _Borrowing("borrowing", fn=lambda *a: ran.append(a))
+    monkeypatch.setattr(_Borrowing, "check", _OtherSlots.__dict__["b"], raising=False)
+    with make(device) as coord:
+        coord.register_kernel("borrowing", k)
+        buf = pg.TripleBuffer(device, N)
+        up = coord.queue_upload(np.ones(N, F32), buf)
+        for _ in range(3):
+            with pytest.raises(TypeError, match="doesn't apply|does not apply"):
+                coord.queue_compute("borrowing", [up])
+        assert ran == []
+        coord.synchronize_all()

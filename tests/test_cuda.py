@@ -458,6 +458,12 @@ def test_queue_calls_go_on_after_other_code_changes_the_current_context():
             buf.advance()
             coord.wait(down)
             np.testing.assert_allclose(out, 2 * x + i, rtol=1e-6, atol=1e-6)
+        # the device's own calls (a new ring's memory) after another context was made
+        # current, where its thread-local still names the device
+        assert driver.cuCtxSetCurrent(own)[0] == driver.CUresult.CUDA_SUCCESS
+        y = rng.standard_normal(1000).astype(np.float32)
+        np.testing.assert_allclose(_roundtrip(coord, "axpy", y, extra=(3.0, 1.0)), 3 * y + 1,
+                                   rtol=1e-6, atol=1e-6)
     finally:
         coord.close()
         dev.close()

@@ -720,6 +720,14 @@ def test_a_stream_asks_its_device_only_when_the_driver_says_another_context_is_c
             s.record(e)
             assert Dev.currents == 2 + (other is None) and cur.value == 0xC0
             assert CUR.ordinal == 0 and last(1) == 0x50
+        ctx_of = ctypes.c_void_p.in_dll(lib, "stream_ctx")
+        ctx_of.value = 0xC1  # the same stream set up again, on a handle of another context
+        St.__init__(s, CtxDev(), 0x51)
+        before = Dev.currents
+        s.record(e)  # (the context it had is not asked for: its device is)
+        assert Dev.currents == before + 1 and last(1) == 0x51
+        ctx_of.value, cur.value = 0xC0, 0xC0
+        St.__init__(s, CtxDev(), 0x50)
         set_int("ctx_result", 201)  # the driver cannot tell: the Python side decides
         before = Dev.currents
         s.record(e)

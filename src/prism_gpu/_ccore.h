@@ -47,7 +47,7 @@ mod_get(PyObject *mod, PyObject *name)
 /* An attribute held in a slot of the object's struct (a ``__slots__`` name, or a C type's
  * object member), read at its offset: a call site keeps the type and offset found by
  * its first lookup, valid while the type's version tag stands (any change to the type
- * or its bases gives a new tag). A member is a data descriptor, which comes before the
+ * or its bases gives a new tag; 0 is none). A member is a data descriptor, which comes before the
  * instance dict, so for a type with the generic getattr this is what getattr gives;
  * anything else goes the generic way. */
 #include <structmember.h>
@@ -64,16 +64,17 @@ slot_attr(PyObject *o, PyObject *name, SlotAttr *c)
     if (t->tp_getattro != PyObject_GenericGetAttr) /* (a __getattribute__ or __getattr__ of
                                                      * its own: getattr runs it) */
         return PyObject_GetAttr(o, name);
-    if (c->type == t && c->tag == t->tp_version_tag &&
-        PyType_HasFeature(t, Py_TPFLAGS_VALID_VERSION_TAG)) {
+    if (c->type == t && c->tag == t->tp_version_tag && t->tp_version_tag != 0) {
         PyObject *v = *(PyObject **)((char *)o + c->offset);
         if (v != NULL)
             return Py_NewRef(v);
     }
     else {
         PyObject *d = _PyType_Lookup(t, name); /* borrowed; sets the version tag */
-        if (d != NULL && Py_IS_TYPE(d, &PyMemberDescr_Type) &&
-            PyType_HasFeature(t, Py_TPFLAGS_VALID_VERSION_TAG)) {
+        /* (a member of a base of the type: a foreign class's member, set on the class,
+         * is refused by getattr, and its offset means nothing in this object) */
+        if (d != NULL && Py_IS_TYPE(d, &PyMemberDescr_Type) && t->tp_version_tag != 0 &&
+            PyType_IsSubtype(t, PyDescr_TYPE(d))) {
             PyMemberDef *m = ((PyMemberDescrObject *)d)->d_member;
             if (m->type == T_OBJECT_EX) {
                 c->type = t;

@@ -8,7 +8,8 @@ from typing import Any, Dict, Tuple
 import numpy as np
 
 from ..._errors import BackendUnavailableError, KernelError
-from ._driver import CURRENT as _CURRENT, NATIVE_STATUS, check, driver, from_cuda_exception
+from ._driver import (CURRENT as _CURRENT, NATIVE, NATIVE_STATUS, check, driver,
+                      from_cuda_exception)
 from ._kernels import prepare
 from ._memory import (REGISTERED, DeviceArray, PinnedAllocator, StagingPool, device_alloc,
                       register_host, unregister_host)
@@ -39,6 +40,9 @@ class CudaDevice:
         self.name = self._dev.name
         self.arch = self._dev.arch
         _CURRENT.ordinal = ordinal  # Device(ordinal).set_current() above
+        # its context, where the driver tells which is current (the native calls): then
+        # _current asks the driver, not the thread-local, which other code never updates
+        self._ctx = NATIVE.current_context() if NATIVE is not None else None
         self._alloc_stream = self._dev.create_stream()
         self.pinned = PinnedAllocator()
         self.staging = StagingPool(self.pinned, self.create_event)
@@ -50,7 +54,12 @@ class CudaDevice:
     def _current(self) -> None:
         """Make this device's context current on the calling thread: a thread may drive
         several devices, and a stream's work must be issued in its own context."""
-        if getattr(_CURRENT, "ordinal", None) != self.ordinal:
+        ctx = self._ctx
+        if ctx:  # (the driver says: a library may have made another context current)
+            if NATIVE.current_context() != ctx:
+                self._dev.set_current()
+                _CURRENT.ordinal = self.ordinal
+        elif getattr(_CURRENT, "ordinal", None) != self.ordinal:
             self._dev.set_current()
             _CURRENT.ordinal = self.ordinal
 

@@ -491,7 +491,8 @@ typedef struct {
     unsigned long long live;
     PyObject *device, *pending, *dict;
     long ordinal;
-    CUcontext ctx; /* the stream's context once found current (NULL: not yet) */
+    CUcontext ctx; /* the context of handle ctx_for, as the driver told it (or NULL) */
+    unsigned long long ctx_for;
     char closed;
     PyObject *weakrefs;
 } StreamObject;
@@ -698,6 +699,8 @@ stream_init(StreamObject *self, PyObject *args, PyObject *kwds)
         return -1;
     if (!as_u64(handle, &self->live))
         return -1;
+    self->ctx = NULL; /* (asked on the first call) */
+    self->ctx_for = 0;
     PyObject *o = PyObject_GetAttr(device, s_ordinal);
     if (o == NULL)
         return -1;
@@ -766,11 +769,12 @@ ensure_current(StreamObject *self)
     if (!has_device(self))
         return 0;
     unsigned long long sh = self->live;
-    if (self->ctx == NULL && p_stream_ctx != NULL && sh > 2) {
+    if (sh != self->ctx_for && p_stream_ctx != NULL) { /* asked once per handle */
         /* (handles 1 and 2 name the default streams, whose context is the current one) */
         CUcontext mine = NULL;
-        if (p_stream_ctx((CUstream)(uintptr_t)sh, &mine) == 0 && mine != NULL)
-            self->ctx = mine;
+        self->ctx = sh > 2 && p_stream_ctx((CUstream)(uintptr_t)sh, &mine) == 0 ? mine
+                                                                                 : NULL;
+        self->ctx_for = sh;
     }
     if (self->ctx != NULL) {
         CUcontext cur = NULL;
@@ -1490,9 +1494,22 @@ intern_names(void)
     return 1;
 }
 
+/* the calling thread's current context as an int (0: none), or None where the driver
+ * cannot tell (load() not called, or no such entry point) */
+static PyObject *
+current_context(PyObject *self, PyObject *unused)
+{
+    CUcontext cur = NULL;
+    if (p_ctx_current == NULL || p_launch == NULL || p_ctx_current(&cur) != 0)
+        Py_RETURN_NONE;
+    return PyLong_FromUnsignedLongLong((unsigned long long)(uintptr_t)cur);
+}
+
 static PyMethodDef methods[] = {
     {"load", (PyCFunction)load, METH_O,
      "load(scalar_types): find the driver functions; None, or why they are absent."},
+    {"current_context", (PyCFunction)current_context, METH_NOARGS,
+     "current_context() -> the thread's current context (an int, 0 for none), or None."},
     {"memcpy", (PyCFunction)(void (*)(void))n_memcpy, METH_FASTCALL,
      "memcpy(dst, src, nbytes, stream) -> CUresult of cuMemcpyAsync."},
     {"record", (PyCFunction)(void (*)(void))n_record, METH_FASTCALL,
