@@ -3,7 +3,10 @@ with two points between them: the same calls through prism-gpu's backend objects
 alone, and a lean model of the least bookkeeping a pure-Python engine does.
 
 Tiny (64 KiB) batches with a no-op kernel: the GPU is never the bottleneck, so
-the figures are what the host pays per op. Run on a CUDA machine:
+the figures are what the host pays per op. ``ratio`` divides two figures measured
+one after the other; ``paired_ratio`` is the median of five raw/prism-gpu pairs run
+in turn (a drift of the host's speed falls on both sides of a pair). Run on a CUDA
+machine:
 
     python benchmarks/host_overhead.py [--iterations N] [--profile]
 """
@@ -301,6 +304,26 @@ def prism(iters: int, profile: bool) -> Dict[str, float]:
     return out
 
 
+def paired(iters: int, pairs: int = 5) -> Dict[str, float]:
+    """The raw loop and prism-gpu's in turn, ``pairs`` times, in one process: a drift of
+    the host's speed falls on both sides of each pair; the median pair's ratio."""
+    parts = _raw_parts()
+    raw_step, raw_sync = _raw_step(parts), _raw_sync(parts)
+    dev = pg.open_device("cuda")
+    coord, _, _, _, step = pattern1(dev, "noop")
+    ratios = []
+    try:
+        for _ in range(pairs):
+            r = _per_iter(raw_step, raw_sync, iters, repeats=1)
+            p = _per_iter(step, coord.synchronize_all, iters, repeats=1)
+            ratios.append(p / r)
+    finally:
+        coord.close()
+        dev.close()
+    return {"paired_ratio": statistics.median(ratios),
+            "paired_ratios": [round(x, 3) for x in ratios]}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--iterations", type=int, default=2000)
@@ -312,6 +335,7 @@ def main() -> int:
     res.update(backend_only(args.iterations))
     res.update(lean_python(args.iterations))
     res.update(prism(args.iterations, args.profile))
+    res.update(paired(args.iterations))
     raw = res["raw_cuda_core_us_per_iteration"]
     res["ratio"] = res["prism_us_per_iteration"] / raw
     res["backend_calls_ratio"] = res["backend_calls_us_per_iteration"] / raw
