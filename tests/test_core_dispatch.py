@@ -281,3 +281,50 @@ def test_a_member_of_another_class_is_never_read_at_its_offset(
                 coord.queue_compute("borrowing", [up])
         assert ran == []
         coord.synchronize_all()
+
+
+@pytest.mark.parametrize("make", CORES)
+def test_a_kernel_given_by_object_is_prepared_once_and_held_weakly(
+        make: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Kernel passed to queue_compute itself (not by name) is prepared on first use and
+    found again after (the compiled lookup reads the registry's weak mapping); each new
+    object is prepared once; a kernel dropped leaves the mapping; the results are right."""
+    import gc
+    import weakref
+
+    dev = pg.open_device("cpu")
+    prepared: List[Any] = []
+    real = dev.prepare_kernel
+    monkeypatch.setattr(dev, "prepare_kernel", lambda k: prepared.append(id(k)) or real(k))
+    rng = np.random.default_rng(18)
+    with make(dev) as coord:
+        buf = pg.TripleBuffer(dev, N)
+        out = np.empty(N, F32)
+        k = mul3()
+        for _ in range(5):
+            x = rng.standard_normal(N).astype(F32)
+            _iterate(coord, buf, x, out, k)
+            np.testing.assert_array_equal(out, x * F32(3))
+        assert prepared == [id(k)]
+        other = add1()
+        for _ in range(3):
+            x = rng.standard_normal(N).astype(F32)
+            _iterate(coord, buf, x, out, other)
+            np.testing.assert_array_equal(out, x + F32(1))
+        assert prepared == [id(k), id(other)]
+        refs = [weakref.ref(other)]
+        del other
+        for _ in range(20):  # kernels made per request, each used once
+            fresh = add1()
+            refs.append(weakref.ref(fresh))
+            x = rng.standard_normal(N).astype(F32)
+            _iterate(coord, buf, x, out, fresh)
+            np.testing.assert_array_equal(out, x + F32(1))
+            del fresh
+        coord.synchronize_all()
+        coord.poll()
+        gc.collect()
+        alive = sum(r() is not None for r in refs)
+        assert alive <= 1, f"{alive} of 21 kernels given by object are kept"
+        assert len(prepared) == 22
+    dev.close()

@@ -1479,6 +1479,7 @@ list_extend(PyObject *list, PyObject *other)
  */
 #include <pythread.h>
 
+static PyObject *q_weak_key_dict, *s_direct, *s_data;
 static PyObject *q_reference, *q_ring_type, *q_ndarray, *q_sync, *q_pending_uploads, *q_device_array,
     *q_UPLOAD, *q_COMPUTE, *q_DOWNLOAD;
 static PyObject *r_upload, *r_compute, *r_download; /* the reference's functions */
@@ -1733,6 +1734,36 @@ engine_submit_call(PyObject *engine, PyObject **args, Py_ssize_t nargs, PyObject
 
 /* kernels.resolve(kernel): a registered name found in the registry's ``named`` (name ->
  * (kernel, prepared)) directly, anything else by the method */
+/* (kernel, prepared) from the registry's ``direct`` mapping, or NULL without an error
+ * where it has no entry for the kernel (or is not a plain WeakKeyDictionary) */
+static PyObject *
+direct_entry(PyObject *kernels, PyObject *kernel)
+{
+    if (Py_TYPE(kernel)->tp_weaklistoffset == 0) /* (no weak reference: not a key) */
+        return NULL;
+    PyObject *direct = PyObject_GetAttr(kernels, s_direct);
+    if (direct == NULL) {
+        PyErr_Clear();
+        return NULL;
+    }
+    PyObject *data = Py_TYPE(direct) == (PyTypeObject *)q_weak_key_dict
+                         ? PyObject_GetAttr(direct, s_data) : NULL;
+    Py_DECREF(direct);
+    if (data == NULL || !PyDict_CheckExact(data)) {
+        Py_XDECREF(data);
+        PyErr_Clear(); /* (an error reading it: resolve meets it again) */
+        return NULL;
+    }
+    PyObject *ref = PyWeakref_NewRef(kernel, NULL);
+    PyObject *prepared = ref ? PyDict_GetItemWithError(data, ref) : NULL; /* borrowed */
+    PyObject *e = prepared ? PyTuple_Pack(2, kernel, prepared) : NULL;
+    Py_XDECREF(ref);
+    Py_DECREF(data);
+    if (e == NULL)
+        PyErr_Clear(); /* (an object no weak reference or hash takes: resolve's to say) */
+    return e;
+}
+
 static PyObject *
 registry_entry(PyObject *kernels, PyObject *kernel)
 {
@@ -1743,6 +1774,14 @@ registry_entry(PyObject *kernels, PyObject *kernel)
         PyObject *e = PyDict_CheckExact(named) ? PyDict_GetItemWithError(named, kernel) : NULL;
         Py_XINCREF(e);
         Py_DECREF(named);
+        if (e != NULL || PyErr_Occurred())
+            return e;
+    }
+    else if (q_weak_key_dict != NULL) {
+        /* a Kernel given by object, prepared before: its entry in the registry's ``direct``
+         * (a WeakKeyDictionary: its ``data`` maps a weak reference of the kernel to the
+         * prepared form), as resolve finds it; anything else goes to resolve */
+        PyObject *e = direct_entry(kernels, kernel);
         if (e != NULL || PyErr_Occurred())
             return e;
     }
@@ -2493,7 +2532,8 @@ setup_queue(PyObject *module, PyObject *helpers)
                 {"pending_uploads", &q_pending_uploads}, {"UPLOAD", &q_UPLOAD},
                 {"COMPUTE", &q_COMPUTE},     {"DOWNLOAD", &q_DOWNLOAD},
                 {"DeviceArray", &q_device_array}, {"OpTable", &q_table_type},
-                {"EngineCallback", &q_engine_callback}};
+                {"EngineCallback", &q_engine_callback},
+                {"WeakKeyDictionary", &q_weak_key_dict}};
     for (size_t i = 0; i < sizeof want / sizeof want[0]; i++) {
         PyObject *v = PyDict_GetItemString(helpers, want[i].key);
         if (v == NULL) {
@@ -2609,7 +2649,7 @@ intern_all(void)
         {&s_flags, "flags"}, {&s_c_contiguous, "c_contiguous"}, {&s_size, "size"},
         {&s_device, "device"}, {&s_take, "take"}, {&s_ndim, "ndim"}, {&s_reshape, "reshape"},
         {&s_id_type, "id_type"}, {&s_id, "id"}, {&s_ON_, "_ON"},
-        {&s_writeable, "writeable"}, {&s_resolve, "resolve"}, {&s_named, "named"},
+        {&s_writeable, "writeable"}, {&s_resolve, "resolve"}, {&s_named, "named"}, {&s_direct, "direct"}, {&s_data, "data"},
         {&s_resolve_deps, "resolve_deps"}, {&s_uses_arrays, "uses_arrays"},
         {&s_defaults, "defaults"}, {&s_check, "check"},
         {&s_config, "config"}, {&s_default_config, "_default_config"},

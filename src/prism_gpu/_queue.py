@@ -9,6 +9,8 @@ the base of :class:`prism_gpu.AsyncCoordinator`, which holds the state.
 
 from __future__ import annotations
 
+import weakref
+
 from threading import get_ident
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional, Sequence
 
@@ -216,7 +218,8 @@ def _compiled() -> Any:
                        "ndarray": np.ndarray, "sync": _sync, "pending_uploads": pending_uploads,
                        "UPLOAD": _UPLOAD, "COMPUTE": _COMPUTE, "DOWNLOAD": _DOWNLOAD,
                        "DeviceArray": DeviceArray, "OpTable": OpTable,
-                       "EngineCallback": EngineCallback})
+                       "EngineCallback": EngineCallback,
+                       "WeakKeyDictionary": weakref.WeakKeyDictionary})
     return c
 
 

@@ -29,8 +29,10 @@ class KernelRegistry:
         # used); read directly by the compiled queue core, so never rebound
         self.named: Dict[str, Entry] = {}
         self._builtins = builtin_kernels()
-        # Kernel -> prepared; the prepared form never refers back to its Kernel
-        self._direct: "weakref.WeakKeyDictionary[Kernel, Any]" = weakref.WeakKeyDictionary()
+        # Kernel -> prepared; the prepared form never refers back to its Kernel. Read
+        # directly by the compiled queue core (through the mapping's ``data``), so never
+        # rebound
+        self.direct: "weakref.WeakKeyDictionary[Kernel, Any]" = weakref.WeakKeyDictionary()
 
     def register(self, name: str, kernel: Any) -> None:
         if not isinstance(name, str) or not name:
@@ -55,9 +57,9 @@ class KernelRegistry:
                 entry = self.named[kernel] = (k, self._prepare(k))
             return entry
         if isinstance(kernel, Kernel):
-            prepared = self._direct.get(kernel)
+            prepared = self.direct.get(kernel)
             if prepared is None:
-                prepared = self._direct[kernel] = self._prepare(kernel)
+                prepared = self.direct[kernel] = self._prepare(kernel)
             return kernel, prepared
         if callable(kernel):
             k = as_kernel(kernel)
@@ -66,8 +68,8 @@ class KernelRegistry:
                         f"got {type(kernel).__name__}")
 
     def __len__(self) -> int:
-        return len(self.named) + len(self._direct)
+        return len(self.named) + len(self.direct)
 
     def clear(self) -> None:
         self.named.clear()
-        self._direct.clear()
+        self.direct.clear()
