@@ -33,6 +33,16 @@ def _iterate(coord: Any, buf: pg.TripleBuffer, x: np.ndarray, out: np.ndarray,
     coord.wait(d)
 
 
+def _after_one_iteration(coord: Any, device: Any, rng: np.random.Generator) -> Any:
+    """``mul3`` registered, a ring, a random input and an output, one iteration run on
+    them: (ring, input, output)."""
+    coord.register_kernel("mul3", mul3())
+    buf = pg.TripleBuffer(device, N)
+    x, out = rng.standard_normal(N).astype(F32), np.empty(N, F32)
+    _iterate(coord, buf, x, out, "mul3")
+    return buf, x, out
+
+
 @pytest.mark.parametrize("make", CORES)
 def test_a_name_registered_again_runs_its_new_kernel(make: Any, device: Any) -> None:
     """The compiled lookup reads the live table: a name registered again runs the new
@@ -157,10 +167,7 @@ def test_an_array_changed_in_place_is_checked_again(make: Any, device: Any) -> N
     leaves the ring as it was."""
     rng = np.random.default_rng(15)
     with make(device) as coord:
-        coord.register_kernel("mul3", mul3())
-        buf = pg.TripleBuffer(device, N)
-        x, out = rng.standard_normal(N).astype(F32), np.empty(N, F32)
-        _iterate(coord, buf, x, out, "mul3")
+        buf, x, out = _after_one_iteration(coord, device, rng)
         np.testing.assert_array_equal(out, x * F32(3))
         out.flags.writeable = False
         up = coord.queue_upload(x, buf)
@@ -196,10 +203,7 @@ def test_a_kernel_attribute_replaced_on_the_class_is_read(
     next compute reads it, and is refused; put back, the slot is read again."""
     rng = np.random.default_rng(16)
     with make(device) as coord:
-        coord.register_kernel("mul3", mul3())
-        buf = pg.TripleBuffer(device, N)
-        x, out = rng.standard_normal(N).astype(F32), np.empty(N, F32)
-        _iterate(coord, buf, x, out, "mul3")
+        buf, x, out = _after_one_iteration(coord, device, rng)
 
         def refuse(values: Any) -> None:
             raise ValueError("refused by the replaced check")
@@ -237,12 +241,9 @@ def test_a_kernel_class_with_its_own_getattribute_is_asked(make: Any, device: An
     slots were read at the same call site; the refused compute queues nothing."""
     rng = np.random.default_rng(17)
     with make(device) as coord:
-        coord.register_kernel("mul3", mul3())
         coord.register_kernel("refusing", _Refusing.from_source(
             MUL3_SRC, "mul3", cpu=lambda a: None))
-        buf = pg.TripleBuffer(device, N)
-        x, out = rng.standard_normal(N).astype(F32), np.empty(N, F32)
-        _iterate(coord, buf, x, out, "mul3")
+        buf, x, out = _after_one_iteration(coord, device, rng)
         up = coord.queue_upload(x, buf)
         for _ in range(3):  # (a call site keeps what its first lookup found)
             with pytest.raises(ValueError, match="__getattribute__"):

@@ -1479,7 +1479,7 @@ list_extend(PyObject *list, PyObject *other)
  */
 #include <pythread.h>
 
-static PyObject *q_weak_key_dict, *s_direct, *s_data;
+static PyObject *q_weak_key_dict, *q_kernel_type, *s_direct, *s_data;
 static PyObject *q_reference, *q_ring_type, *q_ndarray, *q_sync, *q_pending_uploads, *q_device_array,
     *q_UPLOAD, *q_COMPUTE, *q_DOWNLOAD;
 static PyObject *r_upload, *r_compute, *r_download; /* the reference's functions */
@@ -1542,11 +1542,11 @@ delegate(PyObject *func, PyObject *self, PyObject *const *args, Py_ssize_t nargs
     return r;
 }
 
-/* 1 if the object's attribute is True, 0 if not, -1 on error */
+/* 1 if ``v`` (a new reference, released here; NULL after an error) is true, 0 if not,
+ * -1 on error */
 static int
-attr_true(PyObject *o, PyObject *name)
+true_of(PyObject *v)
 {
-    PyObject *v = PyObject_GetAttr(o, name);
     if (v == NULL)
         return -1;
     int t = truthy(v);
@@ -1554,17 +1554,8 @@ attr_true(PyObject *o, PyObject *name)
     return t;
 }
 
-/* 1 if the module's attribute is True, 0 if not, -1 on error */
-static int
-mod_true(PyObject *mod, PyObject *name)
-{
-    PyObject *v = mod_get(mod, name);
-    if (v == NULL)
-        return -1;
-    int t = truthy(v);
-    Py_DECREF(v);
-    return t;
-}
+#define attr_true(o, name) true_of(PyObject_GetAttr((o), (name)))
+#define mod_true(mod, name) true_of(mod_get((mod), (name)))
 
 /* whether this call may take the fast path as far as the coordinator goes: the owner's
  * thread, open, not in sync mode (-1 on error) */
@@ -1739,8 +1730,8 @@ engine_submit_call(PyObject *engine, PyObject **args, Py_ssize_t nargs, PyObject
 static PyObject *
 direct_entry(PyObject *kernels, PyObject *kernel)
 {
-    if (Py_TYPE(kernel)->tp_weaklistoffset == 0) /* (no weak reference: not a key) */
-        return NULL;
+    if (!PyObject_TypeCheck(kernel, (PyTypeObject *)q_kernel_type))
+        return NULL; /* (only Kernels are its keys: a plain callable goes to resolve) */
     PyObject *direct = PyObject_GetAttr(kernels, s_direct);
     if (direct == NULL) {
         PyErr_Clear();
@@ -2181,9 +2172,7 @@ q_compute_impl(QueueObject *self, Held *h, PyObject *const *args, Py_ssize_t nar
         pending = slots;
     }
     static SlotAttr c_uses;
-    PyObject *uses_obj = slot_attr(kernel, s_uses_arrays, &c_uses);
-    int uses = uses_obj == NULL ? -1 : truthy(uses_obj);
-    Py_XDECREF(uses_obj);
+    int uses = true_of(slot_attr(kernel, s_uses_arrays, &c_uses));
     if (uses < 0)
         goto fail;
     if (!uses) {
@@ -2533,7 +2522,7 @@ setup_queue(PyObject *module, PyObject *helpers)
                 {"COMPUTE", &q_COMPUTE},     {"DOWNLOAD", &q_DOWNLOAD},
                 {"DeviceArray", &q_device_array}, {"OpTable", &q_table_type},
                 {"EngineCallback", &q_engine_callback},
-                {"WeakKeyDictionary", &q_weak_key_dict}};
+                {"WeakKeyDictionary", &q_weak_key_dict}, {"Kernel", &q_kernel_type}};
     for (size_t i = 0; i < sizeof want / sizeof want[0]; i++) {
         PyObject *v = PyDict_GetItemString(helpers, want[i].key);
         if (v == NULL) {
@@ -2544,8 +2533,9 @@ setup_queue(PyObject *module, PyObject *helpers)
         Py_XSETREF(*want[i].slot, v);
     }
     if (!PyType_Check(q_ring_type) || !PyType_Check(q_ndarray) ||
-        !PyType_Check(q_table_type) || !PyType_Check(q_engine_callback)) {
-        PyErr_SetString(PyExc_TypeError, "setup_queue() needs the ring, array and table types");
+        !PyType_Check(q_table_type) || !PyType_Check(q_engine_callback) ||
+        !PyType_Check(q_kernel_type)) {
+        PyErr_SetString(PyExc_TypeError, "setup_queue() needs the ring, array, table and kernel types");
         return NULL;
     }
     np_fields_ok = np_fields_match();

@@ -26,6 +26,7 @@ from ._errors import BufferUnavailableError, TransferError
 from ._failures import root_of
 from ._ops import CompletedOp, OpId, OpType
 from ._optable import EngineCallback, OpTable
+from ._kernels import Kernel
 from ._registry import KernelRegistry
 from ._slotmap import SlotMap, output_slots, pending_uploads
 from ._sync import sync_mode
@@ -219,7 +220,7 @@ def _compiled() -> Any:
                        "UPLOAD": _UPLOAD, "COMPUTE": _COMPUTE, "DOWNLOAD": _DOWNLOAD,
                        "DeviceArray": DeviceArray, "OpTable": OpTable,
                        "EngineCallback": EngineCallback,
-                       "WeakKeyDictionary": weakref.WeakKeyDictionary})
+                       "WeakKeyDictionary": weakref.WeakKeyDictionary, "Kernel": Kernel})
     return c
 
 
