@@ -32,10 +32,13 @@ def tiny_variants(ctx: Any) -> Dict[str, Callable[[Work, int], float]]:
     """More ways through the API for the tiny workload, where host cost is the figure: the
     coordinator timing every op (as the pipeline's does), a pipeline whose copy stages
     are Python callables (each runs with the stage's stream made current in CuPy and
-    PyTorch), and the step on a context that times every op (for its telemetry's times)."""
+    PyTorch), the pipeline timing every op (timing_sample=1), and the step on a context
+    that times every op (for its telemetry's times)."""
     return {
         "prism AsyncCoordinator, timing=True": lambda w, it: coordinator_loop(
             ctx, w, it, timing=True),
+        "prism PipelineStageManager, timing_sample=1": lambda w, it: pipeline_loop(
+            ctx, w, it, timing_sample=1),
         "prism PipelineStageManager, callable copies": lambda w, it: pipeline_callables_loop(
             ctx, w, it),
         "prism triple_buffered_step, timing=True": lambda w, it: timed_step_loop(
@@ -161,10 +164,10 @@ def timed_step_loop(ctx: Any, work: Work, iterations: int) -> float:
         return triple_buffered_step_loop(own, work, iterations)
 
 
-def pipeline_loop(ctx: Any, work: Work, iterations: int) -> float:
+def pipeline_loop(ctx: Any, work: Work, iterations: int, timing_sample: int = 8) -> float:
     """PipelineStageManager fed by execute_iteration(inputs=, outputs=): the pipeline's
     upload, its compute stage and its download, each on its own stream."""
-    pipe = ctx.create_pipeline_manager()
+    pipe = ctx.create_pipeline_manager(timing_sample=timing_sample)
     pipe.coordinator().register_kernel("spin_scale2", pg.Kernel.from_source(
         SPIN_SCALE2_SOURCE, "spin_scale2", cpu=_spin_scale2_cpu,
         config=pg.LaunchConfig(grid=spin_scale_grid(work.n_up), block=256)))

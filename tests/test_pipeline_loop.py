@@ -24,9 +24,9 @@ def rng() -> np.random.Generator:
     return np.random.default_rng(0x1007)
 
 
-def _gen_use(ctx: pg.ManagedGpuContext, n: int = 16) -> Any:
+def _gen_use(ctx: pg.ManagedGpuContext, n: int = 16, timing_sample: int = 8) -> Any:
     """gen writes b1, use reads it: a plain iteration queues two stages."""
-    pipe = ctx.create_pipeline_manager()
+    pipe = ctx.create_pipeline_manager(timing_sample=timing_sample)
     b0, b1 = pipe.add_buffer(n), pipe.add_buffer(n)
     pipe.add_stage(pg.GpuPipelineStage("gen", [], [b1], kernel="noop"))
     pipe.add_stage(pg.GpuPipelineStage("use", [b1], [], kernel="noop"))
@@ -34,13 +34,14 @@ def _gen_use(ctx: pg.ManagedGpuContext, n: int = 16) -> Any:
 
 
 @pytest.mark.timeout(240)
-def test_stats_stay_bounded_after_a_copy_lane_goes_quiet() -> None:
+@pytest.mark.parametrize("timing_sample", [1, 8])
+def test_stats_stay_bounded_after_a_copy_lane_goes_quiet(timing_sample: int) -> None:
     """One iteration downloads (the download lane reports once), then none does: the
     window must keep folding its intervals. It held back everything after that one
     download, so its intervals grew by two per iteration (and each report sorted them
-    all)."""
+    all). Every op timed, and one iteration in 8."""
     with pg.ManagedGpuContext(backend="cpu") as ctx:
-        pipe, _, b1 = _gen_use(ctx)
+        pipe, _, b1 = _gen_use(ctx, timing_sample=timing_sample)
         y = np.empty(16, F32)
         pipe.execute_iteration(outputs={b1: y}).wait()
         for _ in range(300):

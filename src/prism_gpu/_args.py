@@ -13,9 +13,9 @@ import numpy as np
 
 from ._errors import BackendUnavailableError, InvalidOperationError
 
-__all__ = ["check_timeout", "resolve_device", "int_arg", "sequence_arg", "shape_arg",
-           "dtype_arg", "typed_empty", "allocate_named", "iterable_arg",
-           "device_ids", "LIVE"]
+__all__ = ["MAX_DEPTH", "MAX_SAMPLE", "check_timeout", "resolve_device", "int_arg",
+           "sequence_arg", "shape_arg", "dtype_arg", "typed_empty", "allocate_named",
+           "iterable_arg", "device_ids", "LIVE"]
 
 LIVE: "weakref.WeakSet[Any]" = weakref.WeakSet()
 """Coordinators not closed yet: at interpreter exit their queued work is finished while
@@ -66,6 +66,7 @@ def resolve_device(device: Any) -> Tuple[Any, bool]:
 
 MAX_DIMS = 64  # numpy's limit on an array's dimensions
 MAX_DEPTH = 1024  # device slots of one ring: each is allocated up front
+MAX_SAMPLE = 1 << 20  # a pipeline's timing_sample, at most
 
 
 def int_arg(value: Any, what: str, minimum: int, maximum: Optional[int] = None) -> int:

@@ -9,7 +9,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from ._args import check_timeout
+from ._args import MAX_DEPTH, MAX_SAMPLE, check_timeout, int_arg
 from ._buffers import TripleBuffer, ring_for
 from ._config import LaunchConfig, StepConfig
 from ._coordinator import AsyncCoordinator
@@ -199,13 +199,16 @@ class ManagedGpuContext:
         self._copies = self._copies or copier(self._device)
         return out
 
-    def create_pipeline_manager(self, *, depth: int = 3) -> Any:
-        """A :class:`PipelineStageManager` with its own coordinator on this device."""
+    def create_pipeline_manager(self, *, depth: int = 3, timing_sample: int = 8) -> Any:
+        """A :class:`PipelineStageManager` with its own coordinator on this device (its
+        statistics timing one iteration in ``timing_sample``; 1: every op)."""
         self.check()
         from ._pipeline import PipelineStageManager
 
+        int_arg(depth, "depth", 1, MAX_DEPTH)  # (refused before a coordinator is made)
+        int_arg(timing_sample, "timing_sample", 1, MAX_SAMPLE)
         pipe = PipelineStageManager(AsyncCoordinator(self._device, timing=True), depth=depth,
-                                    _owns_coordinator=True)
+                                    timing_sample=timing_sample, _owns_coordinator=True)
         self._pipelines.add(pipe)
         return pipe
 

@@ -15,7 +15,7 @@ from typing import (Any, Dict, Iterable, Iterator, List, Mapping, Optional, Set,
 import numpy as np
 
 from . import _sync, _trace
-from ._args import MAX_DEPTH, int_arg, iterable_arg
+from ._args import MAX_DEPTH, MAX_SAMPLE, int_arg, iterable_arg
 from ._buffers import FREE_I, UPLOADING_I, Slot, TripleBuffer
 from ._coordinator import AsyncCoordinator
 from ._engine import Engine, Lane
@@ -31,6 +31,7 @@ from ._plan import Step as _Step
 from ._plan import check_open, make_plan
 from ._sink import check_out
 from ._pipequeue import StageQueue
+from ._sampling import SampledWindow
 from ._stats import Window
 from ._validate import download_destination
 
@@ -38,6 +39,7 @@ __all__ = ["GpuPipelineStage", "PipelineStageManager", "PipelineStats", "Pipelin
 
 _UPLOAD, _COMPUTE, _DOWNLOAD = OpType.UPLOAD, OpType.COMPUTE, OpType.DOWNLOAD
 _NOTHING: Mapping[Any, Any] = MappingProxyType({})  # what a plain iteration feeds
+TIMING_SAMPLE = 8  # timed iterations: one in 8 by default (see PipelineStageManager)
 
 
 class PipelineStageManager:
@@ -47,6 +49,10 @@ class PipelineStageManager:
     i+1 runs while stage s+1 of iteration i does; a write into a slot still read
     by the iteration ``depth`` before waits for it on the device, not the host.
     Queued work is bounded by the coordinator's ``max_in_flight``.
+    Statistics come from timing events on one iteration in ``timing_sample`` (runs of
+    consecutive iterations; the window's first iterations always): a pair of timing
+    events costs more host time than the rest of a small op's submission. With
+    ``timing_sample=1`` every op is timed. See :meth:`get_stats`.
     Feed it with :meth:`run` (an iterable in, results out) or
     ``execute_iteration(inputs=..., outputs=...)``. A failing stage raises from
     that iteration's ``wait()``, from :meth:`run` at its turn, and from the next
@@ -54,10 +60,11 @@ class PipelineStageManager:
     """
 
     def __init__(self, coordinator: AsyncCoordinator, *, depth: int = 3,
-                 _owns_coordinator: bool = False) -> None:
+                 timing_sample: int = TIMING_SAMPLE, _owns_coordinator: bool = False) -> None:
         if not isinstance(coordinator, AsyncCoordinator):
             raise TypeError("PipelineStageManager needs an AsyncCoordinator")
         self.depth = int_arg(depth, "depth", 1, MAX_DEPTH)
+        self.timing_sample = int_arg(timing_sample, "timing_sample", 1, MAX_SAMPLE)
         coordinator.check()
         self._coord, self._owner, self._owns = coordinator, get_ident(), _owns_coordinator
         self._device = coordinator.device
@@ -70,7 +77,7 @@ class PipelineStageManager:
         self._flows: Dict[Tuple[int, ...], Tuple[int, ...]] = {}  # checked input sets
         self._io: Optional[IoEntry] = None  # the last iteration fed or read back, checked
         self._iter = 0
-        self._win = Window()
+        self._win = self._new_window()
         self._failed: Set[int] = set()          # failed ops not yet raised
         # how an iteration's ops are queued (the plan as it runs, the views it gives, the
         # lanes: stage index or "upload"... -> its stream); it refers to nothing of ours
@@ -82,6 +89,9 @@ class PipelineStageManager:
 
     def coordinator(self) -> AsyncCoordinator:
         return self._coord
+
+    def _new_window(self) -> Window:
+        return Window() if self.timing_sample == 1 else SampledWindow(self.timing_sample)
 
     # building -------------------------------------------------------------------
     def add_buffer(self, size: int, dtype: Any = np.float32) -> int:
@@ -311,7 +321,12 @@ class PipelineStageManager:
 
     def get_stats(self) -> PipelineStats:
         """Statistics of the window; waits for the window's queued iterations first and
-        raises a failure not yet raised."""
+        raises a failure not yet raised.
+
+        With ``timing_sample`` > 1, ``stage_ms`` is the mean over the timed iterations,
+        ``avg_iteration_ms`` and ``throughput`` are exact over the iterations up to the
+        last timed one, and ``gpu_utilization`` is measured in each run's clean window
+        (the time in which only its ops can run); ``iterations`` counts every one."""
         self._check()
         self._coord.check()
         self._engine.synchronize(list(self._lanes.values()))
@@ -324,7 +339,7 @@ class PipelineStageManager:
         self._check()
         old = self._win
         old.end()  # its callbacks of ops in flight record nothing: its ref may be reused
-        self._win = Window()
+        self._win = self._new_window()
         self._queue.forget_plan()
         if old.ref is not None and old.ref.query():
             self._engine.give_event(old.ref)

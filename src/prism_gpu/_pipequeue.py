@@ -7,7 +7,8 @@ here (nothing here is refused).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple
+from typing import (Any, Callable, Dict, FrozenSet, List, Mapping, Optional, Sequence, Set,
+                    Tuple)
 
 import numpy as np
 
@@ -17,6 +18,7 @@ from ._failures import root_of
 from ._ops import OpType
 from ._plan import Step as _Step
 from ._stage import RESERVED_NAMES
+from ._sampling import Run, SampledWindow
 from ._stats import QUEUED, Window
 
 __all__ = ["StageQueue"]
@@ -25,9 +27,12 @@ _UPLOAD, _COMPUTE, _DOWNLOAD = OpType.UPLOAD, OpType.COMPUTE, OpType.DOWNLOAD
 
 # a plan as the loop runs it: (plan, window, the steps as the loop unpacks them when the
 # last stage ends the iteration, and when downloads do, the copies' timers and accumulators:
-# (upload's, its accumulator, download's, download's ending the iteration, its accumulator))
+# (upload's, its accumulator, download's, download's ending the iteration, its accumulator),
+# whether its ops are timed, the run of a sampled window whose timers it has (or None), and
+# the lanes an iteration uses by what it copies (index: 1 if fed, plus 2 if read back))
 _Run = Tuple[List[_Step], Window, List[Tuple[Any, ...]], List[Tuple[Any, ...]],
-             Tuple[Any, List[Any], Any, Any, List[Any]]]
+             Tuple[Any, List[Any], Any, Any, List[Any]], bool, Optional[Run],
+             Tuple[FrozenSet[str], ...]]
 
 
 class StageQueue:
@@ -44,9 +49,10 @@ class StageQueue:
         self.lanes: Dict[Any, Lane] = {}  # stage index (or "upload"...) -> its stream
         self._up: Optional[Lane] = None    # lanes["upload"], lanes["download"] once made
         self._down: Optional[Lane] = None
-        # the plan as the loop runs it, with the window's timers: (plan, window, steps,
-        # copy timers), made again when either changes
+        # the plan as the loop runs it, with the window's timers (and with a sampled
+        # window's current run's, for its timed iterations), made again when one changes
         self._run: Optional[_Run] = None
+        self._timed: Optional[_Run] = None
         # read-only views given to stages, made once per slot: slot -> (its full array,
         # valid length, the view); one entry per slot read, dropped when a ring closes
         self._views: Dict[Any, Tuple[Any, int, Any]] = {}
@@ -67,7 +73,7 @@ class StageQueue:
             self._down = lane
         return lane
 
-    def _rewrite(self, step: Tuple[Any, ...], slots: Dict[int, Slot]) -> Any:
+    def _rewrite(self, step: Tuple[Any, ...], slots: Dict[int, Slot], timed: bool) -> Any:
         """Queue a stage rewriting a buffer it reads (in place), as :meth:`iteration` runs
         the others, its reads as (buffer, only read) pairs; the op."""
         (lane, name, prepared, config, uses_arrays, extra, reads, writes, fresh, _, inplace,
@@ -102,7 +108,7 @@ class StageQueue:
         # device: they are this iteration's, queued already)
         quiet = [*quiet, *(o for b in inplace for o in slots[b].readers)]
         op = self._engine.submit(lane, _COMPUTE, name, waits, quiet, LAUNCH, prepared, config,
-                                 arrays if uses_arrays else (), extra, arrays, timer, True)
+                                 arrays if uses_arrays else (), extra, arrays, timer, timed)
         acc[QUEUED] += 1
         for s in only_read:
             s.read(op)
@@ -118,16 +124,18 @@ class StageQueue:
 
     def forget_plan(self) -> None:
         """The statistics window changed: the timers are made again."""
-        self._run = None
+        self._run = self._timed = None
 
     def drop_views(self) -> None:
         """A ring closed (or the pipeline): the views of its slots go."""
         self._views.clear()
 
-    def compile(self, plan: List[_Step], win: Window) -> _Run:
-        """The plan's steps as the loop unpacks them, with the timers of window ``win``,
-        and the timers of the copies (made once per plan and window)."""
+    def compile(self, plan: List[_Step], win: Window, run: Optional[Run] = None) -> _Run:
+        """The plan's steps as the loop unpacks them, with the timers of window ``win`` (or
+        of ``run``, a run of timed iterations of a sampled window), and the timers of the
+        copies (made once per plan and window, and per run)."""
         failed = self._failed
+        src: Any = win if run is None else run
         ends, goes_on = [], []  # the last step's timer ends an iteration, or not
         for pos, step in enumerate(plan):
             name = step.stage.name
@@ -139,15 +147,22 @@ class StageQueue:
             head = (step.lane, name, step.prepared, step.config, step.uses_arrays, step.extra,
                     reads, step.writes, fresh, single, inplace)
             acc = win.lane(name)
-            mid = win.timer(name, False, failed)
+            mid = src.timer(name, False, failed)
             goes_on.append((*head, mid, acc))
-            ends.append((*head, win.timer(name, True, failed) if pos == len(plan) - 1
+            ends.append((*head, src.timer(name, True, failed) if pos == len(plan) - 1
                          else mid, acc))
         up, down = RESERVED_NAMES
-        copies = (win.timer(up, False, failed), win.lane(up), win.timer(down, False, failed),
-                  win.timer(down, True, failed), win.lane(down))
-        run = self._run = (plan, win, ends, goes_on, copies)
-        return run
+        copies = (src.timer(up, False, failed), win.lane(up), src.timer(down, False, failed),
+                  src.timer(down, True, failed), win.lane(down))
+        out: _Run
+        if run is None:
+            names = frozenset(step.stage.name for step in plan)
+            shapes = (names, names | {up}, names | {down}, names | {up, down})
+            out = self._run = (plan, win, ends, goes_on, copies,
+                               not isinstance(win, SampledWindow), None, shapes)
+        else:
+            out = self._timed = (plan, win, ends, goes_on, copies, True, run, ())
+        return out
 
     def iteration(self, plan: List[_Step], win: Window,
                   fed: Mapping[int, np.ndarray], touched: Tuple[int, ...],
@@ -165,7 +180,15 @@ class StageQueue:
         run = self._run
         if run is None or run[0] is not plan or run[1] is not win:
             run = self.compile(plan, win)
-        steps, copies = run[3] if downs else run[2], run[4]
+        sampled = None
+        if isinstance(win, SampledWindow):  # (is this iteration timed?)
+            sampled = win.begin(run[7][(2 if downs else 0) + (1 if fed else 0)])
+            if sampled is not None:
+                timed_run = self._timed
+                if timed_run is None or timed_run[6] is not sampled or timed_run[0] is not plan:
+                    timed_run = self.compile(plan, win, sampled)
+                run = timed_run
+        steps, copies, timed = run[3] if downs else run[2], run[4], run[5]
         ops: List[int] = []
         if fed:
             timer, acc = copies[0], copies[1]
@@ -177,7 +200,7 @@ class StageQueue:
                 assert slot is not None
                 view = slot.head(n)
                 op = submit(lane, _UPLOAD, None, (), slot.write_hazards(), H2D, view, x, None,
-                            None, view, timer, True)
+                            None, view, timer, timed)
                 acc[QUEUED] += 1
                 slot.filled(op, n)
                 buf.take(UPLOADING_I)
@@ -199,7 +222,7 @@ class StageQueue:
             (lane, name, prepared, config, uses_arrays, extra, reads, writes, fresh, single,
              inplace, timer, acc) = step
             if inplace:  # (a stage rewriting a buffer it reads)
-                ops.append(self._rewrite(step, slots).id)
+                ops.append(self._rewrite(step, slots, timed).id)
                 continue
             # every buffer it reads is only read: a read-only view (a CPU kernel writing it
             # fails); every buffer it writes is filled anew
@@ -232,7 +255,7 @@ class StageQueue:
                     eng.wait_ops(quiet)
                     break
             op = submit(lane, _COMPUTE, name, waits, quiet, LAUNCH, prepared, config,
-                        arrays if uses_arrays else (), extra, arrays, timer, True)
+                        arrays if uses_arrays else (), extra, arrays, timer, timed)
             acc[QUEUED] += 1
             ops.append(op.id)
             for b in reads:
@@ -260,11 +283,13 @@ class StageQueue:
                 left -= 1
                 timer = copies[2] if left else copies[3]  # the last ends the iteration
                 op = submit(lane, _DOWNLOAD, None, (w,) if w is not None else (), (), D2H, dst,
-                            src, None, None, (src, dst), timer, True, slot.failed)
+                            src, None, None, (src, dst), timer, timed, slot.failed)
                 acc[QUEUED] += 1
                 slot.read(op)
                 ops.append(op.id)
         for b in touched:
             bufs[b].retire()  # FREE again on the host; the GPU orders the next write
             #                   into the slot after this iteration's readers
+        if sampled is not None:
+            sampled.queued += len(ops)
         return ops
