@@ -151,40 +151,46 @@ def test_untimed_failures_are_noted_and_counted_iterations_too() -> None:
     assert win.stats().iterations == 100
 
 
-def test_a_run_begun_while_a_lane_it_lacks_is_busy_does_not_count() -> None:
-    """Iteration 0 reads back (download lane), later ones do not: the run begun at
-    iteration 1 lacks the download lane while iteration 0's download is in flight (it
-    could run inside that run's window unseen); runs begun once it is quiet count."""
-    win = SampledWindow(2)
-    runs, _, _ = _drive(win, 200, lanes_of=lambda i: LANES if i == 0 else LANES[:2])
-    starts = [r for i, r in enumerate(runs) if r is not None and (i == 0 or runs[i - 1] is not r)]
-    assert [r.first for r in starts][:3] == [0, 1, 1 + 2 * RUN_MIN]
-    assert [r.valid for r in starts][:3] == [True, False, True]
+def _run_starts(runs: List[Optional[Run]]) -> List[Run]:
+    return [r for i, r in enumerate(runs) if r is not None and (i == 0 or runs[i - 1] is not r)]
 
 
 @pytest.mark.parametrize("lag", [2, 20])
-def test_a_run_in_flight_when_another_lane_is_used_does_not_count(lag: int) -> None:
-    """Iterations read back only from iteration 20 on. The first run (0..15) lacks the
-    download lane: it counts if its ops all ended by then (the device 2 iterations
-    behind), not if they may still run with the new downloads (20 behind). The run the
-    new shape begins counts: it has every lane."""
+def test_a_lane_used_between_runs_counts_only_once_quiet(lag: int) -> None:
+    """Iterations 20..25 read back, the others do not. The first run (0..15) lacks the
+    download lane: it counts if its ops all ended before iteration 20 (the device 2
+    iterations behind), not if they may run with those downloads (20 behind); so does
+    the run begun at 32 (the downloads may still be in flight when it begins); the run
+    begun at 64 counts either way."""
     win = SampledWindow(2)
-    runs, _, _ = _drive(win, 120, lag=lag, lanes_of=lambda i: LANES if i >= 20 else LANES[:2])
-    first = runs[0]
-    assert first is not None and first.valid is (lag == 2)
-    assert runs[20] is not None and runs[20].first == 20 and runs[19] is None
-    assert runs[20].valid
+    runs, _, _ = _drive(win, 120, lag=lag,
+                        lanes_of=lambda i: LANES if 20 <= i < 26 else LANES[:2])
+    starts = _run_starts(runs)
+    assert [r.first for r in starts] == [0, 2 * RUN_MIN, 4 * RUN_MIN, 6 * RUN_MIN]
+    assert [r.valid for r in starts] == [lag == 2, lag == 2, True, True]
+    assert all(r is None for r in runs[20:26])
+    assert win.stats().iterations == 120
 
 
-def test_a_run_taking_another_shape_ends_and_does_not_count() -> None:
-    """Iteration 10 reads back, inside the first run: that run ends there and does not
-    count (the download may run inside its window); iteration 10 begins a run of its own."""
+def test_a_lane_a_run_starts_using_is_its_own() -> None:
+    """Iteration 10 starts reading back, inside the first run: its downloads are the run's
+    (timed, in its window), so the run still counts; the statistics have the download."""
     win = SampledWindow(2)
     runs, _, _ = _drive(win, 60, lanes_of=lambda i: LANES if i >= 10 else LANES[:2])
-    first, second = runs[0], runs[10]
-    assert first is not None and first.last == 9 and not first.valid
-    assert second is not None and second is not first and second.first == 10 and second.valid
-    assert win.stats().iterations == 60
+    first = runs[0]
+    assert first is not None and all(r is first for r in runs[:RUN_MIN])
+    assert first.valid and first.lanes == frozenset(LANES)
+    stats = win.stats()
+    assert stats.iterations == 60 and set(stats.stage_ms) == set(LANES)
+
+
+def test_a_lane_used_after_a_run_in_flight_spoils_it() -> None:
+    """Iteration 16 (just after the first run) starts reading back while the run's ops
+    are in flight (the device 20 iterations behind): its downloads may overlap the run's
+    window, so the run does not count."""
+    win = SampledWindow(2)
+    runs, _, _ = _drive(win, 80, lag=20, lanes_of=lambda i: LANES if i >= 16 else LANES[:2])
+    assert runs[0] is not None and runs[16] is None and not runs[0].valid
 
 
 def _counting_stamps(monkeypatch: pytest.MonkeyPatch) -> List[int]:

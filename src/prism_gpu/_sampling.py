@@ -167,20 +167,19 @@ class SampledWindow(Window):
         i = self.queued
         self.queued = i + 1
         run = self._open
+        if run is not None and i > run.stop:
+            self._close(run)
+            run = None
         if lanes is not self._shape and self._reshape(lanes):  # (identical while it stays)
             self._fold()  # (a run whose ops all ended is safe)
-            for r in [*self._closed, *([run] if run is not None else [])]:
+            for r in self._closed:
                 if not lanes <= r.lanes:  # its ops may overlap those of a lane it lacks
                     r.valid = False
-            if run is not None:
-                self._close(run)
-                run = None
-            self._next = i  # a new shape is timed from its first iteration
+            if run is not None:  # the lanes' ops are its own from now: timed, in its window
+                run.lanes = run.lanes | lanes
         if run is not None:
-            if i <= run.stop:
-                run.last = i
-                return run
-            self._close(run)
+            run.last = i
+            return run
         if i < self._next:
             return None
         self._fold()
