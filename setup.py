@@ -10,7 +10,7 @@ from setuptools import Extension, setup
 
 setup(ext_modules=[Extension("prism_gpu._ccore",
                              ["src/prism_gpu/_ccore.c", "src/prism_gpu/_cring.c",
-                              "src/prism_gpu/_ctable.c"],
+                              "src/prism_gpu/_ctable.c", "src/prism_gpu/_cpipe.c"],
                              depends=["src/prism_gpu/_ccore.h"],
                              extra_compile_args=["-O2"], optional=True),
                    Extension("prism_gpu._hostcopy", ["src/prism_gpu/_hostcopy.c"],

@@ -2549,6 +2549,42 @@ setup_queue(PyObject *module, PyObject *helpers)
     Py_RETURN_NONE;
 }
 
+/* ---------------------------------------------------------------- for _cpipe.c */
+
+PyObject *
+pipe_submit(PyObject *engine, PyObject **args, Py_ssize_t nargs)
+{
+    if (core_submit == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "the queue calls are not set up");
+        return NULL;
+    }
+    return engine_submit_call(engine, args, nargs, NULL);
+}
+
+PyObject *
+core_op_field(PyObject *op, int which)
+{
+    return which == 0   ? op_get(op, offsetof(OpObject, id), s_id)
+           : which == 1 ? op_get(op, offsetof(OpObject, error), s_error)
+                        : op_get(op, offsetof(OpObject, event), s_event);
+}
+
+PyObject *
+core_root_of(PyObject *op)
+{
+    if (root_of == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "the compiled core is not set up");
+        return NULL;
+    }
+    return PyObject_CallOneArg(root_of, op);
+}
+
+int
+core_is_ring(PyObject *o)
+{
+    return q_ring_type != NULL && is_ring(o);
+}
+
 /* ---------------------------------------------------------------- the module */
 
 static PyObject *
@@ -2595,6 +2631,10 @@ static PyMethodDef methods[] = {
      "setup_queue(helpers): the queue calls' reference, types and constants."},
     {"setup_ring", (PyCFunction)setup_ring, METH_O,
      "setup_ring(helpers): the ring's states (in cycle order) and errors."},
+    {"setup_pipe", (PyCFunction)setup_pipe, METH_O,
+     "setup_pipe(helpers): the pipeline's reference queue_ops and constants."},
+    {"pipe_ops", (PyCFunction)(void (*)(void))pipe_ops, METH_FASTCALL,
+     "pipe_ops(queue, engine, ...): _pipequeue.queue_ops, compiled."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -144,4 +144,16 @@ int slotmap_filled(SlotMapObject *m, SlotObject *s, PyObject *op, PyObject *oid,
 int slotmap_touched(SlotMapObject *m, PyObject *oid, PyObject *slots); /* list or tuple */
 PyObject *slotmap_data_slots(SlotMapObject *m, PyObject *dep_ids);     /* a list */
 
+/* A pipeline iteration's ops (_cpipe.c), and what it uses of the core (_ccore.c) and the
+ * ring (_cring.c). */
+PyObject *pipe_ops(PyObject *module, PyObject *const *args, Py_ssize_t nargs);
+PyObject *setup_pipe(PyObject *module, PyObject *helpers);
+PyObject *pipe_submit(PyObject *engine, PyObject **args, Py_ssize_t nargs); /* args[0] free */
+PyObject *core_op_field(PyObject *op, int which); /* 0: id, 1: error, 2: event (new ref) */
+PyObject *core_root_of(PyObject *op);
+int core_is_ring(PyObject *o); /* an exact TripleBuffer of the compiled twins */
+PyObject *slot_filled(SlotObject *s, PyObject *op, PyObject *oid, Py_ssize_t valid);
+PyObject *ring_produce(RingObject *r, PyObject *unused);
+PyObject *ring_retire(RingObject *r, PyObject *unused);
+
 #endif

@@ -222,7 +222,7 @@ id_of(PyObject *op)
 
 /* ``op`` (id ``oid``) writes fresh data of ``valid`` elements; the ids of the ops on the
  * old data, or NULL */
-static PyObject *
+PyObject *
 slot_filled(SlotObject *s, PyObject *op, PyObject *oid, Py_ssize_t valid)
 {
     PyObject *ops = PyList_New(1);
@@ -572,7 +572,7 @@ ring_peek_method(RingObject *r, PyObject *const *args, Py_ssize_t nargs)
     return s ? Py_NewRef(s) : NULL;
 }
 
-static PyObject *
+PyObject *
 ring_produce(RingObject *r, PyObject *unused)
 {
     if (ring_open(r) < 0)
@@ -591,7 +591,7 @@ ring_produce(RingObject *r, PyObject *unused)
     return Py_NewRef(s);
 }
 
-static PyObject *
+PyObject *
 ring_retire(RingObject *r, PyObject *unused)
 {
     if (ring_open(r) < 0)

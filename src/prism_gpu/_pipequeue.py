@@ -14,6 +14,7 @@ import numpy as np
 
 from ._buffers import FREE_I, UPLOADING_I, Slot, TripleBuffer
 from ._engine import D2H, H2D, LAUNCH, Engine, Lane
+from ._core import compiled_module
 from ._failures import root_of
 from ._ops import OpType
 from ._plan import Step as _Step
@@ -173,8 +174,6 @@ class StageQueue:
         ``valid[b]``), run the steps, download buffer ``b`` into each ``downs[b]``; the ids
         of its ops."""
         eng = self._engine
-        submit = eng.submit
-        bufs = self._buffers
         if win.ref is None:
             win.start(eng.mark(plan[0].lane))
         run = self._run
@@ -189,107 +188,130 @@ class StageQueue:
                     timed_run = self.compile(plan, win, sampled)
                 run = timed_run
         steps, copies, timed = run[3] if downs else run[2], run[4], run[5]
-        ops: List[int] = []
-        if fed:
-            timer, acc = copies[0], copies[1]
-            lane = self._up or self._copy_lane("upload")
-            for b, x in fed.items():
-                n = valid[b]
-                buf = bufs[b]
-                slot = buf.take(FREE_I)
-                assert slot is not None
-                view = slot.head(n)
-                op = submit(lane, _UPLOAD, None, (), slot.write_hazards(), H2D, view, x, None,
-                            None, view, timer, timed)
-                acc[QUEUED] += 1
-                slot.filled(op, n)
-                buf.take(UPLOADING_I)
-                slots[b] = slot
-                ops.append(op.id)
-            for b in touched:
-                if b not in fed:
-                    bufs[b].produce()
-                    slot = slots[b]
-                    slot.valid = valid.get(b, slot.capacity)
-        else:  # (nothing fed: every buffer's length is its capacity)
-            for b in touched:
-                bufs[b].produce()
-                slot = slots[b]
-                slot.valid = slot.capacity
-        views = self._views
-        read_only = self._read_only
-        for step in steps:
-            (lane, name, prepared, config, uses_arrays, extra, reads, writes, fresh, single,
-             inplace, timer, acc) = step
-            if inplace:  # (a stage rewriting a buffer it reads)
-                ops.append(self._rewrite(step, slots, timed).id)
-                continue
-            # every buffer it reads is only read: a read-only view (a CPU kernel writing it
-            # fails); every buffer it writes is filled anew
-            # (loops, not comprehensions: each of those is a call on Python 3.11)
-            arrays: List[Any] = []
-            waits: List[Any] = []
-            for b in reads:
-                s = slots[b]
-                w = s.writer
-                if w is not None:
-                    waits.append(w)
-                hit = views.get(s)
-                if hit is None or hit[0] is not s.full or hit[1] != s.valid:
-                    # (a closed ring's slot has no full array: s.array refuses it)
-                    hit = views[s] = (s.full, s.valid, read_only(s.array))
-                arrays.append(hit[2])
-            # the host waits only here, for the iteration ``depth`` before that still uses
-            # this stage's output slots: earlier stages of this iteration are queued already
-            quiet: Sequence[Any] = ()
-            if single is not None:  # (the one buffer written)
-                out = slots[single]
-                arrays.append(out.array)
-                quiet = out.write_hazards()  # (read before the slot changes)
-            elif writes:
-                for b in writes:
-                    arrays.append(slots[b].array)
-                quiet = [o for b in writes for o in slots[b].write_hazards()]
-            for o in quiet:
-                if o.event is not None:  # one in flight: wait for them
-                    eng.wait_ops(quiet)
-                    break
-            op = submit(lane, _COMPUTE, name, waits, quiet, LAUNCH, prepared, config,
-                        arrays if uses_arrays else (), extra, arrays, timer, timed)
-            acc[QUEUED] += 1
-            ops.append(op.id)
-            for b in reads:
-                slots[b].read(op)
-            if op.error is None:
-                if single is not None:
-                    out.filled(op, out.valid)
-                else:
-                    for b in writes:
-                        s = slots[b]
-                        s.filled(op, s.valid)
-            else:  # failed as it was queued, or a dependency had: the data it makes is spoilt
-                failed = root_of(op)
-                for b in writes:
-                    s = slots[b]
-                    s.filled(op, s.valid)
-                    s.failed = failed
-        if downs:
-            left = len(downs)
-            acc = copies[4]
-            lane = self._down or self._copy_lane("download")
-            for b, dst in downs.items():
-                slot = slots[b]
-                w, src = slot.writer, slot.array
-                left -= 1
-                timer = copies[2] if left else copies[3]  # the last ends the iteration
-                op = submit(lane, _DOWNLOAD, None, (w,) if w is not None else (), (), D2H, dst,
-                            src, None, None, (src, dst), timer, timed, slot.failed)
-                acc[QUEUED] += 1
-                slot.read(op)
-                ops.append(op.id)
-        for b in touched:
-            bufs[b].retire()  # FREE again on the host; the GPU orders the next write
-            #                   into the slot after this iteration's readers
+        up = (self._up or self._copy_lane("upload")) if fed else None
+        down = (self._down or self._copy_lane("download")) if downs else None
+        ops = _queue_ops(self, eng, self._buffers, self._views, self._read_only, steps, copies,
+                         timed, fed, touched, slots, valid, downs, up, down)
         if sampled is not None:
             sampled.queued += len(ops)
         return ops
+
+
+def queue_ops(queue: StageQueue, eng: Engine, bufs: List[TripleBuffer],
+              views: Dict[Any, Tuple[Any, int, Any]], read_only: Callable[[Any], Any],
+              steps: List[Tuple[Any, ...]], copies: Tuple[Any, ...], timed: bool,
+              fed: Mapping[int, np.ndarray], touched: Tuple[int, ...], slots: Dict[int, Slot],
+              valid: Mapping[int, int], downs: Mapping[int, np.ndarray], up: Any,
+              down: Any) -> List[int]:
+    """The ops of one iteration of ``queue`` (see :meth:`StageQueue.iteration`), queued:
+    the steps as compiled, the copies' timers, whether timed, and the copy lanes (None
+    where nothing is fed, or read back). The reference: ``_ccore.pipe_ops`` (C, where
+    built) does the same."""
+    submit = eng.submit
+    ops: List[int] = []
+    if fed:
+        timer, acc = copies[0], copies[1]
+        lane = up
+        for b, x in fed.items():
+            n = valid[b]
+            buf = bufs[b]
+            slot = buf.take(FREE_I)
+            assert slot is not None
+            view = slot.head(n)
+            op = submit(lane, _UPLOAD, None, (), slot.write_hazards(), H2D, view, x, None,
+                        None, view, timer, timed)
+            acc[QUEUED] += 1
+            slot.filled(op, n)
+            buf.take(UPLOADING_I)
+            slots[b] = slot
+            ops.append(op.id)
+        for b in touched:
+            if b not in fed:
+                bufs[b].produce()
+                slot = slots[b]
+                slot.valid = valid.get(b, slot.capacity)
+    else:  # (nothing fed: every buffer's length is its capacity)
+        for b in touched:
+            bufs[b].produce()
+            slot = slots[b]
+            slot.valid = slot.capacity
+    for step in steps:
+        (lane, name, prepared, config, uses_arrays, extra, reads, writes, fresh, single,
+         inplace, timer, acc) = step
+        if inplace:  # (a stage rewriting a buffer it reads)
+            ops.append(queue._rewrite(step, slots, timed).id)
+            continue
+        # every buffer it reads is only read: a read-only view (a CPU kernel writing it
+        # fails); every buffer it writes is filled anew
+        # (loops, not comprehensions: each of those is a call on Python 3.11)
+        arrays: List[Any] = []
+        waits: List[Any] = []
+        for b in reads:
+            s = slots[b]
+            w = s.writer
+            if w is not None:
+                waits.append(w)
+            hit = views.get(s)
+            if hit is None or hit[0] is not s.full or hit[1] != s.valid:
+                # (a closed ring's slot has no full array: s.array refuses it)
+                hit = views[s] = (s.full, s.valid, read_only(s.array))
+            arrays.append(hit[2])
+        # the host waits only here, for the iteration ``depth`` before that still uses
+        # this stage's output slots: earlier stages of this iteration are queued already
+        quiet: Sequence[Any] = ()
+        if single is not None:  # (the one buffer written)
+            out = slots[single]
+            arrays.append(out.array)
+            quiet = out.write_hazards()  # (read before the slot changes)
+        elif writes:
+            for b in writes:
+                arrays.append(slots[b].array)
+            quiet = [o for b in writes for o in slots[b].write_hazards()]
+        for o in quiet:
+            if o.event is not None:  # one in flight: wait for them
+                eng.wait_ops(quiet)
+                break
+        op = submit(lane, _COMPUTE, name, waits, quiet, LAUNCH, prepared, config,
+                    arrays if uses_arrays else (), extra, arrays, timer, timed)
+        acc[QUEUED] += 1
+        ops.append(op.id)
+        for b in reads:
+            slots[b].read(op)
+        if op.error is None:
+            if single is not None:
+                out.filled(op, out.valid)
+            else:
+                for b in writes:
+                    s = slots[b]
+                    s.filled(op, s.valid)
+        else:  # failed as it was queued, or a dependency had: the data it makes is spoilt
+            failed = root_of(op)
+            for b in writes:
+                s = slots[b]
+                s.filled(op, s.valid)
+                s.failed = failed
+    if downs:
+        left = len(downs)
+        acc = copies[4]
+        lane = down
+        for b, dst in downs.items():
+            slot = slots[b]
+            w, src = slot.writer, slot.array
+            left -= 1
+            timer = copies[2] if left else copies[3]  # the last ends the iteration
+            op = submit(lane, _DOWNLOAD, None, (w,) if w is not None else (), (), D2H, dst,
+                        src, None, None, (src, dst), timer, timed, slot.failed)
+            acc[QUEUED] += 1
+            slot.read(op)
+            ops.append(op.id)
+    for b in touched:  # FREE again on the host; the GPU orders the next write into the
+        bufs[b].retire()  # slot after this iteration's readers
+    return ops
+
+
+_C = compiled_module()
+if _C is not None:
+    _C.setup_pipe({"queue_ops": queue_ops, "UPLOAD": _UPLOAD, "COMPUTE": _COMPUTE,
+                   "DOWNLOAD": _DOWNLOAD, "H2D": H2D, "D2H": D2H, "LAUNCH": LAUNCH,
+                   "QUEUED": QUEUED})
+_queue_ops = queue_ops if _C is None else _C.pipe_ops

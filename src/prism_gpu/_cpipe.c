@@ -1,0 +1,591 @@
+/* A pipeline iteration's ops queued from C: _pipequeue.queue_ops (the reference), statement
+ * for statement, where every ring is an exact TripleBuffer of the compiled twins, every
+ * slot a Slot and every mapping a dict (anything else: the reference runs). A stage that
+ * rewrites a buffer it reads is queued by the queue's own Python method, as there. */
+
+#include "_ccore.h"
+
+static PyObject *reference;  /* _pipequeue.queue_ops */
+static PyObject *k_upload, *k_compute, *k_download, *k_h2d, *k_d2h, *k_launch;
+static Py_ssize_t queued_at = -1; /* an accumulator's QUEUED index */
+static PyObject *s_rewrite, *s_wait_ops, *one, *empty;
+
+#define STEP_FIELDS 13
+
+/* acc[QUEUED] += 1 */
+static int
+bump(PyObject *acc)
+{
+    PyObject *key = PyLong_FromSsize_t(queued_at);
+    if (key == NULL)
+        return -1;
+    PyObject *v = PyObject_GetItem(acc, key);
+    PyObject *n = v ? PyNumber_Add(v, one) : NULL;
+    int r = n ? PyObject_SetItem(acc, key, n) : -1;
+    Py_XDECREF(v);
+    Py_XDECREF(n);
+    Py_DECREF(key);
+    return r;
+}
+
+/* container[key] (new reference): a list indexed by an int in range directly */
+static PyObject *
+item(PyObject *container, PyObject *key)
+{
+    if (PyList_CheckExact(container) && PyLong_CheckExact(key)) {
+        Py_ssize_t i = PyLong_AsSsize_t(key);
+        if (i >= 0 && i < PyList_GET_SIZE(container))
+            return Py_NewRef(PyList_GET_ITEM(container, i));
+        PyErr_Clear();
+    }
+    return PyObject_GetItem(container, key);
+}
+
+/* slots[b], a Slot (borrowed from the dict; the caller holds the dict) */
+static SlotObject *
+slot_of(PyObject *slots, PyObject *b)
+{
+    PyObject *s = PyDict_GetItemWithError(slots, b);
+    if (s == NULL) {
+        if (!PyErr_Occurred())
+            PyErr_SetObject(PyExc_KeyError, b);
+        return NULL;
+    }
+    if (!Py_IS_TYPE(s, &SlotType)) {
+        PyErr_SetString(PyExc_TypeError, "a pipeline slot must be a Slot");
+        return NULL;
+    }
+    return (SlotObject *)s;
+}
+
+/* a dict, or an empty mapping (the pipeline's "nothing fed"): 1 dict, 0 empty, -1 other */
+static int
+kind_of_map(PyObject *m)
+{
+    if (PyDict_CheckExact(m))
+        return 1;
+    Py_ssize_t n = PyObject_Size(m);
+    if (n < 0)
+        PyErr_Clear();
+    return n == 0 ? 0 : -1;
+}
+
+/* whether the call is one this file does as the reference does */
+static int
+usable(PyObject *const *args)
+{
+    PyObject *bufs = args[2], *views = args[3], *steps = args[5], *copies = args[6],
+             *fed = args[8], *touched = args[9], *slots = args[10], *valid = args[11],
+             *downs = args[12];
+    if (reference == NULL || queued_at < 0 || !PyList_CheckExact(bufs) ||
+        !PyDict_CheckExact(views) || !PyList_CheckExact(steps) || !PyTuple_CheckExact(copies) ||
+        PyTuple_GET_SIZE(copies) != 5 || !PyTuple_CheckExact(touched) ||
+        !PyDict_CheckExact(slots) || kind_of_map(fed) < 0 || kind_of_map(valid) < 0 ||
+        kind_of_map(downs) < 0)
+        return 0;
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(steps); i++) {
+        PyObject *st = PyList_GET_ITEM(steps, i);
+        if (!PyTuple_CheckExact(st) || PyTuple_GET_SIZE(st) != STEP_FIELDS)
+            return 0;
+    }
+    for (int which = 0; which < 2; which++) { /* the buffers written, and those fed */
+        PyObject *keys = which ? (PyDict_CheckExact(fed) ? PyDict_Keys(fed) : NULL)
+                               : Py_NewRef(touched);
+        if (keys == NULL) {
+            if (PyErr_Occurred())
+                return -1;
+            continue;
+        }
+        PyObject *seq = PySequence_Fast(keys, "keys");
+        Py_DECREF(keys);
+        if (seq == NULL)
+            return -1;
+        int ok = 1;
+        for (Py_ssize_t i = 0; ok && i < PySequence_Fast_GET_SIZE(seq); i++) {
+            PyObject *b = PySequence_Fast_GET_ITEM(seq, i);
+            PyObject *buf = PyLong_CheckExact(b) ? item(bufs, b) : NULL;
+            if (buf == NULL)
+                PyErr_Clear();
+            ok = buf != NULL && core_is_ring(buf);
+            Py_XDECREF(buf);
+        }
+        Py_DECREF(seq);
+        if (!ok)
+            return 0;
+    }
+    return 1;
+}
+
+/* the op's id appended to ``ops`` (a new reference to the id, or NULL) */
+static PyObject *
+note_id(PyObject *ops, PyObject *op)
+{
+    PyObject *oid = core_op_field(op, 0);
+    if (oid == NULL || PyList_Append(ops, oid) < 0) {
+        Py_XDECREF(oid);
+        return NULL;
+    }
+    return oid;
+}
+
+static int
+filled(SlotObject *s, PyObject *op, PyObject *oid, Py_ssize_t n)
+{
+    PyObject *old = slot_filled(s, op, oid, n);
+    if (old == NULL)
+        return -1;
+    Py_DECREF(old); /* (the slot is whole again: releasing may run Python code) */
+    return 0;
+}
+
+static int
+uploads(PyObject *const *args, PyObject *ops)
+{
+    PyObject *bufs = args[2], *copies = args[6], *timed = args[7], *fed = args[8],
+             *slots = args[10], *valid = args[11], *up = args[13], *eng = args[1];
+    PyObject *timer = PyTuple_GET_ITEM(copies, 0), *acc = PyTuple_GET_ITEM(copies, 1);
+    PyObject *b, *x;
+    Py_ssize_t pos = 0;
+    while (PyDict_Next(fed, &pos, &b, &x)) {
+        Py_INCREF(b);
+        Py_INCREF(x);
+        PyObject *nobj = NULL, *buf = NULL, *slot = NULL, *view = NULL, *hz = NULL, *op = NULL,
+                 *oid = NULL, *r = NULL;
+        int ok = 0;
+        nobj = PyObject_GetItem(valid, b);
+        Py_ssize_t n = nobj ? PyNumber_AsSsize_t(nobj, PyExc_OverflowError) : -1;
+        if (nobj == NULL || (n == -1 && PyErr_Occurred()))
+            goto done;
+        buf = item(bufs, b);
+        if (buf == NULL)
+            goto done;
+        slot = ring_take((RingObject *)buf, FREE_I);
+        if (slot == NULL)
+            goto done;
+        if (slot == Py_None) {
+            PyErr_SetNone(PyExc_AssertionError);
+            goto done;
+        }
+        view = slot_head((SlotObject *)slot, n);
+        hz = view ? slot_write_hazards((SlotObject *)slot) : NULL;
+        if (hz == NULL)
+            goto done;
+        PyObject *sub[14] = {NULL, up, k_upload, Py_None, empty, hz, k_h2d, view,
+                             x, Py_None, Py_None, view, timer, timed};
+        op = pipe_submit(eng, sub, 13);
+        if (op == NULL || bump(acc) < 0)
+            goto done;
+        oid = core_op_field(op, 0);
+        if (oid == NULL || filled((SlotObject *)slot, op, oid, n) < 0)
+            goto done;
+        r = ring_take((RingObject *)buf, UPLOADING_I);
+        if (r == NULL || PyDict_SetItem(slots, b, slot) < 0 || PyList_Append(ops, oid) < 0)
+            goto done;
+        ok = 1;
+    done:
+        Py_XDECREF(r);
+        Py_XDECREF(oid);
+        Py_XDECREF(op);
+        Py_XDECREF(hz);
+        Py_XDECREF(view);
+        Py_XDECREF(slot);
+        Py_XDECREF(buf);
+        Py_XDECREF(nobj);
+        Py_DECREF(x);
+        Py_DECREF(b);
+        if (!ok)
+            return -1;
+    }
+    return 0;
+}
+
+/* every buffer written and not fed: its next slot taken, its valid length set */
+static int
+produced(PyObject *const *args, int any_fed)
+{
+    PyObject *bufs = args[2], *fed = args[8], *touched = args[9], *slots = args[10],
+             *valid = args[11];
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(touched); i++) {
+        PyObject *b = PyTuple_GET_ITEM(touched, i);
+        if (any_fed) {
+            int in = PyDict_Contains(fed, b);
+            if (in < 0)
+                return -1;
+            if (in)
+                continue;
+        }
+        PyObject *buf = item(bufs, b);
+        if (buf == NULL)
+            return -1;
+        PyObject *r = ring_produce((RingObject *)buf, NULL);
+        Py_DECREF(buf);
+        if (r == NULL)
+            return -1;
+        Py_DECREF(r);
+        SlotObject *s = slot_of(slots, b);
+        if (s == NULL)
+            return -1;
+        Py_ssize_t n = s->capacity;
+        if (any_fed) {
+            PyObject *v = PyDict_CheckExact(valid) ? PyDict_GetItemWithError(valid, b) : NULL;
+            if (v == NULL && PyErr_Occurred())
+                return -1;
+            if (v != NULL) {
+                n = PyNumber_AsSsize_t(v, PyExc_OverflowError);
+                if (n == -1 && PyErr_Occurred())
+                    return -1;
+            }
+        }
+        s->valid = n;
+    }
+    return 0;
+}
+
+/* the views a stage reads: views[s] = (s.full, s.valid, read_only(s.array)), made again
+ * when the slot's array or length changed; the view appended to ``arrays`` */
+static int
+read_view(PyObject *views, PyObject *read_only, SlotObject *s, PyObject *arrays)
+{
+    PyObject *hit = PyDict_GetItemWithError(views, (PyObject *)s);
+    if (hit == NULL && PyErr_Occurred())
+        return -1;
+    if (hit != NULL && PyTuple_CheckExact(hit) && PyTuple_GET_SIZE(hit) == 3 &&
+        PyTuple_GET_ITEM(hit, 0) == s->full && PyLong_CheckExact(PyTuple_GET_ITEM(hit, 1))) {
+        Py_ssize_t v = PyLong_AsSsize_t(PyTuple_GET_ITEM(hit, 1));
+        if (v == -1 && PyErr_Occurred())
+            return -1;
+        if (v == s->valid)
+            return PyList_Append(arrays, PyTuple_GET_ITEM(hit, 2));
+    }
+    else if (hit != NULL && !(PyTuple_CheckExact(hit) && PyTuple_GET_SIZE(hit) == 3)) {
+        PyErr_SetString(PyExc_TypeError, "a pipeline view entry must be a 3-tuple");
+        return -1;
+    }
+    PyObject *full = Py_NewRef(s->full);
+    PyObject *valid = PyLong_FromSsize_t(s->valid);
+    PyObject *arr = valid ? slot_array(s) : NULL;
+    PyObject *ro = arr ? PyObject_CallOneArg(read_only, arr) : NULL;
+    PyObject *entry = ro ? PyTuple_Pack(3, full, valid, ro) : NULL;
+    int r = entry ? PyDict_SetItem(views, (PyObject *)s, entry) : -1;
+    if (r == 0)
+        r = PyList_Append(arrays, ro);
+    Py_XDECREF(entry);
+    Py_XDECREF(ro);
+    Py_XDECREF(arr);
+    Py_XDECREF(valid);
+    Py_DECREF(full);
+    return r;
+}
+
+/* the host waits for ``quiet`` if one of them is in flight: eng.wait_ops(quiet) */
+static int
+settle(PyObject *eng, PyObject *quiet)
+{
+    PyObject *seq = PySequence_Fast(quiet, "quiet ops");
+    if (seq == NULL)
+        return -1;
+    int busy = 0;
+    for (Py_ssize_t i = 0; !busy && i < PySequence_Fast_GET_SIZE(seq); i++) {
+        PyObject *ev = core_op_field(PySequence_Fast_GET_ITEM(seq, i), 2);
+        if (ev == NULL) {
+            Py_DECREF(seq);
+            return -1;
+        }
+        busy = ev != Py_None;
+        Py_DECREF(ev);
+    }
+    Py_DECREF(seq);
+    if (!busy)
+        return 0;
+    PyObject *r = PyObject_CallMethodOneArg(eng, s_wait_ops, quiet);
+    Py_XDECREF(r);
+    return r == NULL ? -1 : 0;
+}
+
+/* one step that only reads what it reads and fills anew what it writes */
+static int
+step(PyObject *const *args, PyObject *st, PyObject *ops)
+{
+    PyObject *eng = args[1], *views = args[3], *read_only = args[4], *timed = args[7],
+             *slots = args[10];
+    PyObject *const *f = &PyTuple_GET_ITEM(st, 0);
+    PyObject *lane = f[0], *name = f[1], *prepared = f[2], *config = f[3], *extra = f[5],
+             *reads = f[6], *writes = f[7], *single = f[9], *timer = f[11], *acc = f[12];
+    int uses_arrays = PyObject_IsTrue(f[4]);
+    if (uses_arrays < 0)
+        return -1;
+    if (!PyTuple_CheckExact(reads) || !PyTuple_CheckExact(writes)) {
+        PyErr_SetString(PyExc_TypeError, "a step's reads and writes must be tuples");
+        return -1;
+    }
+    PyObject *arrays = PyList_New(0), *waits = PyList_New(0), *quiet = NULL, *op = NULL,
+             *oid = NULL, *err = NULL;
+    SlotObject *out = NULL;
+    int ok = 0;
+    if (arrays == NULL || waits == NULL)
+        goto done;
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(reads); i++) {
+        SlotObject *s = slot_of(slots, PyTuple_GET_ITEM(reads, i));
+        if (s == NULL)
+            goto done;
+        Py_INCREF(s);
+        int r = (s->writer != Py_None ? PyList_Append(waits, s->writer) : 0) == 0
+                    ? read_view(views, read_only, s, arrays) : -1;
+        Py_DECREF(s);
+        if (r < 0)
+            goto done;
+    }
+    if (single != Py_None) {
+        out = slot_of(slots, single);
+        if (out == NULL)
+            goto done;
+        Py_INCREF(out);
+        PyObject *a = slot_array(out);
+        if (a == NULL || PyList_Append(arrays, a) < 0) {
+            Py_XDECREF(a);
+            goto done;
+        }
+        Py_DECREF(a);
+        quiet = slot_write_hazards(out);
+    }
+    else if (PyTuple_GET_SIZE(writes)) {
+        for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(writes); i++) {
+            SlotObject *s = slot_of(slots, PyTuple_GET_ITEM(writes, i));
+            PyObject *a = s ? slot_array(s) : NULL;
+            if (a == NULL || PyList_Append(arrays, a) < 0) {
+                Py_XDECREF(a);
+                goto done;
+            }
+            Py_DECREF(a);
+        }
+        quiet = PyList_New(0);
+        for (Py_ssize_t i = 0; quiet && i < PyTuple_GET_SIZE(writes); i++) {
+            SlotObject *s = slot_of(slots, PyTuple_GET_ITEM(writes, i));
+            PyObject *hz = s ? slot_write_hazards(s) : NULL;
+            int r = hz ? PyList_SetSlice(quiet, PY_SSIZE_T_MAX, PY_SSIZE_T_MAX, hz) : -1;
+            Py_XDECREF(hz);
+            if (r < 0)
+                Py_CLEAR(quiet);
+        }
+    }
+    else
+        quiet = Py_NewRef(empty);
+    if (quiet == NULL || settle(eng, quiet) < 0)
+        goto done;
+    PyObject *sub[14] = {NULL, lane, k_compute, name, waits, quiet, k_launch, prepared, config,
+                         uses_arrays ? arrays : empty, extra, arrays, timer, timed};
+    op = pipe_submit(eng, sub, 13);
+    if (op == NULL || bump(acc) < 0)
+        goto done;
+    oid = note_id(ops, op);
+    if (oid == NULL)
+        goto done;
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(reads); i++) {
+        SlotObject *s = slot_of(slots, PyTuple_GET_ITEM(reads, i));
+        if (s == NULL || slot_read(s, op, oid) < 0)
+            goto done;
+    }
+    err = core_op_field(op, 1);
+    if (err == NULL)
+        goto done;
+    if (err == Py_None) {
+        if (out != NULL) {
+            if (filled(out, op, oid, out->valid) < 0)
+                goto done;
+        }
+        else {
+            for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(writes); i++) {
+                SlotObject *s = slot_of(slots, PyTuple_GET_ITEM(writes, i));
+                if (s == NULL || filled(s, op, oid, s->valid) < 0)
+                    goto done;
+            }
+        }
+    }
+    else { /* failed as it was queued, or a dependency had: the data it makes is spoilt */
+        PyObject *failed = core_root_of(op);
+        if (failed == NULL)
+            goto done;
+        for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(writes); i++) {
+            SlotObject *s = slot_of(slots, PyTuple_GET_ITEM(writes, i));
+            if (s == NULL || filled(s, op, oid, s->valid) < 0) {
+                Py_DECREF(failed);
+                goto done;
+            }
+            Py_SETREF(s->failed, Py_NewRef(failed));
+        }
+        Py_DECREF(failed);
+    }
+    ok = 1;
+done:
+    Py_XDECREF(err);
+    Py_XDECREF(oid);
+    Py_XDECREF(op);
+    Py_XDECREF(quiet);
+    Py_XDECREF(out);
+    Py_XDECREF(waits);
+    Py_XDECREF(arrays);
+    return ok ? 0 : -1;
+}
+
+static int
+downloads(PyObject *const *args, PyObject *ops)
+{
+    PyObject *eng = args[1], *copies = args[6], *timed = args[7], *slots = args[10],
+             *downs = args[12], *down = args[14];
+    PyObject *acc = PyTuple_GET_ITEM(copies, 4);
+    Py_ssize_t left = PyDict_GET_SIZE(downs), pos = 0;
+    PyObject *b, *dst;
+    while (PyDict_Next(downs, &pos, &b, &dst)) {
+        Py_INCREF(b);
+        Py_INCREF(dst);
+        PyObject *src = NULL, *deps = NULL, *keep = NULL, *op = NULL, *oid = NULL;
+        int ok = 0;
+        SlotObject *s = slot_of(slots, b);
+        if (s == NULL)
+            goto done;
+        Py_INCREF(s);
+        PyObject *w = Py_NewRef(s->writer);
+        src = slot_array(s);
+        left -= 1;
+        PyObject *timer = PyTuple_GET_ITEM(copies, left ? 2 : 3); /* the last ends it */
+        deps = src ? (w != Py_None ? PyTuple_Pack(1, w) : Py_NewRef(empty)) : NULL;
+        keep = deps ? PyTuple_Pack(2, src, dst) : NULL;
+        Py_DECREF(w);
+        if (keep == NULL) {
+            Py_DECREF(s);
+            goto done;
+        }
+        PyObject *failed = Py_NewRef(s->failed);
+        PyObject *sub[15] = {NULL, down, k_download, Py_None, deps, empty, k_d2h, dst, src,
+                             Py_None, Py_None, keep, timer, timed, failed};
+        op = pipe_submit(eng, sub, 14);
+        Py_DECREF(failed);
+        if (op == NULL || bump(acc) < 0) {
+            Py_DECREF(s);
+            goto done;
+        }
+        PyObject *id = core_op_field(op, 0);
+        int r = id ? slot_read(s, op, id) : -1;
+        Py_XDECREF(id);
+        Py_DECREF(s);
+        if (r < 0)
+            goto done;
+        oid = note_id(ops, op);
+        ok = oid != NULL;
+    done:
+        Py_XDECREF(oid);
+        Py_XDECREF(op);
+        Py_XDECREF(keep);
+        Py_XDECREF(deps);
+        Py_XDECREF(src);
+        Py_DECREF(dst);
+        Py_DECREF(b);
+        if (!ok)
+            return -1;
+    }
+    return 0;
+}
+
+PyObject *
+pipe_ops(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 15) {
+        PyErr_SetString(PyExc_TypeError, "pipe_ops() takes 15 arguments");
+        return NULL;
+    }
+    int use = usable(args);
+    if (use < 0)
+        return NULL;
+    if (!use)
+        return PyObject_Vectorcall(reference, args, nargs, NULL);
+    PyObject *queue = args[0], *bufs = args[2], *steps = args[5], *timed = args[7],
+             *fed = args[8], *touched = args[9], *slots = args[10], *downs = args[12];
+    PyObject *ops = PyList_New(0);
+    if (ops == NULL)
+        return NULL;
+    Py_INCREF(steps); /* (held: a callback run below may drop the caller's) */
+    int any_fed = PyDict_CheckExact(fed) && PyDict_GET_SIZE(fed) > 0;
+    if (any_fed && uploads(args, ops) < 0)
+        goto fail;
+    if (produced(args, any_fed) < 0)
+        goto fail;
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(steps); i++) {
+        PyObject *st = PyList_GET_ITEM(steps, i);
+        Py_INCREF(st);
+        int inplace = PyObject_IsTrue(PyTuple_GET_ITEM(st, 10));
+        int r;
+        if (inplace < 0)
+            r = -1;
+        else if (inplace) { /* (a stage rewriting a buffer it reads) */
+            PyObject *op = PyObject_CallMethodObjArgs(queue, s_rewrite, st, slots, timed, NULL);
+            PyObject *id = op ? note_id(ops, op) : NULL;
+            r = id ? 0 : -1;
+            Py_XDECREF(id);
+            Py_XDECREF(op);
+        }
+        else
+            r = step(args, st, ops);
+        Py_DECREF(st);
+        if (r < 0)
+            goto fail;
+    }
+    if (PyDict_CheckExact(downs) && PyDict_GET_SIZE(downs) > 0 && downloads(args, ops) < 0)
+        goto fail;
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(touched); i++) {
+        /* FREE again on the host; the GPU orders the next write into the slot after this
+         * iteration's readers */
+        PyObject *buf = item(bufs, PyTuple_GET_ITEM(touched, i));
+        PyObject *r = buf ? ring_retire((RingObject *)buf, NULL) : NULL;
+        Py_XDECREF(buf);
+        if (r == NULL)
+            goto fail;
+        Py_DECREF(r);
+    }
+    Py_DECREF(steps);
+    return ops;
+fail:
+    Py_DECREF(steps);
+    Py_DECREF(ops);
+    return NULL;
+}
+
+PyObject *
+setup_pipe(PyObject *module, PyObject *helpers)
+{
+    if (!PyDict_Check(helpers)) {
+        PyErr_SetString(PyExc_TypeError, "setup_pipe() takes a dict");
+        return NULL;
+    }
+    struct {
+        const char *key;
+        PyObject **slot;
+    } want[] = {{"queue_ops", &reference}, {"UPLOAD", &k_upload}, {"COMPUTE", &k_compute},
+                {"DOWNLOAD", &k_download},  {"H2D", &k_h2d},       {"D2H", &k_d2h},
+                {"LAUNCH", &k_launch}};
+    PyObject *q = PyDict_GetItemString(helpers, "QUEUED");
+    if (q == NULL) {
+        PyErr_SetString(PyExc_KeyError, "setup_pipe() needs QUEUED");
+        return NULL;
+    }
+    Py_ssize_t at = PyNumber_AsSsize_t(q, PyExc_OverflowError);
+    if (at == -1 && PyErr_Occurred())
+        return NULL;
+    for (size_t i = 0; i < sizeof want / sizeof want[0]; i++) {
+        PyObject *v = PyDict_GetItemString(helpers, want[i].key);
+        if (v == NULL) {
+            PyErr_Format(PyExc_KeyError, "setup_pipe() needs %s", want[i].key);
+            return NULL;
+        }
+        Py_XSETREF(*want[i].slot, Py_NewRef(v));
+    }
+    if (s_rewrite == NULL) {
+        s_rewrite = PyUnicode_InternFromString("_rewrite");
+        s_wait_ops = PyUnicode_InternFromString("wait_ops");
+        one = PyLong_FromLong(1);
+        empty = PyTuple_New(0);
+        if (s_rewrite == NULL || s_wait_ops == NULL || one == NULL || empty == NULL)
+            return NULL;
+    }
+    queued_at = at;
+    Py_RETURN_NONE;
+}
