@@ -206,7 +206,8 @@ def test_a_ring_not_exactly_ours_is_handed_to_the_reference(monkeypatch: pytest.
         return reference(*args)
     c = _core.compiled_module()
     setup: Callable[[Any], None] = c.setup_pipe
-    helpers = {"queue_ops": spy, "UPLOAD": _pipequeue._UPLOAD, "COMPUTE": _pipequeue._COMPUTE,
+    helpers = {"queue_ops": spy, "fast_io": _pipequeue.fast_io, "UPLOAD": _pipequeue._UPLOAD,
+               "COMPUTE": _pipequeue._COMPUTE,
                "DOWNLOAD": _pipequeue._DOWNLOAD, "H2D": _pipequeue.H2D,
                "D2H": _pipequeue.D2H, "LAUNCH": _pipequeue.LAUNCH, "QUEUED": _pipequeue.QUEUED}
     setup(helpers)
@@ -255,3 +256,54 @@ def test_an_iteration_keeps_no_reference_to_its_arrays(core: str) -> None:
         assert (sys.getrefcount(inp), sys.getrefcount(y)) == before
         np.testing.assert_array_equal(y, inp * 2)
         pipe.close()
+
+
+def _io_cases() -> List[Tuple[str, Any, Any]]:
+    """(what, inputs, outputs) against an entry feeding buffer 0 (float32, N) and reading
+    back buffer 1 (float32, N)."""
+    rng = np.random.default_rng(9)
+    x, y = rand(rng, N), np.empty(N, F32)
+    ro = np.empty(N, F32)
+    ro.flags.writeable = False
+
+    class Sub(np.ndarray):
+        pass
+    return [
+        ("plain", {0: x}, {1: y}), ("no outputs", {0: x}, None), ("empty outputs", {0: x}, {}),
+        ("2-d", {0: x.reshape(8, -1)}, {1: y.reshape(-1, 8)}),
+        ("numpy int key", {np.int64(0): x}, {1: y}), ("bool key", {True: x}, {1: y}),
+        ("float64", {0: x.astype(np.float64)}, {1: y}),
+        ("strided", {0: rand(rng, 2 * N)[::2]}, {1: y}),
+        ("short", {0: x[:-1]}, {1: y}), ("long", {0: rand(rng, N + 1)}, {1: y}),
+        ("read-only output", {0: x}, {1: ro}), ("read-only input", {0: ro}, {1: y}),
+        ("subclass", {0: x.view(Sub)}, {1: y}), ("list", {0: list(x)}, {1: y}),
+        ("byte-swapped", {0: x.astype(">f4")}, {1: y}), ("0-d", {0: np.float32(1)}, {1: y}),
+        ("empty", {0: np.empty(0, F32)}, {1: y}), ("unknown buffer", {5: x}, {1: y}),
+        ("unknown output", {0: x}, {7: y}), ("two inputs", {0: x, 1: x}, {1: y}),
+        ("nothing fed", None, {1: y}), ("empty inputs", {}, {1: y}),
+        ("output not C-contiguous", {0: x}, {1: np.empty((N, 2), F32)[:, 0]}),
+        ("NaN and inf", {0: np.full(N, np.nan, F32)}, {1: np.full(N, np.inf, F32)}),
+    ]
+
+
+@COMPILED
+@pytest.mark.parametrize("what, inputs, outputs", _io_cases())
+def test_the_compiled_io_check_answers_as_the_reference(what: str, inputs: Any,
+                                                        outputs: Any) -> None:
+    from prism_gpu._pipefeed import fast_io
+
+    entry = ({0: (np.dtype(F32), N)}, {1: (np.dtype(F32), N)}, (0, 1), {0: N, 1: N})
+    want = fast_io(entry, inputs, outputs)
+    got = _pipequeue.checked_io(entry, inputs, outputs)
+    passing = ("plain", "no outputs", "empty outputs", "2-d", "NaN and inf", "read-only input")
+    assert (want is not None) is (what in passing), what
+    if want is None:
+        assert got is None, what
+        return
+    assert got is not None, what
+    assert got[2:] == want[2:]
+    for w, g in zip(want[:2], got[:2]):
+        assert list(w) == list(g)
+        for k in w:
+            assert g[k].shape == w[k].shape and g[k].base is w[k].base or g[k] is w[k]
+            assert np.shares_memory(g[k], w[k])

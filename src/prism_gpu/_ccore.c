@@ -2585,6 +2585,18 @@ core_is_ring(PyObject *o)
     return q_ring_type != NULL && is_ring(o);
 }
 
+Py_ssize_t
+core_plain_array(PyObject *a, PyObject *dtype, int writable)
+{
+    return q_ndarray == NULL ? 0 : plain_array(a, dtype, writable);
+}
+
+PyObject *
+core_flat(PyObject *a)
+{
+    return flat(a);
+}
+
 /* ---------------------------------------------------------------- the module */
 
 static PyObject *
@@ -2635,6 +2647,8 @@ static PyMethodDef methods[] = {
      "setup_pipe(helpers): the pipeline's reference queue_ops and constants."},
     {"pipe_ops", (PyCFunction)(void (*)(void))pipe_ops, METH_FASTCALL,
      "pipe_ops(queue, engine, ...): _pipequeue.queue_ops, compiled."},
+    {"pipe_fast_io", (PyCFunction)(void (*)(void))pipe_fast_io, METH_FASTCALL,
+     "pipe_fast_io(entry, inputs, outputs): _pipefeed.fast_io, compiled."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -152,6 +152,9 @@ PyObject *pipe_submit(PyObject *engine, PyObject **args, Py_ssize_t nargs); /* a
 PyObject *core_op_field(PyObject *op, int which); /* 0: id, 1: error, 2: event (new ref) */
 PyObject *core_root_of(PyObject *op);
 int core_is_ring(PyObject *o); /* an exact TripleBuffer of the compiled twins */
+Py_ssize_t core_plain_array(PyObject *a, PyObject *dtype, int writable); /* 0: look again */
+PyObject *core_flat(PyObject *a);
+PyObject *pipe_fast_io(PyObject *module, PyObject *const *args, Py_ssize_t nargs);
 PyObject *slot_filled(SlotObject *s, PyObject *op, PyObject *oid, Py_ssize_t valid);
 PyObject *ring_produce(RingObject *r, PyObject *unused);
 PyObject *ring_retire(RingObject *r, PyObject *unused);

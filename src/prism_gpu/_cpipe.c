@@ -6,6 +6,7 @@
 #include "_ccore.h"
 
 static PyObject *reference;  /* _pipequeue.queue_ops */
+static PyObject *fast_io_reference; /* _pipefeed.fast_io */
 static PyObject *k_upload, *k_compute, *k_download, *k_h2d, *k_d2h, *k_launch;
 static Py_ssize_t queued_at = -1; /* an accumulator's QUEUED index */
 static PyObject *s_rewrite, *s_wait_ops, *one, *empty;
@@ -493,6 +494,10 @@ pipe_ops(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "pipe_ops() takes 15 arguments");
         return NULL;
     }
+    if (reference == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "setup_pipe() was not called");
+        return NULL;
+    }
     int use = usable(args);
     if (use < 0)
         return NULL;
@@ -549,6 +554,84 @@ fail:
     return NULL;
 }
 
+/* into ``into`` (a new dict), each of ``given``'s arrays flat when it passes against
+ * ``specs`` (buffer -> (dtype, elements)): 1, 0 if one does not (the reference's checks
+ * say why), -1 on error */
+static int
+plain_io(PyObject *given, PyObject *specs, int writable, PyObject *into)
+{
+    PyObject *b, *a;
+    Py_ssize_t pos = 0;
+    while (PyDict_Next(given, &pos, &b, &a)) {
+        if (!PyLong_CheckExact(b)) /* (before the look-up, which compares it) */
+            return 0;
+        PyObject *spec = PyDict_GetItemWithError(specs, b);
+        if (spec == NULL)
+            return PyErr_Occurred() ? -1 : 0;
+        if (!PyTuple_CheckExact(spec) || PyTuple_GET_SIZE(spec) != 2)
+            return 0;
+        Py_ssize_t want = PyLong_AsSsize_t(PyTuple_GET_ITEM(spec, 1));
+        if (want == -1 && PyErr_Occurred())
+            return -1;
+        Py_INCREF(b);
+        Py_INCREF(a);
+        Py_ssize_t n = core_plain_array(a, PyTuple_GET_ITEM(spec, 0), writable);
+        int r = n < 0 ? -1 : n != want || n == 0 ? 0 : 1;
+        PyObject *f = r > 0 ? core_flat(a) : NULL;
+        if (r > 0 && (f == NULL || PyDict_SetItem(into, b, f) < 0))
+            r = -1;
+        Py_XDECREF(f);
+        Py_DECREF(a);
+        Py_DECREF(b);
+        if (r <= 0)
+            return r;
+    }
+    return 1;
+}
+
+PyObject *
+pipe_fast_io(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "pipe_fast_io(entry, inputs, outputs)");
+        return NULL;
+    }
+    PyObject *entry = args[0], *inputs = args[1], *outputs = args[2];
+    if (!PyTuple_CheckExact(entry) || PyTuple_GET_SIZE(entry) != 4 ||
+        !PyDict_CheckExact(PyTuple_GET_ITEM(entry, 0)) ||
+        !PyDict_CheckExact(PyTuple_GET_ITEM(entry, 1)) ||
+        (inputs != Py_None && !PyDict_CheckExact(inputs)) ||
+        (outputs != Py_None && !PyDict_CheckExact(outputs))) {
+        if (fast_io_reference == NULL) {
+            PyErr_SetString(PyExc_RuntimeError, "setup_pipe() was not called");
+            return NULL;
+        }
+        return PyObject_Vectorcall(fast_io_reference, args, nargs, NULL);
+    }
+    PyObject *specs = PyTuple_GET_ITEM(entry, 0), *out_specs = PyTuple_GET_ITEM(entry, 1);
+    PyObject *fed = PyDict_New(), *downs = PyDict_New(), *r = NULL;
+    if (fed == NULL || downs == NULL)
+        goto done;
+    int ok = 1;
+    if (inputs != Py_None && PyDict_GET_SIZE(inputs)) {
+        /* (the buffers read back may be fewer: all written) */
+        ok = PyDict_GET_SIZE(inputs) == PyDict_GET_SIZE(specs) ? plain_io(inputs, specs, 0, fed)
+                                                               : 0;
+    }
+    else if (PyDict_GET_SIZE(specs))
+        ok = 0;
+    if (ok > 0 && outputs != Py_None && PyDict_GET_SIZE(outputs))
+        ok = plain_io(outputs, out_specs, 1, downs);
+    if (ok < 0)
+        goto done;
+    r = ok ? PyTuple_Pack(4, fed, downs, PyTuple_GET_ITEM(entry, 2), PyTuple_GET_ITEM(entry, 3))
+           : Py_NewRef(Py_None);
+done:
+    Py_XDECREF(fed);
+    Py_XDECREF(downs);
+    return r;
+}
+
 PyObject *
 setup_pipe(PyObject *module, PyObject *helpers)
 {
@@ -559,7 +642,8 @@ setup_pipe(PyObject *module, PyObject *helpers)
     struct {
         const char *key;
         PyObject **slot;
-    } want[] = {{"queue_ops", &reference}, {"UPLOAD", &k_upload}, {"COMPUTE", &k_compute},
+    } want[] = {{"queue_ops", &reference},      {"fast_io", &fast_io_reference},
+                {"UPLOAD", &k_upload},          {"COMPUTE", &k_compute},
                 {"DOWNLOAD", &k_download},  {"H2D", &k_h2d},       {"D2H", &k_d2h},
                 {"LAUNCH", &k_launch}};
     PyObject *q = PyDict_GetItemString(helpers, "QUEUED");

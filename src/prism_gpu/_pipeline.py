@@ -25,12 +25,12 @@ from ._ops import OpType
 from ._optable import raise_failures
 from ._stage import GpuPipelineStage, PipelineIteration, PipelineStats
 from ._stage import indices as _indices
-from ._pipefeed import (IoEntry, check_inputs, fast_io, io_entry, run_pipeline, valid_lengths,
+from ._pipefeed import (IoEntry, check_inputs, io_entry, run_pipeline, valid_lengths,
                         written_buffers)
 from ._plan import Step as _Step
 from ._plan import check_open, make_plan
 from ._sink import check_out
-from ._pipequeue import StageQueue
+from ._pipequeue import StageQueue, checked_io
 from ._sampling import SampledWindow
 from ._stats import Window
 from ._validate import download_destination
@@ -205,7 +205,7 @@ class PipelineStageManager:
             if entry is not None and (type(inputs) is dict or inputs is None) \
                     and (type(outputs) is dict or outputs is None):
                 # the buffers of the last iteration checked, the arrays passing every check
-                hit = fast_io(entry, inputs, outputs)
+                hit = checked_io(entry, inputs, outputs)
             if hit is None:
                 plan, fed, touched, valid, downs = self._check_io(inputs, outputs)
             else:

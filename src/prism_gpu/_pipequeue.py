@@ -17,6 +17,7 @@ from ._engine import D2H, H2D, LAUNCH, Engine, Lane
 from ._core import compiled_module
 from ._failures import root_of
 from ._ops import OpType
+from ._pipefeed import fast_io
 from ._plan import Step as _Step
 from ._stage import RESERVED_NAMES
 from ._sampling import Run, SampledWindow
@@ -311,7 +312,8 @@ def queue_ops(queue: StageQueue, eng: Engine, bufs: List[TripleBuffer],
 
 _C = compiled_module()
 if _C is not None:
-    _C.setup_pipe({"queue_ops": queue_ops, "UPLOAD": _UPLOAD, "COMPUTE": _COMPUTE,
-                   "DOWNLOAD": _DOWNLOAD, "H2D": H2D, "D2H": D2H, "LAUNCH": LAUNCH,
-                   "QUEUED": QUEUED})
+    _C.setup_pipe({"queue_ops": queue_ops, "fast_io": fast_io, "UPLOAD": _UPLOAD,
+                   "COMPUTE": _COMPUTE, "DOWNLOAD": _DOWNLOAD, "H2D": H2D, "D2H": D2H,
+                   "LAUNCH": LAUNCH, "QUEUED": QUEUED})
 _queue_ops = queue_ops if _C is None else _C.pipe_ops
+checked_io = fast_io if _C is None else _C.pipe_fast_io  # (fast_io, compiled where built)
