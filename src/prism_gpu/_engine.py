@@ -119,6 +119,8 @@ class Engine(EngineCore):
 
     def raise_callback_errors(self) -> None:
         """Raise (once) what ``on_done`` callbacks raised since the last call (public calls)."""
+        if not self._callback_errors:  # (the common case: nothing to take)
+            return
         errs = self.take_callback_errors()
         if errs:
             raise errs[0] if len(errs) == 1 else BaseExceptionGroup("on_done raised", errs)
