@@ -16,6 +16,7 @@ import pytest
 import prism_gpu as pg
 from _support import F32, boom, rand
 from prism_gpu._sampling import RUN_MIN, Run, SampledWindow
+from prism_gpu import _core
 from prism_gpu._stats import QUEUED, merge
 from prism_gpu.backends.cpu._stream import CpuStream
 
@@ -50,12 +51,12 @@ def _drive(win: SampledWindow, iterations: int, lag: int = 2,
     shapes: Dict[Tuple[str, ...], frozenset] = {}
     runs: List[Optional[Run]] = []
     ops: List[Tuple[str, float, float]] = []
-    pending: List[List[Tuple[Any, Any, float, float]]] = []
+    pending: List[List[Tuple[Any, Any, float, float, bool]]] = []
     win.start(_Event(0.0))
 
-    def report(batch: List[Tuple[Any, Any, float, float]]) -> None:
-        for timer, op, start, end in batch:
-            timer(op, None if getattr(timer, "untimed", False) else end - start)
+    def report(batch: List[Tuple[Any, Any, float, float, bool]]) -> None:
+        for timer, op, start, end, timed in batch:
+            timer(op, end - start if timed else None)
 
     for i in range(iterations):
         names = tuple(lanes_of(i)) if lanes_of is not None else LANES
@@ -66,12 +67,10 @@ def _drive(win: SampledWindow, iterations: int, lag: int = 2,
         for k, lane in enumerate(names):
             last = k == len(names) - 1
             timer = (run or win).timer(lane, last, failed)
-            if run is None:
-                timer.untimed = True  # type: ignore[attr-defined]  # (reports ms None)
             a, b = SHAPE[lane]
             oid = 10 * i + k
             batch.append((timer, _Op(oid, i + b, RuntimeError("x") if oid in fail else None),
-                          i + a, i + b))
+                          i + a, i + b, run is not None))
             win.lane(lane)[QUEUED] += 1
             ops.append((lane, i + a, i + b))
         if run is not None:
@@ -291,3 +290,29 @@ def test_reset_stats_starts_sampling_again(ctx: pg.ManagedGpuContext) -> None:
     assert stats.iterations == 3 and set(stats.stage_ms) == {"s"}
     assert stats.throughput > 0
     pipe.close()
+
+
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.skipif(
+    not _core.COMPILED, reason=f"the compiled core is {_core.STATUS}"))])
+def test_untimed_timers_count_reports_failures_and_live_iterations(
+        monkeypatch: pytest.MonkeyPatch, compiled: bool) -> None:
+    """The timers of untimed ops (Python closures, or the compiled Tally): every report
+    counts towards the lane's REPORTED, a failed op's id is noted whatever the window,
+    and an op ending an iteration counts one only while the window is live."""
+    from prism_gpu import _sampling
+    from prism_gpu._stats import REPORTED
+
+    if not compiled:
+        monkeypatch.setattr(_sampling, "_C", None)
+    win = SampledWindow(4)
+    win.start(_Event(0.0))
+    failed: Set[int] = set()
+    mid, last = win.timer("s", False, failed), win.timer("s", True, failed)
+    mid(_Op(1, 1.0), None)
+    last(_Op(2, 2.0, RuntimeError("x")), None)
+    last(_Op(3, 3.0), None)
+    assert win.lane("s")[REPORTED] == 3 and failed == {2}
+    win.end()
+    last(_Op(4, 4.0, RuntimeError("y")), None)
+    assert failed == {2, 4} and win.lane("s")[REPORTED] == 4
+    assert win.stats().iterations == 2

@@ -2649,6 +2649,8 @@ static PyMethodDef methods[] = {
      "pipe_ops(queue, engine, ...): _pipequeue.queue_ops, compiled."},
     {"pipe_fast_io", (PyCFunction)(void (*)(void))pipe_fast_io, METH_FASTCALL,
      "pipe_fast_io(entry, inputs, outputs): _pipefeed.fast_io, compiled."},
+    {"pipe_slots", (PyCFunction)(void (*)(void))pipe_slots, METH_FASTCALL,
+     "pipe_slots(bufs, touched): the next FREE slot of each buffer written, or None."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -2741,7 +2743,7 @@ PyInit__ccore(void)
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)
         return NULL;
-    if (ring_add_types(m) < 0 || table_add_type(m) < 0) {
+    if (ring_add_types(m) < 0 || table_add_type(m) < 0 || pipe_add_types(m) < 0) {
         Py_DECREF(m);
         return NULL;
     }

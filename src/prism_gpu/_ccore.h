@@ -155,6 +155,8 @@ int core_is_ring(PyObject *o); /* an exact TripleBuffer of the compiled twins */
 Py_ssize_t core_plain_array(PyObject *a, PyObject *dtype, int writable); /* 0: look again */
 PyObject *core_flat(PyObject *a);
 PyObject *pipe_fast_io(PyObject *module, PyObject *const *args, Py_ssize_t nargs);
+int pipe_add_types(PyObject *module); /* Tally */
+PyObject *pipe_slots(PyObject *module, PyObject *const *args, Py_ssize_t nargs);
 PyObject *slot_filled(SlotObject *s, PyObject *op, PyObject *oid, Py_ssize_t valid);
 PyObject *ring_produce(RingObject *r, PyObject *unused);
 PyObject *ring_retire(RingObject *r, PyObject *unused);

@@ -632,6 +632,46 @@ done:
     return r;
 }
 
+/* pipe_slots(bufs, touched): {b: the next FREE slot of bufs[b]} for every buffer written,
+ * or None where one has none (or holds an upload waiting for a compute) or is not an exact
+ * ring: the reference loop then runs, and says why */
+PyObject *
+pipe_slots(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2 || !PyList_CheckExact(args[0]) || !PyTuple_CheckExact(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "pipe_slots(bufs: list, touched: tuple)");
+        return NULL;
+    }
+    PyObject *bufs = args[0], *touched = args[1];
+    PyObject *slots = PyDict_New();
+    if (slots == NULL)
+        return NULL;
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(touched); i++) {
+        PyObject *b = PyTuple_GET_ITEM(touched, i);
+        PyObject *buf = PyLong_CheckExact(b) ? item(bufs, b) : NULL;
+        if (buf == NULL && PyErr_Occurred())
+            goto fail;
+        int ours = buf != NULL && core_is_ring(buf) && !((RingObject *)buf)->closed &&
+                   ((RingObject *)buf)->slots != NULL;
+        PyObject *slot = ours ? ring_peek((RingObject *)buf, FREE_I, 0) : NULL;
+        PyObject *up = slot != NULL && slot != Py_None
+                           ? ring_peek((RingObject *)buf, UPLOADING_I, 0) : NULL;
+        Py_XDECREF(buf);
+        if (PyErr_Occurred())
+            goto fail;
+        if (up != Py_None || slot == NULL) { /* (None, or an upload waiting: the reference) */
+            Py_DECREF(slots);
+            Py_RETURN_NONE;
+        }
+        if (PyDict_SetItem(slots, b, slot) < 0)
+            goto fail;
+    }
+    return slots;
+fail:
+    Py_DECREF(slots);
+    return NULL;
+}
+
 PyObject *
 setup_pipe(PyObject *module, PyObject *helpers)
 {
@@ -672,4 +712,153 @@ setup_pipe(PyObject *module, PyObject *helpers)
     }
     queued_at = at;
     Py_RETURN_NONE;
+}
+
+/* ---------------------------------------------------------------- Tally */
+
+/* The on_done of a sampled window's untimed ops of one lane (_sampling's reference closures,
+ * compiled): counts the lane's reports into acc[index], notes a failed op's id in ``failed``
+ * and, for ops ending an iteration, counts iterations while ``live``. */
+typedef struct {
+    PyObject_HEAD
+    PyObject *acc, *failed;
+    Py_ssize_t index, ended;
+    int last, live;
+    vectorcallfunc vectorcall;
+} TallyObject;
+
+static PyObject *
+tally_call(TallyObject *t, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    if (PyVectorcall_NARGS(nargsf) != 2 || kwnames != NULL) {
+        PyErr_SetString(PyExc_TypeError, "a tally takes (op, ms)");
+        return NULL;
+    }
+    PyObject *key = PyLong_FromSsize_t(t->index);
+    if (key == NULL)
+        return NULL;
+    PyObject *v = PyObject_GetItem(t->acc, key);
+    PyObject *n = v ? PyNumber_Add(v, one) : NULL;
+    int r = n ? PyObject_SetItem(t->acc, key, n) : -1;
+    Py_XDECREF(v);
+    Py_XDECREF(n);
+    Py_DECREF(key);
+    if (r < 0)
+        return NULL;
+    PyObject *op = args[0];
+    PyObject *err = core_op_field(op, 1);
+    if (err == NULL)
+        return NULL;
+    int failed = err != Py_None;
+    Py_DECREF(err);
+    if (failed) {
+        PyObject *oid = core_op_field(op, 0);
+        r = oid ? PySet_Add(t->failed, oid) : -1;
+        Py_XDECREF(oid);
+        if (r < 0)
+            return NULL;
+    }
+    if (t->last && t->live)
+        t->ended += 1;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+tally_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    PyObject *acc, *failed;
+    Py_ssize_t index;
+    int last;
+    static char *names[] = {"acc", "index", "failed", "last", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OnO!p:Tally", names, &acc, &index,
+                                     &PySet_Type, &failed, &last))
+        return NULL;
+    TallyObject *t = (TallyObject *)type->tp_alloc(type, 0);
+    if (t == NULL)
+        return NULL;
+    t->acc = Py_NewRef(acc);
+    t->failed = Py_NewRef(failed);
+    t->index = index;
+    t->last = last;
+    t->live = 1;
+    t->vectorcall = (vectorcallfunc)tally_call;
+    return (PyObject *)t;
+}
+
+static int
+tally_traverse(TallyObject *t, visitproc visit, void *arg)
+{
+    Py_VISIT(t->acc);
+    Py_VISIT(t->failed);
+    return 0;
+}
+
+static int
+tally_clear(TallyObject *t)
+{
+    Py_CLEAR(t->acc);
+    Py_CLEAR(t->failed);
+    return 0;
+}
+
+static void
+tally_dealloc(TallyObject *t)
+{
+    PyObject_GC_UnTrack(t);
+    tally_clear(t);
+    Py_TYPE(t)->tp_free((PyObject *)t);
+}
+
+static PyObject *
+tally_live_get(TallyObject *t, void *unused)
+{
+    return PyBool_FromLong(t->live);
+}
+
+static int
+tally_live_set(TallyObject *t, PyObject *v, void *unused)
+{
+    int b = v ? PyObject_IsTrue(v) : -1;
+    if (b < 0) {
+        if (v == NULL)
+            PyErr_SetString(PyExc_AttributeError, "live cannot be deleted");
+        return -1;
+    }
+    t->live = b;
+    return 0;
+}
+
+static PyGetSetDef tally_getset[] = {
+    {"live", (getter)tally_live_get, (setter)tally_live_set,
+     "Whether ops ending an iteration are counted.", NULL},
+    {NULL},
+};
+
+static PyMemberDef tally_members[] = {
+    {"ended", T_PYSSIZET, offsetof(TallyObject, ended), READONLY,
+     "Iterations counted (ops ending one, reported while live)."},
+    {NULL},
+};
+
+PyTypeObject TallyType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "prism_gpu._ccore.Tally",
+    .tp_basicsize = sizeof(TallyObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_doc = "Tally(acc, index, failed, last): an untimed op's on_done (see _sampling).",
+    .tp_new = tally_new,
+    .tp_traverse = (traverseproc)tally_traverse,
+    .tp_clear = (inquiry)tally_clear,
+    .tp_dealloc = (destructor)tally_dealloc,
+    .tp_call = PyVectorcall_Call,
+    .tp_vectorcall_offset = offsetof(TallyObject, vectorcall),
+    .tp_getset = tally_getset,
+    .tp_members = tally_members,
+};
+
+int
+pipe_add_types(PyObject *module)
+{
+    if (PyType_Ready(&TallyType) < 0)
+        return -1;
+    return PyModule_AddObjectRef(module, "Tally", (PyObject *)&TallyType);
 }

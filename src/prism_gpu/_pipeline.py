@@ -30,7 +30,7 @@ from ._pipefeed import (IoEntry, check_inputs, io_entry, run_pipeline, valid_len
 from ._plan import Step as _Step
 from ._plan import check_open, make_plan
 from ._sink import check_out
-from ._pipequeue import StageQueue, checked_io
+from ._pipequeue import StageQueue, checked_io, next_slots
 from ._sampling import SampledWindow
 from ._stats import Window
 from ._validate import download_destination
@@ -219,17 +219,21 @@ class PipelineStageManager:
         # the next FREE slot of each buffer (the older iteration still using it is waited
         # for by the op that writes it, just before it is queued)
         bufs = self._buffers
-        slots: Dict[int, Slot] = {}
-        try:
-            for b in touched:
-                buf = bufs[b]
-                slot = buf.peek(FREE_I)
-                if slot is None or buf.peek(UPLOADING_I) is not None:
-                    slot = self._next_free(buf)  # says why not
-                slots[b] = slot
-        except InvalidOperationError:  # a ring closed: its views go too
-            self._queue.drop_views()
-            raise
+        got = next_slots(bufs, touched) if next_slots is not None else None
+        if got is None:
+            slots: Dict[int, Slot] = {}
+            try:
+                for b in touched:
+                    buf = bufs[b]
+                    slot = buf.peek(FREE_I)
+                    if slot is None or buf.peek(UPLOADING_I) is not None:
+                        slot = self._next_free(buf)  # says why not
+                    slots[b] = slot
+            except InvalidOperationError:  # a ring closed: its views go too
+                self._queue.drop_views()
+                raise
+        else:
+            slots = got
         # nothing below is rejected: the iteration is queued whole
         it = self._iter
         tracing = _trace.ACTIVE is not None

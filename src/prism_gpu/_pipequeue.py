@@ -317,3 +317,7 @@ if _C is not None:
                    "LAUNCH": LAUNCH, "QUEUED": QUEUED})
 _queue_ops = queue_ops if _C is None else _C.pipe_ops
 checked_io = fast_io if _C is None else _C.pipe_fast_io  # (fast_io, compiled where built)
+# (bufs, touched) -> {buffer: its next FREE slot}, or None where the pipeline's own loop
+# must look (and say why): compiled only
+next_slots: Optional[Callable[[List[TripleBuffer], Tuple[int, ...]], Optional[Dict[int, Slot]]]]
+next_slots = None if _C is None else _C.pipe_slots

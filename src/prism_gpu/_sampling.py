@@ -21,11 +21,13 @@ from __future__ import annotations
 
 from typing import Any, Callable, Dict, FrozenSet, List, Optional, Set, Tuple
 
+from ._core import compiled_module
 from ._stats import QUEUED, REPORTED, Window, merge
 
 __all__ = ["SampledWindow", "Run"]
 
 RUN_MIN = 16  # iterations of a run, at least (and twice its lanes, plus four)
+_C = compiled_module()  # (its Tally: the untimed timers, compiled)
 _INF = float("inf")
 
 
@@ -116,13 +118,14 @@ class SampledWindow(Window):
     ``sample`` (``sample`` > 1); the pipeline asks :meth:`begin` before each iteration."""
 
     __slots__ = ("sample", "queued", "ended", "_open", "_closed", "_next", "_shape", "_sums",
-                 "_folded")
+                 "_folded", "_tallies")
 
     def __init__(self, sample: int) -> None:
         super().__init__()
         self.sample = sample
         self.queued = 0   # iterations begun
-        self.ended = 0    # iterations whose last op reported (while live)
+        self.ended = 0    # iterations whose last op reported (while live), but those the
+        self._tallies: List[Any] = []  # compiled timers of untimed iterations count
         self._open: Optional[Run] = None      # the run taking iterations
         self._closed: List[Run] = []          # closed runs not yet folded
         self._next = 0                        # the iteration the next run starts at
@@ -143,6 +146,10 @@ class SampledWindow(Window):
         """The timers of the untimed iterations: they note failures, count the lane's
         reports (a lane with none in flight holds no run back) and iterations."""
         acc = self.lane(lane)
+        if _C is not None:
+            tallies = [_C.Tally(acc, REPORTED, failed, ends) for ends in (False, True)]
+            self._tallies.append(tallies[1])
+            return failed, tallies[0], tallies[1]
 
         def mid(op: Any, ms: Optional[float]) -> None:
             acc[REPORTED] += 1
@@ -161,6 +168,11 @@ class SampledWindow(Window):
         """Whether every lane of the window but ``lanes`` has no op in flight."""
         return all(acc[QUEUED] <= acc[REPORTED] for name, acc in self._lanes.items()
                    if name not in lanes)
+
+    def end(self) -> None:
+        super().end()
+        for t in self._tallies:
+            t.live = False
 
     def begin(self, lanes: FrozenSet[str]) -> Optional[Run]:
         """Iteration ``queued`` begins, using ``lanes``: the run timing it, or None."""
@@ -213,7 +225,7 @@ class SampledWindow(Window):
         for them first)."""
         from ._stage import PipelineStats
 
-        n = self.ended
+        n = self.ended + sum(t.ended for t in self._tallies)
         if n == 0:
             return PipelineStats(0, 0.0, 0.0, 0.0, {})
         t = list(self._folded)  # (with the runs not folded yet)
