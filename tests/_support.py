@@ -409,3 +409,23 @@ def pipeline_memory_growth(pipe: pg.PipelineStageManager) -> int:
     finally:
         tracemalloc.stop()
     return late - early
+
+
+class StampEvent:
+    """A timing event stamped at device time ``t`` (ms), as a statistics window reads it."""
+
+    def __init__(self, t: float) -> None:
+        self.t = t
+
+    def elapsed_ms(self, ref: "StampEvent") -> float:
+        return self.t - ref.t
+
+    def query(self) -> bool:
+        return True
+
+
+class ReportedOp:
+    """What a window's timer reads of an engine op: its id, end event and error."""
+
+    def __init__(self, oid: int, end: float, error: Any = None) -> None:
+        self.id, self.end, self.error = oid, StampEvent(end), error

@@ -14,7 +14,7 @@ import pytest
 
 import prism_gpu as pg
 from prism_gpu import _core, _pipequeue
-from _support import F32, device_view, rand
+from _support import F32, device_view, doubling_pipeline, rand
 
 COMPILED = pytest.mark.skipif(not _core.COMPILED, reason=f"the compiled core is {_core.STATUS}")
 CORES = [pytest.param("python", id="python"),
@@ -213,9 +213,7 @@ def test_a_ring_not_exactly_ours_is_handed_to_the_reference(monkeypatch: pytest.
     setup(helpers)
     try:
         with pg.ManagedGpuContext(backend="cpu") as ctx:
-            pipe = ctx.create_pipeline_manager()
-            a, b = pipe.add_buffer(N), pipe.add_buffer(N)
-            pipe.add_stage(pg.GpuPipelineStage("d", [a], [b], kernel=_double))
+            pipe, a, b = doubling_pipeline(ctx, N)
             rng = np.random.default_rng(3)
             inp, y = rand(rng, N), np.empty(N, F32)
             pipe.execute_iteration(inputs={a: inp}, outputs={b: y}).wait()
@@ -239,9 +237,7 @@ def test_a_ring_not_exactly_ours_is_handed_to_the_reference(monkeypatch: pytest.
 def test_an_iteration_keeps_no_reference_to_its_arrays(core: str) -> None:
     """Fed and read-back arrays are referenced as often after 50 iterations as before."""
     with pg.ManagedGpuContext(backend="cpu") as ctx:
-        pipe = ctx.create_pipeline_manager()
-        a, b = pipe.add_buffer(N), pipe.add_buffer(N)
-        pipe.add_stage(pg.GpuPipelineStage("d", [a], [b], kernel=_double))
+        pipe, a, b = doubling_pipeline(ctx, N)
         rng = np.random.default_rng(4)
         inp, y = rand(rng, N), np.empty(N, F32)
         pipe.execute_iteration(inputs={a: inp}, outputs={b: y}).wait()

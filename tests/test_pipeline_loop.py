@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import prism_gpu as pg
-from _support import F32, affine, pipeline_memory_growth, rand
+from _support import F32, ReportedOp, StampEvent, affine, pipeline_memory_growth, rand
 from prism_gpu._stats import QUEUED, Window, fold, merge
 
 
@@ -248,22 +248,6 @@ def test_fold_is_merge_then_a_split() -> None:
         assert done == pytest.approx(sum(b - a for a, b in union if b <= mark), abs=1e-12)
 
 
-class _Event:
-    def __init__(self, t: float) -> None:
-        self.t = t
-
-    def elapsed_ms(self, ref: "_Event") -> float:
-        return self.t - ref.t
-
-    def query(self) -> bool:
-        return True
-
-
-class _Op:
-    """What a window's timer reads of an engine op."""
-
-    def __init__(self, oid: int, end: float, error: Any = None) -> None:
-        self.id, self.end, self.error = oid, _Event(end), error
 
 
 class _SmallWindow(Window):
@@ -277,7 +261,7 @@ def test_a_window_folds_nothing_a_busy_lane_may_still_overlap() -> None:
     (c) holds nothing back. Busy time is the union: [0, 10] and [20, 21] of 21 ms."""
     failed: set = set()
     win = _SmallWindow()
-    win.start(_Event(0.0))
+    win.start(StampEvent(0.0))
     lanes = {name: (win.timer(name, False, failed), win.timer(name, True, failed),
                     win.lane(name)) for name in "abc"}
 
@@ -286,7 +270,7 @@ def test_a_window_folds_nothing_a_busy_lane_may_still_overlap() -> None:
 
     def report(name: str, oid: int, start: float, end: float, last: bool = False,
                error: Any = None) -> None:
-        lanes[name][1 if last else 0](_Op(oid, end, error), end - start)
+        lanes[name][1 if last else 0](ReportedOp(oid, end, error), end - start)
 
     queue("c")
     report("c", 0, -5.0, -4.0)       # long done: its lane has nothing in flight

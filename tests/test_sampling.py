@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import prism_gpu as pg
-from _support import F32, boom, rand
+from _support import F32, ReportedOp, StampEvent, boom, rand
 from prism_gpu._sampling import RUN_MIN, Run, SampledWindow
 from prism_gpu import _core
 from prism_gpu._stats import QUEUED, merge
@@ -25,20 +25,6 @@ LANES = ("upload", "s", "download")
 SHAPE = {"upload": (0.0, 0.2), "s": (0.2, 0.6), "download": (0.6, 0.7)}
 
 
-class _Event:
-    def __init__(self, t: float) -> None:
-        self.t = t
-
-    def elapsed_ms(self, ref: "_Event") -> float:
-        return self.t - ref.t
-
-    def query(self) -> bool:
-        return True
-
-
-class _Op:
-    def __init__(self, oid: int, end: float, error: Any = None) -> None:
-        self.id, self.end, self.error = oid, _Event(end), error
 
 
 def _drive(win: SampledWindow, iterations: int, lag: int = 2,
@@ -52,7 +38,7 @@ def _drive(win: SampledWindow, iterations: int, lag: int = 2,
     runs: List[Optional[Run]] = []
     ops: List[Tuple[str, float, float]] = []
     pending: List[List[Tuple[Any, Any, float, float, bool]]] = []
-    win.start(_Event(0.0))
+    win.start(StampEvent(0.0))
 
     def report(batch: List[Tuple[Any, Any, float, float, bool]]) -> None:
         for timer, op, start, end, timed in batch:
@@ -69,7 +55,7 @@ def _drive(win: SampledWindow, iterations: int, lag: int = 2,
             timer = (run or win).timer(lane, last, failed)
             a, b = SHAPE[lane]
             oid = 10 * i + k
-            batch.append((timer, _Op(oid, i + b, RuntimeError("x") if oid in fail else None),
+            batch.append((timer, ReportedOp(oid, i + b, RuntimeError("x") if oid in fail else None),
                           i + a, i + b, run is not None))
             win.lane(lane)[QUEUED] += 1
             ops.append((lane, i + a, i + b))
@@ -305,14 +291,14 @@ def test_untimed_timers_count_reports_failures_and_live_iterations(
     if not compiled:
         monkeypatch.setattr(_sampling, "_C", None)
     win = SampledWindow(4)
-    win.start(_Event(0.0))
+    win.start(StampEvent(0.0))
     failed: Set[int] = set()
     mid, last = win.timer("s", False, failed), win.timer("s", True, failed)
-    mid(_Op(1, 1.0), None)
-    last(_Op(2, 2.0, RuntimeError("x")), None)
-    last(_Op(3, 3.0), None)
+    mid(ReportedOp(1, 1.0), None)
+    last(ReportedOp(2, 2.0, RuntimeError("x")), None)
+    last(ReportedOp(3, 3.0), None)
     assert win.lane("s")[REPORTED] == 3 and failed == {2}
     win.end()
-    last(_Op(4, 4.0, RuntimeError("y")), None)
+    last(ReportedOp(4, 4.0, RuntimeError("y")), None)
     assert failed == {2, 4} and win.lane("s")[REPORTED] == 4
     assert win.stats().iterations == 2

@@ -13,11 +13,11 @@ static PyObject *s_rewrite, *s_wait_ops, *one, *empty;
 
 #define STEP_FIELDS 13
 
-/* acc[QUEUED] += 1 */
+/* acc[index] += 1 */
 static int
-bump(PyObject *acc)
+add_one(PyObject *acc, Py_ssize_t index)
 {
-    PyObject *key = PyLong_FromSsize_t(queued_at);
+    PyObject *key = PyLong_FromSsize_t(index);
     if (key == NULL)
         return -1;
     PyObject *v = PyObject_GetItem(acc, key);
@@ -27,6 +27,13 @@ bump(PyObject *acc)
     Py_XDECREF(n);
     Py_DECREF(key);
     return r;
+}
+
+/* acc[QUEUED] += 1 */
+static int
+bump(PyObject *acc)
+{
+    return add_one(acc, queued_at);
 }
 
 /* container[key] (new reference): a list indexed by an int in range directly */
@@ -702,14 +709,6 @@ setup_pipe(PyObject *module, PyObject *helpers)
         }
         Py_XSETREF(*want[i].slot, Py_NewRef(v));
     }
-    if (s_rewrite == NULL) {
-        s_rewrite = PyUnicode_InternFromString("_rewrite");
-        s_wait_ops = PyUnicode_InternFromString("wait_ops");
-        one = PyLong_FromLong(1);
-        empty = PyTuple_New(0);
-        if (s_rewrite == NULL || s_wait_ops == NULL || one == NULL || empty == NULL)
-            return NULL;
-    }
     queued_at = at;
     Py_RETURN_NONE;
 }
@@ -734,18 +733,10 @@ tally_call(TallyObject *t, PyObject *const *args, size_t nargsf, PyObject *kwnam
         PyErr_SetString(PyExc_TypeError, "a tally takes (op, ms)");
         return NULL;
     }
-    PyObject *key = PyLong_FromSsize_t(t->index);
-    if (key == NULL)
-        return NULL;
-    PyObject *v = PyObject_GetItem(t->acc, key);
-    PyObject *n = v ? PyNumber_Add(v, one) : NULL;
-    int r = n ? PyObject_SetItem(t->acc, key, n) : -1;
-    Py_XDECREF(v);
-    Py_XDECREF(n);
-    Py_DECREF(key);
-    if (r < 0)
+    if (add_one(t->acc, t->index) < 0)
         return NULL;
     PyObject *op = args[0];
+    int r;
     PyObject *err = core_op_field(op, 1);
     if (err == NULL)
         return NULL;
@@ -858,6 +849,12 @@ PyTypeObject TallyType = {
 int
 pipe_add_types(PyObject *module)
 {
+    s_rewrite = PyUnicode_InternFromString("_rewrite");
+    s_wait_ops = PyUnicode_InternFromString("wait_ops");
+    one = PyLong_FromLong(1);
+    empty = PyTuple_New(0);
+    if (s_rewrite == NULL || s_wait_ops == NULL || one == NULL || empty == NULL)
+        return -1;
     if (PyType_Ready(&TallyType) < 0)
         return -1;
     return PyModule_AddObjectRef(module, "Tally", (PyObject *)&TallyType);
