@@ -303,3 +303,27 @@ def test_the_compiled_io_check_answers_as_the_reference(what: str, inputs: Any,
         for k in w:
             assert g[k].shape == w[k].shape and g[k].base is w[k].base or g[k] is w[k]
             assert np.shares_memory(g[k], w[k])
+
+
+@COMPILED
+def test_a_buffer_replaced_while_an_iteration_is_queued_is_refused() -> None:
+    """Code run while the compiled core queues an iteration (here the read-only view of a
+    stage's input) puts a non-ring where a buffer was: each later use of that buffer is
+    refused with a TypeError (before, its struct was read as a ring's)."""
+    with pg.ManagedGpuContext(backend="cpu") as ctx:
+        pipe, a, b = doubling_pipeline(ctx, N)
+        queue, bufs = pipe._queue, pipe._buffers
+        keep = bufs[b]
+        make_view = queue._read_only
+
+        def replacing(arr: Any) -> Any:
+            bufs[b] = bytes(64)
+            return make_view(arr)
+        queue._read_only = replacing
+        queue.drop_views()
+        rng = np.random.default_rng(5)
+        with pytest.raises(TypeError, match="no longer a TripleBuffer"):
+            pipe.execute_iteration(inputs={a: rand(rng, N)}, outputs={b: np.empty(N, F32)})
+        bufs[b] = keep
+        queue._read_only = make_view
+        pipe.coordinator().synchronize_all()

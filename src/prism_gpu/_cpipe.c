@@ -21,7 +21,7 @@ add_one(PyObject *acc, Py_ssize_t index)
     if (key == NULL)
         return -1;
     PyObject *v = PyObject_GetItem(acc, key);
-    PyObject *n = v ? PyNumber_Add(v, one) : NULL;
+    PyObject *n = v ? PyNumber_InPlaceAdd(v, one) : NULL;
     int r = n ? PyObject_SetItem(acc, key, n) : -1;
     Py_XDECREF(v);
     Py_XDECREF(n);
@@ -47,6 +47,19 @@ item(PyObject *container, PyObject *key)
         PyErr_Clear();
     }
     return PyObject_GetItem(container, key);
+}
+
+/* bufs[b], checked again at every fetch (code run since the first check may have put
+ * something else there): a new reference to an exact ring, or NULL with TypeError */
+static PyObject *
+ring_at(PyObject *bufs, PyObject *b)
+{
+    PyObject *buf = item(bufs, b);
+    if (buf != NULL && !core_is_ring(buf)) {
+        PyErr_Format(PyExc_TypeError, "pipeline buffer %R is no longer a TripleBuffer", b);
+        Py_CLEAR(buf);
+    }
+    return buf;
 }
 
 /* slots[b], a Slot (borrowed from the dict; the caller holds the dict) */
@@ -164,7 +177,7 @@ uploads(PyObject *const *args, PyObject *ops)
         Py_ssize_t n = nobj ? PyNumber_AsSsize_t(nobj, PyExc_OverflowError) : -1;
         if (nobj == NULL || (n == -1 && PyErr_Occurred()))
             goto done;
-        buf = item(bufs, b);
+        buf = ring_at(bufs, b);
         if (buf == NULL)
             goto done;
         slot = ring_take((RingObject *)buf, FREE_I);
@@ -222,7 +235,7 @@ produced(PyObject *const *args, int any_fed)
             if (in)
                 continue;
         }
-        PyObject *buf = item(bufs, b);
+        PyObject *buf = ring_at(bufs, b);
         if (buf == NULL)
             return -1;
         PyObject *r = ring_produce((RingObject *)buf, NULL);
@@ -233,18 +246,24 @@ produced(PyObject *const *args, int any_fed)
         SlotObject *s = slot_of(slots, b);
         if (s == NULL)
             return -1;
+        Py_INCREF(s); /* (held: the look-up below may run code) */
         Py_ssize_t n = s->capacity;
         if (any_fed) {
             PyObject *v = PyDict_CheckExact(valid) ? PyDict_GetItemWithError(valid, b) : NULL;
-            if (v == NULL && PyErr_Occurred())
+            if (v != NULL && !PyLong_Check(v)) { /* (as the slot's member refuses it) */
+                PyErr_Format(PyExc_TypeError, "a valid length must be an int, got %.100s",
+                             Py_TYPE(v)->tp_name);
+                v = NULL;
+            }
+            else if (v != NULL)
+                n = PyLong_AsSsize_t(v);
+            if (PyErr_Occurred()) {
+                Py_DECREF(s);
                 return -1;
-            if (v != NULL) {
-                n = PyNumber_AsSsize_t(v, PyExc_OverflowError);
-                if (n == -1 && PyErr_Occurred())
-                    return -1;
             }
         }
         s->valid = n;
+        Py_DECREF(s);
     }
     return 0;
 }
@@ -404,7 +423,12 @@ step(PyObject *const *args, PyObject *st, PyObject *ops)
         else {
             for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(writes); i++) {
                 SlotObject *s = slot_of(slots, PyTuple_GET_ITEM(writes, i));
-                if (s == NULL || filled(s, op, oid, s->valid) < 0)
+                if (s == NULL)
+                    goto done;
+                Py_INCREF(s);
+                int r = filled(s, op, oid, s->valid);
+                Py_DECREF(s);
+                if (r < 0)
                     goto done;
             }
         }
@@ -415,11 +439,15 @@ step(PyObject *const *args, PyObject *st, PyObject *ops)
             goto done;
         for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(writes); i++) {
             SlotObject *s = slot_of(slots, PyTuple_GET_ITEM(writes, i));
+            if (s != NULL)
+                Py_INCREF(s); /* (held: filling releases what the slot held, running code) */
             if (s == NULL || filled(s, op, oid, s->valid) < 0) {
+                Py_XDECREF(s);
                 Py_DECREF(failed);
                 goto done;
             }
             Py_SETREF(s->failed, Py_NewRef(failed));
+            Py_DECREF(s);
         }
         Py_DECREF(failed);
     }
@@ -524,8 +552,12 @@ pipe_ops(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     for (Py_ssize_t i = 0; i < PyList_GET_SIZE(steps); i++) {
         PyObject *st = PyList_GET_ITEM(steps, i);
         Py_INCREF(st);
-        int inplace = PyObject_IsTrue(PyTuple_GET_ITEM(st, 10));
-        int r;
+        int inplace = -1, r;
+        if (!PyTuple_CheckExact(st) || PyTuple_GET_SIZE(st) != STEP_FIELDS) /* (changed since
+                                                                             * usable()) */
+            PyErr_SetString(PyExc_TypeError, "a compiled pipeline step must be a 13-tuple");
+        else
+            inplace = PyObject_IsTrue(PyTuple_GET_ITEM(st, 10));
         if (inplace < 0)
             r = -1;
         else if (inplace) { /* (a stage rewriting a buffer it reads) */
@@ -546,7 +578,7 @@ pipe_ops(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(touched); i++) {
         /* FREE again on the host; the GPU orders the next write into the slot after this
          * iteration's readers */
-        PyObject *buf = item(bufs, PyTuple_GET_ITEM(touched, i));
+        PyObject *buf = ring_at(bufs, PyTuple_GET_ITEM(touched, i));
         PyObject *r = buf ? ring_retire((RingObject *)buf, NULL) : NULL;
         Py_XDECREF(buf);
         if (r == NULL)
@@ -572,17 +604,21 @@ plain_io(PyObject *given, PyObject *specs, int writable, PyObject *into)
     while (PyDict_Next(given, &pos, &b, &a)) {
         if (!PyLong_CheckExact(b)) /* (before the look-up, which compares it) */
             return 0;
-        PyObject *spec = PyDict_GetItemWithError(specs, b);
-        if (spec == NULL)
-            return PyErr_Occurred() ? -1 : 0;
-        if (!PyTuple_CheckExact(spec) || PyTuple_GET_SIZE(spec) != 2)
-            return 0;
-        Py_ssize_t want = PyLong_AsSsize_t(PyTuple_GET_ITEM(spec, 1));
-        if (want == -1 && PyErr_Occurred())
-            return -1;
-        Py_INCREF(b);
+        Py_INCREF(b); /* (held: the look-up may run code that changes ``given``) */
         Py_INCREF(a);
-        Py_ssize_t n = core_plain_array(a, PyTuple_GET_ITEM(spec, 0), writable);
+        PyObject *spec = PyDict_GetItemWithError(specs, b);
+        Py_ssize_t want = -1;
+        if (spec != NULL && PyTuple_CheckExact(spec) && PyTuple_GET_SIZE(spec) == 2 &&
+            PyLong_CheckExact(PyTuple_GET_ITEM(spec, 1))) {
+            Py_INCREF(spec);
+            want = PyLong_AsSsize_t(PyTuple_GET_ITEM(spec, 1));
+        }
+        else
+            spec = NULL; /* (none, or not a (dtype, int): the reference looks) */
+        Py_ssize_t n = spec == NULL || (want == -1 && PyErr_Occurred())
+                           ? (PyErr_Occurred() ? -1 : 0)
+                           : core_plain_array(a, PyTuple_GET_ITEM(spec, 0), writable);
+        Py_XDECREF(spec);
         int r = n < 0 ? -1 : n != want || n == 0 ? 0 : 1;
         PyObject *f = r > 0 ? core_flat(a) : NULL;
         if (r > 0 && (f == NULL || PyDict_SetItem(into, b, f) < 0))
@@ -761,9 +797,13 @@ tally_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     Py_ssize_t index;
     int last;
     static char *names[] = {"acc", "index", "failed", "last", NULL};
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OnO!p:Tally", names, &acc, &index,
-                                     &PySet_Type, &failed, &last))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OnOp:Tally", names, &acc, &index, &failed,
+                                     &last))
         return NULL;
+    if (!PySet_CheckExact(failed)) { /* (its add is the set's own) */
+        PyErr_Format(PyExc_TypeError, "Tally needs a set, got %.100s", Py_TYPE(failed)->tp_name);
+        return NULL;
+    }
     TallyObject *t = (TallyObject *)type->tp_alloc(type, 0);
     if (t == NULL)
         return NULL;
