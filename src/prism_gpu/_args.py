@@ -13,7 +13,7 @@ import numpy as np
 
 from ._errors import BackendUnavailableError, InvalidOperationError
 
-__all__ = ["MAX_DEPTH", "MAX_SAMPLE", "check_timeout", "resolve_device", "int_arg",
+__all__ = ["MAX_DEPTH", "MAX_SAMPLE", "TIMING_SAMPLE", "check_timeout", "resolve_device", "int_arg",
            "sequence_arg", "shape_arg", "dtype_arg", "typed_empty", "allocate_named",
            "iterable_arg", "device_ids", "LIVE"]
 
@@ -67,6 +67,7 @@ def resolve_device(device: Any) -> Tuple[Any, bool]:
 MAX_DIMS = 64  # numpy's limit on an array's dimensions
 MAX_DEPTH = 1024  # device slots of one ring: each is allocated up front
 MAX_SAMPLE = 1 << 20  # a pipeline's timing_sample, at most
+TIMING_SAMPLE = 8  # a pipeline's timed iterations by default: one in 8
 
 
 def int_arg(value: Any, what: str, minimum: int, maximum: Optional[int] = None) -> int:

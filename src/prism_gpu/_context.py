@@ -9,7 +9,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from ._args import MAX_DEPTH, MAX_SAMPLE, check_timeout, int_arg
+from ._args import MAX_DEPTH, MAX_SAMPLE, TIMING_SAMPLE, check_timeout, int_arg
 from ._buffers import TripleBuffer, ring_for
 from ._config import LaunchConfig, StepConfig
 from ._coordinator import AsyncCoordinator
@@ -199,7 +199,8 @@ class ManagedGpuContext:
         self._copies = self._copies or copier(self._device)
         return out
 
-    def create_pipeline_manager(self, *, depth: int = 3, timing_sample: int = 8) -> Any:
+    def create_pipeline_manager(self, *, depth: int = 3,
+                                timing_sample: int = TIMING_SAMPLE) -> Any:
         """A :class:`PipelineStageManager` with its own coordinator on this device (its
         statistics timing one iteration in ``timing_sample``; 1: every op)."""
         self.check()

@@ -13,10 +13,21 @@ static PyObject *s_rewrite, *s_wait_ops, *one, *empty;
 
 #define STEP_FIELDS 13
 
-/* acc[index] += 1 */
+/* acc[index] += 1 (an accumulator is a list: its item replaced in place) */
 static int
 add_one(PyObject *acc, Py_ssize_t index)
 {
+    if (PyList_CheckExact(acc) && index >= 0 && index < PyList_GET_SIZE(acc)) {
+        PyObject *n = PyNumber_InPlaceAdd(PyList_GET_ITEM(acc, index), one);
+        if (n == NULL)
+            return -1;
+        if (index >= PyList_GET_SIZE(acc)) { /* (emptied by the addition's own code) */
+            Py_DECREF(n);
+            PyErr_SetString(PyExc_IndexError, "list assignment index out of range");
+            return -1;
+        }
+        return PyList_SetItem(acc, index, n); /* (steals n; drops the old item) */
+    }
     PyObject *key = PyLong_FromSsize_t(index);
     if (key == NULL)
         return -1;
@@ -104,33 +115,15 @@ usable(PyObject *const *args)
         !PyDict_CheckExact(slots) || kind_of_map(fed) < 0 || kind_of_map(valid) < 0 ||
         kind_of_map(downs) < 0)
         return 0;
-    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(steps); i++) {
-        PyObject *st = PyList_GET_ITEM(steps, i);
-        if (!PyTuple_CheckExact(st) || PyTuple_GET_SIZE(st) != STEP_FIELDS)
-            return 0;
-    }
-    for (int which = 0; which < 2; which++) { /* the buffers written, and those fed */
-        PyObject *keys = which ? (PyDict_CheckExact(fed) ? PyDict_Keys(fed) : NULL)
-                               : Py_NewRef(touched);
-        if (keys == NULL) {
-            if (PyErr_Occurred())
-                return -1;
-            continue;
-        }
-        PyObject *seq = PySequence_Fast(keys, "keys");
-        Py_DECREF(keys);
-        if (seq == NULL)
-            return -1;
-        int ok = 1;
-        for (Py_ssize_t i = 0; ok && i < PySequence_Fast_GET_SIZE(seq); i++) {
-            PyObject *b = PySequence_Fast_GET_ITEM(seq, i);
-            PyObject *buf = PyLong_CheckExact(b) ? item(bufs, b) : NULL;
-            if (buf == NULL)
-                PyErr_Clear();
-            ok = buf != NULL && core_is_ring(buf);
-            Py_XDECREF(buf);
-        }
-        Py_DECREF(seq);
+    /* every buffer written is an exact ring (those fed among them: the flow starts from
+     * them); each is checked again where it is used, as is each step */
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(touched); i++) {
+        PyObject *b = PyTuple_GET_ITEM(touched, i);
+        PyObject *buf = PyLong_CheckExact(b) ? item(bufs, b) : NULL;
+        if (buf == NULL)
+            PyErr_Clear();
+        int ok = buf != NULL && core_is_ring(buf);
+        Py_XDECREF(buf);
         if (!ok)
             return 0;
     }

@@ -15,7 +15,7 @@ from typing import (Any, Dict, Iterable, Iterator, List, Mapping, Optional, Set,
 import numpy as np
 
 from . import _sync, _trace
-from ._args import MAX_DEPTH, MAX_SAMPLE, int_arg, iterable_arg
+from ._args import MAX_DEPTH, MAX_SAMPLE, TIMING_SAMPLE, int_arg, iterable_arg
 from ._buffers import FREE_I, UPLOADING_I, Slot, TripleBuffer
 from ._coordinator import AsyncCoordinator
 from ._engine import Engine, Lane
@@ -39,7 +39,6 @@ __all__ = ["GpuPipelineStage", "PipelineStageManager", "PipelineStats", "Pipelin
 
 _UPLOAD, _COMPUTE, _DOWNLOAD = OpType.UPLOAD, OpType.COMPUTE, OpType.DOWNLOAD
 _NOTHING: Mapping[Any, Any] = MappingProxyType({})  # what a plain iteration feeds
-TIMING_SAMPLE = 8  # timed iterations: one in 8 by default (see PipelineStageManager)
 
 
 class PipelineStageManager:

@@ -74,7 +74,6 @@ class Window:
     """
 
     FOLD_AT = 512
-    sample = 1  # every iteration timed (a SampledWindow times one in ``sample``)
 
     __slots__ = ("ref", "live", "_settled", "_pending", "_busy_folded", "_lanes", "_count",
                  "_first_end", "_last_end", "_t0", "_timers", "_syncs")
